@@ -1,0 +1,107 @@
+"""Base class of gradient-space methods (aggregators)."""
+from __future__ import annotations
+
+from abc import ABC
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+def _check_matrix(J: Tensor) -> None:
+    if not isinstance(J, Tensor) or J.dim() != 2:
+        shape = tuple(J.shape) if isinstance(J, Tensor) else type(J).__name__
+        raise ValueError(f"an aggregator takes a T x P matrix of per-task gradients, got shape {shape}")
+    if J.shape[0] == 0:
+        raise ValueError("an aggregator needs at least one task gradient (got T = 0)")
+    if not torch.isfinite(J).all():
+        bad = (~torch.isfinite(J)).any(dim=1).nonzero().flatten().tolist()
+        raise FloatingPointError(f"per-task gradients of tasks {bad} contain NaN or inf")
+
+
+class Aggregator(ABC):
+    """Turns the T x P matrix ``J`` of per-task gradients (row t = gradient of task t's loss) into one update.
+
+    Subclasses implement either
+
+    * ``weights_from_gramian(G)`` and set ``gramian_based = True``: the method only needs the T x T Gramian
+      ``G = J Jᵀ``; the update is ``wᵀ J``, which the engine obtains without materialising anything beyond what it
+      already holds (or by one backward of ``Σ w_t L_t`` at representation level), or
+    * ``aggregate(J)`` for methods that need the gradients themselves (PCGrad, MAMG, GradDrop, ...).
+
+    Conventions: the returned update is a *descent direction to be applied like a gradient* (the optimizer steps along
+    its negative) and is on the scale of the *sum* of the task gradients (EW = sum), so that swapping an aggregator
+    into a loop written for ``sum(losses).backward()`` keeps the learning rate meaningful. Stateful aggregators keep
+    their state in ``state_dict``/``load_state_dict`` so that checkpoints resume exactly.
+
+    Example:
+        >>> import torch
+        >>> from mtlkit.aggregation import Sum
+        >>> Sum()(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        tensor([1., 2.])
+    """
+
+    #: True when the method only needs the Gramian G = J Jᵀ (then implement ``weights_from_gramian``).
+    gramian_based: ClassVar[bool] = False
+    #: False only for methods whose update is the plain sum of task gradients (then no per-task backward is run).
+    needs_per_task_grads: ClassVar[bool] = True
+    #: False for methods whose output depends on task order (e.g. random projection order); documented per method.
+    permutation_equivariant: ClassVar[bool] = True
+
+    def __call__(self, J: Tensor) -> Tensor:
+        _check_matrix(J)
+        if self.gramian_based:
+            w = self.weights_from_gramian(J @ J.T)
+            return w.to(J.dtype) @ J
+        return self.aggregate(J)
+
+    def weights_from_gramian(self, G: Tensor) -> Tensor:  # pragma: no cover - abstract in practice
+        """Return the T task weights ``w`` such that the update is ``wᵀ J`` (Gramian-based methods only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not Gramian-based")
+
+    def aggregate(self, J: Tensor) -> Tensor:  # pragma: no cover - abstract in practice
+        """Return the P-dimensional update from the T x P matrix of per-task gradients."""
+        raise NotImplementedError(f"{type(self).__name__} must implement aggregate()")
+
+    # State for checkpoints (stateless by default).
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless but got state keys {sorted(state)}")
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+class Sum(Aggregator):
+    """Equal weighting in gradient space: the update is ``Σ_t g_t`` (one backward of the summed loss; the floor).
+
+    Example:
+        >>> import torch
+        >>> Sum()(torch.ones(3, 2))
+        tensor([3., 3.])
+    """
+
+    needs_per_task_grads = False
+
+    def aggregate(self, J: Tensor) -> Tensor:
+        return J.sum(dim=0)
+
+
+class Mean(Aggregator):
+    """The update is the mean of the task gradients, ``(1/T) Σ_t g_t``.
+
+    Example:
+        >>> import torch
+        >>> Mean()(torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+        tensor([1., 1.])
+    """
+
+    gramian_based = True
+
+    def weights_from_gramian(self, G: Tensor) -> Tensor:
+        T = G.shape[0]
+        return torch.full((T,), 1.0 / T, dtype=G.dtype, device=G.device)

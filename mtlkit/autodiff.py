@@ -1,0 +1,272 @@
+"""The engine: per-task gradients and the aggregated backward pass.
+
+One public call, :func:`backward`, fills ``.grad`` of every parameter that the losses depend on:
+
+* *task-specific* parameters (heads, a weighting's per-task parameters) receive their own task's gradient (the
+  sum over tasks, which is the same thing since task t's loss is the only one that reaches them);
+* *shared* parameters receive the aggregator's combination of the per-task gradients.
+
+How the per-task gradients are obtained (``mode``):
+
+* ``"loop"``: one ``autograd.grad`` per task. With ``representation`` given (the shared encoder's output z), each
+  task first back-propagates through its own head only, to ``∂L_t/∂z``; then the encoder is back-propagated once per
+  task with that vector (``retain_graph``). No task's backward ever runs through another task's head.
+* ``"batched"``: the same, but the encoder part is one vectorised ``autograd.grad(..., is_grads_batched=True)`` over
+  the stacked ``∂L_t/∂z``, in chunks of ``chunk_size`` tasks to bound memory. On CPU the loop was faster in our
+  measurements (benchmarks/step_time.py); on an accelerator batching usually pays. ``"auto"`` picks loop on CPU and
+  batched elsewhere.
+
+``level="representation"`` is the MGDA-UB trick (Sener & Koltun 2018, Sec. 3.3): the aggregator sees the T x (B·d)
+matrix of gradients w.r.t. z instead of the T x P matrix w.r.t. the shared parameters, and the combined vector is
+back-propagated through the encoder once: cost ≈ one backward of the summed loss whatever T.
+
+Data-parallel training: pass ``reduce`` (e.g. an all-reduce-mean over processes) and it is applied to the per-task
+gradient matrix before aggregation, so that every process aggregates the same matrix and applies the same update.
+
+Example:
+    >>> import torch
+    >>> from mtlkit.aggregation import Sum
+    >>> enc = torch.nn.Linear(3, 4); heads = torch.nn.ModuleList([torch.nn.Linear(4, 1) for _ in range(2)])
+    >>> z = enc(torch.randn(5, 3))
+    >>> losses = torch.stack([h(z).pow(2).mean() for h in heads])
+    >>> info = backward(losses, shared_params=enc.parameters(), aggregator=Sum(), representation=z)
+    >>> enc.weight.grad.shape
+    torch.Size([4, 3])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from mtlkit.aggregation._base import Aggregator, Sum
+
+Mode = Literal["auto", "loop", "batched"]
+Level = Literal["parameter", "representation"]
+
+
+@dataclass
+class BackwardInfo:
+    """What :func:`backward` computed, for logging and for methods that inspect gradients (e.g. MAMO).
+
+    Attributes:
+        jacobian: the T x K matrix the aggregator saw (K = #shared parameters, or numel(z) at representation level);
+            None when no per-task gradients were needed (plain sum).
+        update: the aggregated K-vector.
+    """
+
+    jacobian: Tensor | None = None
+    update: Tensor | None = None
+
+
+def check_losses(losses: Tensor, names: Sequence[str] | None = None) -> None:
+    """Raise a clear error if ``losses`` is not a finite 1-D tensor of per-task losses."""
+    if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.numel() == 0:
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(f"losses must be a 1-D tensor with one loss per task, got {shape}")
+    finite = torch.isfinite(losses.detach())
+    if not bool(finite.all()):
+        bad = [int(i) for i in (~finite).nonzero().flatten()]
+        labels = [names[i] if names is not None else f"#{i}" for i in bad]
+        raise FloatingPointError(f"non-finite loss for task(s) {', '.join(labels)}: {losses.detach().tolist()}")
+
+
+def _leaves(roots: Sequence[Tensor], stop: Tensor | None, exclude: set[int]) -> list[Tensor]:
+    """Leaf tensors (parameters) reachable from ``roots`` without going through ``stop``, minus ``exclude``."""
+    stop_fn = stop.grad_fn if stop is not None else None
+    seen: set[int] = set()
+    found: dict[int, Tensor] = {}
+    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen or fn is stop_fn:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None:  # AccumulateGrad node: a leaf that requires grad
+            if id(var) not in exclude and not (stop is not None and var is stop):
+                found[id(var)] = var
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return list(found.values())
+
+
+def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+def _accumulate(param: Tensor, grad: Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad.detach().clone()
+    else:
+        param.grad.add_(grad.detach())
+
+
+def _write_flat(update: Tensor, params: Sequence[Tensor]) -> None:
+    offset = 0
+    for p in params:
+        n = p.numel()
+        _accumulate(p, update[offset:offset + n].view_as(p))
+        offset += n
+
+
+def per_task_grads(losses: Tensor, params: Sequence[Tensor], retain_graph: bool = True) -> Tensor:
+    """The T x P matrix of per-task gradients of ``losses`` w.r.t. ``params`` (one ``autograd.grad`` per task).
+
+    Parameters a task does not reach get zeros. Does not touch ``.grad``.
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> per_task_grads(torch.stack([w[0] * 3, w.pow(2).sum()]), [w])
+        tensor([[3., 0.],
+                [2., 4.]])
+    """
+    params = list(params)
+    rows = []
+    for t in range(losses.shape[0]):
+        g = torch.autograd.grad(losses[t], params, retain_graph=True if retain_graph or t < losses.shape[0] - 1
+                                else False, allow_unused=True)
+        rows.append(_flat(g, params))
+    return torch.stack(rows)
+
+
+def _encoder_jacobian(z: Tensor, dz: Tensor, params: list[Tensor], mode: Mode, chunk_size: int | None) -> Tensor:
+    """Rows ``dz_t ᵀ ∂z/∂θ`` for every task t: the per-task gradients of the shared parameters."""
+    if mode == "auto":
+        mode = "loop" if z.device.type == "cpu" else "batched"
+    T = dz.shape[0]
+    if mode == "loop":
+        rows = [_flat(torch.autograd.grad(z, params, grad_outputs=dz[t], retain_graph=True, allow_unused=True),
+                      params) for t in range(T)]
+        return torch.stack(rows)
+    if mode != "batched":
+        raise ValueError(f"unknown mode {mode!r}; valid modes are: auto, batched, loop")
+    step = T if chunk_size is None else max(1, int(chunk_size))
+    blocks = []
+    for s in range(0, T, step):
+        g = torch.autograd.grad(z, params, grad_outputs=dz[s:s + step], retain_graph=True, allow_unused=True,
+                                is_grads_batched=True)
+        blocks.append(torch.cat([(gi if gi is not None else torch.zeros(dz[s:s + step].shape[0], *p.shape,
+                                 dtype=p.dtype, device=p.device)).reshape(gi.shape[0] if gi is not None else
+                                 dz[s:s + step].shape[0], -1) for gi, p in zip(g, params)], dim=1))
+    return torch.cat(blocks)
+
+
+def backward(
+    losses: Tensor,
+    shared_params: Iterable[Tensor],
+    aggregator: Aggregator | None = None,
+    representation: Tensor | None = None,
+    level: Level = "parameter",
+    mode: Mode = "auto",
+    chunk_size: int | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+    task_names: Sequence[str] | None = None,
+) -> BackwardInfo:
+    """Back-propagate per-task ``losses`` (shape (T,)) and write the aggregated update into ``.grad``.
+
+    Args:
+        losses: one scalar loss per task, already weighted by any loss-space method.
+        shared_params: the parameters shared by all tasks (the ones the aggregator combines).
+        aggregator: gradient-space method; None or :class:`~mtlkit.aggregation.Sum` = one backward of the sum.
+        representation: the shared encoder's output z that every head reads (needed for ``level="representation"``;
+            at parameter level it makes each task's head backward run once and lets the encoder part be batched).
+        level: ``"parameter"`` (aggregate gradients of the shared parameters) or ``"representation"`` (of z).
+        mode: ``"loop"``, ``"batched"`` or ``"auto"`` (see the module docstring).
+        chunk_size: tasks per vectorised backward in batched mode (bounds memory).
+        reduce: applied to the per-task gradient matrix before aggregation (data-parallel all-reduce).
+        task_names: used in error messages.
+
+    Returns:
+        :class:`BackwardInfo` with the per-task gradient matrix and the update (None for a plain sum).
+
+    Raises:
+        FloatingPointError: a loss is NaN/inf (names the task).
+        ValueError: bad shapes, representation level without a representation, unknown mode/level.
+    """
+    check_losses(losses, task_names)
+    shared = [p for p in shared_params if p.requires_grad]
+    if not shared:
+        raise ValueError("shared_params is empty: pass the shared network's parameters (e.g. model.encoder.parameters())")
+    if level not in ("parameter", "representation"):
+        raise ValueError(f"unknown level {level!r}; valid levels are: parameter, representation")
+    if level == "representation" and representation is None:
+        raise ValueError("level='representation' needs the shared representation z (representation=...)")
+    if representation is not None and not representation.requires_grad:
+        raise ValueError("the representation does not require grad: pass the encoder's output, not a detached copy")
+    agg = aggregator if aggregator is not None else Sum()
+    if not agg.needs_per_task_grads and reduce is None:
+        losses.sum().backward()
+        return BackwardInfo()
+
+    shared_ids = {id(p) for p in shared}
+    z = representation
+    task_leaves = _leaves(list(losses.unbind()) if z is None else [losses], z, shared_ids)
+    T = losses.shape[0]
+    if z is None:
+        # Parameter level without a representation: each task's backward runs through its head and the encoder.
+        params = shared + task_leaves
+        rows, task_grads = [], [torch.zeros_like(p) for p in task_leaves]
+        for t in range(T):
+            g = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
+            rows.append(_flat(g[:len(shared)], shared))
+            for acc, gi in zip(task_grads, g[len(shared):]):
+                if gi is not None:
+                    acc.add_(gi)
+        J = torch.stack(rows)
+        if reduce is not None:
+            J = reduce(J)
+        update = agg(J)
+        _write_flat(update, shared)
+        for p, g in zip(task_leaves, task_grads):
+            _accumulate(p, g)
+        return BackwardInfo(jacobian=J, update=update)
+
+    # With a representation: heads first (each task through its own head only), then the encoder.
+    params = [z] + task_leaves
+    dz, task_grads = [], [torch.zeros_like(p) for p in task_leaves]
+    for t in range(T):
+        g = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
+        dz.append(g[0] if g[0] is not None else torch.zeros_like(z))
+        for acc, gi in zip(task_grads, g[1:]):
+            if gi is not None:
+                acc.add_(gi)
+    for p, g in zip(task_leaves, task_grads):
+        _accumulate(p, g)
+    dzs = torch.stack(dz)
+    if level == "representation":
+        J = dzs.reshape(T, -1)
+        if reduce is not None:
+            J = reduce(J)
+        update = agg(J)
+        grads = torch.autograd.grad(z, shared, grad_outputs=update.view_as(z), allow_unused=True)
+        for p, g in zip(shared, grads):
+            if g is not None:
+                _accumulate(p, g)
+        return BackwardInfo(jacobian=J, update=update)
+    J = _encoder_jacobian(z, dzs, shared, mode, chunk_size)
+    if reduce is not None:
+        J = reduce(J)
+    update = agg(J)
+    _write_flat(update, shared)
+    return BackwardInfo(jacobian=J, update=update)
+
+
+def split_flat(vector: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat vector (a row of the Jacobian, or an update) back into tensors shaped like ``params``.
+
+    Example:
+        >>> import torch
+        >>> [t.shape for t in split_flat(torch.arange(5.), [torch.zeros(2), torch.zeros(3)])]
+        [torch.Size([2]), torch.Size([3])]
+    """
+    out, offset = [], 0
+    for p in params:
+        out.append(vector[..., offset:offset + p.numel()].reshape(*vector.shape[:-1], *p.shape))
+        offset += p.numel()
+    if offset != vector.shape[-1]:
+        raise ValueError(f"vector has {vector.shape[-1]} entries but the parameters have {offset}")
+    return out
