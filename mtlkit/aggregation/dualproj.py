@@ -1,0 +1,54 @@
+"""DualProj: project the mean gradient onto the dual cone of the task gradients."""
+from __future__ import annotations
+
+import numpy as np
+from torch import Tensor
+
+from mtlkit.aggregation._base import Aggregator
+from mtlkit.aggregation._solvers import check_nonneg, project_dual_cone, to_numpy, to_weights, trace_normalize
+from mtlkit.methods import Method, register
+from mtlkit.weighting._base import EW
+
+
+class DualProj(Aggregator):
+    """Projection of the mean gradient onto the dual cone ``{x : J x ≥ 0}`` of the task gradients.
+
+    The rule of GEM (Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017, Eq. (10)-(11))
+    applied to the mean of the task gradients, as torchjd's ``DualProj`` (Quinton & Rey 2024). By their Proposition 1
+    the projection of ``Jᵀ u`` is ``Jᵀ v`` with ``v = argmin vᵀGv s.t. v ≥ u`` (Gramian-based), solved here exactly
+    as a non-negative least-squares problem (torchjd: quadprog with ``reg_eps = 1e-4``; ours defaults to 0, see
+    :class:`~mtlkit.aggregation.UPGrad`). The update has a non-negative inner product with every task gradient and
+    equals the mean when the mean already has one.
+
+    Scale: the **mean**, as torchjd (so that DualProj and UPGrad agree with the mean when there is no conflict).
+
+    Example:
+        >>> import torch
+        >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+        >>> DualProj()(J)
+        tensor([0.5556, 1.1111, 1.1111])
+        >>> DualProj(reg_eps=1e-4)(J)  # torchjd's default and output: a small conflict with row 0 remains
+        tensor([0.5563, 1.1109, 1.1109])
+        >>> (J @ DualProj(reg_eps=1e-4)(J))[0] < 0
+        tensor(True)
+    """
+
+    gramian_based = True
+
+    def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 0.0) -> None:
+        self.norm_eps = check_nonneg("norm_eps", norm_eps)
+        self.reg_eps = check_nonneg("reg_eps", reg_eps)
+
+    def weights_from_gramian(self, G: Tensor) -> Tensor:
+        A = to_numpy(G)
+        T = A.shape[0]
+        if np.trace(A) <= self.norm_eps:
+            return to_weights(np.zeros(T), G)
+        A = trace_normalize(A) + self.reg_eps * np.eye(T)
+        return to_weights(project_dual_cone(A, np.full((1, T), 1.0 / T))[0], G)
+
+
+@register("dualproj")
+def _dualproj(norm_eps: float = 1e-4, reg_eps: float = 0.0) -> Method:
+    """DualProj (torchjd): the mean gradient projected onto the dual cone of the task gradients."""
+    return Method(EW(), DualProj(norm_eps=norm_eps, reg_eps=reg_eps))

@@ -1,0 +1,46 @@
+"""IMTL-G: the update whose projections on all unit task gradients are equal."""
+from __future__ import annotations
+
+import numpy as np
+from torch import Tensor
+
+from mtlkit.aggregation._base import Aggregator
+from mtlkit.aggregation._solvers import to_numpy, to_weights
+from mtlkit.methods import Method, register
+from mtlkit.weighting._base import EW
+
+
+class IMTLG(Aggregator):
+    """Impartial MTL, gradient balance (IMTL-G).
+
+    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, Sec. 3.2, Eq. (4)-(6): find ``g = Σ_t α_t g_t`` with
+    ``Σ_t α_t = 1`` whose projections on the unit gradients ``u_t = g_t / ||g_t||`` are all equal. In Gramian form,
+    ``⟨g, u_t⟩ = (G α)_t / √G_tt = const`` gives ``α ∝ G⁻¹ d`` with ``d = √diag(G)``, normalised to sum 1. This is the
+    paper's closed form (their ``α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹``) written without the arbitrary choice of task 1 as
+    reference, hence visibly permutation-equivariant. As in torchjd, the pseudo-inverse is used so that linearly
+    dependent gradients do not fail, and all-zero weights are returned when ``Σ G⁺ d`` vanishes.
+
+    Scale: ``Σ α = 1`` as in the paper (a mean-like scale, not the sum). Weights may be negative. Only the gradient
+    part (IMTL-G) is implemented; the loss part (IMTL-L) is a weighting.
+
+    Example:
+        >>> import torch
+        >>> IMTLG()(torch.tensor([[1.0, 0.0], [0.0, 3.0]]))
+        tensor([0.7500, 0.7500])
+    """
+
+    gramian_based = True
+
+    def weights_from_gramian(self, G: Tensor) -> Tensor:
+        A = to_numpy(G)
+        d = np.sqrt(np.clip(np.diag(A), 0.0, None))
+        v = np.linalg.pinv(A, hermitian=True) @ d
+        s = v.sum()
+        w = np.zeros_like(v) if abs(s) < 1e-12 * max(1.0, np.abs(v).max()) else v / s
+        return to_weights(w, G)
+
+
+@register("imtl_g")
+def _imtl_g() -> Method:
+    """IMTL-G (Liu et al. 2021): equal projections of the update on every unit task gradient."""
+    return Method(EW(), IMTLG())

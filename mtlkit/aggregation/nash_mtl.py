@@ -1,0 +1,153 @@
+"""Nash-MTL: the Nash bargaining solution, G α = 1/α."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtlkit.aggregation._base import Aggregator
+from mtlkit.aggregation._solvers import check_int, check_nonneg, to_numpy, to_weights
+from mtlkit.errors import ConfigError
+from mtlkit.methods import Method, register
+from mtlkit.weighting._base import EW
+
+#: Ridge added to the (normalised) Gramian so that G α = 1/α always has a solution (see :func:`solve_nash`).
+_RIDGE = 1e-8
+
+
+def solve_nash(G: np.ndarray, alpha0: np.ndarray | None = None, max_iter: int = 100, tol: float = 1e-9) -> np.ndarray:
+    """The positive solution of ``G α = 1/α`` by damped Newton on a strictly convex potential.
+
+    ``G α = 1/α`` is the stationarity condition of ``f(α) = ½ αᵀ G α - Σ_i log α_i`` on ``α > 0``; ``f`` is strictly
+    convex (Hessian ``G + diag(1/α²)`` is positive definite), so the solution is unique and Newton's method with a
+    backtracking (Armijo) line search that keeps ``α > 0`` converges from any positive start, quadratically near the
+    end. A ridge ``1e-8 · max(||G||_F, tiny)`` keeps ``f`` bounded below when ``0`` lies in the convex hull of the
+    gradients (then no exact solution exists; the weights grow along the null direction but ``Σ α_t g_t`` stays small).
+    Stops when ``||G α - 1/α|| <= tol · (1 + ||1/α||)``.
+
+    Example:
+        >>> import numpy as np
+        >>> a = solve_nash(np.array([[2.0, 0.0], [0.0, 0.5]]))
+        >>> np.round(a, 6).tolist()
+        [0.707107, 1.414214]
+    """
+    T = G.shape[0]
+    scale = max(float(np.linalg.norm(G)), np.finfo(np.float64).tiny)
+    A = G + _RIDGE * scale * np.eye(T)
+    if alpha0 is None or alpha0.shape != (T,) or not np.all(np.isfinite(alpha0)) or np.any(alpha0 <= 0):
+        alpha = 1.0 / np.sqrt(np.diag(A))
+    else:
+        alpha = alpha0.astype(np.float64).copy()
+
+    def f(a: np.ndarray) -> float:
+        return 0.5 * float(a @ A @ a) - float(np.log(a).sum())
+
+    fa = f(alpha)
+    for _ in range(max_iter):
+        grad = A @ alpha - 1.0 / alpha
+        if np.linalg.norm(grad) <= tol * (1.0 + np.linalg.norm(1.0 / alpha)):
+            break
+        H = A + np.diag(1.0 / alpha ** 2)
+        step = -np.linalg.solve(H, grad)
+        t = 1.0
+        neg = step < 0
+        if neg.any():  # stay strictly inside α > 0
+            t = min(1.0, 0.99 * float(np.min(-alpha[neg] / step[neg])))
+        slope = float(grad @ step)
+        while True:
+            cand = alpha + t * step
+            fc = f(cand)
+            if fc <= fa + 1e-4 * t * slope or t < 1e-12:
+                break
+            t *= 0.5
+        alpha, fa = cand, fc
+    return alpha
+
+
+class NashMTL(Aggregator):
+    """Nash-MTL: the update ``Σ_t α_t g_t`` with ``α`` the Nash bargaining solution ``G α = 1/α``, ``α > 0``.
+
+    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022: Theorem 5.1 / Eq. (3)-(4) (``Gα = 1/α``, i.e.
+    ``⟨g_i, d⟩ = 1/α_i``) and Sec. 5.1 (practical tricks: weights refreshed every ``update_weights_every`` steps;
+    the update clipped to ``max_norm``). Gramian-based.
+
+    Solver (documented difference): the authors reach ``Gα = 1/α`` by a sequence of convex approximations solved with
+    cvxpy/ECOS (at most 20 per step, warm-started). We solve the same equation directly, and to a tight tolerance,
+    as the stationary point of the strictly convex ``½ αᵀGα - Σ log α`` by damped Newton (:func:`solve_nash`),
+    warm-started from the previous step's ``α`` as in the official code. No cvxpy.
+
+    Scale: like the official code (and LibMTL), with ``normalize=True`` the system is solved for ``G / ||G||_F``, so
+    the returned ``α`` satisfies ``G α = ||G||_F / α`` and ``||update||² = T · ||G||_F`` (roughly the gradients'
+    scale). With ``normalize=False``, ``G α = 1/α`` exactly as in the paper and ``||update|| = √T`` whatever the
+    gradients' scale. ``max_norm``: the official trainer clips the shared gradient to norm 1.0; here clipping is
+    off by default (``max_norm=0``) so that the aggregator does not silently change the scale; pass
+    ``max_norm=1.0`` to reproduce the authors' setting. At ``level="representation"`` the clipping applies to the
+    representation gradient.
+
+    State (``state_dict``): the step counter and the last ``α``.
+
+    Args:
+        update_weights_every: recompute ``α`` every k calls, reuse the last one in between (``>= 1``).
+        max_norm: if ``> 0``, scale the update down to this norm when it is larger.
+        normalize: solve on ``G / ||G||_F`` (official code) instead of ``G``.
+        max_iter, tol: Newton iterations and relative tolerance on ``||Gα - 1/α||``.
+
+    Example:
+        >>> import torch
+        >>> NashMTL(normalize=False)(torch.tensor([[2.0, 0.0], [0.0, 0.5]]))
+        tensor([1.0000, 1.0000])
+    """
+
+    gramian_based = True
+
+    def __init__(self, update_weights_every: int = 1, max_norm: float = 0.0, normalize: bool = True,
+                 max_iter: int = 100, tol: float = 1e-9) -> None:
+        self.update_weights_every = check_int("update_weights_every", update_weights_every)
+        self.max_norm = check_nonneg("max_norm", max_norm)
+        if not isinstance(normalize, bool):
+            raise ConfigError(f"normalize must be True or False, got {normalize!r}")
+        self.normalize = normalize
+        self.max_iter = check_int("max_iter", max_iter)
+        self.tol = check_nonneg("tol", tol, strict=True)
+        self._step = 0
+        self._alpha: np.ndarray | None = None
+
+    def weights_from_gramian(self, G: Tensor) -> Tensor:
+        A = to_numpy(G)
+        T = A.shape[0]
+        if self._alpha is not None and self._alpha.shape[0] != T:
+            raise ValueError(f"NashMTL was used with {self._alpha.shape[0]} tasks and now gets {T}; build a new one")
+        if self._alpha is None or self._step % self.update_weights_every == 0:
+            norm = float(np.linalg.norm(A))
+            if norm == 0.0:  # all gradients are zero: any weights give a zero update
+                alpha = np.ones(T) if self._alpha is None else self._alpha
+            else:
+                alpha = solve_nash(A / norm if self.normalize else A, self._alpha, self.max_iter, self.tol)
+            self._alpha = alpha
+        self._step += 1
+        w = self._alpha.copy()
+        if self.max_norm > 0:
+            upd_norm = float(np.sqrt(max(w @ A @ w, 0.0)))
+            if upd_norm > self.max_norm:
+                w = w * (self.max_norm / upd_norm)
+        return to_weights(w, G)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self._step, "alpha": None if self._alpha is None else torch.from_numpy(self._alpha.copy())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"step", "alpha"}:
+            raise ConfigError(f"NashMTL.load_state_dict expects keys ['alpha', 'step'], got {sorted(state)}")
+        self._step = int(state["step"])
+        a = state["alpha"]
+        self._alpha = None if a is None else a.detach().to(torch.float64).numpy().copy()
+
+
+@register("nash_mtl")
+def _nash_mtl(update_weights_every: int = 1, max_norm: float = 0.0, normalize: bool = True,
+              max_iter: int = 100, tol: float = 1e-9) -> Method:
+    """Nash-MTL (Navon et al. 2022): bargaining weights G α = 1/α (Newton solver, no cvxpy)."""
+    return Method(EW(), NashMTL(update_weights_every=update_weights_every, max_norm=max_norm, normalize=normalize,
+                                max_iter=max_iter, tol=tol))
