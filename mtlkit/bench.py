@@ -1,0 +1,123 @@
+"""``mtlkit bench zoo``: train a list of methods (and STL) with the same budget and seeds, tabulate per-task test
+accuracy (mean ± std over seeds) and Δm against STL, and write the table as markdown, JSON and a PNG.
+
+Δm is printed in the lower-is-better convention (Nash-MTL): negative means better than STL.
+
+Example:
+    >>> summarize({"ew": [{"left/accuracy": 0.9}, {"left/accuracy": 0.8}]}, ["left/accuracy"])["ew"]["left/accuracy"]
+    (0.85, 0.05)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtlkit.config import RunConfig
+from mtlkit.metrics import delta_m
+
+DEFAULT_ZOO = ["stl", "ew", "uw", "dwa", "gradnorm", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "upgrad", "mamg"]
+
+
+def add_zoo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="multimnist")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_ZOO)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--n-train", type=int, default=120_000, help="training+validation images (full: 120000)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", default="runs/zoo", help="output directory (tables, PNG, one run dir per method/seed)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    p.add_argument("--reuse", action="store_true", help="reuse finished runs found in --out instead of retraining")
+
+
+def summarize(results: dict[str, list[dict[str, float]]], keys: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
+    """``{method: {key: (mean, std)}}`` over seeds (population std)."""
+    return {m: {k: (float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs]))) for k in keys}
+            for m, rs in results.items()}
+
+
+def zoo_table(results: dict[str, list[dict[str, float]]], task_metrics: list[tuple[str, bool]],
+              baseline: str = "stl") -> tuple[str, dict[str, Any]]:
+    """Markdown table (accuracies in %) and the numbers behind it; Δm per seed against the mean STL row."""
+    keys = [k for k, _ in task_metrics]
+    summary = summarize(results, keys)
+    lines = ["| method | " + " | ".join(keys) + " | Δm % (↓) |", "|---|" + "---|" * (len(keys) + 1)]
+    base = [summary[baseline][k][0] for k in keys] if baseline in summary else None
+    numbers: dict[str, Any] = {}
+    for m, rs in results.items():
+        cells = [f"{100 * summary[m][k][0]:.2f} ± {100 * summary[m][k][1]:.2f}" for k in keys]
+        if base is not None:
+            dms = [delta_m([r[k] for k in keys], base, [h for _, h in task_metrics]) for r in rs]
+            dm = f"{np.mean(dms):+.2f} ± {np.std(dms):.2f}"
+        else:
+            dms, dm = [], "n/a"
+        numbers[m] = {"summary": summary[m], "delta_m": dms, "seeds": len(rs)}
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {dm} |")
+    return "\n".join(lines), numbers
+
+
+def plot_zoo(numbers: dict[str, Any], keys: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(numbers)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(methods) * len(keys)), 4))
+    width = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        means = [100 * numbers[m]["summary"][k][0] for m in methods]
+        stds = [100 * numbers[m]["summary"][k][1] for m in methods]
+        ax.bar(np.arange(len(methods)) + i * width, means, width, yerr=stds, label=k, capsize=2)
+    lo = min(100 * numbers[m]["summary"][k][0] for m in methods for k in keys)
+    ax.set_ylim(max(0, lo - 3), 100)
+    ax.set_xticks(np.arange(len(methods)) + width * (len(keys) - 1) / 2, methods, rotation=45, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_zoo(args: argparse.Namespace) -> int:
+    from mtlkit.data import build_dataset
+    from mtlkit.train import Trainer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = build_dataset(args.dataset, n_train=args.n_train)
+    results: dict[str, list[dict[str, float]]] = {}
+    methods = list(dict.fromkeys(["stl"] + list(args.methods)))
+    for m in methods:
+        for seed in args.seeds:
+            run_dir = out / f"{args.dataset}-{m}-s{seed}"
+            if args.reuse and (run_dir / "results.json").is_file():
+                results.setdefault(m, []).append(json.loads((run_dir / "results.json").read_text())["test"])
+                continue
+            cfg = RunConfig.from_dict({"dataset": {"name": args.dataset, "options": {"n_train": args.n_train}},
+                                       "method": {"name": m},
+                                       "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                                                 "seed": seed, "progress": False},
+                                       "output": {"dir": str(run_dir), "overwrite": True, "tensorboard": False}})
+            cfg = cfg.override(list(args.set))
+            res = Trainer(cfg, data=data).fit()
+            results.setdefault(m, []).append(res.test)
+            print(f"{m} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.test.items()
+                                                   if k.endswith("accuracy")), flush=True)
+    task_metrics = [(f"{t.name}/{t.metrics[0]}", t.higher_is_better[0]) for t in data.tasks]
+    table, numbers = zoo_table(results, task_metrics)
+    header = (f"Method zoo on {args.dataset} (real data; {len(data.train)} train / {len(data.val)} val / "
+              f"{len(data.test)} test images), HPS encoder, {args.epochs} epochs, Adam lr {args.lr}, batch "
+              f"{args.batch_size}, seeds {args.seeds}; test accuracy (%) of the validation-selected epoch, "
+              f"mean ± std; Δm vs STL, lower is better.\n\n")
+    (out / f"zoo_{args.dataset}.md").write_text(header + table + "\n")
+    (out / f"zoo_{args.dataset}.json").write_text(json.dumps(numbers, indent=2))
+    plot_zoo(numbers, [k for k, _ in task_metrics], out / f"zoo_{args.dataset}.png", f"{args.dataset}")
+    print(header + table)
+    return 0

@@ -1,0 +1,120 @@
+"""Hard parameter sharing (HPS): one shared encoder, one head per task; and STL, one such model per task.
+
+The MultiMNIST encoder and heads are those of the MTVIB paper, Table I(b) (the "Small-AlexNet"-like MTL model):
+Conv64 3x3 + BN + ReLU, MaxPool 2, Conv64 3x3 + BN + ReLU, MaxPool 2, FC 3136x384 + BN + ReLU; heads
+FC 384x192 + BN + ReLU, FC 192x10. On 36x36 inputs, unpadded 3x3 convolutions give 34 -> 17 -> 15 -> 7, and
+64·7·7 = 3136 as in the table.
+
+Example:
+    >>> import torch
+    >>> from mtlkit.tasks import Task
+    >>> m = HPS(ConvEncoder((1, 36, 36)), {"a": head(384, 10), "b": head(384, 10)})
+    >>> {k: v.shape for k, v in m(torch.zeros(2, 1, 36, 36)).items()}
+    {'a': torch.Size([2, 10]), 'b': torch.Size([2, 10])}
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mtlkit.models.base import MTLModel, register_model
+
+
+class ConvEncoder(nn.Sequential):
+    """MTVIB Table I(b) shared encoder (output width ``width``, 384 in the paper)."""
+
+    def __init__(self, input_shape: Sequence[int], channels: int = 64, width: int = 384):
+        c, h, w = input_shape
+        conv = nn.Sequential(
+            nn.Conv2d(c, channels, 3), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, channels, 3), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+        with torch.no_grad():
+            flat = conv(torch.zeros(2, c, h, w)).shape[1]
+        super().__init__(*conv, nn.Linear(flat, width), nn.BatchNorm1d(width), nn.ReLU())
+        self.out_features = width
+
+
+class MLPEncoder(nn.Sequential):
+    """Fully connected encoder: Linear + ReLU layers of the given widths, on flattened inputs."""
+
+    def __init__(self, input_shape: Sequence[int], hidden: Sequence[int] = (1024, 1024, 1024), batch_norm: bool = False):
+        d = int(torch.tensor(input_shape).prod())
+        layers: list[nn.Module] = [nn.Flatten()]
+        for width in hidden:
+            layers += [nn.Linear(d, width)] + ([nn.BatchNorm1d(width)] if batch_norm else []) + [nn.ReLU()]
+            d = width
+        super().__init__(*layers)
+        self.out_features = d
+
+
+def head(in_features: int, out_features: int, hidden: int = 192) -> nn.Sequential:
+    """MTVIB Table I(b) task head: FC in x 192 + BN + ReLU, FC 192 x out."""
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, out_features))
+
+
+class HPS(MTLModel):
+    """Shared encoder + a ``ModuleDict`` of heads (one per task)."""
+
+    def __init__(self, encoder: nn.Module, heads: dict[str, nn.Module]):
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleDict(heads)
+
+    def decode(self, z: Tensor) -> dict[str, Tensor]:
+        return {name: h(z) for name, h in self.heads.items()}
+
+
+class SingleTaskModels(MTLModel):
+    """STL: one independent model per task (no shared parameters). ``members[task]`` is that task's model.
+
+    ``encode`` is not defined for this model: with no shared representation, the training loop back-propagates the
+    summed loss, which gives each member exactly its own task's gradient.
+    """
+
+    def __init__(self, members: dict[str, MTLModel]):
+        super().__init__()
+        self.members = nn.ModuleDict(members)
+        self.encoder = nn.ModuleList([m.encoder for m in members.values()])
+
+    def encode(self, x: Tensor) -> Tensor:
+        raise TypeError("SingleTaskModels has no shared representation; call the model directly")
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {name: m(x)[name] for name, m in self.members.items()}
+
+
+def _encoder(kind: str, input_shape: Sequence[int], width: int, hidden: Sequence[int]) -> nn.Module:
+    if kind == "conv":
+        return ConvEncoder(input_shape, width=width)
+    if kind == "mlp":
+        return MLPEncoder(input_shape, hidden)
+    from mtlkit.errors import unknown_name
+
+    raise unknown_name("encoder", kind, ["conv", "mlp"])
+
+
+def _out(enc: nn.Module) -> int:
+    return int(getattr(enc, "out_features"))
+
+
+@register_model("hps")
+def build_hps(data, encoder: str = "conv", width: int = 384, hidden: Sequence[int] = (1024, 1024, 1024),
+              head_hidden: int = 192, extra_tasks: int = 0) -> HPS:
+    """HPS for ``data``'s tasks. ``extra_tasks`` adds copies of the tasks' heads (for T-scaling benchmarks only)."""
+    enc = _encoder(encoder, data.input_shape, width, hidden)
+    heads = {t.name: head(_out(enc), t.num_outputs, head_hidden) for t in data.tasks}
+    return HPS(enc, heads)
+
+
+@register_model("stl")
+def build_stl(data, encoder: str = "conv", width: int = 384, hidden: Sequence[int] = (1024, 1024, 1024),
+              head_hidden: int = 192) -> SingleTaskModels:
+    """One HPS model with a single head per task, each with its own encoder of the same architecture."""
+    members = {}
+    for t in data.tasks:
+        enc = _encoder(encoder, data.input_shape, width, hidden)
+        members[t.name] = HPS(enc, {t.name: head(_out(enc), t.num_outputs, head_hidden)})
+    return SingleTaskModels(members)

@@ -1,0 +1,90 @@
+"""Adversarial robustness of multi-task models: FGSM (MTVIB Eq. 25) and PGD, on the summed or one task's loss.
+
+FGSM: ``x_adv = clip(x + η · sign(∇_x L(x)), 0, 1)`` (Goodfellow et al. 2015; MTVIB Eq. 25) with L the *sum of the
+task losses* (the MTVIB paper's setting) or one task's loss (``target_task``). PGD (Madry et al. 2018): ``steps``
+signed-gradient steps of size ``alpha`` (default 2.5·η/steps), each followed by projection onto the L∞ ball of radius
+η around x and onto [0, 1]; random start in the ball (``random_start``).
+
+The model is put in eval mode (BatchNorm uses running statistics) and its parameters receive no gradients.
+
+Example:
+    >>> import torch
+    >>> from mtlkit.tasks import Task
+    >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    >>> model = lambda x: {"t": net(x)}
+    >>> x = torch.full((2, 1, 2, 2), 0.5); y = {"t": torch.tensor([0, 1])}
+    >>> adv = fgsm(model, [Task("t", "multiclass", 3)], x, y, eps=0.1)
+    >>> bool(((adv - x).abs() - 0.1).abs().max() < 1e-6)
+    True
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from mtlkit.tasks import Task, stack_losses
+
+Model = Callable[[Tensor], dict[str, Tensor]]
+
+
+def attack_loss(model: Model, tasks: list[Task], x: Tensor, y: dict[str, Tensor], target_task: str | None) -> Tensor:
+    """The loss an attack ascends: the sum over tasks, or the named task's loss."""
+    out = model(x)
+    if target_task is None:
+        return stack_losses(tasks, out, y).sum()
+    match = [t for t in tasks if t.name == target_task]
+    if not match:
+        raise ValueError(f"unknown target task {target_task!r}; tasks are: {', '.join(t.name for t in tasks)}")
+    return match[0].compute_loss(out[target_task], y[target_task])
+
+
+def input_gradient(model: Model, tasks: list[Task], x: Tensor, y: dict[str, Tensor],
+                   target_task: str | None = None) -> Tensor:
+    """∇_x of the attack loss (no parameter gradients are accumulated)."""
+    x = x.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(attack_loss(model, tasks, x, y, target_task), x)
+    return g
+
+
+def _set_eval(model: Model) -> None:
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+
+
+def fgsm(model: Model, tasks: list[Task], x: Tensor, y: dict[str, Tensor], eps: float,
+         target_task: str | None = None, clip: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+    """FGSM adversarial examples (MTVIB Eq. 25); ``eps=0`` returns ``x`` unchanged."""
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    _set_eval(model)
+    if eps == 0:
+        return x.detach().clone()
+    g = input_gradient(model, tasks, x, y, target_task)
+    return (x.detach() + eps * g.sign()).clamp(*clip)
+
+
+def pgd(model: Model, tasks: list[Task], x: Tensor, y: dict[str, Tensor], eps: float, steps: int = 10,
+        alpha: float | None = None, target_task: str | None = None, random_start: bool = True,
+        clip: tuple[float, float] = (0.0, 1.0), generator: torch.Generator | None = None) -> Tensor:
+    """L∞ PGD adversarial examples (Madry et al. 2018)."""
+    if eps < 0 or steps < 1:
+        raise ValueError(f"pgd needs eps >= 0 and steps >= 1, got eps={eps}, steps={steps}")
+    _set_eval(model)
+    if eps == 0:
+        return x.detach().clone()
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    x0 = x.detach()
+    adv = x0.clone()
+    if random_start:
+        noise = torch.rand(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device) * 2 - 1
+        adv = (x0 + eps * noise).clamp(*clip)
+    for _ in range(steps):
+        g = input_gradient(model, tasks, adv, y, target_task)
+        adv = adv + alpha * g.sign()
+        adv = torch.min(torch.max(adv, x0 - eps), x0 + eps).clamp(*clip)
+    return adv.detach()
+
+
+ATTACKS = {"fgsm": fgsm, "pgd": pgd}

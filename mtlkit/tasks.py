@@ -1,0 +1,109 @@
+"""Tasks: what each head predicts, its loss and its metrics.
+
+Example:
+    >>> import torch
+    >>> t = Task("digit", "multiclass", num_outputs=10)
+    >>> float(t.loss(torch.zeros(2, 10), torch.tensor([1, 2]))) > 0
+    True
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mtlkit.errors import ConfigError
+
+Kind = Literal["multiclass", "binary", "multilabel", "regression"]
+KINDS = ("multiclass", "binary", "multilabel", "regression")
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _default_loss(kind: str) -> LossFn:
+    if kind == "multiclass":
+        return F.cross_entropy
+    if kind in ("binary", "multilabel"):
+        return lambda out, y: F.binary_cross_entropy_with_logits(out.reshape(y.shape), y.float())
+    return lambda out, y: F.mse_loss(out.reshape(y.shape), y.float())
+
+
+def _default_metrics(kind: str) -> tuple[str, ...]:
+    return {"multiclass": ("accuracy",), "binary": ("accuracy",), "multilabel": ("accuracy",),
+            "regression": ("mae",)}[kind]
+
+
+@dataclass
+class Task:
+    """One task of a multi-task problem.
+
+    Attributes:
+        name: unique task name (used in logs, configs and tables).
+        kind: ``multiclass`` (logits over ``num_outputs`` classes, integer targets), ``binary`` (one logit, 0/1
+            target), ``multilabel`` (``num_outputs`` logits, 0/1 targets) or ``regression``.
+        num_outputs: width of the head's output.
+        loss: ``loss(output, target) -> scalar``; defaults by kind (CE, BCE-with-logits, MSE).
+        metrics: metric names from :mod:`mtlkit.metrics`; the first is the task's primary metric (model selection).
+        higher_is_better: per metric, whether larger is better (defaults: True except for error metrics).
+    """
+
+    name: str
+    kind: Kind
+    num_outputs: int = 1
+    loss: LossFn | None = None
+    metrics: tuple[str, ...] = ()
+    higher_is_better: tuple[bool, ...] = ()
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"task {self.name!r}: unknown kind {self.kind!r}; valid kinds are: {', '.join(KINDS)}")
+        if self.num_outputs < 1:
+            raise ConfigError(f"task {self.name!r}: num_outputs must be >= 1, got {self.num_outputs}")
+        if self.loss is None:
+            self.loss = _default_loss(self.kind)
+        if not self.metrics:
+            self.metrics = _default_metrics(self.kind)
+        if not self.higher_is_better:
+            from mtlkit.metrics import HIGHER_IS_BETTER
+
+            self.higher_is_better = tuple(HIGHER_IS_BETTER.get(m, True) for m in self.metrics)
+        if len(self.higher_is_better) != len(self.metrics):
+            raise ConfigError(f"task {self.name!r}: {len(self.metrics)} metrics but "
+                              f"{len(self.higher_is_better)} higher_is_better flags")
+
+    def compute_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """The task's loss, with a clear error on mismatched shapes."""
+        if self.kind == "multiclass":
+            if output.dim() != 2 or output.shape[1] != self.num_outputs or target.shape != output.shape[:1]:
+                raise ValueError(f"task {self.name!r}: expected logits (B, {self.num_outputs}) and targets (B,), got "
+                                 f"{tuple(output.shape)} and {tuple(target.shape)}")
+        elif output.shape[0] != target.shape[0]:
+            raise ValueError(f"task {self.name!r}: batch sizes differ: output {tuple(output.shape)}, target "
+                             f"{tuple(target.shape)}")
+        assert self.loss is not None
+        return self.loss(output, target)
+
+    def predict(self, output: Tensor) -> Tensor:
+        """Hard predictions from the head's output (argmax / threshold at logit 0 / the value)."""
+        if self.kind == "multiclass":
+            return output.argmax(dim=1)
+        if self.kind in ("binary", "multilabel"):
+            return (output > 0).long().reshape(output.shape[0], -1).squeeze(-1) if self.kind == "binary" else (
+                output > 0).long()
+        return output
+
+
+def task_names(tasks: list[Task]) -> list[str]:
+    """Names in order; raises on duplicates."""
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"task names must be unique, got {names}")
+    return names
+
+
+def stack_losses(tasks: list[Task], outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
+    """The (T,) vector of per-task losses in task order."""
+    return torch.stack([t.compute_loss(outputs[t.name], targets[t.name]) for t in tasks])

@@ -1,0 +1,393 @@
+"""The training loop: one loop for every method; it never tests a method's name.
+
+A method declares what it needs (:class:`~mtlkit.methods.Method`): per-task gradients (``aggregator.
+needs_per_task_grads``), the level of aggregation, losses after the step (``weighting.needs_loss_after_step``),
+epoch-level hooks, one model per task (``single_task``).
+
+Run directory layout: ``config.yaml`` (resolved config), ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch),
+``tb/`` (TensorBoard), ``checkpoint.pt`` (last epoch: model, optimizer, scheduler, method state, RNG states,
+history; ``--resume`` continues from it), ``best.pt`` (model selected on the validation split), ``results.json``
+(test metrics of the selected model).
+
+Example:
+    >>> from mtlkit.config import RunConfig
+    >>> cfg = RunConfig.from_dict({"train": {"epochs": 1}})
+    >>> Trainer  # doctest: +ELLIPSIS
+    <class 'mtlkit.train.Trainer'>
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+
+from mtlkit.autodiff import backward
+from mtlkit.config import RunConfig
+from mtlkit.data import MTLData, Split, build_dataset
+from mtlkit.errors import ConfigError, NonFiniteLossError, unknown_name
+from mtlkit.methods import Method, build_method
+from mtlkit.metrics import evaluate_outputs, selection_score
+from mtlkit.models import MTLModel, SingleTaskModels, build_model
+from mtlkit.tasks import Task, stack_losses, task_names
+from mtlkit.weighting import StepContext
+
+MARKER = ".mtlkit-run"
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; otherwise the named device (checked)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as e:
+        raise ConfigError(f"train.device {spec!r} is not a device (use auto, cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {spec!r} but CUDA is not available on this machine")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Split, batch_size: int, device: torch.device) -> dict[str, Tensor]:
+    """Head outputs for a whole split, in eval mode, on the CPU."""
+    model.eval()
+    outs: dict[str, list[Tensor]] = {}
+    for s in range(0, len(split), batch_size):
+        o = model(split.x[s:s + batch_size].to(device))
+        for k, v in o.items():
+            outs.setdefault(k, []).append(v.float().cpu())
+    return {k: torch.cat(v) for k, v in outs.items()}
+
+
+def evaluate(model: nn.Module, split: Split, tasks: list[Task], batch_size: int = 1024,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """Every task metric (``task/metric``), ``joint_accuracy`` and the mean loss per task (``task/loss``)."""
+    device = torch.device(device)
+    outputs = predict(model, split, batch_size, device)
+    res = evaluate_outputs(tasks, outputs, split.y)
+    for t in tasks:
+        res[f"{t.name}/loss"] = float(t.compute_loss(outputs[t.name], split.y[t.name]))
+    return res
+
+
+def _restrict(data: MTLData, task: Task) -> MTLData:
+    view = copy.copy(data)
+    view.tasks = [task]
+    return view
+
+
+def build_for(cfg: RunConfig, data: MTLData, method: Method) -> MTLModel:
+    """The model of ``cfg`` for ``data``; for single-task methods, one such model per task."""
+    if method.single_task:
+        return SingleTaskModels({t.name: build_model(cfg.model.name, _restrict(data, t), **cfg.model.options)
+                                 for t in data.tasks})
+    return build_model(cfg.model.name, data, **cfg.model.options)
+
+
+def _optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    tc = cfg.train
+    if tc.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {tc.lr}")
+    makers = {
+        "adam": lambda: torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay),
+        "adamw": lambda: torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay),
+        "sgd": lambda: torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay),
+    }
+    if tc.optimizer not in makers:
+        raise unknown_name("optimizer", tc.optimizer, list(makers))
+    return makers[tc.optimizer]()
+
+
+def _scheduler(cfg: RunConfig, opt: torch.optim.Optimizer):
+    tc = cfg.train
+    makers = {
+        "none": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0),
+        "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma),
+        "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, tc.epochs)),
+    }
+    if tc.scheduler not in makers:
+        raise unknown_name("scheduler", tc.scheduler, list(makers))
+    return makers[tc.scheduler]()
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    return Path("runs") / f"{cfg.dataset.name}-{cfg.method.name}-s{cfg.train.seed}"
+
+
+def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> None:
+    """Create the run directory; never overwrite an existing one unless ``overwrite`` (and only an mtlkit run)."""
+    if resume:
+        if not (path / "checkpoint.pt").is_file():
+            raise ConfigError(f"cannot resume: {path / 'checkpoint.pt'} does not exist")
+        return
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"run directory {path} exists; pass --overwrite to replace it or --resume to continue it")
+        if not (path / MARKER).is_file():
+            raise ConfigError(f"refusing to overwrite {path}: it is not an mtlkit run directory (no {MARKER} file)")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).write_text("created by mtlkit train\n")
+
+
+@dataclass
+class RunResult:
+    """What :meth:`Trainer.fit` returns."""
+
+    run_dir: Path
+    test: dict[str, float]
+    val: dict[str, float]
+    best_epoch: int | dict[str, int]
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Trains ``cfg.model`` on ``cfg.dataset`` with ``cfg.method``; see the module docstring.
+
+    Args:
+        cfg: the run configuration.
+        data: an already built dataset (else built from ``cfg.dataset``).
+        run_dir: where to write (default ``runs/<dataset>-<method>-s<seed>``).
+    """
+
+    def __init__(self, cfg: RunConfig, data: MTLData | None = None, run_dir: str | Path | None = None):
+        self.cfg = cfg
+        tc = cfg.train
+        if tc.epochs < 1 or tc.batch_size < 1:
+            raise ConfigError(f"train.epochs and train.batch_size must be >= 1 (got {tc.epochs}, {tc.batch_size})")
+        if tc.num_threads:
+            torch.set_num_threads(tc.num_threads)
+        self.device = resolve_device(tc.device)
+        self.method = build_method(cfg.method.name, level=cfg.method.level, **cfg.method.options)
+        self.data = data if data is not None else build_dataset(cfg.dataset.name, **cfg.dataset.options)
+        self.tasks = self.data.tasks
+        self.names = task_names(self.tasks)
+        self.run_dir = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
+        seed_everything(tc.seed)
+        self.model = build_for(cfg, self.data, self.method).to(self.device)
+        self.method.weighting.setup(len(self.tasks))
+        self.method.weighting.to(self.device)
+        groups = [{"params": list(self.model.parameters())}]
+        extra = [p for p in self.method.weighting.parameters() if p.requires_grad]
+        if extra:
+            groups.append({"params": extra, "weight_decay": 0.0})
+        self.optimizer = _optimizer(cfg, groups)
+        self.scheduler = _scheduler(cfg, self.optimizer)
+        self.per_member = isinstance(self.model, SingleTaskModels)
+        self.needs_rep = self.method.aggregator.needs_per_task_grads and not self.per_member
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def _checkpoint(self, epoch: int, best: dict[str, Any], history: list[dict[str, float]]) -> dict[str, Any]:
+        return {"epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "method": self.method.state_dict(), "rng": _rng_state(),
+                "best": best, "history": history, "config": self.cfg.to_dict()}
+
+    def _save(self, obj: Any, name: str) -> None:
+        tmp = self.run_dir / (name + ".tmp")
+        torch.save(obj, tmp)
+        tmp.replace(self.run_dir / name)
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def _step(self, x: Tensor, ys: dict[str, Tensor], ctx: StepContext) -> Tensor:
+        if self.needs_rep:
+            z = self.model.encode(x)
+            out = self.model.decode(z)
+        else:
+            z, out = None, self.model(x)
+        losses = stack_losses(self.tasks, out, ys)
+        finite = torch.isfinite(losses.detach())
+        if not bool(finite.all()):
+            bad = [self.names[i] for i in (~finite).nonzero().flatten().tolist()]
+            raise NonFiniteLossError(f"non-finite loss for task(s) {', '.join(bad)} at epoch {ctx.epoch}, step "
+                                     f"{ctx.step} (losses {losses.detach().tolist()}); lower the learning rate or check "
+                                     f"the data")
+        weighted = self.method.weighting(losses, ctx)
+        self.optimizer.zero_grad(set_to_none=True)
+        shared = self.model.shared_parameters()
+        backward(weighted, shared, self.method.aggregator, representation=z, level=self.method.level,
+                 mode=self.cfg.train.engine_mode, chunk_size=self.cfg.train.chunk_size, task_names=self.names)
+        self.optimizer.step()
+        if self.method.weighting.needs_loss_after_step:
+            with torch.no_grad():
+                self.method.weighting.after_step(stack_losses(self.tasks, self.model(x), ys))
+        return losses.detach()
+
+    def fit(self, resume: bool = False) -> RunResult:
+        """Train (or continue with ``resume``), select on validation, evaluate the selection on test."""
+        cfg, tc = self.cfg, self.cfg.train
+        prepare_run_dir(self.run_dir, cfg.output.overwrite, resume)
+        history: list[dict[str, float]] = []
+        best: dict[str, Any] = {"score": -float("inf"), "epoch": -1, "member_score": {}, "member_epoch": {}}
+        start = 0
+        if resume:
+            ck = torch.load(self.run_dir / "checkpoint.pt", map_location=self.device, weights_only=False)
+            if ck["config"] != cfg.to_dict():
+                raise ConfigError(f"cannot resume {self.run_dir}: its config differs from this one (see its config.yaml)")
+            self.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+            self.method.load_state_dict(ck["method"])
+            _set_rng_state(ck["rng"])
+            best, history, start = ck["best"], ck["history"], ck["epoch"] + 1
+        else:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        writer = None
+        if cfg.output.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.run_dir / "tb"))
+        shared = self.model.shared_parameters()
+        last_layer = self.model.last_shared_layer() if not self.per_member else []
+        n = len(self.data.train)
+        steps_per_epoch = (n + tc.batch_size - 1) // tc.batch_size
+        t0 = time.time()
+        for epoch in range(start, tc.epochs):
+            self.model.train()
+            gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=gen)
+            loss_sum = torch.zeros(len(self.tasks))
+            bar = _progress(range(steps_per_epoch), f"epoch {epoch + 1}/{tc.epochs}", tc.progress)
+            e0 = time.time()
+            for b in bar:
+                idx = perm[b * tc.batch_size:(b + 1) * tc.batch_size]
+                x = self.data.train.x[idx].to(self.device)
+                ys = {k: v[idx].to(self.device) for k, v in self.data.train.y.items()}
+                ctx = StepContext(step=epoch * steps_per_epoch + b, epoch=epoch, shared_params=shared,
+                                  last_shared_layer=last_layer, task_names=self.names)
+                losses = self._step(x, ys, ctx).cpu()
+                loss_sum += losses
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{float(losses.sum()):.4f}")
+            mean_losses = loss_sum / steps_per_epoch
+            self.scheduler.step()
+            self.method.weighting.on_epoch_end(mean_losses.to(self.device))
+            val = evaluate(self.model, self.data.val, self.tasks, tc.eval_batch_size, self.device)
+            row = {"epoch": epoch, "seconds": time.time() - e0, "lr": self.optimizer.param_groups[0]["lr"],
+                   **{f"train/{k}/loss": float(v) for k, v in zip(self.names, mean_losses)},
+                   **{f"val/{k}": v for k, v in val.items()}}
+            w = self.method.weighting.weights()
+            if w is not None:
+                row.update({f"weight/{k}": float(v) for k, v in zip(self.names, w.detach().cpu())})
+            history.append(row)
+            self._log(row, writer)
+            self._select(epoch, val, best)
+            self._save(self._checkpoint(epoch, best, history), "checkpoint.pt")
+            print(_epoch_line(row, self.tasks), file=sys.stderr)
+        if writer is not None:
+            writer.close()
+        return self._finish(best, history, time.time() - t0)
+
+    def _select(self, epoch: int, val: dict[str, float], best: dict[str, Any]) -> None:
+        """Keep the model with the best validation score (per task for one-model-per-task methods)."""
+        if self.per_member:
+            states = torch.load(self.run_dir / "best.pt", weights_only=False) if (self.run_dir / "best.pt").is_file() \
+                else {}
+            changed = False
+            for t in self.tasks:
+                s = selection_score([t], val)
+                if s > best["member_score"].get(t.name, -float("inf")):
+                    best["member_score"][t.name], best["member_epoch"][t.name] = s, epoch
+                    states[t.name] = copy.deepcopy(self.model.members[t.name].state_dict())
+                    changed = True
+            if changed:
+                self._save(states, "best.pt")
+            return
+        score = selection_score(self.tasks, val)
+        if score > best["score"]:
+            best["score"], best["epoch"] = score, epoch
+            self._save(self.model.state_dict(), "best.pt")
+
+    def _finish(self, best: dict[str, Any], history: list[dict[str, float]], seconds: float) -> RunResult:
+        states = torch.load(self.run_dir / "best.pt", map_location=self.device, weights_only=False)
+        if self.per_member:
+            for name, st in states.items():
+                self.model.members[name].load_state_dict(st)
+            best_epoch: int | dict[str, int] = dict(best["member_epoch"])
+        else:
+            self.model.load_state_dict(states)
+            best_epoch = best["epoch"]
+        tc = self.cfg.train
+        val = evaluate(self.model, self.data.val, self.tasks, tc.eval_batch_size, self.device)
+        test = evaluate(self.model, self.data.test, self.tasks, tc.eval_batch_size, self.device)
+        result = {"dataset": self.data.name, "method": self.method.name, "seed": tc.seed, "best_epoch": best_epoch,
+                  "val": val, "test": test, "train_seconds": seconds,
+                  "n_train": len(self.data.train), "n_val": len(self.data.val), "n_test": len(self.data.test),
+                  "parameters": sum(p.numel() for p in self.model.parameters())}
+        (self.run_dir / "results.json").write_text(json.dumps(result, indent=2))
+        return RunResult(self.run_dir, test, val, best_epoch, history, seconds)
+
+    def _log(self, row: dict[str, float], writer) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        path = self.run_dir / "metrics.csv"
+        new = not path.is_file()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if writer is not None:
+            for k, v in row.items():
+                if k != "epoch":
+                    writer.add_scalar(k, v, row["epoch"])
+            writer.flush()
+
+
+def _progress(it, desc: str, enabled: bool):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def _epoch_line(row: dict[str, float], tasks: list[Task]) -> str:
+    parts = [f"epoch {row['epoch'] + 1}", f"{row['seconds']:.0f}s"]
+    for t in tasks:
+        parts.append(f"{t.name}: val {t.metrics[0]} {row[f'val/{t.name}/{t.metrics[0]}']:.4f}")
+    return " | ".join(parts)
+
+
+def format_results(tasks: list[Task], test: dict[str, float]) -> str:
+    """A small markdown table of the test metrics."""
+    lines = ["| task | metric | test |", "|---|---|---|"]
+    for t in tasks:
+        for m in t.metrics:
+            lines.append(f"| {t.name} | {m} | {test[f'{t.name}/{m}']:.4f} |")
+    if "joint_accuracy" in test:
+        lines.append(f"| (all) | joint_accuracy | {test['joint_accuracy']:.4f} |")
+    return "\n".join(lines)
