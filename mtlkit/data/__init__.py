@@ -63,12 +63,24 @@ def register_dataset(name: str) -> Callable[[Callable[..., MTLData]], Callable[.
     return deco
 
 
+def _load_all() -> None:
+    """Import every dataset module of this package (each registers its builders)."""
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_") and mod.name not in ("sources", "multimnist"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
 def available_datasets() -> list[str]:
+    _load_all()
     return sorted(_DATASETS)
 
 
 def build_dataset(name: str, **options: Any) -> MTLData:
     """Build dataset ``name``; unknown names/options raise :class:`ConfigError` listing the valid ones."""
+    _load_all()
     if name not in _DATASETS:
         raise unknown_name("dataset", name, list(_DATASETS))
     fn = _DATASETS[name]

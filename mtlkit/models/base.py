@@ -54,12 +54,26 @@ def register_model(name: str) -> Callable[[Callable[..., MTLModel]], Callable[..
     return deco
 
 
+def _load_all() -> None:
+    """Import every model module of the package (each registers its factories)."""
+    import importlib
+    import pkgutil
+
+    import mtlkit.models as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_") and mod.name != "base":
+            importlib.import_module(f"mtlkit.models.{mod.name}")
+
+
 def available_models() -> list[str]:
+    _load_all()
     return sorted(_MODELS)
 
 
 def build_model(name: str, data: Any, **options: Any) -> MTLModel:
     """Build model ``name`` for ``data``; unknown names/options raise :class:`ConfigError` listing the valid ones."""
+    _load_all()
     if name not in _MODELS:
         raise unknown_name("model", name, list(_MODELS))
     fn = _MODELS[name]
