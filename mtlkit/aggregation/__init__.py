@@ -2,6 +2,10 @@
 
 Importing this package registers every method with :mod:`mtlkit.methods` (one file per method).
 """
+# Import order matters: mtlkit.methods imports mtlkit.weighting._base, and the weighting package's method files import
+# mtlkit.methods. Loading the weighting package first lets mtlkit.methods finish before any method file here needs it,
+# whichever of mtlkit.aggregation / mtlkit.weighting / mtlkit.methods is imported first.
+import mtlkit.weighting  # noqa: F401  (must precede the method files below)
 from mtlkit.aggregation._base import Aggregator, Mean, Sum
 from mtlkit.aggregation.aligned_mtl import AlignedMTL
 from mtlkit.aggregation.cagrad import CAGrad

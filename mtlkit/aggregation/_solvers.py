@@ -102,6 +102,30 @@ def min_norm_simplex(G: np.ndarray, max_iter: int = 250, tol: float = 1e-7) -> n
     return w
 
 
+def min_norm_simplex_exact(G: np.ndarray) -> np.ndarray:
+    """Exact weights on the simplex minimising ``wᵀ G w``, by one non-negative least-squares solve.
+
+    With ``Aᵀ A = G``, let ``x = argmin_{x ≥ 0} ||A x||² + (1ᵀx - 1)²`` (Lawson-Hanson, finite active set). Its KKT
+    conditions ``G x + (1ᵀx - 1) 1 ≥ 0`` (equality on the support), with ``s = 1ᵀx > 0`` and ``w = x / s``, read
+    ``(G w)_i ≥ (1 - s)/s = wᵀGw`` with equality on the support: exactly the optimality conditions of the min-norm
+    point of the convex hull. (This is the least-distance-programming reduction of Lawson & Hanson, Ch. 23.)
+
+    Example:
+        >>> import numpy as np
+        >>> np.round(min_norm_simplex_exact(np.array([[1.0, -1.0], [-1.0, 1.0]])), 6).tolist()
+        [0.5, 0.5]
+    """
+    T = G.shape[0]
+    M = np.vstack([sqrt_factor(G), np.ones((1, T))])
+    b = np.zeros(T + 1)
+    b[-1] = 1.0
+    x, _ = nnls(M, b, maxiter=50 * max(1, T))
+    s = x.sum()
+    if not s > 0:  # cannot happen in exact arithmetic (x = 0 violates the KKT conditions)
+        return np.full(T, 1.0 / T)
+    return x / s
+
+
 def project_simplex(v: np.ndarray) -> np.ndarray:
     """Euclidean projection of ``v`` onto ``{w ≥ 0, Σ w = 1}`` (sort-based algorithm).
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtlkit.aggregation._base import _check_matrix
 from mtlkit.aggregation._random import SeededAggregator
 from mtlkit.errors import ConfigError
 from mtlkit.methods import Method, register
@@ -58,6 +59,11 @@ class GradVac(SeededAggregator):
         self._targets: Tensor | None = None
 
     def aggregate(self, J: Tensor) -> Tensor:
+        return self.modified_gradients(J).sum(dim=0)
+
+    def modified_gradients(self, J: Tensor) -> Tensor:
+        """The T x P matrix of modified gradients ``g_i'`` (the update is their sum). Advances the generator."""
+        _check_matrix(J)
         T = J.shape[0]
         if self._targets is None:
             self._targets = torch.zeros(T, T, dtype=torch.float64)
@@ -79,7 +85,7 @@ class GradVac(SeededAggregator):
                     coef /= nj * math.sqrt(max(1 - target ** 2, 1e-12))
                     gi += coef * J[j]
                 self._targets[i, j] = (1 - self.beta) * target + self.beta * phi
-        return out.sum(dim=0)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

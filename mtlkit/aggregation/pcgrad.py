@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from mtlkit.aggregation._base import _check_matrix
 from mtlkit.aggregation._random import SeededAggregator
 from mtlkit.methods import Method, register
 from mtlkit.weighting._base import EW
@@ -32,6 +33,11 @@ class PCGrad(SeededAggregator):
     permutation_equivariant = False
 
     def aggregate(self, J: Tensor) -> Tensor:
+        return self.modified_gradients(J).sum(dim=0)
+
+    def modified_gradients(self, J: Tensor) -> Tensor:
+        """The T x P matrix of modified gradients ``g_i'`` (the update is their sum). Advances the generator."""
+        _check_matrix(J)
         T = J.shape[0]
         out = J.clone()
         sq = (J * J).sum(dim=1)
@@ -41,7 +47,7 @@ class PCGrad(SeededAggregator):
                 dot = gi @ J[j]
                 if dot < 0 and sq[j] > 0:
                     gi -= (dot / sq[j]) * J[j]
-        return out.sum(dim=0)
+        return out
 
 
 @register("pcgrad")

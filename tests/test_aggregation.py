@@ -1,0 +1,321 @@
+"""Properties of the gradient-space methods (aggregators): each test checks what the method promises."""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mtlkit.aggregation import (MAMG, MGDA, AlignedMTL, CAGrad, DualProj, GradDrop, GradVac, IMTLG, NashMTL, PCGrad,
+                                UPGrad)
+from mtlkit.aggregation._solvers import min_norm_simplex_exact
+from mtlkit.autodiff import backward
+from mtlkit.errors import ConfigError
+from mtlkit.methods import available_methods, build_method
+
+ZOO = ["mgda", "pcgrad", "cagrad", "gradvac", "imtl_g", "nash_mtl", "graddrop", "upgrad", "aligned_mtl", "dualproj",
+       "mamg"]
+
+
+def _rand(T: int, P: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(T, P, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _conflicting_pair(seed: int) -> torch.Tensor:
+    """Two gradients with a negative inner product and different norms."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        J = torch.randn(2, 6, generator=g, dtype=torch.float64)
+        J[0] *= 3.0
+        if J[0] @ J[1] < -0.1:
+            return J
+
+
+# ---------------------------------------------------------------------------------------------------------------- MGDA
+def _brute_min_norm(G: np.ndarray, n: int) -> float:
+    """Smallest wᵀGw over a dense grid of the simplex (T = 2 or 3)."""
+    T = G.shape[0]
+    grid = np.linspace(0.0, 1.0, n)
+    if T == 2:
+        W = np.stack([grid, 1 - grid], axis=1)
+    else:
+        a, b = np.meshgrid(grid, grid)
+        keep = a + b <= 1.0
+        W = np.stack([a[keep], b[keep], 1 - a[keep] - b[keep]], axis=1)
+    return float(np.einsum("ki,ij,kj->k", W, G, W).min())
+
+
+@pytest.mark.parametrize("T", [2, 3])
+@pytest.mark.parametrize("solver", ["frank_wolfe", "exact"])
+def test_mgda_is_min_norm_convex_combination(T, solver):
+    agg = MGDA(solver=solver)
+    for seed in range(20):
+        J = _rand(T, 4, seed)
+        G = J @ J.T
+        w = agg.weights_from_gramian(G).numpy()
+        assert (w >= -1e-12).all() and abs(w.sum() - 1) < 1e-9          # in the convex hull
+        val = float(w @ G.numpy() @ w)
+        brute = _brute_min_norm(G.numpy(), 2001 if T == 2 else 301)
+        assert val <= brute + 1e-9                                       # no grid point is shorter
+        assert torch.allclose(agg(J), torch.from_numpy(w) @ J)
+
+
+def test_mgda_exact_solver_matches_scipy_for_more_tasks():
+    from scipy.optimize import minimize
+
+    for seed in range(15):
+        T = 3 + seed % 4
+        J = _rand(T, 3 + seed % 5, seed)
+        G = (J @ J.T).numpy()
+        w = min_norm_simplex_exact(G)
+        ref = minimize(lambda x: x @ G @ x, np.full(T, 1 / T), jac=lambda x: 2 * G @ x, method="SLSQP",
+                       bounds=[(0, 1)] * T, constraints=({"type": "eq", "fun": lambda x: x.sum() - 1},),
+                       options={"ftol": 1e-15, "maxiter": 500})
+        assert w @ G @ w <= ref.x @ G @ ref.x + 1e-10
+
+
+# ------------------------------------------------------------------------------------------------------------- PCGrad
+def test_pcgrad_removes_conflict_between_two_tasks():
+    for seed in range(20):
+        J = _conflicting_pair(seed)
+        Gp = PCGrad(seed=seed).modified_gradients(J)
+        assert Gp[0] @ J[1] >= -1e-10 and Gp[1] @ J[0] >= -1e-10
+        assert torch.allclose(PCGrad(seed=seed)(J), Gp.sum(0))
+
+
+# --------------------------------------------------------------------------------------------------------------- MAMG
+def test_mamg_spec_properties_on_a_conflicting_pair():
+    for seed in range(20):
+        J = _conflicting_pair(seed)                                      # ||g_0|| > ||g_1||, <g_0, g_1> < 0
+        g0, g1 = J
+        Gp = MAMG(seed=seed).modified_gradients(J)
+        new0 = Gp[0]
+        u = (g0 - g1) / (g0 - g1).norm()
+        assert abs(float((new0 + g1) @ u)) < 1e-10                        # sum ⟂ interfering direction
+        assert torch.isclose(new0.norm(), g1.norm())                      # equal norms after
+        s = new0 + g1
+        assert torch.isclose(new0 @ s, g1 @ s)                            # equal projections on g_i' + g_j
+        assert torch.equal(Gp[1], g1)                                     # the smaller one is never amplified
+        assert new0.norm() <= g0.norm()
+
+
+def test_mamg_norm_never_grows_and_random_tasks():
+    for seed in range(20):
+        J = _rand(4, 5, seed)
+        Gp = MAMG(seed=seed).modified_gradients(J)
+        assert (Gp.norm(dim=1) <= J.norm(dim=1) + 1e-12).all()
+
+
+def test_mamg_unchanged_when_norms_equal_or_no_conflict():
+    J = torch.tensor([[1.0, 0.0], [-0.6, 0.8]], dtype=torch.float64)     # conflict, equal norms
+    assert torch.allclose(MAMG().modified_gradients(J), J)
+    J = torch.tensor([[3.0, 1.0], [0.5, 2.0]], dtype=torch.float64)      # no conflict
+    assert torch.equal(MAMG().modified_gradients(J), J)
+
+
+# ------------------------------------------------------------------------------------------------------------- CAGrad
+def test_cagrad_c0_is_the_mean():
+    for seed in range(5):
+        J = _rand(3, 7, seed)
+        for rescale in (0, 1, 2):
+            assert torch.allclose(CAGrad(c=0.0, rescale=rescale)(J), J.mean(0))
+
+
+def test_cagrad_improves_worst_case_within_the_ball():
+    for seed in range(10):
+        J = _rand(3, 5, seed)
+        g0 = J.mean(0)
+        c = 0.5
+        d = CAGrad(c=c, rescale=0)(J)                                    # the paper's d* (Eq. 2)
+        assert (d - g0).norm() <= c * g0.norm() * (1 + 1e-4) + 1e-6
+        assert (J @ d).min() >= (J @ g0).min() - 1e-6
+        assert torch.allclose(CAGrad(c=c, rescale=1)(J), d / (1 + c ** 2))
+
+
+# -------------------------------------------------------------------------------------------------- UPGrad / DualProj
+@pytest.mark.parametrize("cls", [UPGrad, DualProj])
+def test_dual_cone_methods_never_conflict(cls):
+    for seed in range(60):
+        T, P = 2 + seed % 5, 2 + seed % 7
+        J = _rand(T, P, seed)
+        d = cls()(J)
+        # relative to ||g_i|| ||d||, with a floor for d ~ 0 (the dual cone can be {0} when T > P)
+        scale = J.norm(dim=1) * torch.clamp(d.norm(), min=1e-6 * J.norm())
+        assert ((J @ d) / scale).min() >= -1e-7, seed
+
+
+@pytest.mark.parametrize("cls", [UPGrad, DualProj])
+def test_dual_cone_methods_are_the_mean_without_conflict(cls):
+    J = _rand(3, 5, 0).abs()                                              # all inner products > 0
+    assert torch.allclose(cls()(J), J.mean(0), atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------------------- IMTL-G
+def test_imtlg_equal_projections_on_unit_gradients():
+    for seed in range(10):
+        J = _rand(3, 6, seed) * torch.tensor([[1.0], [5.0], [0.2]], dtype=torch.float64)
+        d = IMTLG()(J)
+        proj = (J / J.norm(dim=1, keepdim=True)) @ d
+        assert torch.allclose(proj, proj[0].expand(3), rtol=1e-8)
+        assert abs(float(IMTLG().weights_from_gramian(J @ J.T).sum()) - 1) < 1e-10
+
+
+# --------------------------------------------------------------------------------------------------------- Nash-MTL
+def test_nash_mtl_solves_bargaining_equation():
+    J = torch.tensor([[1.0, 0.5, 0.0], [0.0, 2.0, -1.0], [-0.5, 0.0, 3.0]], dtype=torch.float64)
+    G = J @ J.T
+    a = NashMTL(normalize=False).weights_from_gramian(G)
+    assert (a > 0).all()
+    assert torch.allclose(G @ a, 1 / a, rtol=1e-6)
+    a = NashMTL().weights_from_gramian(G)                                # official normalisation
+    assert torch.allclose(G @ a, torch.linalg.norm(G) / a, rtol=1e-6)
+    # diagonal worked example: α_i = 1/√G_ii
+    a = NashMTL(normalize=False).weights_from_gramian(torch.diag(torch.tensor([4.0, 0.25], dtype=torch.float64)))
+    assert torch.allclose(a, torch.tensor([0.5, 2.0], dtype=torch.float64), rtol=1e-6)
+
+
+def test_nash_mtl_options():
+    J1, J2 = _rand(2, 4, 1), _rand(2, 4, 2)
+    agg = NashMTL(update_weights_every=2)
+    w1 = agg.weights_from_gramian(J1 @ J1.T)
+    w2 = agg.weights_from_gramian(J2 @ J2.T)                             # reused
+    assert torch.equal(w1, w2)
+    d = NashMTL(max_norm=0.1)(J1 * 100)
+    assert d.norm() <= 0.1 + 1e-9
+
+
+# ------------------------------------------------------------------------------------------------- Aligned-MTL, GradVac
+def test_aligned_mtl_orthogonal_gradients_scaled_to_smallest():
+    J = torch.tensor([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]], dtype=torch.float64)
+    assert torch.allclose(AlignedMTL()(J), torch.ones(3, dtype=torch.float64))
+    J = _rand(3, 6, 0)                                                   # aligned components have equal singular values
+    w = AlignedMTL().weights_from_gramian(J @ J.T)
+    assert torch.allclose(AlignedMTL()(2 * J), 2 * (w @ J))              # positively homogeneous
+
+
+def test_gradvac_reaches_target_cosine():
+    J = _conflicting_pair(0)
+    agg = GradVac()
+    agg.load_state_dict({**agg.state_dict(), "targets": torch.full((2, 2), 0.3, dtype=torch.float64)})
+    Gp = agg.modified_gradients(J)
+    cos = (Gp[0] @ J[1]) / (Gp[0].norm() * J[1].norm())
+    assert torch.isclose(cos, torch.tensor(0.3, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------------- non-conflicting
+@pytest.mark.parametrize("name", ["pcgrad", "mamg", "gradvac", "graddrop"])
+def test_no_conflict_means_plain_sum(name):
+    J = _rand(4, 6, 3).abs() + 0.1                                        # all cosines > 0 (≥ GradVac's 0 targets)
+    assert torch.allclose(build_method(name).aggregator(J), J.sum(0))
+
+
+# ---------------------------------------------------------------------------------------------- permutation / seeds
+@pytest.mark.parametrize("name", ZOO)
+def test_permutation_equivariance_or_seeded_reproducibility(name):
+    J = _rand(4, 8, 11)
+    perm = torch.tensor([2, 0, 3, 1])
+    out = build_method(name).aggregator(J)
+    if build_method(name).aggregator.permutation_equivariant:
+        assert torch.allclose(build_method(name).aggregator(J[perm]), out, atol=1e-7), name
+    else:
+        assert torch.equal(build_method(name, seed=5).aggregator(J), build_method(name, seed=5).aggregator(J))
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "gradvac", "mamg", "graddrop", "nash_mtl"])
+def test_state_dict_round_trip(name):
+    agg = build_method(name, **({"update_weights_every": 2} if name == "nash_mtl" else {})).aggregator
+    for s in range(3):
+        agg(_rand(3, 10, s))
+    state = copy.deepcopy(agg.state_dict())
+    nxt = [_rand(3, 10, 100 + k) for k in range(2)]
+    expected = [agg(J) for J in nxt]
+    fresh = build_method(name, seed=7) if name != "nash_mtl" else build_method(name, update_weights_every=2)
+    fresh.aggregator.load_state_dict(state)
+    assert all(torch.equal(fresh.aggregator(J), e) for J, e in zip(nxt, expected))
+
+
+def test_random_methods_depend_on_seed():
+    J = _rand(4, 50, 0)
+    assert not torch.equal(GradDrop(seed=0)(J), GradDrop(seed=1)(J))
+
+
+# ----------------------------------------------------------------------------------------------- registry, options
+def test_every_registered_name_builds():
+    assert set(ZOO) <= set(available_methods())
+    J = _rand(3, 5, 0, dtype=torch.float32)
+    for name in available_methods():
+        m = build_method(name)
+        assert m.name == name
+        out = m.aggregator(J)
+        assert out.shape == (5,) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name, options", [
+    ("cagrad", {"c": -0.1}), ("cagrad", {"rescale": 3}), ("mgda", {"max_iter": 0}), ("mgda", {"solver": "cvx"}),
+    ("gradvac", {"beta": 0.0}), ("gradvac", {"beta": 1.5}), ("graddrop", {"leak": 2.0}), ("pcgrad", {"seed": -1}),
+    ("nash_mtl", {"update_weights_every": 0}), ("nash_mtl", {"max_norm": -1.0}), ("upgrad", {"reg_eps": -1.0}),
+    ("mamg", {"seed": 1.5}), ("nash_mtl", {"bogus": 1}),
+])
+def test_bad_options_raise(name, options):
+    with pytest.raises(ConfigError):
+        build_method(name, **options)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError):
+        MGDA()(torch.ones(3))
+    with pytest.raises(FloatingPointError):
+        PCGrad()(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError):
+        GradDrop(leak=[0.1, 0.2])(torch.ones(3, 2))
+    agg = GradVac()
+    agg(torch.ones(2, 3))
+    with pytest.raises(ValueError):
+        agg(torch.ones(3, 3))
+
+
+def test_zero_gradients_give_zero_update():
+    J = torch.zeros(3, 4)
+    for name in ZOO:
+        assert torch.equal(build_method(name).aggregator(J), torch.zeros(4)), name
+
+
+# --------------------------------------------------------------------------------------------------- integration
+class _TwoHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(2))
+
+    def forward(self, x):
+        z = self.enc(x)
+        return z, [h(z).squeeze(-1) for h in self.heads]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_training_through_the_engine_reduces_the_loss(name):
+    torch.manual_seed(0)
+    x = torch.randn(32, 4)
+    ys = [x[:, 0] - x[:, 1], torch.sin(x[:, 2]) + 0.5 * x[:, 0]]
+    net = _TwoHead()
+    method = build_method(name)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+
+    def losses():
+        z, outs = net(x)
+        return z, torch.stack([((o - y) ** 2).mean() for o, y in zip(outs, ys)])
+
+    with torch.no_grad():
+        start = float(losses()[1].sum())
+    for _ in range(15):
+        opt.zero_grad()
+        z, L = losses()
+        backward(method.weighting(L), shared_params=net.enc.parameters(), aggregator=method.aggregator,
+                 representation=z, level=method.level)
+        opt.step()
+    with torch.no_grad():
+        end = float(losses()[1].sum())
+    assert end < start, (name, start, end)
