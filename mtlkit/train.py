@@ -99,7 +99,8 @@ def evaluate(model: nn.Module, split: Split, tasks: list[Task], batch_size: int 
     outputs = predict(model, split, batch_size, device)
     res = evaluate_outputs(tasks, outputs, split.y)
     for t in tasks:
-        res[f"{t.name}/loss"] = float(t.compute_loss(outputs[t.name], split.y[t.name]))
+        if not t.auxiliary:
+            res[f"{t.name}/loss"] = float(t.compute_loss(outputs[t.name], split.y[t.target_key]))
     return res
 
 
@@ -199,7 +200,11 @@ class Trainer:
         self.run_dir = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
         seed_everything(tc.seed)
         self.model = build_for(cfg, self.data, self.method).to(self.device)
-        self.method.weighting.setup(len(self.tasks))
+        # Extra training-only tasks a model may declare (e.g. RRMTDL's adversarial heads): trained, never selected
+        # on or reported (Task.auxiliary).
+        self.train_tasks = self.tasks + list(_auxiliary_tasks(self.model))
+        self.train_names = task_names(self.train_tasks)
+        self.method.weighting.setup(len(self.train_tasks))
         self.method.weighting.to(self.device)
         groups = [{"params": list(self.model.parameters())}]
         extra = [p for p in self.method.weighting.parameters() if p.requires_grad]
@@ -228,10 +233,10 @@ class Trainer:
             out = self.model.decode(z)
         else:
             z, out = None, self.model(x)
-        losses = stack_losses(self.tasks, out, ys)
+        losses = stack_losses(self.train_tasks, out, ys)
         finite = torch.isfinite(losses.detach())
         if not bool(finite.all()):
-            bad = [self.names[i] for i in (~finite).nonzero().flatten().tolist()]
+            bad = [self.train_names[i] for i in (~finite).nonzero().flatten().tolist()]
             raise NonFiniteLossError(f"non-finite loss for task(s) {', '.join(bad)} at epoch {ctx.epoch}, step "
                                      f"{ctx.step} (losses {losses.detach().tolist()}); lower the learning rate or check "
                                      f"the data")
@@ -239,11 +244,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         shared = self.model.shared_parameters()
         backward(weighted, shared, self.method.aggregator, representation=z, level=self.method.level,
-                 mode=self.cfg.train.engine_mode, chunk_size=self.cfg.train.chunk_size, task_names=self.names)
+                 mode=self.cfg.train.engine_mode, chunk_size=self.cfg.train.chunk_size, task_names=self.train_names)
         self.optimizer.step()
         if self.method.weighting.needs_loss_after_step:
             with torch.no_grad():
-                self.method.weighting.after_step(stack_losses(self.tasks, self.model(x), ys))
+                self.method.weighting.after_step(stack_losses(self.train_tasks, self.model(x), ys))
         return losses.detach()
 
     def fit(self, resume: bool = False) -> RunResult:
@@ -255,8 +260,10 @@ class Trainer:
         start = 0
         if resume:
             ck = torch.load(self.run_dir / "checkpoint.pt", map_location=self.device, weights_only=False)
-            if ck["config"] != cfg.to_dict():
-                raise ConfigError(f"cannot resume {self.run_dir}: its config differs from this one (see its config.yaml)")
+            diff = _resume_differences(ck["config"], cfg.to_dict())
+            if diff:
+                raise ConfigError(f"cannot resume {self.run_dir}: its config differs in {diff} (only train.epochs, "
+                                  f"train.progress and output.* may change on resume; see its config.yaml)")
             self.model.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
@@ -274,20 +281,25 @@ class Trainer:
         last_layer = self.model.last_shared_layer() if not self.per_member else []
         n = len(self.data.train)
         steps_per_epoch = (n + tc.batch_size - 1) // tc.batch_size
+        on_progress = getattr(self.model, "on_train_progress", None)
+        on_progress = on_progress if callable(on_progress) else None
         t0 = time.time()
         for epoch in range(start, tc.epochs):
             self.model.train()
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=gen)
-            loss_sum = torch.zeros(len(self.tasks))
+            loss_sum = torch.zeros(len(self.train_tasks))
             bar = _progress(range(steps_per_epoch), f"epoch {epoch + 1}/{tc.epochs}", tc.progress)
             e0 = time.time()
             for b in bar:
                 idx = perm[b * tc.batch_size:(b + 1) * tc.batch_size]
                 x = self.data.train.x[idx].to(self.device)
                 ys = {k: v[idx].to(self.device) for k, v in self.data.train.y.items()}
-                ctx = StepContext(step=epoch * steps_per_epoch + b, epoch=epoch, shared_params=shared,
-                                  last_shared_layer=last_layer, task_names=self.names)
+                step = epoch * steps_per_epoch + b
+                if on_progress is not None:  # generic hook: models with schedules read the training progress
+                    on_progress(step / (tc.epochs * steps_per_epoch))
+                ctx = StepContext(step=step, epoch=epoch, shared_params=shared,
+                                  last_shared_layer=last_layer, task_names=self.train_names)
                 losses = self._step(x, ys, ctx).cpu()
                 loss_sum += losses
                 if hasattr(bar, "set_postfix"):
@@ -297,11 +309,11 @@ class Trainer:
             self.method.weighting.on_epoch_end(mean_losses.to(self.device))
             val = evaluate(self.model, self.data.val, self.tasks, tc.eval_batch_size, self.device)
             row = {"epoch": epoch, "seconds": time.time() - e0, "lr": self.optimizer.param_groups[0]["lr"],
-                   **{f"train/{k}/loss": float(v) for k, v in zip(self.names, mean_losses)},
+                   **{f"train/{k}/loss": float(v) for k, v in zip(self.train_names, mean_losses)},
                    **{f"val/{k}": v for k, v in val.items()}}
             w = self.method.weighting.weights()
             if w is not None:
-                row.update({f"weight/{k}": float(v) for k, v in zip(self.names, w.detach().cpu())})
+                row.update({f"weight/{k}": float(v) for k, v in zip(self.train_names, w.detach().cpu())})
             history.append(row)
             self._log(row, writer)
             self._select(epoch, val, best)
@@ -365,6 +377,33 @@ class Trainer:
                 if k != "epoch":
                     writer.add_scalar(k, v, row["epoch"])
             writer.flush()
+
+
+def _resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Config keys that differ between a checkpoint and a resume request, ignoring those allowed to change."""
+    allowed = {"train.epochs", "train.progress"}
+    out = []
+    for section in old.keys() | new.keys():
+        if section == "output":
+            continue
+        a, b = old.get(section, {}), new.get(section, {})
+        for k in a.keys() | b.keys():
+            if f"{section}.{k}" not in allowed and a.get(k) != b.get(k):
+                out.append(f"{section}.{k}")
+    return sorted(out)
+
+
+def _auxiliary_tasks(model: nn.Module) -> list[Task]:
+    """The training-only tasks ``model.auxiliary_tasks()`` declares (none if it declares none); each must be
+    marked ``auxiliary`` so that it is never selected on or reported."""
+    fn = getattr(model, "auxiliary_tasks", None)
+    if not callable(fn):
+        return []
+    aux = list(fn())
+    not_aux = [t.name for t in aux if not t.auxiliary]
+    if not_aux:
+        raise ConfigError(f"model.auxiliary_tasks() returned task(s) {not_aux} without auxiliary=True")
+    return aux
 
 
 def _progress(it, desc: str, enabled: bool):

@@ -1,0 +1,125 @@
+"""The training loop, config and CLI: determinism, resume, bad inputs, run-directory safety."""
+import json
+
+import pytest
+import torch
+
+from mtlkit.cli import main
+from mtlkit.config import RunConfig
+from mtlkit.errors import ConfigError, NonFiniteLossError
+from mtlkit.train import Trainer
+
+
+def _cfg(tmp_path, **train):
+    t = {"epochs": 2, "batch_size": 32, "lr": 0.01, "seed": 0, "progress": False, **train}
+    return RunConfig.from_dict({"dataset": {"name": "_toy"}, "model": {"name": "hps", "options": {
+        "encoder": "mlp", "hidden": [16], "head_hidden": 8}}, "train": t,
+        "output": {"dir": str(tmp_path / "run"), "tensorboard": False}})
+
+
+def test_fit_writes_run_and_is_deterministic(tmp_path):
+    cfg = _cfg(tmp_path)
+    r1 = Trainer(cfg).fit()
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["test"] == r1.test
+    r2 = Trainer(cfg.override(["output.overwrite=true"])).fit()
+    assert r1.test == r2.test
+
+
+def test_resume_reaches_the_same_final_state(tmp_path):
+    full = Trainer(_cfg(tmp_path / "a", epochs=3)).fit()
+    Trainer(_cfg(tmp_path / "b", epochs=1)).fit()
+    t = Trainer(_cfg(tmp_path / "b", epochs=3))
+    resumed = t.fit(resume=True)
+    assert resumed.test == full.test
+    assert [h["val/a/accuracy"] for h in resumed.history] == [h["val/a/accuracy"] for h in full.history]
+    ck_full = torch.load(tmp_path / "a" / "run" / "checkpoint.pt", weights_only=False)
+    ck_res = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)
+    assert ck_res["epoch"] == ck_full["epoch"] == 2
+    for k, v in ck_full["model"].items():  # the last epoch's weights, bit for bit
+        torch.testing.assert_close(ck_res["model"][k], v, rtol=0, atol=0)
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    Trainer(_cfg(tmp_path, epochs=1)).fit()
+    with pytest.raises(ConfigError, match="train.lr"):
+        Trainer(_cfg(tmp_path, epochs=2, lr=0.5)).fit(resume=True)
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+    Trainer(_cfg(tmp_path, epochs=1)).fit()
+    with pytest.raises(ConfigError, match="--overwrite"):
+        Trainer(_cfg(tmp_path, epochs=1)).fit()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    cfg = _cfg(tmp_path, epochs=1).override([f"output.dir={foreign}", "output.overwrite=true"])
+    with pytest.raises(ConfigError, match="not an mtlkit run"):
+        Trainer(cfg).fit()
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_nan_loss_stops_with_task_and_step(tmp_path):
+    t = Trainer(_cfg(tmp_path, epochs=1))
+    with torch.no_grad():
+        for p in t.model.heads["b"].parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"task\(s\) b at epoch 0, step 0"):
+        t.fit()
+
+
+@pytest.mark.parametrize("method", ["stl", "mean"])
+def test_methods_train(tmp_path, method):
+    res = Trainer(_cfg(tmp_path, epochs=1).override([f"method.name={method}"])).fit()
+    assert set(res.test) >= {"a/accuracy", "b/accuracy", "joint_accuracy"}
+
+
+def test_stl_selects_each_task_separately(tmp_path):
+    t = Trainer(_cfg(tmp_path, epochs=3).override(["method.name=stl"]))
+    res = t.fit()
+    assert isinstance(res.best_epoch, dict) and set(res.best_epoch) == {"a", "b"}
+    for name in ("a", "b"):
+        accs = [h[f"val/{name}/accuracy"] for h in res.history]
+        assert accs[res.best_epoch[name]] == max(accs)
+
+
+def test_bad_config_values(tmp_path):
+    with pytest.raises(ConfigError, match="valid methods"):
+        Trainer(_cfg(tmp_path).override(["method.name=sgdx"]))
+    with pytest.raises(ConfigError, match="valid optimizers"):
+        Trainer(_cfg(tmp_path, optimizer="lion"))
+    with pytest.raises(ConfigError, match="valid models"):
+        Trainer(_cfg(tmp_path).override(["model.name=resnet"]))
+    with pytest.raises(ConfigError, match="CUDA|device"):
+        Trainer(_cfg(tmp_path, device="cuda:7" if not torch.cuda.is_available() else "nonsense"))
+    with pytest.raises(ConfigError, match="valid keys in train"):
+        RunConfig.from_dict({"train": {"learning_rate": 1}})
+    with pytest.raises(ConfigError, match="must be an integer"):
+        RunConfig.from_dict({"train": {"epochs": 1.5}})
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        RunConfig.from_yaml(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        RunConfig.from_yaml(tmp_path / "none.yaml")
+
+
+def test_cli_train_and_errors(tmp_path, capsys):
+    cfg = _cfg(tmp_path, epochs=1)
+    path = tmp_path / "c.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| a | accuracy |" in out and "joint_accuracy" in out
+    assert main(["train", "--config", str(path), "--method", "nope"]) == 2
+    assert "valid methods are" in capsys.readouterr().err
+    assert main(["train", "--config", str(path)]) == 2  # run dir exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["train", "--config", str(path), "--set", "train.nope=1"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
