@@ -86,3 +86,47 @@ def sample_level_loss(beta: float = 2.0):
 
     loss.beta = float(beta)  # type: ignore[attr-defined]
     return loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VIB KL term (MTVIB, Qian, Chen & Lin, "Multi-task variational information bottleneck", Eq. 8 and Eq. 10)
+# ---------------------------------------------------------------------------------------------------------------
+
+_KL_REDUCTIONS = ("mean", "sum", "none")
+
+
+def gaussian_kl(mu: Tensor, std: Tensor, reduction: str = "mean") -> Tensor:
+    r"""Closed-form ``KL(N(μ, diag σ²) || N(0, I))`` per example, summed over the latent dimensions.
+
+    MTVIB Eq. 10 (``tr`` and ``det`` there are of the *covariance* ``diag σ²``; the paper writes ``σ_z(x)`` for it):
+    ``KL = ½ Σ_j (σ_j² + μ_j² − 1 − log σ_j²)``.
+
+    The last dimension is the latent one; leading dimensions are batch dimensions. ``reduction``: ``"mean"`` over
+    the batch (the Monte-Carlo estimate of ``E_x[KL]`` in Eq. 8 / Eq. 23), ``"sum"``, or ``"none"`` (per example).
+
+    Raises:
+        ValueError: shapes differ, no latent dimension, an unknown reduction, or σ <= 0 somewhere.
+
+    Example:
+        >>> import torch
+        >>> gaussian_kl(torch.zeros(3, 4), torch.ones(3, 4))  # the prior itself: KL = 0
+        tensor(0.)
+        >>> gaussian_kl(torch.tensor([[1.0, 0.0]]), torch.ones(1, 2))  # ½·μ² = 0.5
+        tensor(0.5000)
+    """
+    if not isinstance(mu, Tensor) or not isinstance(std, Tensor):
+        raise ValueError("gaussian_kl takes two tensors (mu, std)")
+    if mu.shape != std.shape:
+        raise ValueError(f"gaussian_kl: mu and std must have the same shape, got {tuple(mu.shape)} and "
+                         f"{tuple(std.shape)}")
+    if mu.dim() < 1:
+        raise ValueError("gaussian_kl: mu and std need a latent (last) dimension")
+    if reduction not in _KL_REDUCTIONS:
+        raise ValueError(f"gaussian_kl: unknown reduction {reduction!r}; valid: {', '.join(_KL_REDUCTIONS)}")
+    if bool((std.detach() <= 0).any()):
+        raise ValueError("gaussian_kl: std must be > 0 everywhere (the KL is infinite at σ = 0)")
+    var = std.pow(2)
+    kl = 0.5 * (var + mu.pow(2) - 1.0 - torch.log(var)).sum(dim=-1)
+    if reduction == "none":
+        return kl
+    return kl.mean() if reduction == "mean" else kl.sum()
