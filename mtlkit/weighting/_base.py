@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,8 @@ class StepContext:
         last_shared_layer: the weight tensor(s) GradNorm-like methods take gradient norms at; defaults to the last
             shared parameter tensor with ``dim() >= 2``.
         task_names: names of the tasks, in loss order.
+        task_layers: for each task (in loss order), the weight tensor(s) of the *first layer of its task-specific
+            network*; MTMLAN's task-level dynamic balancing measures gradient norms there by default.
     """
 
     step: int = 0
@@ -27,6 +29,7 @@ class StepContext:
     shared_params: Sequence[Tensor] = field(default_factory=tuple)
     last_shared_layer: Sequence[Tensor] = field(default_factory=tuple)
     task_names: Sequence[str] = field(default_factory=tuple)
+    task_layers: Sequence[Sequence[Tensor]] = field(default_factory=tuple)
 
 
 def _check_losses(losses: Tensor) -> None:
@@ -44,6 +47,15 @@ class Weighting(nn.Module):
     Weightings with their own update rule (GradNorm, FAMO) keep their state as buffers and update it in ``forward``
     or in the hooks below, so that ``state_dict`` captures everything a checkpoint needs.
 
+    Life cycle: the trainer calls ``setup(T)`` once, before it builds the optimiser (``setup`` creates the per-task
+    parameters and buffers), then ``forward`` once per step. Weightings without learnable parameters also set
+    themselves up on their first ``forward``; those with parameters (``requires_setup = True``) refuse to, because
+    parameters created after the optimiser was built would silently never be trained. ``load_state_dict`` on a
+    weighting that was not set up yet sets it up with the checkpoint's T first.
+
+    State that changes during training (weights, step counters, generator states, histories) only changes in
+    training mode (``self.training``) and where grad is enabled: evaluation passes leave it alone.
+
     Hooks the training loop calls (defaults do nothing); a method declares what it needs, the loop never checks names:
       * ``needs_loss_after_step``: if True, the loop recomputes the losses of the same batch after the optimiser
         step (no grad) and calls ``after_step(new_losses)`` (FAMO).
@@ -57,7 +69,70 @@ class Weighting(nn.Module):
     """
 
     needs_loss_after_step: bool = False
+    #: True for weightings with learnable ``nn.Parameter``s: ``setup(T)`` must be called explicitly, before the
+    #: optimiser is built (forward refuses to create parameters lazily).
+    requires_setup: ClassVar[bool] = False
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_tasks: int | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, num_tasks: int) -> None:
+        """Create the per-task parameters and buffers for ``num_tasks`` tasks (idempotent for the same T).
+
+        Raises:
+            ValueError: ``num_tasks`` is not a positive int, or the weighting was already set up for another T.
+        """
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+        if self.num_tasks is not None:
+            if self.num_tasks != num_tasks:
+                raise ValueError(f"{type(self).__name__} is already set up for T={self.num_tasks} tasks; "
+                                 f"cannot set it up again for T={num_tasks} (build a new weighting)")
+            return
+        self._build(num_tasks)
+        self.num_tasks = num_tasks
+
+    def _build(self, num_tasks: int) -> None:
+        """Subclass hook: register the parameters/buffers for ``num_tasks`` tasks (called once by ``setup``)."""
+
+    def _prepare(self, losses: Tensor) -> int:
+        """Check ``losses`` (1-D, length T) and that the weighting is set up for that T; return T."""
+        _check_losses(losses)
+        T = losses.shape[0]
+        if self.num_tasks is None:
+            if self.requires_setup:
+                raise RuntimeError(
+                    f"{type(self).__name__} has learnable per-task parameters: call .setup(num_tasks={T}) before "
+                    f"building the optimiser (and add its .parameters() to it), then call it on the losses")
+            self.setup(T)
+        elif T != self.num_tasks:
+            raise ValueError(f"{type(self).__name__} was set up for T={self.num_tasks} tasks but got {T} losses")
+        return T
+
+    def _updating(self, losses: Tensor | None = None) -> bool:
+        """Whether this call may change the method's state (training mode, grad enabled)."""
+        ok = self.training and torch.is_grad_enabled()
+        return ok and (losses is None or losses.requires_grad)
+
+    # ------------------------------------------------------------------ checkpoints
+    def get_extra_state(self) -> Any:
+        return {"num_tasks": self.num_tasks}
+
+    def set_extra_state(self, state: Any) -> None:
+        T = state.get("num_tasks") if isinstance(state, Mapping) else None
+        if T is not None and self.num_tasks is not None and T != self.num_tasks:
+            raise ValueError(f"checkpoint is for T={T} tasks but {type(self).__name__} is set up for "
+                             f"T={self.num_tasks}")
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        extra = state_dict.get("_extra_state") if isinstance(state_dict, Mapping) else None
+        if self.num_tasks is None and isinstance(extra, Mapping) and extra.get("num_tasks") is not None:
+            self.setup(int(extra["num_tasks"]))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # ------------------------------------------------------------------ interface
     def forward(self, losses: Tensor, ctx: StepContext | None = None) -> Tensor:  # noqa: D401
         raise NotImplementedError
 
@@ -82,7 +157,11 @@ class EW(Weighting):
     """
 
     def forward(self, losses: Tensor, ctx: StepContext | None = None) -> Tensor:
-        _check_losses(losses)
+        # Stateless: works for any T unless setup(T) fixed one (then a mismatch is an error, as elsewhere).
+        if self.num_tasks is not None:
+            self._prepare(losses)
+        else:
+            _check_losses(losses)
         return losses
 
     def weights(self) -> Tensor | None:
