@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mtlkit.aggregation._base import Aggregator
-from mtlkit.aggregation._solvers import check_int
+from mtlkit.aggregation._base import Aggregator, _check_matrix
+from mtlkit.aggregation._solvers import check_int, to_numpy
 from mtlkit.errors import ConfigError
 
 
@@ -42,3 +43,43 @@ class SeededAggregator(Aggregator):
 
     def _state_keys(self) -> set[str]:
         return {"generator"}
+
+
+class PairwiseSurgery(SeededAggregator):
+    """Base of PCGrad-style methods: each ``g_i'`` is edited against every other original ``g_j`` in random order.
+
+    The edits only ever add multiples of task gradients, so ``g_i' = Σ_k C_ik g_k`` and every inner product the rules
+    need is an entry of ``C G`` or ``C G Cᵀ``: the methods run on the T x T Gramian (``gramian_based``), in float64,
+    and the update is ``(1ᵀ C) J``. This is exact (same decisions, same result up to round-off as editing P-vectors),
+    costs O(T³) instead of O(T² P) vector operations, and works unchanged at representation level.
+    Subclasses implement :meth:`_edit` on the coefficient row of ``g_i'``.
+    """
+
+    gramian_based = True
+    permutation_equivariant = False
+
+    def coefficients(self, G: Tensor) -> Tensor:
+        """The T x T matrix ``C`` with ``g_i' = Σ_k C_ik g_k``. Draws the random order (advances the generator)."""
+        A = to_numpy(G)
+        T = A.shape[0]
+        C = np.eye(T)
+        self._begin(A)
+        for i in range(T):
+            for j in self._other_tasks_in_random_order(i, T):
+                self._edit(C[i], i, j, A)
+        return torch.from_numpy(C).to(dtype=G.dtype, device=G.device)
+
+    def weights_from_gramian(self, G: Tensor) -> Tensor:
+        return self.coefficients(G).sum(dim=0)
+
+    def modified_gradients(self, J: Tensor) -> Tensor:
+        """The T x P matrix of modified gradients ``g_i'`` (the update is their sum). Advances the generator."""
+        _check_matrix(J)
+        return self.coefficients(J @ J.T).to(J.dtype) @ J
+
+    def _begin(self, G: np.ndarray) -> None:
+        """Hook called once per step before the edits (e.g. to check the number of tasks)."""
+
+    def _edit(self, c: np.ndarray, i: int, j: int, G: np.ndarray) -> None:  # pragma: no cover - abstract
+        """Edit in place the coefficient row ``c`` of ``g_i'`` against the original ``g_j``."""
+        raise NotImplementedError

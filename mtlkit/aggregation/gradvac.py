@@ -4,17 +4,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mtlkit.aggregation._base import _check_matrix
-from mtlkit.aggregation._random import SeededAggregator
+from mtlkit.aggregation._random import PairwiseSurgery
 from mtlkit.errors import ConfigError
 from mtlkit.methods import Method, register
 from mtlkit.weighting._base import EW
 
 
-class GradVac(SeededAggregator):
+class GradVac(PairwiseSurgery):
     """Gradient Vaccine.
 
     Wang et al., "Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively Multilingual
@@ -34,6 +34,7 @@ class GradVac(SeededAggregator):
 
     State (``state_dict``): the T x T targets (created at the first call; a later call with another T raises) and the
     generator of the random order. Output depends on the task order (``permutation_equivariant`` False).
+    Computed on the Gramian (see ``PairwiseSurgery``); ``modified_gradients(J)`` returns the ``g_i'``.
 
     Args:
         beta: EMA rate in (0, 1].
@@ -44,8 +45,6 @@ class GradVac(SeededAggregator):
         >>> GradVac()(torch.tensor([[1.0, 0.0], [-1.0, 1.0]]))  # first step: targets are 0, so this is PCGrad
         tensor([0.5000, 1.5000])
     """
-
-    permutation_equivariant = False
 
     def __init__(self, beta: float = 0.01, seed: int = 0) -> None:
         super().__init__(seed)
@@ -58,34 +57,26 @@ class GradVac(SeededAggregator):
         self.beta = b
         self._targets: Tensor | None = None
 
-    def aggregate(self, J: Tensor) -> Tensor:
-        return self.modified_gradients(J).sum(dim=0)
-
-    def modified_gradients(self, J: Tensor) -> Tensor:
-        """The T x P matrix of modified gradients ``g_i'`` (the update is their sum). Advances the generator."""
-        _check_matrix(J)
-        T = J.shape[0]
+    def _begin(self, G: np.ndarray) -> None:
+        T = G.shape[0]
         if self._targets is None:
             self._targets = torch.zeros(T, T, dtype=torch.float64)
         elif self._targets.shape[0] != T:
             raise ValueError(f"GradVac was used with {self._targets.shape[0]} tasks and now gets {T}; "
                              "build a new GradVac (its targets are per task pair)")
-        norms = J.norm(dim=1)
-        out = J.clone()
-        for i in range(T):
-            gi = out[i]
-            for j in self._other_tasks_in_random_order(i, T):
-                ni, nj = float(gi.norm()), float(norms[j])
-                if ni == 0.0 or nj == 0.0:
-                    continue
-                phi = max(-1.0, min(1.0, float(gi @ J[j]) / (ni * nj)))
-                target = float(self._targets[i, j])
-                if phi < target:
-                    coef = ni * (target * math.sqrt(1 - phi ** 2) - phi * math.sqrt(1 - target ** 2))
-                    coef /= nj * math.sqrt(max(1 - target ** 2, 1e-12))
-                    gi += coef * J[j]
-                self._targets[i, j] = (1 - self.beta) * target + self.beta * phi
-        return out
+
+    def _edit(self, c: np.ndarray, i: int, j: int, G: np.ndarray) -> None:
+        assert self._targets is not None
+        cG = c @ G
+        ni, nj = math.sqrt(max(float(cG @ c), 0.0)), math.sqrt(max(float(G[j, j]), 0.0))
+        if ni == 0.0 or nj == 0.0:
+            return
+        phi = max(-1.0, min(1.0, float(cG[j]) / (ni * nj)))                # cos(g_i', g_j)
+        target = float(self._targets[i, j])
+        if phi < target:                                                     # Eq. (2)
+            coef = ni * (target * math.sqrt(1 - phi ** 2) - phi * math.sqrt(1 - target ** 2))
+            c[j] += coef / (nj * math.sqrt(max(1 - target ** 2, 1e-12)))
+        self._targets[i, j] = (1 - self.beta) * target + self.beta * phi    # Eq. (3)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -1,15 +1,14 @@
 """MAMG: clip the larger of two interfering gradients along their interfering direction."""
 from __future__ import annotations
 
-from torch import Tensor
+import numpy as np
 
-from mtlkit.aggregation._base import _check_matrix
-from mtlkit.aggregation._random import SeededAggregator
+from mtlkit.aggregation._random import PairwiseSurgery
 from mtlkit.methods import Method, register
 from mtlkit.weighting._base import EW
 
 
-class MAMG(SeededAggregator):
+class MAMG(PairwiseSurgery):
     """Model-Agnostic Mitigation of Gradient interference.
 
     Chai et al., "A Model-Agnostic Approach to Mitigate Gradient Interference for Multi-Task Learning", IEEE
@@ -28,6 +27,8 @@ class MAMG(SeededAggregator):
     gradient and over-correct). The update is ``Σ_i g_i'`` (sum scale, as PCGrad).
 
     Random order from a seeded generator (state in ``state_dict``); output depends on the task order for T > 2.
+    Computed on the Gramian (see ``PairwiseSurgery``): ``g_i' = Σ_k C_ik g_k``, ``δ`` and ``||g_i' - g_j||`` are
+    read off ``C G Cᵀ``; ``modified_gradients(J)`` returns the ``g_i'``.
 
     Args:
         seed: seed of the generator of the order.
@@ -38,29 +39,17 @@ class MAMG(SeededAggregator):
         tensor([0.3529, 1.4118])
     """
 
-    permutation_equivariant = False
-
-    def aggregate(self, J: Tensor) -> Tensor:
-        return self.modified_gradients(J).sum(dim=0)
-
-    def modified_gradients(self, J: Tensor) -> Tensor:
-        """The T x P matrix of modified gradients ``g_i'`` (the update is their sum). Advances the generator."""
-        _check_matrix(J)
-        T = J.shape[0]
-        out = J.clone()
-        for i in range(T):
-            gi = out[i]
-            for j in self._other_tasks_in_random_order(i, T):
-                if gi @ J[j] < 0:
-                    diff = gi - J[j]
-                    n = diff.norm()
-                    if n == 0:
-                        continue
-                    u = diff / n
-                    delta = (gi + J[j]) @ u
-                    if delta > 0:
-                        gi -= delta * u
-        return out
+    def _edit(self, c: np.ndarray, i: int, j: int, G: np.ndarray) -> None:
+        cG = c @ G
+        if cG[j] < 0:                                            # ⟨g_i', g_j⟩ < 0
+            n2 = float(cG @ c - 2.0 * cG[j] + G[j, j])           # ||g_i' - g_j||²
+            if n2 <= 0.0:
+                return
+            delta = float(cG @ c - G[j, j]) / np.sqrt(n2)        # (||g_i'||² - ||g_j||²) / ||g_i' - g_j||
+            if delta > 0:                                        # g_i' ← g_i' - δ u,  u = (g_i' - g_j) / ||g_i' - g_j||
+                step = delta / np.sqrt(n2)
+                c *= 1.0 - step
+                c[j] += step
 
 
 @register("mamg")

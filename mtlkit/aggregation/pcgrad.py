@@ -1,15 +1,14 @@
 """PCGrad: project each task gradient off the normal planes of the conflicting ones."""
 from __future__ import annotations
 
-from torch import Tensor
+import numpy as np
 
-from mtlkit.aggregation._base import _check_matrix
-from mtlkit.aggregation._random import SeededAggregator
+from mtlkit.aggregation._random import PairwiseSurgery
 from mtlkit.methods import Method, register
 from mtlkit.weighting._base import EW
 
 
-class PCGrad(SeededAggregator):
+class PCGrad(PairwiseSurgery):
     """Projecting Conflicting Gradients.
 
     Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Algorithm 1 / Eq. (1): for each task i, work on
@@ -19,7 +18,8 @@ class PCGrad(SeededAggregator):
 
     Random order: one ``randperm`` per task from a ``torch.Generator`` seeded with ``seed`` (state in
     ``state_dict``). Because of it the output depends on the task order for T > 2 (``permutation_equivariant`` is
-    False); for T = 2 it does not.
+    False); for T = 2 it does not. Computed on the Gramian (see ``PairwiseSurgery``): ``modified_gradients(J)``
+    returns the ``g_i'``.
 
     Args:
         seed: seed of the generator of the projection order.
@@ -30,24 +30,10 @@ class PCGrad(SeededAggregator):
         tensor([0.5000, 1.5000])
     """
 
-    permutation_equivariant = False
-
-    def aggregate(self, J: Tensor) -> Tensor:
-        return self.modified_gradients(J).sum(dim=0)
-
-    def modified_gradients(self, J: Tensor) -> Tensor:
-        """The T x P matrix of modified gradients ``g_i'`` (the update is their sum). Advances the generator."""
-        _check_matrix(J)
-        T = J.shape[0]
-        out = J.clone()
-        sq = (J * J).sum(dim=1)
-        for i in range(T):
-            gi = out[i]
-            for j in self._other_tasks_in_random_order(i, T):
-                dot = gi @ J[j]
-                if dot < 0 and sq[j] > 0:
-                    gi -= (dot / sq[j]) * J[j]
-        return out
+    def _edit(self, c: np.ndarray, i: int, j: int, G: np.ndarray) -> None:
+        dot = c @ G[:, j]                      # ⟨g_i', g_j⟩
+        if dot < 0 and G[j, j] > 0:
+            c[j] -= dot / G[j, j]
 
 
 @register("pcgrad")
