@@ -279,6 +279,9 @@ class Trainer:
             writer = SummaryWriter(str(self.run_dir / "tb"))
         shared = self.model.shared_parameters()
         last_layer = self.model.last_shared_layer() if not self.per_member else []
+        # Per task, the first layer of its task-specific network, for models that expose it (MTMLAN's TDB).
+        first_layers = getattr(self.model, "task_first_layers", None)
+        task_layers = first_layers() if callable(first_layers) else ()
         n = len(self.data.train)
         steps_per_epoch = (n + tc.batch_size - 1) // tc.batch_size
         on_progress = getattr(self.model, "on_train_progress", None)
@@ -299,7 +302,8 @@ class Trainer:
                 if on_progress is not None:  # generic hook: models with schedules read the training progress
                     on_progress(step / (tc.epochs * steps_per_epoch))
                 ctx = StepContext(step=step, epoch=epoch, shared_params=shared,
-                                  last_shared_layer=last_layer, task_names=self.train_names)
+                                  last_shared_layer=last_layer, task_names=self.train_names,
+                                  task_layers=task_layers)
                 losses = self._step(x, ys, ctx).cpu()
                 loss_sum += losses
                 if hasattr(bar, "set_postfix"):
