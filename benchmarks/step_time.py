@@ -1,0 +1,174 @@
+"""Step time and peak memory of every method against EW (one backward of the summed loss, the floor).
+
+Workloads (batch 256, 2 threads by default):
+  * ``conv``: the MultiMNIST HPS model (MTVIB Table I(b) encoder + heads) on real MultiMNIST images, T = 2, 4, 10
+    tasks (extra heads; task t predicts the left item for even t, the right item for odd t);
+  * ``mlp``: an MLP encoder 3 x 1024 on the flattened images, T = 4 and 40.
+Each (workload, T, method, level) runs in a fresh subprocess: median ms per training step (forward, per-task losses,
+method, optimizer step) over ``--steps`` steps after ``--warmup`` steps, and peak resident memory (ru_maxrss) minus the
+resident memory of the same process after building the model and moving one batch (so the number is the training
+step's own memory). torchjd's implementation of the same method is timed beside ours where torchjd is importable.
+
+Usage:
+    python benchmarks/step_time.py                      # everything (long on 2 cores)
+    python benchmarks/step_time.py --workloads conv --tasks 2 4 --methods ew mgda pcgrad
+    python benchmarks/step_time.py --out benchmarks/results/step_time.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ALL_METHODS = ["ew", "uw", "dwa", "gradnorm", "rlw", "gls", "imtl_l", "famo", "dbmtl", "mgda", "pcgrad", "cagrad",
+               "gradvac", "imtl_g", "nash_mtl", "graddrop", "upgrad", "aligned_mtl", "dualproj", "mamg"]
+TASKS = {"conv": [2, 4, 10], "mlp": [4, 40]}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def run_one(workload: str, T: int, method: str, level: str, impl: str, steps: int, warmup: int, batch: int,
+            threads: int) -> dict:
+    import torch
+
+    from mtlkit.autodiff import backward
+    from mtlkit.data import build_dataset
+    from mtlkit.methods import build_method
+    from mtlkit.models import HPS, ConvEncoder, MLPEncoder, head
+    from mtlkit.weighting import StepContext
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    data = build_dataset("multimnist", n_train=max(2 * batch, 1000), n_test=100)
+    x = data.train.x[:batch]
+    ys = [data.train.y["left" if t % 2 == 0 else "right"][:batch] for t in range(T)]
+    enc = ConvEncoder((1, 36, 36)) if workload == "conv" else MLPEncoder((1, 36, 36), (1024, 1024, 1024))
+    model = HPS(enc, {f"t{t}": head(enc.out_features, 10) for t in range(T)})
+    m = build_method(method, level=level)
+    m.weighting.setup(T)
+    params = list(model.parameters()) + list(m.weighting.parameters())
+    opt = torch.optim.Adam(params, lr=1e-3)
+    shared = model.shared_parameters()
+    ce = torch.nn.functional.cross_entropy
+    names = [f"t{t}" for t in range(T)]
+    tj = None
+    if impl == "torchjd":
+        from torchjd import aggregation as A
+        from torchjd import autojac
+
+        tj_aggs = {"mgda": A.MGDA, "upgrad": A.UPGrad, "pcgrad": A.PCGrad, "dualproj": A.DualProj,
+                   "imtl_g": A.IMTLG, "cagrad": getattr(A, "CAGrad", None), "nash_mtl": getattr(A, "NashMTL", None),
+                   "aligned_mtl": getattr(A, "AlignedMTL", None), "graddrop": getattr(A, "GradDrop", None),
+                   "ew": A.Sum}
+        if tj_aggs.get(method) is None:
+            return {"skipped": f"torchjd has no {method}"}
+        agg = tj_aggs[method](0.5) if method == "cagrad" else (
+            tj_aggs[method](n_tasks=T) if method == "nash_mtl" else tj_aggs[method]())
+        tj = (autojac, agg)
+    base_rss = _current_rss_mb()
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        need_rep = m.aggregator.needs_per_task_grads
+        z = model.encode(x)
+        out = model.decode(z)
+        losses = torch.stack([ce(out[n], ys[t]) for t, n in enumerate(names)])
+        opt.zero_grad(set_to_none=True)
+        if tj is not None:
+            tj[0].mtl_backward(list(losses), features=z, shared_params=shared)
+            tj[0].jac_to_grad(shared, tj[1])
+        else:
+            ctx = StepContext(step=i, epoch=0, shared_params=shared, last_shared_layer=model.last_shared_layer(),
+                              task_names=names)
+            weighted = m.weighting(losses, ctx)
+            backward(weighted, shared, m.aggregator, representation=z if need_rep else None, level=m.level)
+        opt.step()
+        if m.weighting.needs_loss_after_step and tj is None:
+            with torch.no_grad():
+                out = model(x)
+                m.weighting.after_step(torch.stack([ce(out[n], ys[t]) for t, n in enumerate(names)]))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {"ms": 1000 * statistics.median(times), "peak_mb": _rss_mb() - base_rss}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", nargs="+", default=["conv", "mlp"], choices=["conv", "mlp"])
+    p.add_argument("--tasks", nargs="+", type=int, help="override the T values of every workload")
+    p.add_argument("--methods", nargs="+", default=ALL_METHODS)
+    p.add_argument("--levels", nargs="+", default=["parameter", "representation"])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--torchjd", action="store_true", help="also time torchjd's implementation (if importable)")
+    p.add_argument("--out", help="write the markdown table here (and a .json beside it)")
+    p.add_argument("--_one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._one:
+        spec = json.loads(args._one)
+        print(json.dumps(run_one(**spec)))
+        return 0
+    rows = []
+    for wl in args.workloads:
+        for T in args.tasks or TASKS[wl]:
+            base = None
+            for method in ["ew"] + [m for m in args.methods if m != "ew"]:
+                for level in args.levels:
+                    impls = ["mtlkit"] + (["torchjd"] if args.torchjd else [])
+                    for impl in impls:
+                        if method == "ew" and level == "representation":
+                            continue  # EW ignores the level
+                        spec = dict(workload=wl, T=T, method=method, level=level, impl=impl, steps=args.steps,
+                                    warmup=args.warmup, batch=args.batch, threads=args.threads)
+                        proc = subprocess.run([sys.executable, __file__, "--_one", json.dumps(spec)],
+                                              capture_output=True, text=True)
+                        if proc.returncode != 0:
+                            res = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+                        else:
+                            res = json.loads(proc.stdout.strip().splitlines()[-1])
+                        if method == "ew" and impl == "mtlkit":
+                            base = res
+                        row = {**spec, **res}
+                        if base and "ms" in res:
+                            row["ratio"] = res["ms"] / base["ms"]
+                            row["mem_ratio"] = res["peak_mb"] / max(base["peak_mb"], 1.0)
+                        rows.append(row)
+                        msg = (f"{wl} T={T} {method:12s} {level:14s} {impl:8s} " +
+                               (f"{res['ms']:8.1f} ms  x{row.get('ratio', 1):5.2f}  peak +{res['peak_mb']:7.1f} MB"
+                                if "ms" in res else str(res)))
+                        print(msg, flush=True)
+    lines = ["| workload | T | method | level | impl | ms/step | × EW | peak MB | mem × EW |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ms" in r:
+            lines.append(f"| {r['workload']} | {r['T']} | {r['method']} | {r['level']} | {r['impl']} | "
+                         f"{r['ms']:.1f} | {r.get('ratio', 1):.2f} | {r['peak_mb']:.0f} | {r.get('mem_ratio', 1):.2f} |")
+        else:
+            lines.append(f"| {r['workload']} | {r['T']} | {r['method']} | {r['level']} | {r['impl']} | "
+                         f"{r.get('error') or r.get('skipped')} | | | |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
