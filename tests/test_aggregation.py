@@ -128,7 +128,7 @@ def test_cagrad_improves_worst_case_within_the_ball():
         J = _rand(3, 5, seed)
         g0 = J.mean(0)
         c = 0.5
-        d = CAGrad(c=c, rescale=0)(J)                                    # the paper's d* (Eq. 2)
+        d = CAGrad(c=c, rescale=0)(J)                                    # the paper's d* (primal solution)
         assert (d - g0).norm() <= c * g0.norm() * (1 + 1e-4) + 1e-6
         assert (J @ d).min() >= (J @ g0).min() - 1e-6
         assert torch.allclose(CAGrad(c=c, rescale=1)(J), d / (1 + c ** 2))

@@ -13,7 +13,7 @@ from mtlkit.weighting._base import EW
 class AlignedMTL(Aggregator):
     """Aligned-MTL (independent component alignment).
 
-    Senushkin et al., "Independent Component Alignment for Multi-Task Learning", CVPR 2023, Algorithm 1 and Eq. (9)-(10):
+    Senushkin et al., "Independent Component Alignment for Multi-Task Learning", CVPR 2023, Algorithm 1:
     eigendecompose ``G = V Λ Vᵀ``; keep the ``r`` eigenvalues above ``max(Λ) · T · eps`` (rank); the balance
     transformation ``B = √λ_min · V_r Λ_r^{-1/2} V_rᵀ`` makes the stable rank of the aligned gradients ``Ĝ = Bᵀ J``
     equal to 1 (all singular values set to the smallest, ``σ_min = √λ_min``); the update is ``Ĝᵀ w = Jᵀ B w``.

@@ -16,8 +16,8 @@ class CAGrad(Aggregator):
     """Conflict-Averse Gradient descent.
 
     Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021. With ``g_0`` the *mean*
-    task gradient and ``φ = c² ||g_0||²``, the primal problem (Eq. (2)) ``max_d min_i ⟨g_i, d⟩`` s.t.
-    ``||d - g_0|| ≤ √φ`` is solved through its dual (Eq. (3), Algorithm 1):
+    task gradient and ``φ = c² ||g_0||²``, the primal problem ``max_d min_i ⟨g_i, d⟩`` s.t.
+    ``||d - g_0|| ≤ √φ`` is solved through its dual (the paper's Algorithm 1):
 
         w* = argmin_{w ∈ Δ}  g_wᵀ g_0 + √φ ||g_w||,     g_w = Σ_i w_i g_i,
         d* = g_0 + (√φ / ||g_w*||) g_w*.

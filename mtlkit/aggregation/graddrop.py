@@ -16,7 +16,7 @@ class GradDrop(SeededAggregator):
     """Gradient Sign Dropout.
 
     Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout", NeurIPS 2020,
-    Algorithm 1 (lines 10-15), Eq. (1)-(2): per coordinate, the positive sign purity ``P = ½ (1 + Σ_t g_t / Σ_t |g_t|)``;
+    Algorithm 1 (lines 10-15, as cited by torchjd): per coordinate, the positive sign purity ``P = ½ (1 + Σ_t g_t / Σ_t |g_t|)``;
     draw ``U ~ Uniform(0, 1)``; keep ``g_t`` where ``P > U`` and ``g_t > 0``, or ``P < U`` and ``g_t < 0``; with leak
     ``ℓ_t`` the update is ``Σ_t (ℓ_t + (1 - ℓ_t) M_t) ⊙ g_t`` (sum scale; ``leak=1`` gives the plain sum).
 

@@ -21,14 +21,16 @@ class GradVac(PairwiseSurgery):
     Models", ICLR 2021, Algorithm 1. For each task i (copy ``g_i'``) and every other task j in random order, with
     ``φ = cos(g_i', g_j)`` and the pair's target ``φ̂_ij``:
 
-    * if ``φ < φ̂_ij``: ``g_i' ← g_i' + ||g_i'|| (φ̂ √(1-φ²) - φ √(1-φ̂²)) / (||g_j|| √(1-φ̂²)) · g_j`` (Eq. (2)),
+    * if ``φ < φ̂_ij``: ``g_i' ← g_i' + ||g_i'|| (φ̂ √(1-φ²) - φ √(1-φ̂²)) / (||g_j|| √(1-φ̂²)) · g_j``
+      (Eq. (2) in torchjd's numbering),
       which sets ``cos(g_i', g_j)`` to exactly ``φ̂_ij``;
     * ``φ̂_ij ← (1-β) φ̂_ij + β φ`` (Eq. (3)), with ``φ̂`` initialised to 0 (so the first step is PCGrad).
 
     The update is ``Σ_i g_i'`` (sum scale, as LibMTL). Pairs whose cosine is already ``≥`` the target are left alone.
 
-    Choices, and differences from LibMTL: (1) the EMA update is applied at every step for every pair, as written in the
-    paper's Algorithm 1; LibMTL updates it only inside the ``if φ < φ̂`` branch, so there the target can only fall.
+    Choices, and differences from LibMTL: (1) the EMA update is applied at every step for every pair, as we read the
+    paper's Algorithm 1 (and as torchjd does); LibMTL updates it only inside the ``if φ < φ̂`` branch, so there a
+    target starting at 0 can only fall.
     (2) Default ``beta = 0.01`` (paper); LibMTL's default is 0.5. (3) Only the whole-vector granularity is offered
     (LibMTL's ``group_type=0``): the aggregator sees flattened rows, not layers.
 

@@ -69,9 +69,9 @@ def solve_nash(G: np.ndarray, alpha0: np.ndarray | None = None, max_iter: int = 
 class NashMTL(Aggregator):
     """Nash-MTL: the update ``Σ_t α_t g_t`` with ``α`` the Nash bargaining solution ``G α = 1/α``, ``α > 0``.
 
-    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022: Theorem 5.1 / Eq. (3)-(4) (``Gα = 1/α``, i.e.
-    ``⟨g_i, d⟩ = 1/α_i``) and Sec. 5.1 (practical tricks: weights refreshed every ``update_weights_every`` steps;
-    the update clipped to ``max_norm``). Gramian-based.
+    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022: the characterisation of the Nash bargaining
+    solution as ``Gα = 1/α`` (i.e. ``⟨g_i, d⟩ = 1/α_i``), and the practical tricks of the paper and its code
+    (weights refreshed every ``update_weights_every`` steps; update clipped to ``max_norm``). Gramian-based.
 
     Solver (documented difference): the authors reach ``Gα = 1/α`` by a sequence of convex approximations solved with
     cvxpy/ECOS (at most 20 per step, warm-started). We solve the same equation directly, and to a tight tolerance,

@@ -11,7 +11,7 @@ from mtlkit.weighting._base import EW
 class PCGrad(PairwiseSurgery):
     """Projecting Conflicting Gradients.
 
-    Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Algorithm 1 / Eq. (1): for each task i, work on
+    Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Algorithm 1: for each task i, work on
     a copy ``g_i'``; for every other task j in random order, if ``⟨g_i', g_j⟩ < 0`` set
     ``g_i' ← g_i' - ⟨g_i', g_j⟩ / ||g_j||² · g_j`` (projection against the *original* ``g_j``, as in the paper and
     LibMTL). The update is ``Σ_i g_i'`` (the paper's sum; sum scale). Non-conflicting gradients are left unchanged.
