@@ -110,6 +110,7 @@ def evaluate_outputs(tasks, outputs: dict[str, Tensor], targets: dict[str, Tenso
     """
     res: dict[str, float] = {}
     preds = {}
+    tasks = [t for t in tasks if not getattr(t, "auxiliary", False)]  # auxiliary tasks are never reported
     for t in tasks:
         for m in t.metrics:
             if m not in TASK_METRICS:
@@ -123,6 +124,11 @@ def evaluate_outputs(tasks, outputs: dict[str, Tensor], targets: dict[str, Tenso
 
 
 def selection_score(tasks, metrics: dict[str, float]) -> float:
-    """Model-selection score: mean over tasks of the primary metric, sign-flipped where lower is better."""
-    vals = [metrics[f"{t.name}/{t.metrics[0]}"] * (1 if t.higher_is_better[0] else -1) for t in tasks]
+    """Model-selection score: mean over tasks of the primary metric, sign-flipped where lower is better.
+
+    Auxiliary tasks (``Task.auxiliary``) are ignored."""
+    vals = [metrics[f"{t.name}/{t.metrics[0]}"] * (1 if t.higher_is_better[0] else -1) for t in tasks
+            if not getattr(t, "auxiliary", False)]
+    if not vals:
+        raise ValueError("selection_score needs at least one non-auxiliary task")
     return float(np.mean(vals))

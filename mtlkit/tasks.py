@@ -47,6 +47,11 @@ class Task:
         loss: ``loss(output, target) -> scalar``; defaults by kind (CE, BCE-with-logits, MSE).
         metrics: metric names from :mod:`mtlkit.metrics`; the first is the task's primary metric (model selection).
         higher_is_better: per metric, whether larger is better (defaults: True except for error metrics).
+        auxiliary: an extra training task (e.g. an adversarial head) whose loss is trained but which is never used
+            for model selection nor reported as a target metric (:func:`mtlkit.metrics.selection_score` and
+            :func:`mtlkit.metrics.evaluate_outputs` skip it).
+        target: key of this task's target tensor in ``Split.y`` (default: the task's own name); lets an auxiliary
+            head be trained on another task's labels.
     """
 
     name: str
@@ -56,6 +61,13 @@ class Task:
     metrics: tuple[str, ...] = ()
     higher_is_better: tuple[bool, ...] = ()
     extra: dict = field(default_factory=dict)
+    auxiliary: bool = False
+    target: str | None = None
+
+    @property
+    def target_key(self) -> str:
+        """Key of the task's targets in ``Split.y``."""
+        return self.target or self.name
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -106,4 +118,4 @@ def task_names(tasks: list[Task]) -> list[str]:
 
 def stack_losses(tasks: list[Task], outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
     """The (T,) vector of per-task losses in task order."""
-    return torch.stack([t.compute_loss(outputs[t.name], targets[t.name]) for t in tasks])
+    return torch.stack([t.compute_loss(outputs[t.name], targets[t.target_key]) for t in tasks])
