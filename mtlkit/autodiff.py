@@ -165,6 +165,7 @@ def backward(
     chunk_size: int | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
     task_names: Sequence[str] | None = None,
+    extra: Tensor | None = None,
 ) -> BackwardInfo:
     """Back-propagate per-task ``losses`` (shape (T,)) and write the aggregated update into ``.grad``.
 
@@ -179,6 +180,8 @@ def backward(
         chunk_size: tasks per vectorised backward in batched mode (bounds memory).
         reduce: applied to the per-task gradient matrix before aggregation (data-parallel all-reduce).
         task_names: used in error messages.
+        extra: an optional scalar loss that is not a task (a regulariser such as MTVIB's β·KL): its gradient is
+            added to every parameter it reaches, outside the aggregation.
 
     Returns:
         :class:`BackwardInfo` with the per-task gradient matrix and the update (None for a plain sum).
@@ -198,9 +201,16 @@ def backward(
     if representation is not None and not representation.requires_grad:
         raise ValueError("the representation does not require grad: pass the encoder's output, not a detached copy")
     agg = aggregator if aggregator is not None else Sum()
+    if extra is not None:
+        if not isinstance(extra, Tensor) or extra.numel() != 1:
+            raise ValueError("extra must be a scalar tensor (a loss that is not a task)")
+        if not bool(torch.isfinite(extra.detach()).all()):
+            raise FloatingPointError(f"non-finite extra (auxiliary) loss: {float(extra.detach())}")
     if not agg.needs_per_task_grads and reduce is None:
-        losses.sum().backward()
+        (losses.sum() if extra is None else losses.sum() + extra.reshape(())).backward()
         return BackwardInfo()
+    if extra is not None and extra.requires_grad:
+        extra.reshape(()).backward(retain_graph=True)
 
     shared_ids = {id(p) for p in shared}
     z = representation

@@ -1,8 +1,18 @@
-"""Evaluate a saved run (``mtlkit eval``), clean or under attack.
+"""Evaluate a saved run (``mtlkit eval``) or a model, clean or under attack (FGSM / PGD, :mod:`mtlkit.robustness`).
+
+``robust_metrics`` gives every task metric and the joint accuracy (MTVIB Fig. 5) on adversarial versions of a split;
+``robustness_curve`` does it for a list of attack strengths (MTVIB Tables III/IV: η in {0, 0.05, ..., 0.30}).
+At η = 0 the inputs are the clean ones, so the numbers equal :func:`mtlkit.train.evaluate`'s.
 
 Example:
-    >>> callable(evaluate_run)
-    True
+    >>> import torch
+    >>> from mtlkit.data import Split
+    >>> from mtlkit.tasks import Task
+    >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    >>> model = lambda x: {"t": net(x)}
+    >>> split = Split(torch.rand(6, 1, 2, 2), {"t": torch.tensor([0, 1, 2, 0, 1, 2])})
+    >>> sorted(robustness_curve(model, [Task("t", "multiclass", 3)], split, [0.0, 0.1]))
+    ['0.0', '0.1']
 """
 from __future__ import annotations
 
@@ -18,17 +28,21 @@ from mtlkit.methods import build_method
 from mtlkit.metrics import evaluate_outputs
 from mtlkit.models import MTLModel, SingleTaskModels
 from mtlkit.robustness import fgsm, pgd
+
+ATTACK_NAMES = ("none", "fgsm", "pgd")
 from mtlkit.tasks import Task
 from mtlkit.train import build_for, resolve_device
 
 
-def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[RunConfig, MTLData, MTLModel]:
-    """Rebuild a run's data and model and load its validation-selected weights (``best.pt``)."""
+def load_run(run_dir: str | Path, device: str = "cpu", data: MTLData | None = None
+             ) -> tuple[RunConfig, MTLData, MTLModel]:
+    """Rebuild a run's data (unless ``data`` is given) and model and load its validation-selected weights."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file() or not (run / "best.pt").is_file():
         raise ConfigError(f"{run} is not a finished mtlkit run (needs config.yaml and best.pt)")
     cfg = RunConfig.from_yaml(run / "config.yaml")
-    data = build_dataset(cfg.dataset.name, **cfg.dataset.options)
+    if data is None:
+        data = build_dataset(cfg.dataset.name, **cfg.dataset.options)
     method = build_method(cfg.method.name, level=cfg.method.level, **cfg.method.options)
     dev = resolve_device(device)
     model = build_for(cfg, data, method).to(dev)
@@ -45,9 +59,21 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[RunConfig, MTLDa
 def robust_metrics(model: MTLModel, tasks: list[Task], split: Split, attack: str, eps: float,
                    target_task: str | None = None, batch_size: int = 500, pgd_steps: int = 10,
                    device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float]:
-    """Task metrics and joint accuracy on adversarial versions of ``split`` (attack ``none``/``fgsm``/``pgd``)."""
+    """Task metrics and joint accuracy on adversarial versions of ``split`` (attack ``none``/``fgsm``/``pgd``).
+
+    The model is evaluated in eval mode; its previous train/eval mode is restored afterwards.
+
+    Raises:
+        ConfigError: unknown attack, or a negative strength.
+    """
+    if attack not in ATTACK_NAMES:
+        raise ConfigError(f"unknown attack {attack!r}; valid attacks are: {', '.join(ATTACK_NAMES)}")
+    if not eps >= 0:
+        raise ConfigError(f"attack strength eps must be >= 0, got {eps}")
     device = torch.device(device)
-    model.eval()
+    was = getattr(model, "training", None)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
     gen = torch.Generator().manual_seed(seed)
     outs: dict[str, list[torch.Tensor]] = {}
     for s in range(0, len(split), batch_size):
@@ -57,19 +83,37 @@ def robust_metrics(model: MTLModel, tasks: list[Task], split: Split, attack: str
             x = fgsm(model, tasks, x, y, eps, target_task)
         elif attack == "pgd":
             x = pgd(model, tasks, x, y, eps, steps=pgd_steps, target_task=target_task, generator=gen)
-        elif attack != "none":
-            raise ConfigError(f"unknown attack {attack!r}; valid attacks are: none, fgsm, pgd")
         with torch.no_grad():
             for k, v in model(x).items():
-                outs.setdefault(k, []).append(v.cpu())
+                outs.setdefault(k, []).append(v.float().cpu())
+    if isinstance(model, torch.nn.Module) and was is not None:
+        model.train(was)
     return evaluate_outputs(tasks, {k: torch.cat(v) for k, v in outs.items()}, split.y)
+
+
+def robustness_curve(model: MTLModel, tasks: list[Task], split: Split, eps: Sequence[float], attack: str = "fgsm",
+                     target_task: str | None = None, batch_size: int = 500, pgd_steps: int = 10,
+                     device: torch.device | str = "cpu", seed: int = 0) -> dict[str, dict[str, float]]:
+    """``{str(η): robust_metrics(..., η)}`` for every strength in ``eps`` (MTVIB Tables III/IV and Fig. 5)."""
+    if len(eps) == 0:
+        raise ConfigError("robustness_curve needs at least one attack strength")
+    return {str(float(e)): robust_metrics(model, tasks, split, attack, float(e), target_task, batch_size, pgd_steps,
+                                          device, seed) for e in eps}
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", attack: str = "none", eps: Sequence[float] = (0.0,),
                  target_task: str | None = None, pgd_steps: int = 10, device: str = "cpu") -> dict[str, Any]:
     """``{eps: metrics}`` of a saved run for each attack strength."""
+    splits = ("train", "val", "test")
+    if split not in splits:
+        raise ConfigError(f"unknown split {split!r}; valid splits are: {', '.join(splits)}")
+    if attack not in ATTACK_NAMES:
+        raise ConfigError(f"unknown attack {attack!r}; valid attacks are: {', '.join(ATTACK_NAMES)}")
     cfg, data, model = load_run(run_dir, device)
+    if target_task is not None and target_task not in {t.name for t in data.tasks}:
+        raise ConfigError(f"unknown target task {target_task!r}; the run's tasks are: "
+                          f"{', '.join(t.name for t in data.tasks)}")
     sp = {"train": data.train, "val": data.val, "test": data.test}[split]
     return {"run": str(run_dir), "split": split, "attack": attack, "target_task": target_task,
-            "results": {str(e): robust_metrics(model, data.tasks, sp, attack, e, target_task, pgd_steps=pgd_steps,
-                                               device=device) for e in eps}}
+            "results": robustness_curve(model, data.tasks, sp, list(eps), attack, target_task, pgd_steps=pgd_steps,
+                                        device=device)}

@@ -65,9 +65,18 @@ def register(name: str) -> Callable[[Callable[..., Method]], Callable[..., Metho
 
 
 def _load_all() -> None:
-    # Importing the packages runs every method file's @register.
-    import mtlkit.aggregation  # noqa: F401
-    import mtlkit.weighting  # noqa: F401
+    # Importing the packages runs every method file's @register; every public module of the two method packages is
+    # imported (as for the dataset and model registries), so a new method file needs no edit of an __init__.
+    import importlib
+    import pkgutil
+
+    import mtlkit.aggregation
+    import mtlkit.weighting
+
+    for pkg in (mtlkit.aggregation, mtlkit.weighting):
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            if not mod.name.startswith("_"):
+                importlib.import_module(f"{pkg.__name__}.{mod.name}")
 
 
 def available_methods() -> list[str]:

@@ -40,6 +40,7 @@ from mtlkit.errors import ConfigError, NonFiniteLossError, unknown_name
 from mtlkit.methods import Method, build_method
 from mtlkit.metrics import evaluate_outputs, selection_score
 from mtlkit.models import MTLModel, SingleTaskModels, build_model
+from mtlkit.models.base import auxiliary_loss
 from mtlkit.tasks import Task, stack_losses, task_names
 from mtlkit.weighting import StepContext
 
@@ -241,10 +242,12 @@ class Trainer:
                                      f"{ctx.step} (losses {losses.detach().tolist()}); lower the learning rate or check "
                                      f"the data")
         weighted = self.method.weighting(losses, ctx)
+        aux = auxiliary_loss(self.model)  # non-task losses of the model's modules (e.g. MTVIB's β·KL), if any
         self.optimizer.zero_grad(set_to_none=True)
         shared = self.model.shared_parameters()
         backward(weighted, shared, self.method.aggregator, representation=z, level=self.method.level,
-                 mode=self.cfg.train.engine_mode, chunk_size=self.cfg.train.chunk_size, task_names=self.train_names)
+                 mode=self.cfg.train.engine_mode, chunk_size=self.cfg.train.chunk_size, task_names=self.train_names,
+                 extra=aux)
         self.optimizer.step()
         if self.method.weighting.needs_loss_after_step:
             with torch.no_grad():

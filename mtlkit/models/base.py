@@ -41,6 +41,35 @@ class MTLModel(nn.Module):
         return (p for p in self.parameters() if id(p) not in shared)
 
 
+def auxiliary_loss(model: nn.Module) -> Tensor | None:
+    """Sum of the auxiliary (non-task) losses that the modules of ``model`` computed in their latest forward pass.
+
+    Protocol: a module may define ``auxiliary_loss(self) -> Tensor | None`` returning a scalar loss of its *own*
+    (not its submodules'), e.g. MTVIB's ``β·KL`` regulariser; the training loop back-propagates the sum together
+    with the task losses, outside any task weighting or gradient aggregation. Returns None when no module has one.
+
+    Example:
+        >>> import torch
+        >>> class Reg(torch.nn.Linear):
+        ...     def auxiliary_loss(self): return self.weight.pow(2).sum()
+        >>> net = torch.nn.Sequential(Reg(2, 2), torch.nn.ReLU())
+        >>> bool(auxiliary_loss(net) == net[0].weight.pow(2).sum())
+        True
+    """
+    total: Tensor | None = None
+    for m in model.modules():
+        fn = getattr(m, "auxiliary_loss", None)
+        if not callable(fn):
+            continue
+        aux = fn()
+        if aux is None:
+            continue
+        if not isinstance(aux, Tensor) or aux.numel() != 1:
+            raise ValueError(f"{type(m).__name__}.auxiliary_loss() must return a scalar tensor or None")
+        total = aux.reshape(()) if total is None else total + aux.reshape(())
+    return total
+
+
 _MODELS: dict[str, Callable[..., MTLModel]] = {}
 
 
