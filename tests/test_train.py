@@ -123,3 +123,22 @@ def test_cli_train_and_errors(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["train", "--config", str(path), "--set", "train.nope=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
+
+
+def test_cli_eval_clean_matches_results_and_attack_hurts(tmp_path, capsys):
+    cfg = _cfg(tmp_path, epochs=2)
+    res = Trainer(cfg).fit()
+    run = str(tmp_path / "run")
+    assert main(["eval", run, "--attack", "fgsm", "--eps", "0", "0.3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    clean = out["results"]["0.0"]
+    assert clean["a/accuracy"] == pytest.approx(res.test["a/accuracy"])  # η = 0 reproduces clean accuracy
+    assert out["results"]["0.3"]["joint_accuracy"] <= clean["joint_accuracy"]
+    assert main(["eval", str(tmp_path)]) == 2  # not a run directory
+    assert "not a finished mtlkit run" in capsys.readouterr().err
+
+
+def test_cli_methods_lists_registries(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "mgda" in out and "hps" in out and "multimnist" in out
