@@ -265,7 +265,11 @@ def test_tdb_errors():
     with pytest.raises(ValueError, match="grad_at"):
         MTMLANTDB(counts=[1, 1], grad_at="middle")
     tdb = MTMLANTDB()
+    assert tdb.needs_task_counts and not GradNorm().needs_task_counts
     tdb.set_counts([3, 1], num_samples=8)
+    assert not tdb.needs_task_counts
+    with pytest.raises(TypeError):
+        GradNorm().set_counts([1, 2])
     tdb(net.losses(), net.ctx())
     torch.testing.assert_close(tdb.penalty, torch.tensor([8 / 3, 8.0]))
 

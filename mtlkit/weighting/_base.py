@@ -60,6 +60,8 @@ class Weighting(nn.Module):
       * ``needs_loss_after_step``: if True, the loop recomputes the losses of the same batch after the optimiser
         step (no grad) and calls ``after_step(new_losses)`` (FAMO).
       * ``on_epoch_end(mean_losses)``: mean training loss per task of the epoch just finished (DWA).
+      * ``needs_task_counts``: if True, the loop calls ``set_counts(n, num_samples=N)`` with the number of training
+        instances of each task (e.g. positives per label) and the training-set size, before training (MTMLAN TDB).
 
     Example:
         >>> import torch
@@ -69,6 +71,8 @@ class Weighting(nn.Module):
     """
 
     needs_loss_after_step: bool = False
+    #: True while the weighting still needs per-task instance counts (see ``set_counts``).
+    needs_task_counts: bool = False
     #: True for weightings with learnable ``nn.Parameter``s: ``setup(T)`` must be called explicitly, before the
     #: optimiser is built (forward refuses to create parameters lazily).
     requires_setup: ClassVar[bool] = False
@@ -145,6 +149,10 @@ class Weighting(nn.Module):
 
     def on_epoch_end(self, mean_losses: Tensor) -> None:
         """Called once per epoch with the epoch's mean loss per task."""
+
+    def set_counts(self, counts: Sequence[int] | Tensor, num_samples: int | None = None) -> None:
+        """Per-task training-instance counts (only for weightings with ``needs_task_counts``)."""
+        raise TypeError(f"{type(self).__name__} does not use per-task instance counts")
 
 
 class EW(Weighting):

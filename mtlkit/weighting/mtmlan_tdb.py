@@ -50,6 +50,10 @@ class MTMLANTDB(GradNorm):
         so a constant per-task factor ``N/n_j`` cancels and TDB degenerates into GradNorm. Because the gradient
         ``(N/n_j)·||∇L_j||`` has the units of the gradient norms, ``lr`` needs tuning per model.
 
+    Counts come from the data: pass ``counts=`` (and ``num_samples=``) to the constructor / ``build_method``, or let
+    the training loop call ``set_counts`` while ``needs_task_counts`` is True. Weights are buffers (no optimiser
+    parameters); with the default ``grad_at`` the loop must fill ``StepContext.task_layers``.
+
     Example:
         >>> import torch
         >>> from mtlkit.weighting import StepContext
@@ -77,6 +81,11 @@ class MTMLANTDB(GradNorm):
             raise ValueError("num_samples (N) was given without counts (n_j)")
 
     # ---------------------------------------------------------------- counts / penalty
+    @property
+    def needs_task_counts(self) -> bool:  # type: ignore[override]
+        """True until the counts n_j are known (then the training loop should call ``set_counts``)."""
+        return self._counts is None
+
     def _store_counts(self, counts: Sequence[int] | Tensor, num_samples: int | None) -> None:
         c = torch.as_tensor(counts, dtype=torch.float64).flatten()
         if c.numel() == 0 or not bool(torch.isfinite(c).all()) or bool((c <= 0).any()):
@@ -92,7 +101,10 @@ class MTMLANTDB(GradNorm):
             self.has_counts.fill_(True)
 
     def set_counts(self, counts: Sequence[int] | Tensor, num_samples: int | None = None) -> None:
-        """Set the per-task instance counts ``n_j`` (and ``N``; default ``Σ n_j``) after construction."""
+        """Set the per-task instance counts ``n_j`` (and ``N``; default ``Σ n_j``) after construction.
+
+        Counts given to the constructor take precedence: the loop only calls this while ``needs_task_counts``.
+        """
         self._store_counts(counts, num_samples)
 
     def _build(self, num_tasks: int) -> None:
