@@ -192,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
             net, _ = _train(m, seed, data, budget, out, args.reuse, args.threads, gs_weights,
                             tag=f"GS-w{gs_weights[0]:g}" if m == "GS" else None)
             curves[m].append(robustness_curve(net, data.tasks, data.test, etas, "fgsm", batch_size=args.attack_batch))
+            # partial results after every model, so that an interrupted run still leaves its numbers
+            (out / "curves_partial.json").write_text(json.dumps({"budget": budget, "curves": curves, **extra}))
     elapsed = time.time() - t_start
     md = report(args.dataset, curves, etas, names, budget, extra, elapsed)
     print(md)

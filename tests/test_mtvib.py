@@ -1,0 +1,270 @@
+"""MTVIB: the KL term (Eq. 10), the uncertainty-weighted loss (Eq. 22-23), the reparameterisation (Eq. 9), the
+Table I architecture, the auxiliary-loss hook that brings β·KL into the trainer's backward, GS weights, and the
+reproduction's paper data and table."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal, kl_divergence
+
+from mtlkit.aggregation import Mean
+from mtlkit.autodiff import backward
+from mtlkit.config import RunConfig
+from mtlkit.errors import ConfigError
+from mtlkit.losses import gaussian_kl
+from mtlkit.methods import build_method
+from mtlkit.models import SingleTaskModels, build_model
+from mtlkit.models.base import auxiliary_loss
+from mtlkit.models.mtvib import MTVIB, GaussianEncoder, build_mtvib, build_stvib, decoder
+from mtlkit.reproduce.mtvib import ETAS, MODELS, PAPER, report, spec
+from mtlkit.tasks import Task
+from mtlkit.train import Trainer
+from mtlkit.weighting import StepContext
+from mtlkit.weighting.constant import Constant
+
+TINY = {"hidden": 16, "latent": 4, "channels": 4, "decoder_widths": [8, 6]}
+
+
+class _Data:
+    def __init__(self, shape=(1, 12, 12), kinds=("multiclass", "multiclass")):
+        self.input_shape = shape
+        self.tasks = [Task(n, k, 3 if k == "multiclass" else 1) for n, k in zip("ab", kinds)]
+
+
+# ------------------------------------------------------------------------------------------------ KL (Eq. 10)
+def test_gaussian_kl_hand_value_and_reductions():
+    mu = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    std = torch.tensor([[0.5, 2.0], [1.0, 1.0]])
+    # ½[(σ² + μ² − 1 − log σ²)] per dimension, summed: row 0 by hand, row 1 is the prior (0).
+    row0 = 0.5 * ((0.25 + 1 - 1 - math.log(0.25)) + (4 + 4 - 1 - math.log(4)))
+    per = gaussian_kl(mu, std, reduction="none")
+    assert per.tolist() == pytest.approx([row0, 0.0], abs=1e-6)
+    assert float(gaussian_kl(mu, std)) == pytest.approx(row0 / 2, abs=1e-6)
+    assert float(gaussian_kl(mu, std, reduction="sum")) == pytest.approx(row0, abs=1e-6)
+
+
+def test_gaussian_kl_matches_torch_distributions_and_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(5, 7, generator=g)
+    std = torch.rand(5, 7, generator=g) * 1.5 + 0.2
+    ref = kl_divergence(Normal(mu, std), Normal(0.0, 1.0)).sum(-1)
+    assert torch.allclose(gaussian_kl(mu, std, reduction="none"), ref, atol=1e-5)
+    # Monte Carlo: E_q[log q(z) − log p(z)] with 200k samples.
+    z = mu + std * torch.randn(200_000, 5, 7, generator=g)
+    mc = (Normal(mu, std).log_prob(z) - Normal(0.0, 1.0).log_prob(z)).sum(-1).mean(0)
+    assert torch.allclose(gaussian_kl(mu, std, reduction="none"), mc, rtol=0.03, atol=0.03)
+
+
+def test_gaussian_kl_rejects_bad_input():
+    with pytest.raises(ValueError, match="same shape"):
+        gaussian_kl(torch.zeros(2, 3), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="std must be > 0"):
+        gaussian_kl(torch.zeros(2), torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="unknown reduction"):
+        gaussian_kl(torch.zeros(2), torch.ones(2), reduction="avg")
+
+
+# ------------------------------------------------------------------------------------- uncertainty weighting (Eq. 22-23)
+def test_mtvib_method_is_uw_classification_with_hand_value():
+    m = build_method("mtvib")
+    w = m.weighting
+    w.setup(2)
+    with torch.no_grad():
+        w.log_var.copy_(torch.tensor([math.log(4.0), math.log(0.25)]))  # σ² = 4 and 1/4
+    ce = torch.tensor([2.0, 0.5])
+    weighted = w(ce, StepContext())
+    # Eq. 23: CE_k / σ_k² + log σ_k.
+    hand = [2.0 / 4.0 + math.log(2.0), 0.5 / 0.25 + math.log(0.5)]
+    assert weighted.tolist() == pytest.approx(hand, abs=1e-6)
+    # the learned σ receive the gradient d/ds [e^{-s} CE + s/2] = −e^{-s} CE + ½
+    weighted.sum().backward()
+    assert w.log_var.grad.tolist() == pytest.approx([-0.5 + 0.5, -2.0 + 0.5], abs=1e-6)
+
+
+def test_trainer_backpropagates_eq23_including_beta_kl(tmp_path):
+    """One trainer step's gradient = ∇[Σ_k (CE_k/σ_k² + log σ_k) + β·KL], computed by hand with the same noise."""
+    cfg = RunConfig.from_dict({"dataset": {"name": "_toy"}, "model": {"name": "mtvib", "options": {**TINY,
+                               "beta": 0.5}}, "method": {"name": "mtvib"},
+                               "train": {"epochs": 1, "batch_size": 16, "progress": False, "device": "cpu"},
+                               "output": {"dir": str(tmp_path / "r"), "tensorboard": False}})
+    tr = Trainer(cfg)
+    with torch.no_grad():
+        tr.method.weighting.log_var.copy_(torch.tensor([0.3, -0.2]))
+    x, ys = tr.data.train.x[:16], {k: v[:16] for k, v in tr.data.train.y.items()}
+    ref = copy.deepcopy(tr.model).train()
+    s = tr.method.weighting.log_var.detach().clone()
+    torch.manual_seed(123)
+    tr.model.train()
+    tr._step(x, ys, StepContext())
+    torch.manual_seed(123)
+    mu, std = ref.encoder(x)
+    z = mu + std * torch.randn_like(std)
+    out = ref.decode(z)
+    ce = torch.stack([F.cross_entropy(out[n], ys[n]) for n in ("a", "b")])
+    total = (torch.exp(-s) * ce + 0.5 * s).sum() + 0.5 * gaussian_kl(mu, std)
+    ref.zero_grad()
+    total.backward()
+    for (name, p), q in zip(ref.named_parameters(), tr.model.parameters()):
+        assert q.grad is not None, name
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+    # and the KL really is in there: without it the scale branch's gradient differs
+    assert tr.model.encoder.scale[0].weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------- reparameterisation (Eq. 9)
+def test_reparameterisation_gradient_flows_to_mu_and_sigma():
+    mu = torch.tensor([0.5, -1.0], requires_grad=True)
+    std = torch.tensor([2.0, 0.3], requires_grad=True)
+    eps = torch.tensor([0.7, -1.2])
+    z = MTVIB.reparameterize(mu, std, eps)
+    assert z.tolist() == pytest.approx([0.5 + 2.0 * 0.7, -1.0 + 0.3 * -1.2])
+    (z * torch.tensor([1.0, 3.0])).sum().backward()
+    assert mu.grad.tolist() == pytest.approx([1.0, 3.0])          # ∂z/∂μ = 1
+    assert std.grad.tolist() == pytest.approx([0.7, -3.6])        # ∂z/∂σ = ε
+
+
+def test_model_gradient_reaches_mean_and_scale_branches_in_training():
+    torch.manual_seed(0)
+    m = build_mtvib(_Data(), **TINY, beta=0.0)
+    out = m(torch.rand(8, 1, 12, 12))
+    sum(F.cross_entropy(o, torch.zeros(8, dtype=torch.long)) for o in out.values()).backward()
+    assert m.encoder.mean[0].weight.grad.abs().sum() > 0
+    assert m.encoder.scale[0].weight.grad.abs().sum() > 0   # only through the sample z = μ + σ·ε (β = 0)
+    # In eval mode with predict="mean" the heads read μ: σ gets no gradient from the task loss.
+    m.zero_grad()
+    m.eval()
+    sum(o.sum() for o in m(torch.rand(8, 1, 12, 12)).values()).backward()
+    assert m.encoder.scale[0].weight.grad is None or m.encoder.scale[0].weight.grad.abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------------------------- architecture, modes
+def _linear_shapes(module):
+    return [tuple(mod.weight.shape) for mod in module.modules() if isinstance(mod, torch.nn.Linear)]
+
+
+def test_table_1_architecture_on_36x36():
+    data = _Data(shape=(1, 36, 36))
+    data.tasks = [Task("left", "multiclass", 10), Task("right", "multiclass", 10)]
+    m = build_model("mtvib", data)
+    assert _linear_shapes(m.encoder) == [(1024, 3136), (1024, 1024), (1024, 1024), (256, 1024), (256, 1024)]
+    convs = [mod for mod in m.encoder.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [(64, (3, 3), (1, 1))] * 2
+    for h in m.heads.values():  # Table I(d): FC 256x384 + BN + ReLU, FC 384x192, FC 192x10
+        assert _linear_shapes(h) == [(384, 256), (192, 384), (10, 192)]
+        assert sum(isinstance(mod, torch.nn.BatchNorm1d) for mod in h) == 1
+    st = build_stvib(data)  # Table I(c): the middle decoder layer has BN + ReLU
+    assert all(sum(isinstance(mod, torch.nn.BatchNorm1d) for mod in h) == 2 for h in st.heads.values())
+    assert m.encoder.out_features == 256
+
+
+def test_prediction_modes():
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 12, 12)
+    m = build_mtvib(_Data(), **TINY)
+    m.train()
+    m(x)  # BN statistics
+    m.eval()
+    a, b = m(x), m(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # predict="mean": deterministic
+    m.predict, m.num_samples = "sample", 5
+    s1, s2 = m(x), m(x)
+    assert not torch.allclose(s1["a"], s2["a"])
+    assert torch.allclose(s1["a"].exp().sum(-1), torch.ones(6), atol=1e-4)  # log of an averaged distribution
+    m.train()
+    t1, t2 = m(x), m(x)
+    assert not torch.allclose(t1["a"], t2["a"])  # training samples z
+
+
+def test_auxiliary_loss_is_beta_kl_of_the_last_training_pass_and_consumed():
+    torch.manual_seed(0)
+    m = build_mtvib(_Data(), **TINY, beta=0.25).train()
+    x = torch.rand(5, 1, 12, 12)
+    with torch.no_grad():
+        mu, std = m.encoder(x)  # train-mode BN: batch statistics, so the same (μ, σ) as the forward below
+    m(x)
+    aux = m.auxiliary_loss()
+    assert aux is not None and aux.requires_grad
+    assert float(aux.detach()) == pytest.approx(0.25 * float(gaussian_kl(mu, std)), rel=1e-5)
+    assert m.auxiliary_loss() is None  # consumed: a stale KL is never added twice
+    m.eval()
+    m(x)
+    assert m.auxiliary_loss() is None  # evaluation / attack passes leave nothing for the hook
+
+
+def test_hook_sums_over_stl_members_and_engine_adds_it_outside_aggregation():
+    torch.manual_seed(0)
+    data = _Data()
+    members = {t.name: build_stvib(type("D", (), {"input_shape": data.input_shape, "tasks": [t]})(), **TINY)
+               for t in data.tasks}
+    stl = SingleTaskModels(members)
+    stl(torch.rand(4, 1, 12, 12))
+    kls = [float(m.last_kl) for m in members.values()]
+    total = auxiliary_loss(stl)
+    assert float(total.detach()) == pytest.approx(1e-3 * sum(kls), rel=1e-5)
+    assert auxiliary_loss(torch.nn.Linear(2, 2)) is None
+
+    # engine: with a non-trivial aggregator the extra loss' gradient is added as is (not aggregated)
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    losses = torch.stack([w[0] ** 2, 3 * w[1]])
+    extra = 5 * w.sum()
+    backward(losses, [w], Mean(), extra=extra)
+    assert w.grad.tolist() == pytest.approx([(2.0 + 0.0) / 2 + 5, (0.0 + 3.0) / 2 + 5])
+    w.grad = None
+    with pytest.raises(ValueError, match="scalar"):
+        backward(torch.stack([w[0], w[1]]), [w], extra=torch.ones(2))
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ConfigError, match="not multiclass"):
+        build_mtvib(_Data(kinds=("multiclass", "binary")), **TINY)
+    with pytest.raises(ConfigError, match="predict"):
+        build_mtvib(_Data(), **TINY, predict="median")
+    with pytest.raises(ConfigError, match="beta"):
+        build_mtvib(_Data(), **TINY, beta=-1.0)
+    with pytest.raises(ConfigError, match="decoder widths"):
+        decoder(4, 3, (8, 8, 8))
+    with pytest.raises(ConfigError, match="mean_activation"):
+        GaussianEncoder((1, 12, 12), mean_activation="tanh")
+
+
+def test_mtvib_and_stvib_train_end_to_end(tmp_path):
+    for model, method in (("mtvib", "mtvib"), ("stvib", "stl")):
+        cfg = RunConfig.from_dict({"dataset": {"name": "_toy"}, "model": {"name": model, "options": TINY},
+                                   "method": {"name": method},
+                                   "train": {"epochs": 1, "batch_size": 32, "progress": False, "device": "cpu"},
+                                   "output": {"dir": str(tmp_path / model), "tensorboard": False}})
+        res = Trainer(cfg).fit()
+        assert all(0.0 <= res.test[f"{t}/accuracy"] <= 1.0 for t in "ab")
+        assert math.isfinite(res.test["a/loss"])
+
+
+# -------------------------------------------------------------------------------------------- GS (constant weights)
+def test_constant_weights_hand_value_and_errors():
+    c = Constant([0.25, 0.75])
+    assert c(torch.tensor([2.0, 4.0])).tolist() == pytest.approx([0.5, 3.0])
+    assert build_method("constant").weighting(torch.tensor([1.0, 2.0, 3.0])).tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="weights but there are"):
+        Constant([1.0, 1.0])(torch.ones(3))
+    with pytest.raises(ValueError, match="finite numbers >= 0"):
+        Constant([-1.0, 1.0])
+
+
+# ------------------------------------------------------------------------------------------------ reproduction data
+def test_paper_numbers_are_complete_and_report_puts_them_beside_ours():
+    for ds in ("multimnist", "multifashion"):
+        assert set(PAPER[ds]) == set(MODELS)
+        for m in MODELS:
+            assert set(PAPER[ds][m]) == {"left", "right"}
+            assert all(set(PAPER[ds][m][t]) == set(ETAS) for t in ("left", "right"))
+    assert PAPER["multimnist"]["MTVIB"]["right"][0.0] == 93.7
+    assert PAPER["multifashion"]["MTVIB"]["left"][0.0] == 86.2
+    assert PAPER["multifashion"]["UWL"]["left"][0.30] == 40.5  # Table IV, last row of task 1
+    curves = {"UWL": [{"0.0": {"left/accuracy": 0.5, "right/accuracy": 0.25, "joint_accuracy": 0.1}},
+                      {"0.0": {"left/accuracy": 0.7, "right/accuracy": 0.25, "joint_accuracy": 0.2}}]}
+    md = report("multifashion", curves, [0.0], ["left", "right"], {"epochs": 1}, {}, 60.0)
+    assert "60.0 ± 10.0 (86.7)" in md and "25.0 ± 0.0 (85.3)" in md and "15.0 ± 5.0" in md
+    assert "epochs=1" in md
+    with pytest.raises(ValueError, match="unknown MTVIB-paper model"):
+        spec("VAE")
