@@ -111,6 +111,15 @@ def _restrict(data: MTLData, task: Task) -> MTLData:
     return view
 
 
+def task_instance_counts(tasks: list[Task], split: Split) -> list[int]:
+    """Training instances per task: positives for binary tasks (MTMLAN's n_j), all samples otherwise."""
+    out = []
+    for t in tasks:
+        y = split.y.get(t.name)
+        out.append(int((y > 0.5).sum()) if t.kind == "binary" and y is not None else len(split))
+    return out
+
+
 def build_for(cfg: RunConfig, data: MTLData, method: Method) -> MTLModel:
     """The model of ``cfg`` for ``data``; for single-task methods, one such model per task."""
     if method.single_task:
@@ -206,6 +215,8 @@ class Trainer:
         self.train_tasks = self.tasks + list(_auxiliary_tasks(self.model))
         self.train_names = task_names(self.train_tasks)
         self.method.weighting.setup(len(self.train_tasks))
+        if self.method.weighting.needs_task_counts:
+            self.method.weighting.set_counts(task_instance_counts(self.train_tasks, self.data.train))
         self.method.weighting.to(self.device)
         groups = [{"params": list(self.model.parameters())}]
         extra = [p for p in self.method.weighting.parameters() if p.requires_grad]

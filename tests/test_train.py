@@ -142,3 +142,12 @@ def test_cli_methods_lists_registries(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "mgda" in out and "hps" in out and "multimnist" in out
+
+
+def test_task_counts_reach_weightings_that_need_them(tmp_path):
+    from mtlkit.data import MTLData, Split
+    from mtlkit.tasks import Task
+    from mtlkit.train import task_instance_counts
+
+    split = Split(torch.zeros(5, 2), {"p": torch.tensor([1, 0, 1, 1, 0]), "c": torch.tensor([0, 1, 2, 0, 1])})
+    assert task_instance_counts([Task("p", "binary"), Task("c", "multiclass", 3)], split) == [3, 5]
