@@ -1,0 +1,291 @@
+"""MAMO's search space: an all-shared encoder, gradient-mediative-kernel (GMK) modules and adaptive fusion.
+
+Tan, Hu & Zhang, "MAMO: Multi-Task Architecture Learning via Multi-Objective and Gradients Mediative Kernel"
+(ECAI 2024), Sec. 3.1-3.2. What is implemented:
+
+* the all-shared encoder ``{f_S^ℓ}``, ℓ = 1..L (Eq. 6), given as a list of layer blocks (any ``nn.Module`` s: FC,
+  conv, residual blocks; nothing here depends on the dataset, so dense-prediction encoders/decoders plug in as well);
+* GMK modules ``h_{i,j}^ℓ`` (Def. 3.2) for *unordered* task pairs ``{i, j}``, i < j (the upper triangle of the GMK
+  matrix: the cosine matrix of Eq. 9 is symmetric, so ``h_{i,j}`` and ``h_{j,i}`` would be the same module). A GMK
+  mirrors the layer it is generated at (a deep copy of ``f_S^ℓ``: FC where the layer is FC, conv where it is conv);
+* Eq. 7, the GMK's two inputs: the shared output of the previous layer ``o_f^{ℓ-1}`` and, where the pair already has a
+  stream, its previous output ``o_{i,j}^{ℓ-1}``;
+* Eq. 8, a task-specific adaptive fusion: task m reads ``o_f^L`` and the layer-L streams of the GMKs in the m-th row and
+  the m-th column of the GMK matrix, weighted by its own learned ``β``; then its decoder ``g_m``.
+
+Choices where the paper is silent (each keeps the network's function unchanged when modules are born, so that a
+newly grown MAMO continues from the model it grew from, and MAMO without GMKs *is* HPS):
+
+1. **Initialisation**: a new GMK is a deep copy of the current shared layer ``f_S^ℓ`` (weights *and* BatchNorm
+   statistics): "GMKs keep the shared knowledge" (Sec. 3.1), unlike CoNAL's fresh task-exclusive modules.
+2. **Combining Eq. 7's two inputs**: the mean ``½(o_f^{ℓ-1} + o_{i,j}^{ℓ-1})`` is fed to a module shaped like
+   ``f_S^ℓ``. It is parameter-free, so a GMK has exactly as many parameters as the layer it mirrors, and at birth
+   (when ``o_{i,j}^{ℓ-1} = o_f^{ℓ-1}``) it computes exactly ``f_S^ℓ(o_f^{ℓ-1})``.
+3. **Layers without a GMK above a pair's first GMK**: Eq. 8 only fuses layer-L GMK outputs, so read literally a GMK at
+   ℓ < L whose successor is inactive would feed nothing. We keep the pair's stream alive to layer L: where the pair
+   has no GMK at layer ℓ, the shared layer ``f_S^ℓ`` plays the role of ``h`` in Eq. 7 (same parameters, the pair's
+   mixed input). A pair is fused in Eq. 8 as soon as it has a GMK at any layer. (Side effect: the shared layer's
+   BatchNorm running statistics also see the pair's stream.)
+4. **Fusion weights** (Eq. 8): task m owns a vector ``β_m`` of m logits; ``β_m[j]`` weighs the stream of the group
+   {m, j}. The fused input of ``g_m`` is ``softmax([0, β_m[j] for the active groups of m]) · [o_f^L, o_{m,j}^L, ...]``,
+   i.e. a convex combination of the shared output (logit fixed at 0) and the task's row/column GMK streams; with no
+   active GMK the decoder reads ``o_f^L`` itself. Eq. 8 writes ``g_m(o_f, row, col)`` without saying how the three
+   inputs are joined; a convex combination keeps the decoder's input width (so the HPS decoders are reused) and the
+   function at birth. Keeping ``β`` per task (not one ``β_{i,j}`` shared by i and j) makes the fusion
+   task-specific, as in Fig. 2b. ``β_m[m]`` (the diagonal, "dummy" in the paper) is used only by the w/o-GMK
+   ablation, where task m's exclusive module is the group {m}.
+5. **w/o-GMK ablation** (Sec. 4.4.2, CoNAL-style): ``module="exclusive"`` generates, for a conflicting pair (i, j),
+   one task-exclusive module for i and one for j (groups {i} and {j}) instead of one GMK for {i, j}; everything else
+   (initialisation, Eq. 7 inputs, fusion) is unchanged so the ablation isolates the module's owners.
+
+Parameter roles (so the engine/aggregators treat them right):
+
+* :meth:`MAMO.all_shared_parameters` — the ``f_S`` layers, used by every task (Def. 3.1);
+* :meth:`MAMO.group_parameters` — per group (pair for GMKs), used only by the tasks of the group (Def. 3.2);
+* :meth:`MAMO.task_exclusive_parameters` — per task: its decoder and its fusion logits ``β_m``;
+* :meth:`MAMO.shared_parameters` — what a gradient-space method combines: all-shared *and* GMK parameters, as in the
+  KKT conditions of Eq. 14 (MGDA over ``θ^{sh}`` and ``θ^{h_{i,j}}`` jointly). A task's row of the per-task gradient
+  matrix is zero on the GMKs of pairs it is not in, so any aggregator's update of ``h_{i,j}`` is a combination of
+  tasks i's and j's gradients only.
+
+:meth:`MAMO.encode` returns the layer-L streams stacked on dim 1, ``[B, 1 + #groups, ...]`` (index 0 = ``o_f^L``), so
+MAMO is an ordinary :class:`~mtlkit.models.base.MTLModel`: the engine's ``representation=`` path and
+``mtlkit train --model mamo`` work with it (a fixed architecture; :mod:`mtlkit.mamo` grows it).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> m = MAMO([nn.Linear(4, 8), nn.Sequential(nn.ReLU(), nn.Linear(8, 8))],
+    ...          {"a": nn.Linear(8, 2), "b": nn.Linear(8, 3), "c": nn.Linear(8, 1)})
+    >>> before = m.num_parameters()
+    >>> m.grow(1, ("a", "b"))
+    ['l1__a__b']
+    >>> m.num_parameters() - before == sum(p.numel() for p in m.layers[1].parameters())
+    True
+    >>> {k: tuple(v.shape) for k, v in m(torch.randn(5, 4)).items()}
+    {'a': (5, 2), 'b': (5, 3), 'c': (5, 1)}
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mtlkit.errors import ConfigError
+from mtlkit.models.base import MTLModel, register_model
+
+ModuleKind = Literal["gmk", "exclusive"]
+Group = tuple[int, ...]
+
+
+def split_layers(encoder: nn.Sequential) -> list[nn.Module]:
+    """Cut a sequential encoder into layers ``f_S^ℓ``: a new layer starts at every Conv/Linear module.
+
+    Parameter-free modules before the first Conv/Linear join the first layer; those after a Conv/Linear (BN, ReLU,
+    pooling, Flatten) join it. For :class:`~mtlkit.models.hps.ConvEncoder` this gives the L = 3 layers
+    [Conv-BN-ReLU-Pool], [Conv-BN-ReLU-Pool-Flatten], [FC-BN-ReLU].
+
+    Example:
+        >>> len(split_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))))
+        2
+    """
+    if not isinstance(encoder, nn.Sequential):
+        raise ConfigError(f"split_layers needs an nn.Sequential encoder, got {type(encoder).__name__}")
+    blocks: list[list[nn.Module]] = []
+    pending: list[nn.Module] = []
+    for mod in encoder:
+        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            blocks.append(pending + [mod])
+            pending = []
+        elif blocks:
+            blocks[-1].append(mod)
+        else:
+            pending.append(mod)
+    if not blocks:
+        raise ConfigError("split_layers: the encoder has no Conv/Linear layer to mirror with GMK modules")
+    blocks[-1].extend(pending)
+    return [nn.Sequential(*b) for b in blocks]
+
+
+class MAMO(MTLModel):
+    """MAMO's architecture (see the module docstring for the equations and the choices).
+
+    Args:
+        layers: the all-shared layers ``f_S^1..f_S^L`` (applied in order; each output feeds the next).
+        heads: the task decoders ``g_m`` by task name (task order = dict order), reading ``o_f^L``-shaped inputs.
+        module: ``"gmk"`` (pair modules, MAMO) or ``"exclusive"`` (task-exclusive modules, the w/o-GMK ablation).
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], heads: dict[str, nn.Module], module: ModuleKind = "gmk"):
+        super().__init__()
+        if len(layers) == 0:
+            raise ConfigError("MAMO needs at least one shared layer")
+        if len(heads) < 2:
+            raise ConfigError(f"MAMO needs at least two tasks, got {list(heads)}")
+        if module not in ("gmk", "exclusive"):
+            raise ConfigError(f"unknown MAMO module kind {module!r}; valid kinds are: exclusive, gmk")
+        self.layers = nn.ModuleList(layers)
+        self.encoder = self.layers
+        self.heads = nn.ModuleDict(heads)
+        self.task_names: list[str] = list(heads)
+        self.module_kind: ModuleKind = module
+        m = len(self.task_names)
+        self.beta = nn.ParameterList([nn.Parameter(torch.zeros(m)) for _ in range(m)])
+        self.gmks = nn.ModuleDict()
+        #: (layer, group) -> key in ``self.gmks``, in order of creation.
+        self.active: dict[tuple[int, Group], str] = {}
+
+    # -- structure -------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def _index(self, task: int | str) -> int:
+        if isinstance(task, str):
+            if task not in self.task_names:
+                raise ConfigError(f"unknown task {task!r}; tasks are: {', '.join(self.task_names)}")
+            return self.task_names.index(task)
+        if not 0 <= int(task) < len(self.task_names):
+            raise ConfigError(f"task index {task} out of range for {len(self.task_names)} tasks")
+        return int(task)
+
+    def groups_for_pair(self, i: int | str, j: int | str) -> list[Group]:
+        """The module groups generated for a conflict between tasks i and j: ``[(i, j)]`` for GMKs, ``[(i,), (j,)]``
+        for task-exclusive modules."""
+        a, b = sorted((self._index(i), self._index(j)))
+        if a == b:
+            raise ConfigError(f"a task does not conflict with itself (got the pair ({i}, {j}))")
+        return [(a, b)] if self.module_kind == "gmk" else [(a,), (b,)]
+
+    def _key(self, layer: int, group: Group) -> str:
+        return f"l{layer}__" + "__".join(self.task_names[t] for t in group)
+
+    def grow(self, layer: int, pair: tuple[int | str, int | str]) -> list[str]:
+        """Generate the module(s) for a conflict of ``pair`` at ``layer`` (0-based); returns the new modules' keys
+        (empty when they already exist). New modules are deep copies of ``self.layers[layer]`` (choice 1)."""
+        if not 0 <= layer < self.num_layers:
+            raise ConfigError(f"layer {layer} out of range: the encoder has {self.num_layers} layers (0-based)")
+        new = []
+        for g in self.groups_for_pair(*pair):
+            if (layer, g) in self.active:
+                continue
+            key = self._key(layer, g)
+            mod = copy.deepcopy(self.layers[layer])
+            ref = next(self.layers[layer].parameters(), None)
+            if ref is not None:
+                mod.to(ref.device)
+            self.gmks[key] = mod
+            self.active[(layer, g)] = key
+            new.append(key)
+        return new
+
+    def groups(self) -> list[Group]:
+        """Groups with at least one active module, sorted (the order of the streams in :meth:`encode`)."""
+        return sorted({g for (_, g) in self.active})
+
+    def _start(self, group: Group) -> int:
+        return min(layer for (layer, g) in self.active if g == group)
+
+    def architecture(self) -> list[tuple[int, tuple[str, ...]]]:
+        """Active modules as ``(layer, task names)``, in order of creation (enough to rebuild with :meth:`grow`)."""
+        return [(layer, tuple(self.task_names[t] for t in g)) for (layer, g) in self.active]
+
+    # -- parameter roles ---------------------------------------------------------------------------------------
+    def all_shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the all-shared layers ``f_S`` (Def. 3.1)."""
+        return [p for p in self.layers.parameters() if p.requires_grad]
+
+    def layer_parameters(self, layer: int) -> list[nn.Parameter]:
+        """Parameters of the all-shared layer ``f_S^layer`` (where conflicts are detected, Eq. 9)."""
+        return [p for p in self.layers[layer].parameters() if p.requires_grad]
+
+    def group_parameters(self) -> dict[tuple[str, ...], list[nn.Parameter]]:
+        """Per group (task names), the parameters of its modules (Def. 3.2: used only by those tasks)."""
+        out: dict[tuple[str, ...], list[nn.Parameter]] = {}
+        for (layer, g), key in self.active.items():
+            out.setdefault(tuple(self.task_names[t] for t in g), []).extend(
+                p for p in self.gmks[key].parameters() if p.requires_grad)
+        return out
+
+    def task_exclusive_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Per task, its decoder and its fusion logits ``β_m``."""
+        return {name: list(self.heads[name].parameters()) + [self.beta[t]] for t, name in enumerate(self.task_names)}
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """All-shared then GMK parameters: the vector of Eq. 14 that the aggregator combines."""
+        return self.all_shared_parameters() + [p for key in self.active.values() for p in self.gmks[key].parameters()
+                                               if p.requires_grad]
+
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        weights = [p for p in self.all_shared_parameters() if p.dim() >= 2]
+        return weights[-1:]
+
+    def num_parameters(self) -> int:
+        """Model size: every parameter (shared layers, modules, fusion logits, decoders)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def module_parameters(self, layer: int) -> int:
+        """Parameters of one module generated at ``layer`` (= those of ``f_S^layer``, choice 1)."""
+        return sum(p.numel() for p in self.layers[layer].parameters())
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """Eq. 6 and Eq. 7: returns ``[o_f^L, o_g^L for g in groups()]`` stacked on dim 1."""
+        groups = self.groups()
+        start = {g: self._start(g) for g in groups}
+        o_f = x
+        streams: dict[Group, Tensor] = {}
+        for layer, f in enumerate(self.layers):
+            prev = o_f
+            o_f = f(prev)
+            nxt: dict[Group, Tensor] = {}
+            for g in groups:
+                if start[g] > layer:
+                    continue
+                inp = prev if g not in streams else 0.5 * (prev + streams[g])
+                key = self.active.get((layer, g))
+                nxt[g] = (self.gmks[key] if key is not None else f)(inp)
+            streams = nxt
+        return torch.stack([o_f] + [streams[g] for g in groups], dim=1)
+
+    def fuse(self, z: Tensor, task: int | str) -> Tensor:
+        """Eq. 8's fusion for one task: the decoder input built from the task's row and column only."""
+        t = self._index(task)
+        groups = self.groups()
+        if z.dim() < 2 or z.shape[1] != 1 + len(groups):
+            raise ValueError(f"MAMO.decode expects z of shape [B, {1 + len(groups)}, ...] (o_f and one stream per "
+                             f"group), got {tuple(z.shape)}")
+        mine = [(k, g) for k, g in enumerate(groups) if t in g]
+        if not mine:
+            return z[:, 0]
+        other = [g[0] if len(g) == 1 else (g[1] if g[0] == t else g[0]) for _, g in mine]
+        logits = torch.cat([torch.zeros(1, dtype=z.dtype, device=z.device), self.beta[t][other]])
+        w = torch.softmax(logits, dim=0)
+        parts = torch.stack([z[:, 0]] + [z[:, 1 + k] for k, _ in mine], dim=0)
+        return torch.einsum("k,kb...->b...", w, parts)
+
+    def decode(self, z: Tensor) -> dict[str, Tensor]:
+        return {name: self.heads[name](self.fuse(z, t)) for t, name in enumerate(self.task_names)}
+
+
+def mamo_from(layers: Iterable[nn.Module] | nn.Sequential, heads: dict[str, nn.Module],
+              module: ModuleKind = "gmk") -> MAMO:
+    """Build MAMO from an encoder (split with :func:`split_layers` when it is one ``nn.Sequential``) and heads."""
+    blocks = split_layers(layers) if isinstance(layers, nn.Sequential) else list(layers)
+    return MAMO(blocks, heads, module)
+
+
+@register_model("mamo")
+def build_mamo(data, encoder: str = "conv", width: int = 384, hidden: Sequence[int] = (1024, 1024, 1024),
+               head_hidden: int = 192, module: str = "gmk") -> MAMO:
+    """MAMO with no GMK yet (= HPS) on the HPS backbone of ``data``; built from :func:`~mtlkit.models.hps.build_hps`
+    so that, with the same seed, its initial parameters are HPS's."""
+    from mtlkit.models.hps import build_hps
+
+    hps = build_hps(data, encoder=encoder, width=width, hidden=hidden, head_hidden=head_hidden)
+    return mamo_from(hps.encoder, dict(hps.heads), module)  # type: ignore[arg-type]
+
+
+__all__ = ["MAMO", "build_mamo", "mamo_from", "split_layers"]
