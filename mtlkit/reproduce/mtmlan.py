@@ -75,8 +75,11 @@ ROWS = list(PAPER_TABLE3)
 METRICS = [("micro_f1", "MicroF1 ↑"), ("hamming_loss", "HL ↓"), ("map", "mAP ↑")]
 
 #: Budgets: the reduced one that fits this shared CPU machine, and the full one (``--full``).
-REDUCED = {"epochs": 3, "batch_size": 64, "frames": 16, "pretrain_epochs": 2, "pretrain_samples": 20_000}
-FULL = {"epochs": 30, "batch_size": 20, "frames": 40, "pretrain_epochs": 5, "pretrain_samples": 50_000}
+#: (The paper gives batch size 20 and lr 0.001 but no epoch count; 30 epochs for clips / 100 for yeast is our choice.)
+REDUCED = {"clips": {"epochs": 3, "batch_size": 64, "frames": 16, "pretrain_epochs": 2, "pretrain_samples": 20_000},
+           "yeast": {"epochs": 6, "batch_size": 64}}
+FULL = {"clips": {"epochs": 30, "batch_size": 20, "frames": 40, "pretrain_epochs": 5, "pretrain_samples": 50_000},
+        "yeast": {"epochs": 100, "batch_size": 20}}
 
 
 def row_spec(row: str, train_counts: list[int], tdb_lr: float) -> dict[str, Any]:
@@ -115,7 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", nargs="+", default=ROWS, metavar="ROW", help=f"Table III rows (default all: {ROWS})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--full", action="store_true",
-                   help=f"the full budget {FULL} (default: the reduced budget {REDUCED})")
+                   help=f"the full budget {FULL} (default: the reduced budget {REDUCED}, per dataset)")
     p.add_argument("--epochs", type=int, help="override the budget's epochs")
     p.add_argument("--batch-size", type=int, help="override the budget's batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 0.001)")
@@ -253,8 +256,10 @@ def plots(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
             w = np.array(results[row][0]["weights"])
             epochs = np.arange(0, len(w) + 1)
             w = np.vstack([np.ones(w.shape[1]), w])  # all weights start at 1
+            colors = plt.get_cmap("tab20")
             for j, name in enumerate(results[row][0]["labels"]):
-                ax.plot(epochs, w[:, j], marker="o", ms=3, label=f"{name} (n={results[row][0]['train_counts'][j]})")
+                ax.plot(epochs, w[:, j], marker="o", ms=3, color=colors(j % 20),
+                        label=f"{name} (n={results[row][0]['train_counts'][j]})")
             ax.set_title(f"{row} (seed {results[row][0]['seed']})")
             ax.set_xlabel("epoch")
             ax.set_ylabel("task weight")
@@ -290,7 +295,7 @@ def plots(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    budget = dict(FULL if args.full else REDUCED)
+    budget = dict((FULL if args.full else REDUCED)[args.dataset])
     if args.epochs is not None:
         budget["epochs"] = args.epochs
     if args.batch_size is not None:
@@ -302,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
         raise unknown_name("Table III row", bad[0], ROWS)
     out = Path(args.out or f"runs/mtmlan-{args.dataset}")
     out.mkdir(parents=True, exist_ok=True)
-    shown = {k: v for k, v in budget.items() if args.dataset == "clips" or not k.startswith(("frames", "pretrain"))}
+    shown = budget
     budget_line = (f"Budget: {'FULL' if args.full else 'REDUCED'} {shown}, seeds {args.seeds}, Adam lr {args.lr}, "
                    f"β = {args.beta}, TDB α = 1 with SGD step {args.tdb_lr}, threshold {args.threshold}. "
                    f"Paper's full budget: `--full`.")
