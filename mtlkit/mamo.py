@@ -273,7 +273,7 @@ class RoundRecord:
     val: dict[str, float]
     test: dict[str, float]
     seconds: float
-    Q: list | None = None
+    Q: list | None = None  # the accumulated conflicts (Eq. 11) this round's modules were generated from
 
 
 @dataclass
@@ -356,19 +356,19 @@ def learn_mamo(model: MAMO, data: MTLData, cfg: MAMOConfig | None = None) -> MAM
             model.load_state_dict(best_state)
         return time.time() - t0
 
-    def record(r: int, activated: list, seconds: float) -> None:
+    def record(r: int, activated: list, seconds: float, Q: list | None) -> None:
         val = evaluate(model, data.val, data.tasks, cfg.eval_batch_size, device)
         test = evaluate(model, data.test, data.tasks, cfg.eval_batch_size, device)
-        records.append(RoundRecord(r, activated, model.num_parameters(), val, test, seconds,
-                                   detector.Q.tolist() if r > 0 else None))
+        records.append(RoundRecord(r, activated, model.num_parameters(), val, test, seconds, Q))
 
     detector.reset()
     secs = phase(cfg.pretrain_epochs, detect=cfg.rounds > 0)
     if cfg.pretrain_epochs == 0 and cfg.rounds > 0:
         _detect_only(model, data, detector, cfg, device)
-    record(0, [], secs)
+    record(0, [], secs, None)
     for r in range(1, cfg.rounds + 1):
         ind = detector.indicator()
+        used_q = detector.Q.tolist()
         before = len(model.active)
         new_keys: list[str] = []
         for layer, i, j in conflicts(ind):
@@ -381,7 +381,7 @@ def learn_mamo(model: MAMO, data: MTLData, cfg: MAMOConfig | None = None) -> MAM
         secs = phase(cfg.epochs_per_round, detect=r < cfg.rounds)
         if cfg.epochs_per_round == 0 and r < cfg.rounds:
             _detect_only(model, data, detector, cfg, device)
-        record(r, activated, secs)
+        record(r, activated, secs, used_q)
     return MAMOResult(model, records, time.time() - t_all)
 
 

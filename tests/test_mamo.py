@@ -285,3 +285,35 @@ def test_learn_mamo_rejects_bad_config():
         learn_mamo(_toy_model(data), data, MAMOConfig(method="nope", rounds=0, pretrain_epochs=0))
     with pytest.raises(ConfigError, match="detect_batches"):
         learn_mamo(_toy_model(data), data, MAMOConfig(detect_batches=0))
+
+
+def test_detection_without_training_changes_nothing_but_the_architecture():
+    data = _toy_data()
+    model = _toy_model(data)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    res = learn_mamo(model, data, MAMOConfig(method="ew", rounds=1, pretrain_epochs=0, epochs_per_round=0,
+                                             threshold="topk", k=1, detect_batches=3, batch_size=16))
+    after = model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)  # BatchNorm statistics included
+    Q = torch.tensor(res.rounds[1].Q)
+    assert Q.shape == (model.num_layers, 2, 2) and int(Q.max()) <= 3
+    assert len(model.active) == (1 if int(Q.sum()) > 0 else 0)
+
+
+def test_exclusive_modules_get_only_their_tasks_gradient():
+    model = _tiny(module="exclusive")
+    model.grow(1, (0, 2))
+    _perturb(model)
+    out = model(torch.randn(6, 5))
+    mod0 = list(model.gmks["l1__t0"].parameters())
+    for k, expect in ((0, True), (1, False), (2, False)):
+        g = per_task_grads(out[f"t{k}"].pow(2).mean().reshape(1), mod0)[0]
+        assert (float(g.norm()) > 0) == expect
+
+
+def test_reproduction_relative_change_sign():
+    from mtlkit.reproduce.mamo import relative
+
+    rel = relative({"a/accuracy": 0.9, "b/mae": 1.0}, {"a/accuracy": 0.8, "b/mae": 2.0},
+                   [("a/accuracy", True), ("b/mae", False)])
+    assert rel == pytest.approx({"a/accuracy": 12.5, "b/mae": 50.0})  # + = better than STL for both directions
