@@ -262,3 +262,18 @@ def test_tdb_trains_mtmlan_through_the_trainer(tmp_path):
     w = torch.tensor([res.history[-1][f"weight/{k}"] for k in labels])
     assert float(w.sum()) == pytest.approx(2.0, abs=1e-4)
     assert not torch.allclose(w, torch.ones(2))  # the gradient norms at the heads' first layers moved the weights
+
+
+@pytest.mark.parametrize("name", ["mtmlan_clips", "mtmlan_yeast"])
+def test_shipped_configs_build_their_method(name):
+    from pathlib import Path
+
+    from mtlkit.config import RunConfig
+    from mtlkit.methods import build_method
+
+    cfg = RunConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    m = build_method(cfg.method.name, **cfg.method.options)
+    n_labels = 7 if cfg.dataset.name == "clips" else 14
+    m.weighting.setup(n_labels)
+    assert m.weighting.penalty.shape == (n_labels,)
+    assert cfg.dataset.options["loss"] == "sample_level" and cfg.model.name == "mtmlan"
