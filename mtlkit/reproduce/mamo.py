@@ -261,8 +261,10 @@ def _markdown(args, budget: str, results, keys) -> str:
         L += ["", f"Paper (GMKs at detections 1-5): NYUv2 {P['table3']['NYUv2']}, Cityscapes "
               f"{P['table3']['Cityscapes']}. GMK size = the mirrored layer's; w/o-GMK rows count two task-exclusive "
               "modules per conflicting pair.", "",
-              "Δ after each round (MAMO-z, Fig. 4): " + ", ".join(
-                  f"round {z}: {_pm([r['rounds'][z]['delta'] for r in results['MAMO'].values()])}"
+              "Δ after each round (MAMO-z, Fig. 4; round z has had pre-training + z rounds of epochs, so only the "
+              "last round has the baselines' epoch count): " + ", ".join(
+                  f"round {z} ({args.pretrain_epochs + z * args.epochs_per_round} ep): "
+                  f"{_pm([r['rounds'][z]['delta'] for r in results['MAMO'].values()])}"
                   for z in range(args.rounds + 1)) if "MAMO" in results else "", ""]
     L += ["## Table 4: impact of MO and GMK", "", "| Method | " + " | ".join(names) + " | Δ ↑ | Win ↑ | paper (NYUv2) mIoU / AbsErr / Mean |",
           "|" + "---|" * (len(names) + 4)]
