@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = args.pairs or setup["pairs"]
     sweep_pairs = args.sweep_pairs if args.sweep_pairs is not None else pairs[:1]
     valid = setup["pairs"]
-    bad = [p for p in pairs + sweep_pairs if p not in valid]
+    bad = sorted({p for p in pairs + sweep_pairs if p not in valid})
     if bad:
         print(f"error: unknown pair(s) {bad} for --dataset {args.dataset}; valid: {', '.join(valid)}", file=sys.stderr)
         return 2
