@@ -212,14 +212,20 @@ def tables(results: dict[str, list[dict[str, Any]]], dataset: str, budget_line: 
 def ordering_checks(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The paper's claims, tested on our means: MTMLAN > GradNorm ≈ WU > EWMTC > CMLC; largest gains on rare labels."""
     mean = {row: {k: float(np.mean([r[k] for r in rs])) for k, _ in METRICS} for row, rs in results.items()}
+    std = {row: {k: float(np.std([r[k] for r in rs])) for k, _ in METRICS} for row, rs in results.items()}
     out = []
     chain = [r for r in ["MTMLAN", "GradNorm", "EWMTC", "CMLC"] if r in mean]
     for k, h in METRICS:
         sign = -1 if k == "hamming_loss" else 1
         order = sorted(mean, key=lambda r: -sign * mean[r][k])
-        holds = all(sign * (mean[a][k] - mean[b][k]) > 0 for a, b in zip(chain, chain[1:]))
+        steps = [(a, b, sign * (mean[a][k] - mean[b][k]), max(std[a][k], std[b][k])) for a, b in zip(chain, chain[1:])]
+        holds = all(d > 0 for _, _, d, _ in steps)
+        clear = all(d > sd for _, _, d, sd in steps)
+        detail = "; ".join(f"{a} − {b}: {d:+.4f} (larger std {sd:.4f})" for a, b, d, sd in steps)
         out.append(f"- {h}: ranking (best first) {', '.join(order)}; chain {' > '.join(chain)} "
-                   f"{'holds' if holds else 'does NOT hold'}")
+                   f"{'holds' if holds else 'does NOT hold'}"
+                   + (" (every step larger than the seeds' std)" if clear else
+                      " (some steps are within one std of the seeds)" if holds else "") + f" [{detail}]")
     if "CMLC" in results:
         counts = np.array(results["CMLC"][0]["train_counts"], float)
         base = np.mean([r["per_label_accuracy"] for r in results["CMLC"]], axis=0)
