@@ -277,3 +277,39 @@ def test_shipped_configs_build_their_method(name):
     m.weighting.setup(n_labels)
     assert m.weighting.penalty.shape == (n_labels,)
     assert cfg.dataset.options["loss"] == "sample_level" and cfg.model.name == "mtmlan"
+
+
+# --- real data (only when already cached) ---------------------------------------------------------------------------
+
+def _cached(name: str) -> bool:
+    from mtlkit.data.sources import cache_dir
+
+    return (cache_dir() / f"{name}.npz").is_file()
+
+
+@pytest.mark.data
+def test_real_clips_follow_table_I_and_draw_frames_from_their_own_split():
+    if not _cached("fashion"):
+        pytest.skip("Fashion-MNIST is not cached (run `mtlkit data fetch fashion`)")
+    from mtlkit.data import build_dataset
+
+    d = build_dataset("clips", n_clips=154, frames=14, seed=5)
+    total = [int(d.train.y[c].sum() + d.val.y[c].sum() + d.test.y[c].sum()) for c in CONCEPTS]
+    assert total == ClipSpec(n_clips=154).scaled_counts()
+    assert (len(d.train), len(d.val), len(d.test)) == (92, 31, 31)
+    assert d.train.x.shape[1:] == (14, 1, 28, 28) and float(d.train.x.max()) <= 1.0
+    again = build_dataset("clips", n_clips=154, frames=14, seed=5)
+    assert torch.equal(again.test.x, d.test.x)
+
+
+@pytest.mark.data
+def test_real_yeast_shapes_and_standardisation():
+    if not _cached("yeast"):
+        pytest.skip("yeast is not cached (any `build_dataset('yeast')` fetches the river wheel)")
+    from mtlkit.data import build_dataset
+
+    d = build_dataset("yeast")
+    assert len(d.tasks) == 14 and d.input_shape == (103,)
+    assert len(d.train) + len(d.val) + len(d.test) == 2417
+    assert d.train.x.mean(0).abs().max() < 1e-4
+    assert d.info["train_counts"][-1] < d.info["train_counts"][11]  # Class14 rare, Class12 frequent
