@@ -268,3 +268,20 @@ def test_paper_numbers_are_complete_and_report_puts_them_beside_ours():
     assert "epochs=1" in md
     with pytest.raises(ValueError, match="unknown MTVIB-paper model"):
         spec("VAE")
+
+
+def test_rebuild_writes_table_and_plots_from_results(tmp_path):
+    import json
+
+    from mtlkit.reproduce.mtvib import rebuild
+
+    c = {"0.0": {"left/accuracy": 0.9, "right/accuracy": 0.8, "joint_accuracy": 0.7},
+         "0.3": {"left/accuracy": 0.45, "right/accuracy": 0.4, "joint_accuracy": 0.1}}
+    (tmp_path / "results.json").write_text(json.dumps({"dataset": "multimnist", "budget": {"epochs": 2},
+                                                       "etas": [0.0, 0.3], "curves": {"GS": [c], "MTVIB": [c]},
+                                                       "seconds": 5.0}))
+    md = rebuild(tmp_path)
+    assert "90.0 ± 0.0 (94.7)" in md and "45.0 ± 0.0 (76.8)" in md
+    assert "42.5 ± 0.0 points lost; 50.0 ± 0.0 % of the clean accuracy kept" in md
+    assert (tmp_path / "table.md").is_file() and (tmp_path / "accuracy_vs_eta.png").stat().st_size > 1000
+    assert (tmp_path / "joint_accuracy_vs_eta.png").is_file()
