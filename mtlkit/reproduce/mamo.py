@@ -301,12 +301,12 @@ def _plot(results, path: Path, dataset: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, rs in results.items():
+    for i, (name, rs) in enumerate(results.items()):
         if name == "STL" or not rs:
             continue
         x = np.mean([r["parameters"] for r in rs.values()]) / 1e6
         y = np.mean([r["delta"] for r in rs.values()])
-        ax.scatter([x], [y], label=name)
+        ax.scatter([x], [y], label=name, color=plt.cm.tab20(i % 20), marker="os^Dv<>p"[i % 8])
         ax.annotate(name, (x, y), fontsize=7)
     if "MAMO" in results:
         rounds = list(results["MAMO"].values())[0]["rounds"]
