@@ -85,10 +85,11 @@ def run_one(workload: str, T: int, method: str, level: str, impl: str, steps: in
         need_rep = m.aggregator.needs_per_task_grads
         z = model.encode(x)
         out = model.decode(z)
-        losses = torch.stack([ce(out[n], ys[t]) for t, n in enumerate(names)])
+        loss_list = [ce(out[n], ys[t]) for t, n in enumerate(names)]
+        losses = torch.stack(loss_list)
         opt.zero_grad(set_to_none=True)
         if tj is not None:
-            tj[0].mtl_backward(list(losses), features=z, shared_params=shared)
+            tj[0].mtl_backward(loss_list, features=z, shared_params=shared)
             tj[0].jac_to_grad(shared, tj[1])
         else:
             ctx = StepContext(step=i, epoch=0, shared_params=shared, last_shared_layer=model.last_shared_layer(),
@@ -103,6 +104,12 @@ def run_one(workload: str, T: int, method: str, level: str, impl: str, steps: in
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return {"ms": 1000 * statistics.median(times), "peak_mb": _rss_mb() - base_rss}
+
+
+def _aggregates(method: str) -> bool:
+    from mtlkit.methods import build_method
+
+    return build_method(method).aggregator.needs_per_task_grads
 
 
 def main() -> int:
@@ -131,8 +138,8 @@ def main() -> int:
                 for level in args.levels:
                     impls = ["mtlkit"] + (["torchjd"] if args.torchjd else [])
                     for impl in impls:
-                        if method == "ew" and level == "representation":
-                            continue  # EW ignores the level
+                        if level == "representation" and not _aggregates(method):
+                            continue  # loss-space methods ignore the level
                         spec = dict(workload=wl, T=T, method=method, level=level, impl=impl, steps=args.steps,
                                     warmup=args.warmup, batch=args.batch, threads=args.threads)
                         proc = subprocess.run([sys.executable, __file__, "--_one", json.dumps(spec)],
