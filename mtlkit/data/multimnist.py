@@ -16,7 +16,7 @@ Example:
     >>> import numpy as np
     >>> a = np.zeros((1, 28, 28), np.uint8); a[0, 27, 27] = 9
     >>> b = np.zeros((1, 28, 28), np.uint8); b[0, 19, 19] = 4
-    >>> compose(a, b)[0, 27, 27]   # both items cover canvas pixel (27, 27): the max is kept
+    >>> int(compose(a, b)[0, 27, 27])   # both items cover canvas pixel (27, 27): the max is kept
     9
 """
 from __future__ import annotations
