@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 #: Direction of each metric known to mtlkit.

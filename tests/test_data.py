@@ -1,6 +1,5 @@
 """Data: verified fetching and caching, the 36x36 MultiMNIST layout, determinism."""
 import gzip
-import hashlib
 
 import numpy as np
 import pytest

@@ -145,7 +145,7 @@ def test_cli_methods_lists_registries(capsys):
 
 
 def test_task_counts_reach_weightings_that_need_them(tmp_path):
-    from mtlkit.data import MTLData, Split
+    from mtlkit.data import Split
     from mtlkit.tasks import Task
     from mtlkit.train import task_instance_counts
 

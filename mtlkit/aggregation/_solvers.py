@@ -165,6 +165,17 @@ def project_dual_cone(G: np.ndarray, U: np.ndarray) -> np.ndarray:
     return out
 
 
+def dual_cone_on_gramian(G: Tensor, U: np.ndarray, norm_eps: float, reg_eps: float) -> np.ndarray:
+    """``project_dual_cone`` of the rows ``U`` on the trace-normalised Gramian plus ``reg_eps·I`` (UPGrad, DualProj).
+
+    Returns zeros when ``trace(G) <= norm_eps`` (all gradients ~ 0: nothing to project).
+    """
+    A = to_numpy(G)
+    if np.trace(A) <= norm_eps:
+        return np.zeros_like(U, dtype=np.float64)
+    return project_dual_cone(trace_normalize(A) + reg_eps * np.eye(A.shape[0]), U)
+
+
 def check_nonneg(name: str, value: float, strict: bool = False) -> float:
     """Raise :class:`ConfigError` unless ``value`` is a finite number ``>= 0`` (``> 0`` when ``strict``)."""
     try:

@@ -5,7 +5,7 @@ import numpy as np
 from torch import Tensor
 
 from mtlkit.aggregation._base import Aggregator
-from mtlkit.aggregation._solvers import check_nonneg, project_dual_cone, to_numpy, to_weights, trace_normalize
+from mtlkit.aggregation._solvers import check_nonneg, dual_cone_on_gramian, to_weights
 from mtlkit.methods import Method, register
 from mtlkit.weighting._base import EW
 
@@ -40,12 +40,8 @@ class DualProj(Aggregator):
         self.reg_eps = check_nonneg("reg_eps", reg_eps)
 
     def weights_from_gramian(self, G: Tensor) -> Tensor:
-        A = to_numpy(G)
-        T = A.shape[0]
-        if np.trace(A) <= self.norm_eps:
-            return to_weights(np.zeros(T), G)
-        A = trace_normalize(A) + self.reg_eps * np.eye(T)
-        return to_weights(project_dual_cone(A, np.full((1, T), 1.0 / T))[0], G)
+        T = G.shape[0]
+        return to_weights(dual_cone_on_gramian(G, np.full((1, T), 1.0 / T), self.norm_eps, self.reg_eps)[0], G)
 
 
 @register("dualproj")

@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -177,7 +177,7 @@ def load_layout(spec: ClipSpec, images: dict[str, np.ndarray] | None = None) -> 
     """The cached layout of ``spec`` (built and cached on first use)."""
     path = cache_dir() / "clips" / f"layout-{spec.key()}.npz"
     if path.is_file():
-        return load_npz(path, f"delete it to rebuild the clips layout")
+        return load_npz(path, f"delete it to rebuild the clips layout (`rm {path}`)")
     images = images if images is not None else load_images(spec.source)
     _, y = _pools(images)
     layout = make_layout(spec, y)
@@ -189,7 +189,7 @@ def load_layout(spec: ClipSpec, images: dict[str, np.ndarray] | None = None) -> 
 def _pretrained_features(spec: ClipSpec, frames: dict[str, np.ndarray], images: dict[str, np.ndarray],
                          epochs: int, samples: int, width: int) -> tuple[dict[str, np.ndarray], Path]:
     """Per-frame features of a frame encoder pre-trained on single-frame classification (cached)."""
-    from mtlkit.models.mtmlan import FrameEncoder, pretrain_frame_encoder
+    from mtlkit.models.mtmlan import pretrain_frame_encoder
 
     key = hashlib.sha256(f"{spec.key()}-{epochs}-{samples}-{width}".encode()).hexdigest()[:16]
     root = cache_dir() / "clips"

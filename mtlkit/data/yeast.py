@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import gzip
-import io
 import zipfile
 
 import numpy as np

@@ -22,16 +22,25 @@ from torch import Tensor, nn
 from mtlkit.models.base import MTLModel, register_model
 
 
+def conv_trunk(input_shape: Sequence[int], channels: int = 64) -> tuple[nn.Sequential, int]:
+    """The convolutional part shared by MTVIB Table I(b)-(d): (Conv 3x3 + BN + ReLU + MaxPool 2) x 2, flattened.
+
+    Returns the module and its flattened output width (3136 for 36x36 inputs and 64 channels).
+    """
+    c, h, w = input_shape
+    conv = nn.Sequential(
+        nn.Conv2d(c, channels, 3), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(channels, channels, 3), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    with torch.no_grad():
+        flat = int(conv(torch.zeros(2, c, h, w)).shape[1])
+    return conv, flat
+
+
 class ConvEncoder(nn.Sequential):
     """MTVIB Table I(b) shared encoder (output width ``width``, 384 in the paper)."""
 
     def __init__(self, input_shape: Sequence[int], channels: int = 64, width: int = 384):
-        c, h, w = input_shape
-        conv = nn.Sequential(
-            nn.Conv2d(c, channels, 3), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(channels, channels, 3), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
-        with torch.no_grad():
-            flat = conv(torch.zeros(2, c, h, w)).shape[1]
+        conv, flat = conv_trunk(input_shape, channels)
         super().__init__(*conv, nn.Linear(flat, width), nn.BatchNorm1d(width), nn.ReLU())
         self.out_features = width
 

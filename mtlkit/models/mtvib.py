@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from mtlkit.errors import ConfigError
 from mtlkit.losses import gaussian_kl
 from mtlkit.models.base import MTLModel, register_model
+from mtlkit.models.hps import conv_trunk
 
 Predict = Literal["mean", "sample"]
 
@@ -75,12 +76,7 @@ class GaussianEncoder(nn.Module):
             raise ConfigError(f"mean_activation must be 'relu' or 'linear', got {mean_activation!r}")
         if depth < 1 or latent < 1 or hidden < 1 or min_std <= 0:
             raise ConfigError("GaussianEncoder needs depth, latent, hidden >= 1 and min_std > 0")
-        c, h, w = input_shape
-        conv = nn.Sequential(
-            nn.Conv2d(c, channels, 3), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(channels, channels, 3), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
-        with torch.no_grad():
-            flat = conv(torch.zeros(2, c, h, w)).shape[1]
+        conv, flat = conv_trunk(input_shape, channels)
         fcs: list[nn.Module] = []
         d = flat
         for _ in range(depth):  # FC 3136x1024, 1024x1024, 1024x1024, each + BN + ReLU

@@ -6,8 +6,6 @@ multitask networks", ICML 2018, Sec. 3.2, Eq. 1-2 and Algorithm 1.
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
 import torch
 from torch import Tensor
 
