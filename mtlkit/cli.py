@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="fetch and inspect the cached datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="fetch, verify and cache a source dataset")
-    f.add_argument("names", nargs="*", help="mnist, fashion (default: all)")
+    f.add_argument("names", nargs="*", help="mnist, fashion, yeast, census (default: mnist and fashion)")
     f.add_argument("--force", action="store_true", help="rebuild the cached arrays")
     dsub.add_parser("list", help="list cached files")
 
@@ -130,9 +130,24 @@ def _data(args: argparse.Namespace) -> int:
     if args.data_command == "list":
         print(sources.describe_cache())
         return 0
-    names = args.names or sorted(sources.IMAGE_SOURCES)
-    for n in names:
-        path = sources.fetch(n, force=args.force)
+    from mtlkit.data.entangled import load_census
+    from mtlkit.data.yeast import load_yeast
+
+    tabular = {"yeast": load_yeast, "census": load_census}  # cached .npz files named after the dataset
+    valid = sorted(sources.IMAGE_SOURCES) + sorted(tabular)
+    unknown = [n for n in args.names if n not in valid]
+    if unknown:
+        raise MTLKitError(f"unknown dataset(s) {unknown}; `mtlkit data fetch` knows: {', '.join(valid)}")
+    for n in args.names or sorted(sources.IMAGE_SOURCES):
+        if n in tabular:
+            cached = sources.cache_dir() / f"{n}.npz"
+            if args.force:
+                for p in (cached, cached.with_suffix(".npz.sha256")):
+                    p.unlink(missing_ok=True)
+            tabular[n]()
+            path = cached
+        else:
+            path = sources.fetch(n, force=args.force)
         print(f"{n}: {path}")
     return 0
 

@@ -151,3 +151,9 @@ def test_task_counts_reach_weightings_that_need_them(tmp_path):
 
     split = Split(torch.zeros(5, 2), {"p": torch.tensor([1, 0, 1, 1, 0]), "c": torch.tensor([0, 1, 2, 0, 1])})
     assert task_instance_counts([Task("p", "binary"), Task("c", "multiclass", 3)], split) == [3, 5]
+
+
+def test_cli_data_fetch_rejects_unknown_names(capsys):
+    assert main(["data", "fetch", "cifar"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown dataset(s) ['cifar']" in err and all(n in err for n in ("mnist", "fashion", "yeast", "census"))
