@@ -44,7 +44,7 @@ def run_one(workload: str, T: int, method: str, level: str, impl: str, steps: in
             threads: int) -> dict:
     import torch
 
-    from mtlkit.autodiff import backward
+    from mtlkit.autodiff import backward, stack
     from mtlkit.data import build_dataset
     from mtlkit.methods import build_method
     from mtlkit.models import HPS, ConvEncoder, MLPEncoder, head
@@ -86,7 +86,7 @@ def run_one(workload: str, T: int, method: str, level: str, impl: str, steps: in
         z = model.encode(x)
         out = model.decode(z)
         loss_list = [ce(out[n], ys[t]) for t, n in enumerate(names)]
-        losses = torch.stack(loss_list)
+        losses = stack(loss_list)
         opt.zero_grad(set_to_none=True)
         if tj is not None:
             tj[0].mtl_backward(loss_list, features=z, shared_params=shared)

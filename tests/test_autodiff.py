@@ -126,3 +126,32 @@ def test_per_task_grads_and_split_flat():
     assert parts[0].shape == (2, 1) and parts[1].shape == (2, 2)
     with pytest.raises(ValueError, match="entries"):
         split_flat(J, [torch.zeros(1)])
+
+
+def _matmuls_in(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+
+
+def test_stack_keeps_each_task_backward_inside_its_own_head():
+    from mtlkit.autodiff import stack
+
+    torch.manual_seed(3)
+    net = _Net(T=6)
+    z = net.enc(torch.randn(5, 5))
+    outs = [((h(z).squeeze(-1) - float(t)) ** 2).mean() for t, h in enumerate(net.heads)]
+    ours, ref = stack(outs), torch.stack(outs)
+    torch.testing.assert_close(ours, ref)
+    run = lambda v: [torch.autograd.grad(v[t], z, retain_graph=True) for t in range(6)]  # noqa: E731
+    # Each head has 2 linear layers: a per-task backward through its own head only costs a few matmuls; through
+    # every head (torch.stack hands the others zero gradients) it costs T times as many.
+    n_ours, n_ref = _matmuls_in(lambda: run(ours)), _matmuls_in(lambda: run(ref))
+    assert n_ref >= 5 * n_ours > 0
+    grads = run(ours)
+    for t in range(6):
+        torch.testing.assert_close(grads[t][0], torch.autograd.grad(outs[t], z, retain_graph=True)[0])
+    with pytest.raises(ValueError, match="scalar"):
+        stack([torch.zeros(2)])
