@@ -175,9 +175,12 @@ def _encoder_jacobian(z: Tensor, dz: Tensor, params: list[Tensor], mode: Mode, c
         mode = "loop" if z.device.type == "cpu" else "batched"
     T = dz.shape[0]
     if mode == "loop":
-        rows = [_flat(torch.autograd.grad(z, params, grad_outputs=dz[t], retain_graph=True, allow_unused=True),
-                      params) for t in range(T)]
-        return torch.stack(rows)
+        # Fill a preallocated T x P matrix row by row: a list of rows plus torch.stack would hold J twice.
+        J = torch.empty(T, sum(p.numel() for p in params), dtype=dz.dtype, device=dz.device)
+        for t in range(T):
+            J[t] = _flat(torch.autograd.grad(z, params, grad_outputs=dz[t], retain_graph=True, allow_unused=True),
+                         params)
+        return J
     if mode != "batched":
         raise ValueError(f"unknown mode {mode!r}; valid modes are: auto, batched, loop")
     step = T if chunk_size is None else max(1, int(chunk_size))
@@ -255,14 +258,14 @@ def backward(
     if z is None:
         # Parameter level without a representation: each task's backward runs through its head and the encoder.
         params = shared + task_leaves
-        rows, task_grads = [], [torch.zeros_like(p) for p in task_leaves]
+        task_grads = [torch.zeros_like(p) for p in task_leaves]
+        J = torch.empty(T, sum(p.numel() for p in shared), dtype=shared[0].dtype, device=shared[0].device)
         for t in range(T):
             g = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
-            rows.append(_flat(g[:len(shared)], shared))
+            J[t] = _flat(g[:len(shared)], shared)
             for acc, gi in zip(task_grads, g[len(shared):]):
                 if gi is not None:
                     acc.add_(gi)
-        J = torch.stack(rows)
         if reduce is not None:
             J = reduce(J)
         update = agg(J)
