@@ -11,10 +11,10 @@ Example:
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from mtlkit._registry import check_options, import_submodules
 from mtlkit.aggregation._base import Aggregator, Sum
 from mtlkit.errors import ConfigError, unknown_name
 from mtlkit.weighting._base import EW, Weighting
@@ -67,16 +67,11 @@ def register(name: str) -> Callable[[Callable[..., Method]], Callable[..., Metho
 def _load_all() -> None:
     # Importing the packages runs every method file's @register; every public module of the two method packages is
     # imported (as for the dataset and model registries), so a new method file needs no edit of an __init__.
-    import importlib
-    import pkgutil
-
     import mtlkit.aggregation
     import mtlkit.weighting
 
     for pkg in (mtlkit.aggregation, mtlkit.weighting):
-        for mod in pkgutil.iter_modules(pkg.__path__):
-            if not mod.name.startswith("_"):
-                importlib.import_module(f"{pkg.__name__}.{mod.name}")
+        import_submodules(pkg.__name__, pkg.__path__)
 
 
 def available_methods() -> list[str]:
@@ -96,12 +91,7 @@ def build_method(name: str, level: Level | None = None, **options: Any) -> Metho
     if key not in _REGISTRY:
         raise unknown_name("method", name, list(_REGISTRY))
     factory = _REGISTRY[key]
-    sig = inspect.signature(factory)
-    accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    valid = [p for p in sig.parameters if sig.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
-    bad = [k for k in options if k not in valid]
-    if bad and not accepts_any:
-        raise ConfigError(f"method {key!r} has no option(s) {bad}; its options are: {', '.join(valid) or '(none)'}")
+    check_options("method", key, factory, options)
     method = factory(**options)
     if not isinstance(method, Method):
         raise TypeError(f"factory of method {key!r} returned {type(method).__name__}, not Method")

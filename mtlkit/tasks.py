@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

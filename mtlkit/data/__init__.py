@@ -7,7 +7,6 @@ Example:
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,8 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtlkit._registry import check_options, import_submodules
 from mtlkit.data.multimnist import VARIANTS, MultiSpec, build
-from mtlkit.errors import ConfigError, unknown_name
+from mtlkit.errors import unknown_name
 from mtlkit.tasks import Task
 
 
@@ -65,12 +65,7 @@ def register_dataset(name: str) -> Callable[[Callable[..., MTLData]], Callable[.
 
 def _load_all() -> None:
     """Import every dataset module of this package (each registers its builders)."""
-    import importlib
-    import pkgutil
-
-    for mod in pkgutil.iter_modules(__path__):
-        if not mod.name.startswith("_") and mod.name not in ("sources", "multimnist"):
-            importlib.import_module(f"{__name__}.{mod.name}")
+    import_submodules(__name__, __path__, skip=("sources", "multimnist"))
 
 
 def available_datasets() -> list[str]:
@@ -84,10 +79,7 @@ def build_dataset(name: str, **options: Any) -> MTLData:
     if name not in _DATASETS:
         raise unknown_name("dataset", name, list(_DATASETS))
     fn = _DATASETS[name]
-    valid = list(inspect.signature(fn).parameters)
-    bad = [k for k in options if k not in valid]
-    if bad:
-        raise ConfigError(f"dataset {name!r} has no option(s) {bad}; its options are: {', '.join(valid)}")
+    check_options("dataset", name, fn, options)
     return fn(**options)
 
 

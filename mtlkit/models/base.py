@@ -1,12 +1,12 @@
 """Base class of multi-task architectures and the model registry."""
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Iterator
 
 from torch import Tensor, nn
 
-from mtlkit.errors import ConfigError, unknown_name
+from mtlkit._registry import check_options, import_submodules
+from mtlkit.errors import unknown_name
 
 
 class MTLModel(nn.Module):
@@ -85,14 +85,9 @@ def register_model(name: str) -> Callable[[Callable[..., MTLModel]], Callable[..
 
 def _load_all() -> None:
     """Import every model module of the package (each registers its factories)."""
-    import importlib
-    import pkgutil
-
     import mtlkit.models as pkg
 
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if not mod.name.startswith("_") and mod.name != "base":
-            importlib.import_module(f"mtlkit.models.{mod.name}")
+    import_submodules(pkg.__name__, pkg.__path__, skip=("base",))
 
 
 def available_models() -> list[str]:
@@ -106,8 +101,5 @@ def build_model(name: str, data: Any, **options: Any) -> MTLModel:
     if name not in _MODELS:
         raise unknown_name("model", name, list(_MODELS))
     fn = _MODELS[name]
-    valid = [p for p in inspect.signature(fn).parameters if p != "data"]
-    bad = [k for k in options if k not in valid]
-    if bad:
-        raise ConfigError(f"model {name!r} has no option(s) {bad}; its options are: {', '.join(valid)}")
+    check_options("model", name, fn, options, positional=("data",))
     return fn(data, **options)

@@ -27,10 +27,7 @@ def register_reproduction(rep: Reproduction) -> Reproduction:
 
 def load_all() -> dict[str, Reproduction]:
     """Import every reproduction module (each registers itself) and return the registry."""
-    import importlib
-    import pkgutil
+    from mtlkit._registry import import_submodules
 
-    for mod in pkgutil.iter_modules(__path__):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{mod.name}")
+    import_submodules(__name__, __path__)
     return REPRODUCTIONS
