@@ -8,9 +8,11 @@ One public call, :func:`backward`, fills ``.grad`` of every parameter that the l
 
 How the per-task gradients are obtained (``mode``):
 
-* ``"loop"``: one ``autograd.grad`` per task. With ``representation`` given (the shared encoder's output z), each
-  task first back-propagates through its own head only, to ``∂L_t/∂z``; then the encoder is back-propagated once per
-  task with that vector (``retain_graph``). No task's backward ever runs through another task's head.
+* ``"loop"``: one ``autograd.grad`` per task. With ``representation`` given (the shared encoder's output z), the
+  per-task ``∂L_t/∂z`` come first from *one* backward pass of the summed loss through the heads, with a hook on each
+  node that reads z recording what each task sends there (every head runs its backward once, as in EW; see
+  ``_head_phase`` for when it falls back to one pass per task); then the encoder is back-propagated once per task
+  with that vector (``retain_graph``). No task's backward ever runs through another task's head.
 * ``"batched"``: the same, but the encoder part is one vectorised ``autograd.grad(..., is_grads_batched=True)`` over
   the stacked ``∂L_t/∂z``, in chunks of ``chunk_size`` tasks to bound memory. On CPU the loop was faster in our
   measurements (benchmarks/step_time.py); on an accelerator batching usually pays. ``"auto"`` picks loop on CPU and
@@ -133,11 +135,25 @@ def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
-def _accumulate(param: Tensor, grad: Tensor) -> None:
+def _accumulate(param: Tensor, grad: Tensor, owned: bool = False) -> None:
+    """Add ``grad`` to ``param.grad``. ``owned``: grad is a fresh tensor nobody else holds (then it is not copied)."""
     if param.grad is None:
-        param.grad = grad.detach().clone()
+        g = grad.detach()
+        own = owned and g.is_contiguous() and g._base is None and g.shape == param.shape
+        param.grad = g if own else g.clone()
     else:
         param.grad.add_(grad.detach())
+
+
+def _accumulate_fresh(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """Accumulate the outputs of one ``autograd.grad`` call without copying those that share no memory."""
+    ptrs: dict[int, int] = {}
+    for g in grads:
+        if g is not None:
+            ptrs[g.data_ptr()] = ptrs.get(g.data_ptr(), 0) + 1
+    for p, g in zip(params, grads):
+        if g is not None:
+            _accumulate(p, g, owned=ptrs[g.data_ptr()] == 1)
 
 
 def _write_flat(update: Tensor, params: Sequence[Tensor]) -> None:
@@ -192,6 +208,120 @@ def _encoder_jacobian(z: Tensor, dz: Tensor, params: list[Tensor], mode: Mode, c
                                  dtype=p.dtype, device=p.device)).reshape(gi.shape[0] if gi is not None else
                                  dz[s:s + step].shape[0], -1) for gi, p in zip(g, params)], dim=1))
     return torch.cat(blocks)
+
+
+def _split_node(losses: Tensor, z: Tensor):
+    """The autograd node that builds the (T,) loss vector from T per-task scalars (``stack`` or ``torch.stack``).
+
+    Returns None when there is none, or when z can be reached from ``losses`` without going through it (then the
+    per-task parts of the graph cannot be told apart by structure).
+    """
+    T, target = losses.shape[0], z.grad_fn
+    split, seen, todo = None, set(), [losses.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if fn is target:
+            return None
+        if type(fn).__name__ in ("_TaskStackBackward", "StackBackward0") and len(fn.next_functions) == T:
+            if split is not None:
+                return None
+            split = fn
+            continue
+        todo.extend(nxt for nxt, _ in fn.next_functions)
+    return split
+
+
+def _consumers(split, z: Tensor) -> list[list[tuple[object, int]]] | None:
+    """For each task, the graph edges (node, input index) through which that task's loss reads z.
+
+    None when one node reads z for two tasks (a shared layer after z): then no single pass can separate them.
+    """
+    target, owner = z.grad_fn, {}
+    per_task: list[list[tuple[object, int]]] = []
+    for t, (root, _) in enumerate(split.next_functions):
+        edges, seen, todo = [], set(), [root]
+        while todo:
+            fn = todo.pop()
+            if fn is None or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            for i, (nxt, _) in enumerate(fn.next_functions):
+                if nxt is target:
+                    if owner.setdefault(id(fn), t) != t:
+                        return None
+                    edges.append((fn, i))
+                else:
+                    todo.append(nxt)
+        per_task.append(edges)
+    return per_task
+
+
+def _is_elementwise(losses: Tensor, split) -> bool:
+    """True when ``losses[t]`` depends on task t's raw loss only (a per-task weighting, not a mixing one)."""
+    if losses.grad_fn is split:
+        return True
+    edge = torch.autograd.graph.GradientEdge(split, 0)
+    T = losses.shape[0]
+    for t in range(T):
+        (row,) = torch.autograd.grad(losses[t], [edge], retain_graph=True, allow_unused=True)
+        if row is not None and bool((row.reshape(-1)[torch.arange(T) != t] != 0).any()):
+            return False
+    return True
+
+
+def _head_phase(losses: Tensor, z: Tensor, task_leaves: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
+    """Per-task ``∂L_t/∂z`` (stacked, T x z.shape) and the task-specific parameters' gradients.
+
+    One backward pass of ``Σ_t L_t`` down to z, with a hook on each node that reads z recording the gradient that
+    task's loss sends to z: every head runs its backward once, as in EW, and no task pays for another's head. This
+    needs the loss vector built by ``stack``/``torch.stack`` from per-task losses, each reading z through its own
+    nodes, and a per-task (diagonal) weighting; otherwise it falls back to one ``autograd.grad`` per task, which
+    gives the same numbers at a higher cost.
+    """
+    T = losses.shape[0]
+    split = _split_node(losses, z) if z.grad_fn is not None else None
+    per_task = _consumers(split, z) if split is not None else None
+    if per_task is not None and _is_elementwise(losses, split):
+        # Filled during the backward pass, so that each head's gradient w.r.t. z is freed as soon as it is copied.
+        dzs = torch.empty((T, *z.shape), dtype=z.dtype, device=z.device)
+        written: set[int] = set()
+
+        def record(t: int, i: int):
+            def hook(grad_inputs, grad_outputs):
+                g = grad_inputs[i]
+                if g is None:
+                    return None
+                if t in written:
+                    dzs[t].add_(g)
+                else:
+                    dzs[t].copy_(g)
+                    written.add(t)
+                # Hand z nothing: the sum over tasks that autograd would build there is never used.
+                return tuple(None if k == i else gk for k, gk in enumerate(grad_inputs))
+            return hook
+
+        handles = [fn.register_hook(record(t, i)) for t, edges in enumerate(per_task) for fn, i in edges]
+        try:
+            grads = torch.autograd.grad(losses, [z] + task_leaves, grad_outputs=torch.ones_like(losses),
+                                        retain_graph=True, allow_unused=True, materialize_grads=False)
+        finally:
+            for h in handles:
+                h.remove()
+        for t in set(range(T)) - written:  # a task whose loss does not read z
+            dzs[t].zero_()
+        return dzs, list(grads[1:])
+    params = [z] + task_leaves
+    dz, task_grads = [], [torch.zeros_like(p) for p in task_leaves]
+    for t in range(T):
+        g = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
+        dz.append(g[0] if g[0] is not None else torch.zeros_like(z))
+        for acc, gi in zip(task_grads, g[1:]):
+            if gi is not None:
+                acc.add_(gi)
+    return torch.stack(dz), list(task_grads)
 
 
 def backward(
@@ -270,31 +400,18 @@ def backward(
             J = reduce(J)
         update = agg(J)
         _write_flat(update, shared)
-        for p, g in zip(task_leaves, task_grads):
-            _accumulate(p, g)
+        _accumulate_fresh(task_leaves, task_grads)
         return BackwardInfo(jacobian=J, update=update)
 
     # With a representation: heads first (each task through its own head only), then the encoder.
-    params = [z] + task_leaves
-    dz, task_grads = [], [torch.zeros_like(p) for p in task_leaves]
-    for t in range(T):
-        g = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
-        dz.append(g[0] if g[0] is not None else torch.zeros_like(z))
-        for acc, gi in zip(task_grads, g[1:]):
-            if gi is not None:
-                acc.add_(gi)
-    for p, g in zip(task_leaves, task_grads):
-        _accumulate(p, g)
-    dzs = torch.stack(dz)
+    dzs, task_grads = _head_phase(losses, z, task_leaves)
+    _accumulate_fresh(task_leaves, task_grads)
     if level == "representation":
         J = dzs.reshape(T, -1)
         if reduce is not None:
             J = reduce(J)
         update = agg(J)
-        grads = torch.autograd.grad(z, shared, grad_outputs=update.view_as(z), allow_unused=True)
-        for p, g in zip(shared, grads):
-            if g is not None:
-                _accumulate(p, g)
+        _accumulate_fresh(shared, torch.autograd.grad(z, shared, grad_outputs=update.view_as(z), allow_unused=True))
         return BackwardInfo(jacobian=J, update=update)
     J = _encoder_jacobian(z, dzs, shared, mode, chunk_size)
     if reduce is not None:

@@ -318,3 +318,13 @@ def test_training_through_the_engine_reduces_the_loss(name):
     with torch.no_grad():
         end = float(losses()[1].sum())
     assert end < start, (name, start, end)
+
+
+@pytest.mark.parametrize("name", ["mgda", "pcgrad", "cagrad", "gradvac", "imtl_g", "nash_mtl", "graddrop", "upgrad",
+                                  "aligned_mtl", "dualproj", "mamg"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_gradient_rows_are_named(name, bad):
+    J = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    J[2, 3] = bad
+    with pytest.raises(FloatingPointError, match=r"tasks \[2\]"):
+        build_method(name).aggregator(J)

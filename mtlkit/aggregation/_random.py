@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtlkit.aggregation._base import Aggregator, _check_matrix
+from mtlkit.aggregation._base import Aggregator, _check_finite, _check_matrix
 from mtlkit.aggregation._solvers import check_int, to_numpy
 from mtlkit.errors import ConfigError
 
@@ -75,7 +75,9 @@ class PairwiseSurgery(SeededAggregator):
     def modified_gradients(self, J: Tensor) -> Tensor:
         """The T x P matrix of modified gradients ``g_i'`` (the update is their sum). Advances the generator."""
         _check_matrix(J)
-        return self.coefficients(J @ J.T).to(J.dtype) @ J
+        G = J @ J.T
+        _check_finite(G.diagonal())
+        return self.coefficients(G).to(J.dtype) @ J
 
     def _begin(self, G: np.ndarray) -> None:
         """Hook called once per step before the edits (e.g. to check the number of tasks)."""
