@@ -78,12 +78,21 @@ def run_one(workload: str, T: int, method: str, level: str, impl: str, steps: in
         agg = tj_aggs[method](0.5) if method == "cagrad" else (
             tj_aggs[method](n_tasks=T) if method == "nash_mtl" else tj_aggs[method]())
         tj = (autojac, agg)
+    lib = _libmtl_weighting(method, level, model, names) if impl == "libmtl" else None
+    if isinstance(lib, dict):
+        return lib
     base_rss = _current_rss_mb()
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         need_rep = m.aggregator.needs_per_task_grads
         z = model.encode(x)
+        if lib is not None:  # LibMTL runs its own heads and loss vector
+            _libmtl_step(lib, model, z, x, ys, names, ce, opt)
+            opt.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            continue
         out = model.decode(z)
         loss_list = [ce(out[n], ys[t]) for t, n in enumerate(names)]
         losses = stack(loss_list)
@@ -106,6 +115,66 @@ def run_one(workload: str, T: int, method: str, level: str, impl: str, steps: in
     return {"ms": 1000 * statistics.median(times), "peak_mb": _rss_mb() - base_rss}
 
 
+LIBMTL_NAMES = {"ew": ("EW", {}), "mgda": ("MGDA", {"mgda_gn": "none"}), "pcgrad": ("PCGrad", {}),
+                "cagrad": ("CAGrad", {"calpha": 0.5, "rescale": 1}), "upgrad": ("UPGrad", {})}
+
+
+def _libmtl_weighting(method: str, level: str, model, names: list[str]):
+    """LibMTL's own weighting class for ``method``, wired to our model the way its Trainer and AbsArchitecture do.
+
+    Only the glue is ours: the per-task gradients, the aggregation and the write-back are LibMTL's code
+    (``AbsWeighting._compute_grad`` etc.). Shared-parameter gradients are zeroed with ``set_to_none=False``, the
+    semantics LibMTL was written for (torch < 2 defaults), without which its ``_reset_grad`` fails on torch 2.
+    """
+    import importlib
+
+    import torch
+
+    if method not in LIBMTL_NAMES:
+        return {"skipped": f"no LibMTL counterpart wired for {method}"}
+    cls_name, kwargs = LIBMTL_NAMES[method]
+    try:
+        cls = getattr(importlib.import_module(f"LibMTL.weighting.{cls_name}"), cls_name)
+    except Exception as e:  # noqa: BLE001 - report why LibMTL is unusable here
+        return {"skipped": f"LibMTL not importable: {type(e).__name__}: {e}"}
+
+    class Adapter(cls):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.task_num, self.task_name, self.device = len(names), list(names), torch.device("cpu")
+            self.rep_grad = level == "representation"
+            self.rep_tasks, self.rep = {}, {}
+            self.kwargs = kwargs
+            self.init_param()
+
+        def get_share_params(self):
+            return model.encoder.parameters()
+
+        def zero_grad_share_params(self) -> None:
+            model.encoder.zero_grad(set_to_none=False)
+
+    return Adapter()
+
+
+def _libmtl_step(lib, model, z, x, ys, names, ce, opt) -> None:
+    """One LibMTL training step: AbsArchitecture.forward, Trainer._compute_loss, model.backward."""
+    import torch
+
+    out = {}
+    for name in names:  # AbsArchitecture._prepare_rep: each head reads a detached copy of z when rep_grad
+        if lib.rep_grad:
+            lib.rep = z
+            lib.rep_tasks[name] = z.detach().clone().requires_grad_(True)
+            out[name] = model.heads[name](lib.rep_tasks[name])
+        else:
+            out[name] = model.heads[name](z)
+    train_losses = torch.zeros(len(names))  # Trainer._compute_loss builds the loss vector by slice assignment
+    for tn, name in enumerate(names):
+        train_losses[tn] = ce(out[name], ys[tn])
+    opt.zero_grad(set_to_none=False)
+    lib.backward(train_losses, **lib.kwargs)
+
+
 def _aggregates(method: str) -> bool:
     from mtlkit.methods import build_method
 
@@ -123,6 +192,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--torchjd", action="store_true", help="also time torchjd's implementation (if importable)")
+    p.add_argument("--libmtl", action="store_true",
+                   help="also time LibMTL's implementation (GitHub version, if importable: put it on PYTHONPATH)")
     p.add_argument("--out", help="write the markdown table here (and a .json beside it)")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -136,7 +207,7 @@ def main() -> int:
             base = None
             for method in ["ew"] + [m for m in args.methods if m != "ew"]:
                 for level in args.levels:
-                    impls = ["mtlkit"] + (["torchjd"] if args.torchjd else [])
+                    impls = ["mtlkit"] + (["torchjd"] if args.torchjd else []) + (["libmtl"] if args.libmtl else [])
                     for impl in impls:
                         if level == "representation" and not _aggregates(method):
                             continue  # loss-space methods ignore the level
