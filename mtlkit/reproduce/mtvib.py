@@ -224,6 +224,11 @@ def _paper_json(dataset: str) -> dict[str, Any]:
     return {m: {t: {str(e): v for e, v in d.items()} for t, d in tasks.items()} for m, tasks in PAPER[dataset].items()}
 
 
+def _pm(mu: float, sd: float, n: int) -> str:
+    """``mean ± std`` over n seeds; a bare mean for one seed (a ± 0.0 would claim a spread nobody measured)."""
+    return f"{mu:.1f} ± {sd:.1f}" if n > 1 else f"{mu:.1f}"
+
+
 def _stats(curves: list[dict[str, dict[str, float]]], eta: float, key: str) -> tuple[float, float]:
     vals = [100.0 * c[str(eta)][key] for c in curves]
     return float(np.mean(vals)), float(np.std(vals))
@@ -235,7 +240,9 @@ def report(dataset: str, curves: dict[str, list[dict[str, dict[str, float]]]], e
 
     Example:
         >>> c = {"MTVIB": [{"0.0": {"left/accuracy": 0.9, "right/accuracy": 0.8, "joint_accuracy": 0.7}}]}
-        >>> "90.0 ± 0.0 (94.9)" in report("multimnist", c, [0.0], ["left", "right"], {}, {}, 1.0)
+        >>> "| 90.0 (94.9) |" in report("multimnist", c, [0.0], ["left", "right"], {}, {}, 1.0)  # one seed: no ±
+        True
+        >>> "90.0 ± 0.0 (94.9)" in report("multimnist", {"MTVIB": c["MTVIB"] * 2}, [0.0], ["left", "right"], {}, {}, 1.0)
         True
     """
     table_no = {"multimnist": "III", "multifashion": "IV"}[dataset]
@@ -256,12 +263,12 @@ def report(dataset: str, curves: dict[str, list[dict[str, dict[str, float]]]], e
             for m in models:
                 mu, sd = _stats(curves[m], eta, f"{n}/accuracy")
                 p = paper.get(m, {}).get(n, {}).get(round(eta, 2))
-                cells.append(f"{mu:.1f} ± {sd:.1f}" + (f" ({p:.1f})" if p is not None else ""))
+                cells.append(_pm(mu, sd, len(curves[m])) + (f" ({p:.1f})" if p is not None else ""))
             lines.append(f"| {i + 1} ({n}) | {eta:.2f} | " + " | ".join(cells) + " |")
     lines += ["", "### Joint accuracy % (both tasks right; MTVIB Fig. 5), mean ± std", "",
               "| η | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for eta in etas:
-        cells = ["{:.1f} ± {:.1f}".format(*_stats(curves[m], eta, "joint_accuracy")) for m in models]
+        cells = [_pm(*_stats(curves[m], eta, "joint_accuracy"), len(curves[m])) for m in models]
         lines.append(f"| {eta:.2f} | " + " | ".join(cells) + " |")
     lines += ["", "### Decay from the smallest to the largest η (mean of the task accuracies), mean ± std", ""]
     if len(etas) > 1:
@@ -271,8 +278,10 @@ def report(dataset: str, curves: dict[str, list[dict[str, dict[str, float]]]], e
                      for c in curves[m]]
             kept = [100 * np.mean([c[str(hi)][f"{n}/accuracy"] for n in names])
                     / max(1e-12, np.mean([c[str(lo)][f"{n}/accuracy"] for n in names])) for c in curves[m]]
-            lines.append(f"- {m}: {np.mean(drops):.1f} ± {np.std(drops):.1f} points lost; {np.mean(kept):.1f} ± "
-                         f"{np.std(kept):.1f} % of the clean accuracy kept (η {lo:g} → {hi:g}, {len(drops)} seed(s))")
+            n = len(drops)
+            lines.append(f"- {m}: {_pm(np.mean(drops), np.std(drops), n)} points lost; "
+                         f"{_pm(np.mean(kept), np.std(kept), n)} % of the clean accuracy kept "
+                         f"(η {lo:g} → {hi:g}, {n} seed(s))")
     return "\n".join(lines) + "\n"
 
 
