@@ -38,7 +38,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -111,23 +111,27 @@ def check_losses(losses: Tensor, names: Sequence[str] | None = None) -> None:
         raise FloatingPointError(f"non-finite loss for task(s) {', '.join(labels)}: {losses.detach().tolist()}")
 
 
+def _walk(roots, stop: Callable[[object], bool]) -> Iterator[object]:
+    """Each autograd node reachable from ``roots`` once (depth first), not entering nodes for which ``stop`` is true."""
+    seen: set[int] = set()
+    todo = list(roots)
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen or stop(fn):
+            continue
+        seen.add(id(fn))
+        yield fn
+        todo.extend(nxt for nxt, _ in fn.next_functions)
+
+
 def _leaves(roots: Sequence[Tensor], stop: Tensor | None, exclude: set[int]) -> list[Tensor]:
     """Leaf tensors (parameters) reachable from ``roots`` without going through ``stop``, minus ``exclude``."""
     stop_fn = stop.grad_fn if stop is not None else None
-    seen: set[int] = set()
     found: dict[int, Tensor] = {}
-    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
-    while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen or fn is stop_fn:
-            continue
-        seen.add(id(fn))
-        var = getattr(fn, "variable", None)
-        if var is not None:  # AccumulateGrad node: a leaf that requires grad
-            if id(var) not in exclude and not (stop is not None and var is stop):
-                found[id(var)] = var
-            continue
-        stack.extend(nxt for nxt, _ in fn.next_functions)
+    for fn in _walk([r.grad_fn for r in roots], lambda fn: fn is stop_fn):
+        var = getattr(fn, "variable", None)  # set on AccumulateGrad nodes: a leaf that requires grad
+        if var is not None and id(var) not in exclude and not (stop is not None and var is stop):
+            found[id(var)] = var
     return list(found.values())
 
 
@@ -217,21 +221,19 @@ def _split_node(losses: Tensor, z: Tensor):
     per-task parts of the graph cannot be told apart by structure).
     """
     T, target = losses.shape[0], z.grad_fn
-    split, seen, todo = None, set(), [losses.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        if fn is target:
-            return None
-        if type(fn).__name__ in ("_TaskStackBackward", "StackBackward0") and len(fn.next_functions) == T:
-            if split is not None:
-                return None
-            split = fn
-            continue
-        todo.extend(nxt for nxt, _ in fn.next_functions)
-    return split
+    boundary: dict[int, object] = {}
+
+    def at_boundary(fn) -> bool:
+        if fn is target or (type(fn).__name__ in ("_TaskStackBackward", "StackBackward0")
+                            and len(fn.next_functions) == T):
+            boundary[id(fn)] = fn
+            return True
+        return False
+
+    for _ in _walk([losses.grad_fn], at_boundary):
+        pass
+    splits = [fn for fn in boundary.values() if fn is not target]
+    return splits[0] if len(splits) == 1 and len(boundary) == 1 else None
 
 
 def _consumers(split, z: Tensor) -> list[list[tuple[object, int]]] | None:
@@ -242,19 +244,13 @@ def _consumers(split, z: Tensor) -> list[list[tuple[object, int]]] | None:
     target, owner = z.grad_fn, {}
     per_task: list[list[tuple[object, int]]] = []
     for t, (root, _) in enumerate(split.next_functions):
-        edges, seen, todo = [], set(), [root]
-        while todo:
-            fn = todo.pop()
-            if fn is None or id(fn) in seen:
-                continue
-            seen.add(id(fn))
+        edges = []
+        for fn in _walk([root], lambda fn: fn is target):
             for i, (nxt, _) in enumerate(fn.next_functions):
                 if nxt is target:
                     if owner.setdefault(id(fn), t) != t:
                         return None
                     edges.append((fn, i))
-                else:
-                    todo.append(nxt)
         per_task.append(edges)
     return per_task
 
