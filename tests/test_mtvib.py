@@ -286,3 +286,23 @@ def test_rebuild_writes_table_and_plots_from_results(tmp_path):
     assert "42.5 points lost; 50.0 % of the clean accuracy kept" in md
     assert (tmp_path / "table.md").is_file() and (tmp_path / "accuracy_vs_eta.png").stat().st_size > 1000
     assert (tmp_path / "joint_accuracy_vs_eta.png").is_file()
+
+
+def test_fgsm_curve_is_cached_per_run_and_reused_only_for_the_same_sweep(tmp_path, monkeypatch):
+    import argparse
+
+    import mtlkit.evaluation as ev
+    from mtlkit.data import build_dataset
+    from mtlkit.reproduce.mtvib import _curve
+
+    data = build_dataset("_toy")
+    net = build_mtvib(data, **TINY)
+    calls = []
+    real = ev.robustness_curve
+    monkeypatch.setattr(ev, "robustness_curve", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    args = argparse.Namespace(reuse=True, attack_batch=64)
+    first = _curve(net, data, [0.0, 0.1], args, tmp_path)
+    assert _curve(net, data, [0.0, 0.1], args, tmp_path) == first and calls == [[0.0, 0.1]]  # read back
+    _curve(net, data, [0.0, 0.2], args, tmp_path)  # another sweep: computed again
+    _curve(net, data, [0.0, 0.2], argparse.Namespace(reuse=False, attack_batch=64), tmp_path)  # no --reuse: again
+    assert calls == [[0.0, 0.1], [0.0, 0.2], [0.0, 0.2]]

@@ -151,3 +151,22 @@ def test_cli_eval_fgsm_on_a_saved_mtvib_run(tmp_path, capsys):
     assert out["results"]["0.0"]["a/accuracy"] == pytest.approx(res.test["a/accuracy"])
     assert main(["eval", str(tmp_path / "run"), "--attack", "fgsm", "--eps", "0.1", "--target-task", "zz"]) == 2
     assert "unknown target task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", [None, "b"])
+def test_fgsm_curve_equals_one_attack_per_eta(target):
+    # The curve reuses one input gradient for every η; it must give exactly robust_metrics' numbers per η.
+    x, y = _batch(n=40, lo=0.0, hi=1.0)
+    model = _model()
+    model.train()
+    model(x)
+    split = Split(x, y)
+    etas = [0.0, 0.05, 0.2, 0.5]
+    curve = robustness_curve(model, TASKS, split, etas, "fgsm", target_task=target, batch_size=16)
+    for e in etas:
+        assert curve[str(e)] == robust_metrics(model, TASKS, split, "fgsm", e, target_task=target, batch_size=16)
+    # not a vacuous equality: the attack changes the metrics
+    assert curve["0.5"]["joint_accuracy"] != curve["0.0"]["joint_accuracy"] or \
+        curve["0.5"]["a/accuracy"] != curve["0.0"]["a/accuracy"]
+    with pytest.raises(ValueError, match="eps"):
+        robustness_curve(model, TASKS, split, [0.1, -0.1], "fgsm")

@@ -150,13 +150,33 @@ def _train(model: str, seed: int, data, budget: dict[str, Any], out: Path, reuse
     return trainer.model, json.loads((run_dir / "results.json").read_text())
 
 
+def _curve(net, data, etas: list[float], args: argparse.Namespace, run_dir: Path) -> dict[str, dict[str, float]]:
+    """FGSM curve of one trained model on the test split, cached in its run directory as ``fgsm_curve.json``.
+
+    With ``--reuse`` a cached curve is read back when it was made for the same η values, test size and attack;
+    otherwise it is computed (and the cache rewritten), so a resumed reproduction does not attack a model twice.
+    """
+    from mtlkit.evaluation import robustness_curve
+
+    key = {"etas": etas, "n_test": len(data.test), "attack": "fgsm", "target": "sum"}
+    cache = run_dir / "fgsm_curve.json"
+    if args.reuse and cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved["curve"]
+    t0 = time.time()
+    curve = robustness_curve(net, data.tasks, data.test, etas, "fgsm", batch_size=args.attack_batch)
+    print(f"[mtvib] FGSM sweep of {run_dir.name}: {time.time() - t0:.0f}s", file=sys.stderr)
+    cache.write_text(json.dumps({"key": key, "curve": curve}, indent=1))
+    return curve
+
+
 def _acc(m: dict[str, float]) -> str:
     return " ".join(f"{k.split('/')[0]}={v:.4f}" for k, v in m.items() if k.endswith("/accuracy"))
 
 
 def run(args: argparse.Namespace) -> int:
     from mtlkit.data import build_dataset
-    from mtlkit.evaluation import robustness_curve
 
     budget = _budget(args)
     out = Path(args.out or f"runs/reproduce-mtvib-{args.dataset}")
@@ -183,15 +203,15 @@ def run(args: argparse.Namespace) -> int:
         gs_weights = (float(best_w), float(1.0 - best_w))
         extra["gs"] = {"grid": list(args.gs_grid), "val_score": {str(k): v for k, v in scores.items()},
                        "chosen": list(gs_weights), "searched_on_seed": args.seeds[0]}
-        curves["GS"].append(robustness_curve(nets[best_w], data.tasks, data.test, etas, "fgsm",
-                                             batch_size=args.attack_batch))
+        curves["GS"].append(_curve(nets[best_w], data, etas, args, out / "runs" / f"GS-w{best_w:g}-s{args.seeds[0]}"))
     for seed in args.seeds:
         for m in args.models:
             if m == "GS" and seed == args.seeds[0]:
                 continue
             net, _ = _train(m, seed, data, budget, out, args.reuse, args.threads, gs_weights,
                             tag=f"GS-w{gs_weights[0]:g}" if m == "GS" else None)
-            curves[m].append(robustness_curve(net, data.tasks, data.test, etas, "fgsm", batch_size=args.attack_batch))
+            tag = f"GS-w{gs_weights[0]:g}" if m == "GS" else m
+            curves[m].append(_curve(net, data, etas, args, out / "runs" / f"{tag}-s{seed}"))
             # partial results after every model, so that an interrupted run still leaves its numbers
             (out / "curves_partial.json").write_text(json.dumps({"budget": budget, "curves": curves, **extra}))
     elapsed = time.time() - t_start
