@@ -8,6 +8,7 @@ ratios. Use it for "how much faster than X" on a machine that is not quiet.
 Usage:
     PYTHONPATH=/path/to/LibMTL python benchmarks/ab_step.py --workload mlp --tasks 40 --method mgda --against libmtl
     python benchmarks/ab_step.py --workload conv --tasks 10 --method upgrad --against torchjd --threads 2
+    python benchmarks/ab_step.py --workload mlp --tasks 40 --method mgda --against jacobian   # J-free vs J
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def main() -> int:
     p.add_argument("--tasks", type=int, default=40)
     p.add_argument("--method", default="mgda")
     p.add_argument("--level", choices=["parameter", "representation"], default="parameter")
-    p.add_argument("--against", choices=["libmtl", "torchjd", "none"], default="libmtl")
+    p.add_argument("--against", choices=["libmtl", "torchjd", "jacobian", "none"], default="libmtl",
+                   help="jacobian: mtlkit forming the T x P matrix J (keep_jacobian=True) instead of the Gramian only")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
@@ -71,7 +73,15 @@ def main() -> int:
         opt.step()
 
     steps = {"ew": ew, "mtlkit": ours}
-    if args.against == "libmtl":
+    if args.against == "jacobian":
+        def theirs() -> None:
+            z = model.encode(x)
+            opt.zero_grad(set_to_none=True)
+            backward(losses(z)[0], shared, method.aggregator, representation=z, level=method.level,
+                     keep_jacobian=True)
+            opt.step()
+        steps["jacobian"] = theirs
+    elif args.against == "libmtl":
         lib = step_time._libmtl_weighting(args.method, args.level, model, names)
         if isinstance(lib, dict):
             raise SystemExit(f"LibMTL: {lib['skipped']}")

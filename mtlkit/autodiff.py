@@ -18,6 +18,13 @@ How the per-task gradients are obtained (``mode``):
   measurements (benchmarks/step_time.py); on an accelerator batching usually pays. ``"auto"`` picks loop on CPU and
   batched elsewhere.
 
+Gramian-based aggregators (``gramian_based``: MGDA, CAGrad, IMTL-G, Nash-MTL, UPGrad, DualProj, Aligned-MTL, PCGrad,
+GradVac, MAMG, ...) at parameter level with a ``representation`` never hold the T x P matrix J:
+:class:`mtlkit.gramian.EncoderGramian` forms ``G = J Jᵀ`` from each linear layer's per-task output gradients and its
+input (``<Δ_iᵀX, Δ_jᵀX> = <Δ_i, X Xᵀ Δ_j>``), with explicit rows only for the other parameters, and writes ``wᵀ J``
+from the same pieces. Pass ``keep_jacobian=True`` to get J (and ``BackwardInfo.jacobian``) instead; a ``reduce``
+(data parallel) also keeps J, so that the all-reduce acts on the gradients themselves.
+
 ``level="representation"`` is the MGDA-UB trick (Sener & Koltun 2018, Sec. 3.3): the aggregator sees the T x (B·d)
 matrix of gradients w.r.t. z instead of the T x P matrix w.r.t. the shared parameters, and the combined vector is
 back-propagated through the encoder once: cost ≈ one backward of the summed loss whatever T.
@@ -44,6 +51,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.aggregation._base import Aggregator, Sum
+from mtlkit.gramian import EncoderGramian
 
 Mode = Literal["auto", "loop", "batched"]
 Level = Literal["parameter", "representation"]
@@ -55,12 +63,16 @@ class BackwardInfo:
 
     Attributes:
         jacobian: the T x K matrix the aggregator saw (K = #shared parameters, or numel(z) at representation level);
-            None when no per-task gradients were needed (plain sum).
-        update: the aggregated K-vector.
+            None when no per-task gradients were needed (plain sum) or when the Gramian was formed without it.
+        update: the aggregated K-vector (None when J was not formed).
+        gramian: the T x T Gramian, when the engine formed it without J (Gramian-based method, parameter level).
+        weights: the task weights w chosen from that Gramian (update = wᵀ J).
     """
 
     jacobian: Tensor | None = None
     update: Tensor | None = None
+    gramian: Tensor | None = None
+    weights: Tensor | None = None
 
 
 class _TaskStack(torch.autograd.Function):
@@ -331,6 +343,7 @@ def backward(
     reduce: Callable[[Tensor], Tensor] | None = None,
     task_names: Sequence[str] | None = None,
     extra: Tensor | None = None,
+    keep_jacobian: bool = False,
 ) -> BackwardInfo:
     """Back-propagate per-task ``losses`` (shape (T,)) and write the aggregated update into ``.grad``.
 
@@ -347,6 +360,9 @@ def backward(
         task_names: used in error messages.
         extra: an optional scalar loss that is not a task (a regulariser such as MTVIB's β·KL): its gradient is
             added to every parameter it reaches, outside the aggregation.
+        keep_jacobian: form the T x P matrix J even for a Gramian-based method at parameter level (for callers that
+            inspect per-task gradients, e.g. MAMO's conflict detector). Otherwise, with a ``representation`` and no
+            ``reduce``, such methods get ``G = J Jᵀ`` from :func:`mtlkit.gramian.encoder_gramian` and never hold J.
 
     Returns:
         :class:`BackwardInfo` with the per-task gradient matrix and the update (None for a plain sum).
@@ -359,6 +375,8 @@ def backward(
     shared = [p for p in shared_params if p.requires_grad]
     if not shared:
         raise ValueError("shared_params is empty: pass the shared network's parameters (e.g. model.encoder.parameters())")
+    if mode not in ("auto", "loop", "batched"):
+        raise ValueError(f"unknown mode {mode!r}; valid modes are: auto, batched, loop")
     if level not in ("parameter", "representation"):
         raise ValueError(f"unknown level {level!r}; valid levels are: parameter, representation")
     if level == "representation" and representation is None:
@@ -409,6 +427,15 @@ def backward(
         update = agg(J)
         _accumulate_fresh(shared, torch.autograd.grad(z, shared, grad_outputs=update.view_as(z), allow_unused=True))
         return BackwardInfo(jacobian=J, update=update)
+    if agg.gramian_based and reduce is None and not keep_jacobian:
+        # G and the update wᵀJ without ever holding J (mtlkit.gramian).
+        resolved = mode if mode != "auto" else ("loop" if z.device.type == "cpu" else "batched")
+        held = EncoderGramian(z, dzs, shared, resolved, chunk_size)
+        del dzs
+        w = agg.weights(held.gramian)
+        for p, g in zip(shared, held.combine(w)):
+            _accumulate(p, g, owned=True)
+        return BackwardInfo(gramian=held.gramian, weights=w)
     J = _encoder_jacobian(z, dzs, shared, mode, chunk_size)
     if reduce is not None:
         J = reduce(J)

@@ -403,7 +403,7 @@ def _step(model: MAMO, method, opt: torch.optim.Optimizer, x: Tensor, ys: dict[s
         sizes = [sum(p.numel() for p in model.layer_parameters(layer)) for layer in range(model.num_layers)]
         detector.update(list(torch.split(J, sizes, dim=1)))
     info = backward(weighted, model.shared_parameters(), agg, representation=z if agg.needs_per_task_grads else None,
-                    level=method.level)
+                    level=method.level, keep_jacobian=detector is not None and use_engine_jacobian)
     if detector is not None and use_engine_jacobian:
         detector.update(layer_gradients(model, info.jacobian))
     opt.step()

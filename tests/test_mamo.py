@@ -99,7 +99,8 @@ def test_layer_gradients_match_per_task_grads():
     z = model.encode(x)
     losses = stack_losses(tasks, model.decode(z), y)
     direct = [per_task_grads(losses, model.layer_parameters(l)) for l in range(3)]
-    info = backward(losses, model.shared_parameters(), build_method("mgda").aggregator, representation=z)
+    info = backward(losses, model.shared_parameters(), build_method("mgda").aggregator, representation=z,
+                    keep_jacobian=True)
     for a, b in zip(layer_gradients(model, info.jacobian), direct):
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -125,7 +126,8 @@ def test_gmk_gets_gradients_only_from_its_two_tasks():
     assert norms[1][1] > 0 and norms[2][1] > 0 and norms[0][1] == 0  # {t1,t2}: tasks 1 and 2 only
     # Through the engine with an aggregator: the GMK's update row of task 2 is zero.
     losses = torch.stack([out[f"t{k}"].pow(2).mean() for k in range(3)])
-    info = backward(losses, model.shared_parameters(), build_method("mgda").aggregator, representation=z)
+    info = backward(losses, model.shared_parameters(), build_method("mgda").aggregator, representation=z,
+                    keep_jacobian=True)
     start = sum(p.numel() for p in model.all_shared_parameters())
     n01 = sum(p.numel() for p in model.gmks["l0__t0__t1"].parameters())
     assert float(info.jacobian[2, start:start + n01].abs().sum()) == 0.0

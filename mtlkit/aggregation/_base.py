@@ -60,12 +60,26 @@ class Aggregator(ABC):
     def __call__(self, J: Tensor) -> Tensor:
         _check_matrix(J)
         if self.gramian_based:
-            G = J @ J.T
-            _check_finite(G.diagonal())
-            w = self.weights_from_gramian(G)
-            return w.to(J.dtype) @ J
+            return self.weights(J @ J.T).to(J.dtype) @ J
         _check_finite(J.sum(dim=1))
         return self.aggregate(J)
+
+    def weights(self, G: Tensor) -> Tensor:
+        """Task weights ``w`` from the Gramian ``G = J Jᵀ`` (checked: square, finite diagonal); update = ``wᵀ J``.
+
+        The engine calls this directly when it forms G without J (:mod:`mtlkit.gramian`).
+
+        Raises:
+            ValueError: the method is not Gramian-based, or G is not a square matrix.
+            FloatingPointError: a task's gradient holds NaN or inf (its diagonal entry is not finite).
+        """
+        if not self.gramian_based:
+            raise ValueError(f"{type(self).__name__} needs the gradients themselves, not only their Gramian")
+        if not isinstance(G, Tensor) or G.dim() != 2 or G.shape[0] != G.shape[1] or G.shape[0] == 0:
+            shape = tuple(G.shape) if isinstance(G, Tensor) else type(G).__name__
+            raise ValueError(f"a Gramian is a non-empty T x T matrix, got shape {shape}")
+        _check_finite(G.diagonal())
+        return self.weights_from_gramian(G)
 
     def weights_from_gramian(self, G: Tensor) -> Tensor:  # pragma: no cover - abstract in practice
         """Return the T task weights ``w`` such that the update is ``wᵀ J`` (Gramian-based methods only)."""

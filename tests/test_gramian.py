@@ -1,0 +1,142 @@
+"""The Gramian formed without J equals J Jᵀ, and the engine's J-free update equals the one computed from J."""
+import pytest
+import torch
+from torch import nn
+
+from mtlkit.aggregation import MAMG, CAGrad, DualProj, GradDrop, GradVac, IMTLG, MGDA, Mean, NashMTL, PCGrad, UPGrad
+from mtlkit.autodiff import backward, stack
+from mtlkit.gramian import EncoderGramian, encoder_gramian, linear_sites
+
+
+def _jacobian(z, dz, params):
+    return torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(
+        torch.autograd.grad(z, params, d, retain_graph=True, allow_unused=True), params)]) for d in dz])
+
+
+class _Tied(nn.Module):
+    """The same weight used twice: its gradient is a sum of two products, so it must not be treated as one site."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(9, 9)
+        self.b = nn.Linear(9, 6, bias=False)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+class _Seq(nn.Module):
+    """A linear layer on a 3-D input (B x L x in): autograd sees a view and an mm over B·L rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(9, 7)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x.reshape(x.shape[0], 2, 9))).reshape(x.shape[0], -1)
+
+
+def _encoders():
+    conv = nn.Sequential(nn.Unflatten(1, (1, 3, 6)), nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(36, 10), nn.ReLU(), nn.Linear(10, 5))
+    return {
+        # (encoder, input columns, number of linear sites expected with B = 4 rows)
+        "mlp": (nn.Sequential(nn.Linear(18, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 6)), 18, 3),
+        "no_bias": (nn.Sequential(nn.Linear(18, 12, bias=False), nn.ReLU(), nn.Linear(12, 5, bias=False)), 18, 2),
+        "conv_bn": (conv, 18, 2),  # the conv and BatchNorm parameters get explicit rows
+        "narrow": (nn.Sequential(nn.Linear(18, 3), nn.Tanh(), nn.Linear(3, 6)), 18, 1),  # B=4 >= in=3: explicit
+        "tied": (_Tied(), 9, 1),  # only self.b is a site
+        "seq": (_Seq(), 18, 1),
+    }
+
+
+@pytest.mark.parametrize("name", list(_encoders()))
+@pytest.mark.parametrize("mode", ["loop", "batched"])
+def test_gramian_without_jacobian_equals_J_Jt(name, mode):
+    torch.manual_seed(0)
+    enc, cols, n_sites = _encoders()[name]
+    enc = enc.double()
+    z = enc(torch.randn(4, cols, dtype=torch.float64))
+    params = list(enc.parameters())
+    dz = torch.randn(5, *z.shape, dtype=torch.float64)
+    dz[3] = 0.0  # a task that sends nothing to z
+    assert len(linear_sites(z, params)) == n_sites  # the identity is really exercised (or really skipped)
+    J = _jacobian(z, dz, params)
+    G = encoder_gramian(z, dz, params, mode=mode, chunk_size=2)
+    torch.testing.assert_close(G, J @ J.T, atol=1e-10, rtol=1e-10)
+    assert torch.equal(G, G.T)
+
+
+@pytest.mark.parametrize("name", list(_encoders()))
+def test_combine_equals_weighted_rows_of_J(name):
+    torch.manual_seed(3)
+    enc, cols, _ = _encoders()[name]
+    enc = enc.double()
+    z = enc(torch.randn(4, cols, dtype=torch.float64))
+    params = list(enc.parameters())
+    dz = torch.randn(3, *z.shape, dtype=torch.float64)
+    w = torch.tensor([0.7, -0.2, 1.5], dtype=torch.float64)
+    J = _jacobian(z, dz, params)
+    got = EncoderGramian(z, dz, params).combine(w)
+    assert [g.shape for g in got] == [p.shape for p in params]
+    torch.testing.assert_close(torch.cat([g.reshape(-1) for g in got]), w @ J, atol=1e-10, rtol=1e-10)
+
+
+def test_only_shared_parameters_are_counted():
+    # A frozen first layer (not in `shared`) contributes nothing to G, and is not a site.
+    torch.manual_seed(1)
+    enc = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 6)).double()
+    z = enc(torch.randn(3, 10, dtype=torch.float64))
+    shared = list(enc[2].parameters())
+    dz = torch.randn(2, *z.shape, dtype=torch.float64)
+    assert [s.weight is enc[2].weight for s in linear_sites(z, shared)] == [True]
+    J = _jacobian(z, dz, shared)
+    torch.testing.assert_close(encoder_gramian(z, dz, shared), J @ J.T, atol=1e-10, rtol=1e-10)
+
+
+class _Net(nn.Module):
+    def __init__(self, T=4):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 12), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(12, 1) for _ in range(T))
+
+    def losses(self, x):
+        z = self.enc(x)
+        return torch.stack([((h(z).squeeze(-1) - t) ** 2).mean() for t, h in enumerate(self.heads)]), z
+
+
+@pytest.mark.parametrize("make", [MGDA, UPGrad, Mean, IMTLG, CAGrad, DualProj, NashMTL, PCGrad, GradVac, MAMG])
+@pytest.mark.parametrize("mode", ["loop", "batched"])
+def test_engine_without_J_writes_the_same_grads_as_with_J(make, mode):
+    torch.manual_seed(2)
+    net = _Net().double()
+    x = torch.randn(6, 20, dtype=torch.float64)
+    grads = {}
+    for keep in (True, False):
+        agg = make()  # fresh: stateful / seeded methods start from the same state
+        net.zero_grad()
+        losses, z = net.losses(x)
+        info = backward(losses, net.enc.parameters(), agg, representation=z, keep_jacobian=keep, mode=mode,
+                        chunk_size=3)
+        grads[keep] = [p.grad.clone() for p in net.parameters()]
+        if keep:
+            J = info.jacobian
+        else:
+            assert info.jacobian is None and info.update is None
+            torch.testing.assert_close(info.gramian, J @ J.T, atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(info.weights @ J, torch.cat([p.grad.reshape(-1) for p in net.enc.parameters()]))
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_nan_gradient_is_named_and_weights_checks_its_input():
+    net = _Net(T=2)
+    z = net.enc(torch.randn(6, 20))
+    # finite loss, NaN gradient for task 1 only: d sqrt(0·s)/ds = 0·∞
+    bad = stack([net.heads[0](z).pow(2).mean(), net.heads[1](z).pow(2).mean() + (net.heads[1](z).sum() * 0).sqrt()])
+    with pytest.raises(FloatingPointError, match=r"tasks \[1\]"):
+        backward(bad, net.enc.parameters(), MGDA(), representation=z)
+    with pytest.raises(ValueError, match="T x T"):
+        MGDA().weights(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="not only their Gramian"):
+        GradDrop().weights(torch.eye(2))
