@@ -328,3 +328,12 @@ def test_non_finite_gradient_rows_are_named(name, bad):
     J[2, 3] = bad
     with pytest.raises(FloatingPointError, match=r"tasks \[2\]"):
         build_method(name).aggregator(J)
+
+
+def test_pinvh_matches_numpy_pseudo_inverse_on_singular_and_indefinite_matrices():
+    from mtlkit.aggregation._solvers import pinvh
+
+    rng = np.random.default_rng(0)
+    J = rng.standard_normal((6, 3))
+    for A in (J @ J.T, np.diag([2.0, -1.0, 0.0, 0.5]), np.zeros((3, 3))):  # rank 3 of 6, indefinite, zero
+        np.testing.assert_allclose(pinvh(A), np.linalg.pinv(A, hermitian=True), atol=1e-12)

@@ -5,7 +5,7 @@ import numpy as np
 from torch import Tensor
 
 from mtlkit.aggregation._base import Aggregator
-from mtlkit.aggregation._solvers import to_numpy, to_weights
+from mtlkit.aggregation._solvers import eigh, to_numpy, to_weights
 from mtlkit.methods import Method, register
 from mtlkit.weighting._base import EW
 
@@ -37,7 +37,7 @@ class AlignedMTL(Aggregator):
     def weights_from_gramian(self, G: Tensor) -> Tensor:
         A = to_numpy(G)
         T = A.shape[0]
-        lam, V = np.linalg.eigh(A)
+        lam, V = eigh(A)
         if lam.max() <= 0:
             return to_weights(np.zeros(T), G)
         tol = lam.max() * T * np.finfo(np.float64).eps

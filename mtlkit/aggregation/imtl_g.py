@@ -5,7 +5,7 @@ import numpy as np
 from torch import Tensor
 
 from mtlkit.aggregation._base import Aggregator
-from mtlkit.aggregation._solvers import to_numpy, to_weights
+from mtlkit.aggregation._solvers import pinvh, to_numpy, to_weights
 from mtlkit.methods import Method, register
 from mtlkit.weighting._base import EW
 
@@ -34,7 +34,7 @@ class IMTLG(Aggregator):
     def weights_from_gramian(self, G: Tensor) -> Tensor:
         A = to_numpy(G)
         d = np.sqrt(np.clip(np.diag(A), 0.0, None))
-        v = np.linalg.pinv(A, hermitian=True) @ d
+        v = pinvh(A) @ d
         s = v.sum()
         w = np.zeros_like(v) if abs(s) < 1e-12 * max(1.0, np.abs(v).max()) else v / s
         return to_weights(w, G)
