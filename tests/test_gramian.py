@@ -50,18 +50,23 @@ def _encoders():
     }
 
 
-@pytest.mark.parametrize("name", list(_encoders()))
-@pytest.mark.parametrize("mode", ["loop", "batched"])
-def test_gramian_without_jacobian_equals_J_Jt(name, mode):
-    torch.manual_seed(0)
+def _setup(name, seed, T):
+    """A float64 encoder from _encoders(), its output z on 4 rows, its parameters, T random z-gradients, and J."""
+    torch.manual_seed(seed)
     enc, cols, n_sites = _encoders()[name]
     enc = enc.double()
     z = enc(torch.randn(4, cols, dtype=torch.float64))
     params = list(enc.parameters())
-    dz = torch.randn(5, *z.shape, dtype=torch.float64)
-    dz[3] = 0.0  # a task that sends nothing to z
+    dz = torch.randn(T, *z.shape, dtype=torch.float64)
+    dz[T // 2] = 0.0  # a task that sends nothing to z
+    return z, params, dz, _jacobian(z, dz, params), n_sites
+
+
+@pytest.mark.parametrize("name", list(_encoders()))
+@pytest.mark.parametrize("mode", ["loop", "batched"])
+def test_gramian_without_jacobian_equals_J_Jt(name, mode):
+    z, params, dz, J, n_sites = _setup(name, 0, T=5)
     assert len(linear_sites(z, params)) == n_sites  # the identity is really exercised (or really skipped)
-    J = _jacobian(z, dz, params)
     G = encoder_gramian(z, dz, params, mode=mode, chunk_size=2)
     torch.testing.assert_close(G, J @ J.T, atol=1e-10, rtol=1e-10)
     assert torch.equal(G, G.T)
@@ -69,14 +74,8 @@ def test_gramian_without_jacobian_equals_J_Jt(name, mode):
 
 @pytest.mark.parametrize("name", list(_encoders()))
 def test_combine_equals_weighted_rows_of_J(name):
-    torch.manual_seed(3)
-    enc, cols, _ = _encoders()[name]
-    enc = enc.double()
-    z = enc(torch.randn(4, cols, dtype=torch.float64))
-    params = list(enc.parameters())
-    dz = torch.randn(3, *z.shape, dtype=torch.float64)
+    z, params, dz, J, _ = _setup(name, 3, T=3)
     w = torch.tensor([0.7, -0.2, 1.5], dtype=torch.float64)
-    J = _jacobian(z, dz, params)
     got = EncoderGramian(z, dz, params).combine(w)
     assert [g.shape for g in got] == [p.shape for p in params]
     torch.testing.assert_close(torch.cat([g.reshape(-1) for g in got]), w @ J, atol=1e-10, rtol=1e-10)
