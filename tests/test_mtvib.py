@@ -306,3 +306,38 @@ def test_fgsm_curve_is_cached_per_run_and_reused_only_for_the_same_sweep(tmp_pat
     _curve(net, data, [0.0, 0.2], args, tmp_path)  # another sweep: computed again
     _curve(net, data, [0.0, 0.2], argparse.Namespace(reuse=False, attack_batch=64), tmp_path)  # no --reuse: again
     assert calls == [[0.0, 0.1], [0.0, 0.2], [0.0, 0.2]]
+
+
+def test_merge_puts_models_from_several_runs_side_by_side_and_refuses_conflicts(tmp_path):
+    import json
+
+    from mtlkit.errors import ConfigError
+    from mtlkit.reproduce.mtvib import merge
+
+    def curve(a):
+        return {"0.0": {"left/accuracy": a, "right/accuracy": a, "joint_accuracy": a * a},
+                "0.3": {"left/accuracy": a / 2, "right/accuracy": a / 2, "joint_accuracy": a * a / 4}}
+
+    def write(name, curves, seeds, epochs=1):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({"dataset": "multimnist", "etas": [0.0, 0.3], "seconds": 60.0,
+                                                    "budget": {"epochs": epochs, "seeds": seeds}, "curves": curves}))
+        return d
+
+    a = write("a", {"UWL": [curve(0.9), curve(0.8)], "STL": []}, [0, 1])
+    b = write("b", {"STL": [curve(0.6)]}, [0])
+    md = merge([a, b], tmp_path / "m")
+    assert "UWL (n=2)" in md and "STL (n=1)" in md and "| 60.0 (94.8) | 85.0 ± 5.0 (95.0) |" in md
+    res = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert res["budget"]["seeds"] == {"UWL": [0, 1], "STL": [0]} and res["seconds"] == 120.0
+    assert (tmp_path / "m" / "accuracy_vs_eta.png").is_file()
+    merge([a, b], tmp_path / "m")  # re-merging into a merge directory is fine
+    with pytest.raises(ConfigError, match="model UWL is in more than one"):
+        merge([a, write("c", {"UWL": [curve(0.5)]}, [2])], tmp_path / "m2")
+    with pytest.raises(ConfigError, match="budget differs"):
+        merge([a, write("d", {"GS": [curve(0.5)]}, [0], epochs=200)], tmp_path / "m3")
+    with pytest.raises(ConfigError, match="refusing to overwrite"):
+        merge([b], a)
+    with pytest.raises(ConfigError, match="no results.json"):
+        merge([tmp_path / "nowhere"], tmp_path / "m4")

@@ -111,6 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output directory (default runs/reproduce-mtvib-<dataset>)")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs in --out instead of retraining")
+    p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                   help="train nothing: merge the results.json of these finished output directories (different "
+                        "models, same dataset, η values and budget) into one table in --out")
 
 
 def _budget(args: argparse.Namespace) -> dict[str, Any]:
@@ -176,6 +179,11 @@ def _acc(m: dict[str, float]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.merge:
+        if not args.out:
+            raise SystemExit("--merge needs --out (the directory that receives the merged table)")
+        print(merge(args.merge, args.out))
+        return 0
     from mtlkit.data import build_dataset
 
     budget = _budget(args)
@@ -240,6 +248,58 @@ def rebuild(out: str | Path) -> str:
     return md
 
 
+def merge(dirs: list[str | Path], out: str | Path) -> str:
+    """One table from several finished ``reproduce mtvib`` output directories that trained different models.
+
+    The directories must share the dataset, the η values and the budget (the seeds may differ: each model keeps its
+    own, and the table gives n per column). A model found in two directories is an error, not a silent choice.
+    Writes ``results.json``, ``table.md`` and the PNGs into ``out`` and returns the markdown.
+
+    Raises:
+        ConfigError: a directory without results.json, or results that cannot be put side by side.
+    """
+    from mtlkit.errors import ConfigError
+
+    loaded = []
+    for d in dirs:
+        f = Path(d) / "results.json"
+        if not f.is_file():
+            raise ConfigError(f"{d} has no results.json (not a finished `reproduce mtvib` output directory)")
+        loaded.append((str(d), json.loads(f.read_text())))
+    first_dir, first = loaded[0]
+    same = lambda b: {k: v for k, v in b.items() if k != "seeds"}  # noqa: E731
+    curves: dict[str, list] = {}
+    seeds: dict[str, list] = {}
+    merged = {"dataset": first["dataset"], "budget": same(first["budget"]), "etas": first["etas"],
+              "paper": first.get("paper"), "seconds": 0.0, "sources": [d for d, _ in loaded]}
+    for d, res in loaded:
+        for key, mine, theirs in (("dataset", res["dataset"], first["dataset"]), ("etas", res["etas"], first["etas"]),
+                                  ("budget", same(res["budget"]), same(first["budget"]))):
+            if mine != theirs:
+                raise ConfigError(f"cannot merge {d} with {first_dir}: {key} differs ({mine} vs {theirs})")
+        for m, cs in res["curves"].items():
+            if not cs:
+                continue
+            if m in curves:
+                raise ConfigError(f"model {m} is in more than one of the merged directories ({d} and another); "
+                                  f"keep it in one")
+            curves[m] = cs
+            seeds[m] = res["budget"].get("seeds", [])[:len(cs)]
+        merged["seconds"] += float(res.get("seconds", 0.0))
+        if "gs" in res and "GS" in res["curves"] and res["curves"]["GS"]:
+            merged["gs"] = res["gs"]
+    merged["curves"] = curves
+    merged["budget"]["seeds"] = seeds
+    out = Path(out)
+    if any(out.resolve() == Path(d).resolve() for d, _ in loaded):
+        raise ConfigError(f"--out {out} is one of the merged directories; write the merge somewhere else")
+    if (out / "results.json").is_file() and "sources" not in json.loads((out / "results.json").read_text()):
+        raise ConfigError(f"{out} holds the results of a reproduction, not of a merge; refusing to overwrite them")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(merged, indent=1))
+    return rebuild(out)
+
+
 def _paper_json(dataset: str) -> dict[str, Any]:
     return {m: {t: {str(e): v for e, v in d.items()} for t, d in tasks.items()} for m, tasks in PAPER[dataset].items()}
 
@@ -276,7 +336,8 @@ def report(dataset: str, curves: dict[str, list[dict[str, dict[str, float]]]], e
     if "gs" in extra:
         lines += [f"GS weights (left, right) chosen on validation: {extra['gs']['chosen']} from grid "
                   f"{extra['gs']['grid']} (searched on seed {extra['gs']['searched_on_seed']}).", ""]
-    lines += ["| task | η | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    heads = [f"{m} (n={len(curves[m])})" for m in models]  # seeds per model
+    lines += ["| task | η | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(models)]
     for i, n in enumerate(names):
         for eta in etas:
             cells = []
@@ -286,7 +347,7 @@ def report(dataset: str, curves: dict[str, list[dict[str, dict[str, float]]]], e
                 cells.append(_pm(mu, sd, len(curves[m])) + (f" ({p:.1f})" if p is not None else ""))
             lines.append(f"| {i + 1} ({n}) | {eta:.2f} | " + " | ".join(cells) + " |")
     lines += ["", "### Joint accuracy % (both tasks right; MTVIB Fig. 5), mean ± std", "",
-              "| η | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+              "| η | " + " | ".join(heads) + " |", "|---|" + "---|" * len(models)]
     for eta in etas:
         cells = [_pm(*_stats(curves[m], eta, "joint_accuracy"), len(curves[m])) for m in models]
         lines.append(f"| {eta:.2f} | " + " | ".join(cells) + " |")
