@@ -102,9 +102,10 @@ def linear_sites(z: Tensor, shared: list[Tensor]) -> list[LinearSite]:
                 bias = param_of(nf[0][0])
                 if bias is None or bias.dim() != 1:
                     continue
-            x = fn._saved_mat1
-        else:
-            x = fn._saved_self
+        try:  # a saved-tensor hook (checkpointing, offloading) may refuse to unpack: then explicit rows
+            x = fn._saved_mat1 if kind == "AddmmBackward0" else fn._saved_self
+        except RuntimeError:
+            continue
         if x is None or x.dim() != 2 or x.shape[0] >= x.shape[1]:
             continue
         sites.append(LinearSite(fn, x.detach(), weight, bias))

@@ -36,6 +36,20 @@ class _Seq(nn.Module):
         return torch.tanh(self.lin(x.reshape(x.shape[0], 2, 9))).reshape(x.shape[0], -1)
 
 
+class _Checkpointed(nn.Module):
+    """A block under activation checkpointing: its saved inputs are recomputed when the engine reads them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(18, 8)
+        self.b = nn.Linear(8, 6)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.b(checkpoint(lambda v: torch.tanh(self.a(v)), x, use_reentrant=False))
+
+
 def _encoders():
     conv = nn.Sequential(nn.Unflatten(1, (1, 3, 6)), nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
                          nn.Flatten(), nn.Linear(36, 10), nn.ReLU(), nn.Linear(10, 5))
@@ -47,6 +61,7 @@ def _encoders():
         "narrow": (nn.Sequential(nn.Linear(18, 3), nn.Tanh(), nn.Linear(3, 6)), 18, 1),  # B=4 >= in=3: explicit
         "tied": (_Tied(), 9, 1),  # only self.b is a site
         "seq": (_Seq(), 18, 1),
+        "checkpointed": (_Checkpointed(), 18, 2),
     }
 
 
