@@ -45,12 +45,13 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from mtlkit.aggregation._base import Aggregator, Sum
+from mtlkit._graph import walk as _walk
 from mtlkit.gramian import EncoderGramian
 
 Mode = Literal["auto", "loop", "batched"]
@@ -123,19 +124,6 @@ def check_losses(losses: Tensor, names: Sequence[str] | None = None) -> None:
         raise FloatingPointError(f"non-finite loss for task(s) {', '.join(labels)}: {losses.detach().tolist()}")
 
 
-def _walk(roots, stop: Callable[[object], bool]) -> Iterator[object]:
-    """Each autograd node reachable from ``roots`` once (depth first), not entering nodes for which ``stop`` is true."""
-    seen: set[int] = set()
-    todo = list(roots)
-    while todo:
-        fn = todo.pop()
-        if fn is None or id(fn) in seen or stop(fn):
-            continue
-        seen.add(id(fn))
-        yield fn
-        todo.extend(nxt for nxt, _ in fn.next_functions)
-
-
 def _leaves(roots: Sequence[Tensor], stop: Tensor | None, exclude: set[int]) -> list[Tensor]:
     """Leaf tensors (parameters) reachable from ``roots`` without going through ``stop``, minus ``exclude``."""
     stop_fn = stop.grad_fn if stop is not None else None
@@ -201,10 +189,14 @@ def per_task_grads(losses: Tensor, params: Sequence[Tensor], retain_graph: bool 
     return torch.stack(rows)
 
 
+def _resolve_mode(mode: Mode, z: Tensor) -> str:
+    """``"auto"``: the per-task loop on CPU (faster there in our measurements), vectorised elsewhere."""
+    return ("loop" if z.device.type == "cpu" else "batched") if mode == "auto" else mode
+
+
 def _encoder_jacobian(z: Tensor, dz: Tensor, params: list[Tensor], mode: Mode, chunk_size: int | None) -> Tensor:
     """Rows ``dz_t ᵀ ∂z/∂θ`` for every task t: the per-task gradients of the shared parameters."""
-    if mode == "auto":
-        mode = "loop" if z.device.type == "cpu" else "batched"
+    mode = _resolve_mode(mode, z)
     T = dz.shape[0]
     if mode == "loop":
         # Fill a preallocated T x P matrix row by row: a list of rows plus torch.stack would hold J twice.
@@ -429,8 +421,7 @@ def backward(
         return BackwardInfo(jacobian=J, update=update)
     if agg.gramian_based and reduce is None and not keep_jacobian:
         # G and the update wᵀJ without ever holding J (mtlkit.gramian).
-        resolved = mode if mode != "auto" else ("loop" if z.device.type == "cpu" else "batched")
-        held = EncoderGramian(z, dzs, shared, resolved, chunk_size)
+        held = EncoderGramian(z, dzs, shared, _resolve_mode(mode, z), chunk_size)
         del dzs
         w = agg.weights(held.gramian)
         for p, g in zip(shared, held.combine(w)):

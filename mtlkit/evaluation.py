@@ -27,7 +27,7 @@ from mtlkit.errors import ConfigError
 from mtlkit.methods import build_method
 from mtlkit.metrics import evaluate_outputs
 from mtlkit.models import MTLModel, SingleTaskModels
-from mtlkit.robustness import _check_eps, eval_mode, fgsm, input_gradient, pgd
+from mtlkit.robustness import _check_eps, eval_mode, fgsm, fgsm_step, input_gradient, pgd
 
 ATTACK_NAMES = ("none", "fgsm", "pgd")
 from mtlkit.tasks import Task
@@ -121,8 +121,7 @@ def _fgsm_curve(model: MTLModel, tasks: list[Task], split: Split, eps: list[floa
             y = {k: v[s:s + batch_size].to(device) for k, v in split.y.items()}
             step = input_gradient(model, tasks, x, y, target_task).sign() if any(e > 0 for e in eps) else None
             for e in eps:
-                # exactly fgsm(): x for η = 0, clip(x + η·sign(g)) otherwise
-                xa = x if e == 0 else (x + e * step).clamp(0.0, 1.0)
+                xa = fgsm_step(x, step, e)  # what fgsm() returns, with the direction computed once
                 with torch.no_grad():
                     for k, v in model(xa).items():
                         outs[e].setdefault(k, []).append(v.float().cpu())

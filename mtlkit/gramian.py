@@ -41,6 +41,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from mtlkit._graph import walk
+
 #: Tasks per block when forming ``(X Xᵀ) Δ``: bounds that temporary to this many copies of one task's Δ.
 _BLOCK = 8
 
@@ -63,20 +65,12 @@ def linear_sites(z: Tensor, shared: list[Tensor]) -> list[LinearSite]:
     fewer rows than columns (B < in; otherwise explicit rows are as small and cheaper).
     """
     ids = {id(p) for p in shared}
-    uses: dict[int, int] = {}
-    nodes = []
-    seen: set[int] = set()
-    todo = [z.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        nodes.append(fn)
+    nodes = list(walk([z.grad_fn], lambda fn: False))
+    uses: dict[int, int] = {}  # edges into each node: a parameter or transpose used twice is not a site
+    for fn in nodes:
         for nxt, _ in fn.next_functions:
             if nxt is not None:
                 uses[id(nxt)] = uses.get(id(nxt), 0) + 1
-                todo.append(nxt)
 
     def param_of(fn) -> Tensor | None:
         var = getattr(fn, "variable", None)

@@ -91,7 +91,12 @@ def fgsm(model: Model, tasks: list[Task], x: Tensor, y: dict[str, Tensor], eps: 
         return x.detach().clone()
     with eval_mode(model):
         g = input_gradient(model, tasks, x, y, target_task)
-    return (x.detach() + eps * g.sign()).clamp(*clip)
+    return fgsm_step(x, g.sign(), eps, clip)
+
+
+def fgsm_step(x: Tensor, direction: Tensor, eps: float, clip: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+    """Eq. 25 given the sign of the input gradient: ``clip(x + η·direction)``; ``x`` itself (a copy) for η = 0."""
+    return x.detach().clone() if eps == 0 else (x.detach() + eps * direction).clamp(*clip)
 
 
 def pgd(model: Model, tasks: list[Task], x: Tensor, y: dict[str, Tensor], eps: float, steps: int = 10,

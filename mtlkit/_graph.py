@@ -1,0 +1,17 @@
+"""Walking an autograd graph (private): shared by the engine (:mod:`mtlkit.autodiff`) and :mod:`mtlkit.gramian`."""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+
+def walk(roots, stop: Callable[[object], bool]) -> Iterator[object]:
+    """Each autograd node reachable from ``roots`` once (depth first), not entering nodes for which ``stop`` is true."""
+    seen: set[int] = set()
+    todo = list(roots)
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen or stop(fn):
+            continue
+        seen.add(id(fn))
+        yield fn
+        todo.extend(nxt for nxt, _ in fn.next_functions)
