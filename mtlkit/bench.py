@@ -29,11 +29,15 @@ def add_zoo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--n-train", type=int, default=120_000, help="training+validation images (full: 120000)")
+    p.add_argument("--n-test", type=int, default=10_000, help="test images (full: 10000)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", default="runs/zoo", help="output directory (tables, PNG, one run dir per method/seed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
-    p.add_argument("--reuse", action="store_true", help="reuse finished runs found in --out instead of retraining")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse finished runs found in --out instead of retraining (only runs of the same config: "
+                        "another budget is an error, not a silent mix)")
 
 
 def summarize(results: dict[str, list[dict[str, float]]], keys: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -88,37 +92,43 @@ def plot_zoo(numbers: dict[str, Any], keys: list[str], path: Path, title: str) -
 
 def run_zoo(args: argparse.Namespace) -> int:
     from mtlkit.data import build_dataset
-    from mtlkit.train import Trainer
+    from mtlkit.train import Trainer, finished_run
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = build_dataset(args.dataset, n_train=args.n_train)
-    results: dict[str, list[dict[str, float]]] = {}
-    methods = list(dict.fromkeys(["stl"] + list(args.methods)))
-    for m in methods:
-        for seed in args.seeds:
-            run_dir = out / f"{args.dataset}-{m}-s{seed}"
-            if args.reuse and (run_dir / "results.json").is_file():
-                results.setdefault(m, []).append(json.loads((run_dir / "results.json").read_text())["test"])
-                continue
-            cfg = RunConfig.from_dict({"dataset": {"name": args.dataset, "options": {"n_train": args.n_train}},
-                                       "method": {"name": m},
-                                       "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                                                 "seed": seed, "progress": False},
-                                       "output": {"dir": str(run_dir), "overwrite": True, "tensorboard": False}})
-            cfg = cfg.override(list(args.set))
-            res = Trainer(cfg, data=data).fit()
-            results.setdefault(m, []).append(res.test)
-            print(f"{m} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.test.items()
-                                                   if k.endswith("accuracy")), flush=True)
+    data = build_dataset(args.dataset, n_train=args.n_train, n_test=args.n_test)
     task_metrics = [(f"{t.name}/{t.metrics[0]}", t.higher_is_better[0]) for t in data.tasks]
-    table, numbers = zoo_table(results, task_metrics)
     header = (f"Method zoo on {args.dataset} (real data; {len(data.train)} train / {len(data.val)} val / "
               f"{len(data.test)} test images), HPS encoder, {args.epochs} epochs, Adam lr {args.lr}, batch "
               f"{args.batch_size}, seeds {args.seeds}; test accuracy (%) of the validation-selected epoch, "
               f"mean ± std; Δm vs STL, lower is better.\n\n")
+    results: dict[str, list[dict[str, float]]] = {}
+    methods = list(dict.fromkeys(["stl"] + list(args.methods)))
+    # Seed-major order: an interrupted zoo leaves complete seeds (and a partial table after every run).
+    for seed in args.seeds:
+        for m in methods:
+            run_dir = out / f"{args.dataset}-{m}-s{seed}"
+            cfg = RunConfig.from_dict({
+                "dataset": {"name": args.dataset, "options": {"n_train": args.n_train, "n_test": args.n_test}},
+                "method": {"name": m},
+                "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "optimizer": "adam",
+                          "seed": seed, "num_threads": args.threads, "progress": False},
+                "output": {"dir": str(run_dir), "overwrite": True, "tensorboard": False}})
+            cfg = cfg.override(list(args.set))
+            done = finished_run(run_dir, cfg) if args.reuse else None
+            if done is not None:
+                results.setdefault(m, []).append(done["test"])
+                continue
+            res = Trainer(cfg, data=data).fit()
+            results.setdefault(m, []).append(res.test)
+            print(f"{m} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.test.items()
+                                                   if k.endswith("accuracy")), flush=True)
+            table, _ = zoo_table(results, task_metrics)
+            (out / f"zoo_{args.dataset}_partial.md").write_text(header.replace("seeds", "partial; seeds") + table + "\n")
+    table, numbers = zoo_table(results, task_metrics)
     (out / f"zoo_{args.dataset}.md").write_text(header + table + "\n")
     (out / f"zoo_{args.dataset}.json").write_text(json.dumps(numbers, indent=2))
     plot_zoo(numbers, [k for k, _ in task_metrics], out / f"zoo_{args.dataset}.png", f"{args.dataset}")
+    (out / f"zoo_{args.dataset}_partial.md").unlink(missing_ok=True)
     print(header + table)
     return 0

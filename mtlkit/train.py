@@ -399,7 +399,49 @@ class Trainer:
 
 def _resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Config keys that differ between a checkpoint and a resume request, ignoring those allowed to change."""
-    allowed = {"train.epochs", "train.progress"}
+    return config_differences(old, new, allowed={"train.epochs", "train.progress"})
+
+
+# Keys that do not change what a run learns (or change it only by float reduction order), so a finished run may be
+# reused by a request that differs in them.
+_REUSE_IGNORED = {"train.progress", "train.num_threads", "train.device", "train.eval_batch_size"}
+
+
+def finished_run(run_dir: str | Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The ``results.json`` of a finished run in ``run_dir`` trained with ``cfg``; None if it has not finished.
+
+    Benchmarks that resume (``bench zoo --reuse``, ``reproduce mtvib --reuse``) call this instead of trusting a file
+    name: a finished run whose ``config.yaml`` differs from the request (other than in output paths, progress bars,
+    threads, device or evaluation batch size) raises ConfigError naming the keys, rather than being silently mixed
+    into a table of another budget.
+
+    Example:
+        >>> finished_run("/nonexistent-run-dir", RunConfig()) is None
+        True
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.json").is_file():
+        return None
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"{run_dir} has results.json but no config.yaml: cannot tell what it was trained with")
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    diff = config_differences(saved, cfg.to_dict(), allowed=_REUSE_IGNORED)
+    if diff:
+        detail = ", ".join(f"{k}: {_lookup(saved, k)!r} there, {_lookup(cfg.to_dict(), k)!r} requested" for k in diff)
+        raise ConfigError(f"refusing to reuse {run_dir}: it was trained with another config ({detail}); "
+                          f"use another output directory or delete that run")
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _lookup(d: dict[str, Any], dotted: str) -> Any:
+    section, key = dotted.split(".", 1)
+    return (d.get(section) or {}).get(key)
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], allowed: set[str]) -> list[str]:
+    """Dotted keys (``section.key``) whose values differ between two config dicts, except ``allowed`` and
+    ``output.*``."""
     out = []
     for section in old.keys() | new.keys():
         if section == "output":

@@ -157,3 +157,45 @@ def test_cli_data_fetch_rejects_unknown_names(capsys):
     assert main(["data", "fetch", "cifar"]) == 2
     err = capsys.readouterr().err
     assert "unknown dataset(s) ['cifar']" in err and all(n in err for n in ("mnist", "fashion", "yeast", "census"))
+
+
+def test_finished_run_reuses_only_the_same_config(tmp_path):
+    from mtlkit.train import finished_run
+
+    cfg = _cfg(tmp_path, epochs=1)
+    assert finished_run(tmp_path / "run", cfg) is None  # nothing trained yet
+    res = Trainer(cfg).fit()
+    # progress bars, threads, device and output paths do not change what was learned
+    same = cfg.override(["train.progress=true", "train.num_threads=1", "output.dir=elsewhere"])
+    assert finished_run(tmp_path / "run", same)["test"] == res.test
+    with pytest.raises(ConfigError, match=r"train\.lr: 0\.01 there, 0\.5 requested"):
+        finished_run(tmp_path / "run", cfg.override(["train.lr=0.5"]))
+    with pytest.raises(ConfigError, match="method.name"):
+        finished_run(tmp_path / "run", cfg.override(["method.name=mgda"]))
+    (tmp_path / "run" / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match="no config.yaml"):
+        finished_run(tmp_path / "run", cfg)
+
+
+def test_bench_zoo_tabulates_resumes_and_refuses_another_budget(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "zoo"
+    argv = ["bench", "zoo", "--dataset", "_toy", "--methods", "ew", "mgda", "--seeds", "0", "1", "--epochs", "1",
+            "--n-train", "96", "--n-test", "32", "--batch-size", "32", "--out", str(out),
+            "--set", "model.options={encoder: mlp, hidden: [16], head_hidden: 8}"]
+    assert main(argv) == 0
+    numbers = json.loads((out / "zoo__toy.json").read_text())
+    assert list(numbers) == ["stl", "ew", "mgda"] and all(v["seeds"] == 2 for v in numbers.values())
+    assert numbers["stl"]["delta_m"] == pytest.approx([-x for x in numbers["stl"]["delta_m"][::-1]])  # vs own mean
+    assert (out / "zoo__toy.png").stat().st_size > 0 and not (out / "zoo__toy_partial.md").exists()
+    table = (out / "zoo__toy.md").read_text()
+    # the table's cells are the runs' own results.json numbers
+    acc = [json.loads((out / f"_toy-ew-s{s}" / "results.json").read_text())["test"]["a/accuracy"] for s in (0, 1)]
+    assert f"| ew | {100 * sum(acc) / 2:.2f} ± " in table
+    # --reuse: nothing is trained again, and the table is the same
+    monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail("retrained a finished run"))
+    assert main(argv + ["--reuse"]) == 0
+    assert (out / "zoo__toy.md").read_text() == table
+    # --reuse with another budget is refused, naming the key
+    capsys.readouterr()
+    assert main([a if a != "1" else "2" for a in argv] + ["--reuse"]) != 0
+    assert "train.epochs: 1 there, 2 requested" in capsys.readouterr().err

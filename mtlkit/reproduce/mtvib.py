@@ -132,7 +132,7 @@ def _train(model: str, seed: int, data, budget: dict[str, Any], out: Path, reuse
 
     from mtlkit.config import RunConfig
     from mtlkit.evaluation import load_run
-    from mtlkit.train import Trainer
+    from mtlkit.train import Trainer, finished_run
 
     run_dir = out / "runs" / f"{tag or model}-s{seed}"
     cfg = RunConfig.from_dict({
@@ -141,9 +141,10 @@ def _train(model: str, seed: int, data, budget: dict[str, Any], out: Path, reuse
         "train": {"epochs": budget["epochs"], "lr": budget["lr"], "batch_size": budget["batch_size"],
                   "optimizer": "adam", "seed": seed, "device": "cpu", "num_threads": threads, "progress": False},
         "output": {"dir": str(run_dir), "tensorboard": False, "overwrite": True}})
-    if reuse and (run_dir / "results.json").is_file():
+    done = finished_run(run_dir, cfg) if reuse else None
+    if done is not None:
         _, _, net = load_run(run_dir, data=data)
-        return net, json.loads((run_dir / "results.json").read_text())
+        return net, done
     t0 = time.time()
     trainer = Trainer(cfg, data=data, run_dir=run_dir)
     res = trainer.fit()
