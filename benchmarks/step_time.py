@@ -8,6 +8,9 @@ Each (workload, T, method, level) runs in a fresh subprocess: median ms per trai
 method, optimizer step) over ``--steps`` steps after ``--warmup`` steps, and peak resident memory (ru_maxrss) minus the
 resident memory of the same process after building the model and moving one batch (so the number is the training
 step's own memory). torchjd's implementation of the same method is timed beside ours where torchjd is importable.
+``--retained-floor`` adds EW with ``retain_graph=True`` (impl ``retained``): a backward that cannot free the forward
+graph as it goes, which every per-task pass but the last must do, so its peak is the floor of any exact
+parameter-level method that backpropagates the same graph T times (LibMTL's and torchjd's included).
 
 Usage:
     python benchmarks/step_time.py                      # everything (long on 2 cores)
@@ -100,6 +103,8 @@ def run_one(workload: str, T: int, method: str, level: str, impl: str, steps: in
         if tj is not None:
             tj[0].mtl_backward(loss_list, features=z, shared_params=shared)
             tj[0].jac_to_grad(shared, tj[1])
+        elif impl == "retained":  # EW, but the backward keeps its graph: what any second pass over it must hold
+            losses.sum().backward(retain_graph=True)
         else:
             ctx = StepContext(step=i, epoch=0, shared_params=shared, last_shared_layer=model.last_shared_layer(),
                               task_names=names)
@@ -194,6 +199,9 @@ def main() -> int:
     p.add_argument("--torchjd", action="store_true", help="also time torchjd's implementation (if importable)")
     p.add_argument("--libmtl", action="store_true",
                    help="also time LibMTL's implementation (GitHub version, if importable: put it on PYTHONPATH)")
+    p.add_argument("--retained-floor", action="store_true",
+                   help="also measure EW with retain_graph=True: one backward that frees nothing, the memory floor "
+                        "of any method that runs more than one backward pass over the same forward graph")
     p.add_argument("--out", help="write the markdown table here (and a .json beside it)")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -208,6 +216,8 @@ def main() -> int:
             for method in ["ew"] + [m for m in args.methods if m != "ew"]:
                 for level in args.levels:
                     impls = ["mtlkit"] + (["torchjd"] if args.torchjd else []) + (["libmtl"] if args.libmtl else [])
+                    if method == "ew" and args.retained_floor and level == "parameter":
+                        impls.append("retained")
                     for impl in impls:
                         if level == "representation" and not _aggregates(method):
                             continue  # loss-space methods ignore the level
