@@ -98,10 +98,13 @@ def run_zoo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = build_dataset(args.dataset, n_train=args.n_train, n_test=args.n_test)
     task_metrics = [(f"{t.name}/{t.metrics[0]}", t.higher_is_better[0]) for t in data.tasks]
-    header = (f"Method zoo on {args.dataset} (real data; {len(data.train)} train / {len(data.val)} val / "
-              f"{len(data.test)} test images), HPS encoder, {args.epochs} epochs, Adam lr {args.lr}, batch "
-              f"{args.batch_size}, seeds {args.seeds}; test accuracy (%) of the validation-selected epoch, "
-              f"mean ± std; Δm vs STL, lower is better.\n\n")
+
+    def header(partial: bool) -> str:
+        return (f"Method zoo on {args.dataset} (real data; {len(data.train)} train / {len(data.val)} val / "
+                f"{len(data.test)} test images), HPS encoder, {args.epochs} epochs, Adam lr {args.lr}, batch "
+                f"{args.batch_size}, {'partial; ' if partial else ''}seeds {args.seeds}; test accuracy (%) of the "
+                f"validation-selected epoch, mean ± std; Δm vs STL, lower is better.\n\n")
+
     results: dict[str, list[dict[str, float]]] = {}
     methods = list(dict.fromkeys(["stl"] + list(args.methods)))
     # Seed-major order: an interrupted zoo leaves complete seeds (and a partial table after every run).
@@ -124,11 +127,11 @@ def run_zoo(args: argparse.Namespace) -> int:
             print(f"{m} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.test.items()
                                                    if k.endswith("accuracy")), flush=True)
             table, _ = zoo_table(results, task_metrics)
-            (out / f"zoo_{args.dataset}_partial.md").write_text(header.replace("seeds", "partial; seeds") + table + "\n")
+            (out / f"zoo_{args.dataset}_partial.md").write_text(header(partial=True) + table + "\n")
     table, numbers = zoo_table(results, task_metrics)
-    (out / f"zoo_{args.dataset}.md").write_text(header + table + "\n")
+    (out / f"zoo_{args.dataset}.md").write_text(header(partial=False) + table + "\n")
     (out / f"zoo_{args.dataset}.json").write_text(json.dumps(numbers, indent=2))
     plot_zoo(numbers, [k for k, _ in task_metrics], out / f"zoo_{args.dataset}.png", f"{args.dataset}")
     (out / f"zoo_{args.dataset}_partial.md").unlink(missing_ok=True)
-    print(header + table)
+    print(header(partial=False) + table)
     return 0

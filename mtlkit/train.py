@@ -426,9 +426,10 @@ def finished_run(run_dir: str | Path, cfg: RunConfig) -> dict[str, Any] | None:
     if not saved_path.is_file():
         raise ConfigError(f"{run_dir} has results.json but no config.yaml: cannot tell what it was trained with")
     saved = yaml.safe_load(saved_path.read_text()) or {}
-    diff = config_differences(saved, cfg.to_dict(), allowed=_REUSE_IGNORED)
+    requested = cfg.to_dict()
+    diff = config_differences(saved, requested, allowed=_REUSE_IGNORED)
     if diff:
-        detail = ", ".join(f"{k}: {_lookup(saved, k)!r} there, {_lookup(cfg.to_dict(), k)!r} requested" for k in diff)
+        detail = ", ".join(f"{k}: {_lookup(saved, k)!r} there, {_lookup(requested, k)!r} requested" for k in diff)
         raise ConfigError(f"refusing to reuse {run_dir}: it was trained with another config ({detail}); "
                           f"use another output directory or delete that run")
     return json.loads((run_dir / "results.json").read_text())

@@ -197,5 +197,6 @@ def test_bench_zoo_tabulates_resumes_and_refuses_another_budget(tmp_path, monkey
     assert (out / "zoo__toy.md").read_text() == table
     # --reuse with another budget is refused, naming the key
     capsys.readouterr()
-    assert main([a if a != "1" else "2" for a in argv] + ["--reuse"]) != 0
+    two_epochs = argv[:argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2:]
+    assert main(two_epochs + ["--reuse"]) != 0
     assert "train.epochs: 1 there, 2 requested" in capsys.readouterr().err
