@@ -6,6 +6,7 @@ from torch import nn
 from mtlkit.aggregation import MAMG, CAGrad, DualProj, GradDrop, GradVac, IMTLG, MGDA, Mean, NashMTL, PCGrad, UPGrad
 from mtlkit.autodiff import backward, stack
 from mtlkit.gramian import EncoderGramian, encoder_gramian, linear_sites
+from mtlkit.models.hps import ChannelsLast
 
 
 def _jacobian(z, dz, params):
@@ -53,11 +54,16 @@ class _Checkpointed(nn.Module):
 def _encoders():
     conv = nn.Sequential(nn.Unflatten(1, (1, 3, 6)), nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
                          nn.Flatten(), nn.Linear(36, 10), nn.ReLU(), nn.Linear(10, 5))
+    # The same with NHWC activations and conv weights, as in mtlkit's conv trunk.
+    conv_last = nn.Sequential(nn.Unflatten(1, (1, 3, 6)), ChannelsLast(), nn.Conv2d(1, 2, 3, padding=1),
+                              nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(36, 10), nn.ReLU(),
+                              nn.Linear(10, 5)).to(memory_format=torch.channels_last)
     return {
         # (encoder, input columns, number of linear sites expected with B = 4 rows)
         "mlp": (nn.Sequential(nn.Linear(18, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 6)), 18, 3),
         "no_bias": (nn.Sequential(nn.Linear(18, 12, bias=False), nn.ReLU(), nn.Linear(12, 5, bias=False)), 18, 2),
         "conv_bn": (conv, 18, 2),  # the conv and BatchNorm parameters get explicit rows
+        "conv_channels_last": (conv_last, 18, 2),
         "narrow": (nn.Sequential(nn.Linear(18, 3), nn.Tanh(), nn.Linear(3, 6)), 18, 1),  # B=4 >= in=3: explicit
         "tied": (_Tied(), 9, 1),  # only self.b is a site
         "seq": (_Seq(), 18, 1),
