@@ -134,6 +134,60 @@ def test_cagrad_improves_worst_case_within_the_ball():
         assert torch.allclose(CAGrad(c=c, rescale=1)(J), d / (1 + c ** 2))
 
 
+def _cagrad_cases():
+    """Gramians (float64 J) of every kind the dual meets: T = 2..40, rank-deficient, duplicated and opposite tasks."""
+    gen = torch.Generator().manual_seed(0)
+    for k in range(40):
+        T, P = [2, 3, 5, 10, 40][k % 5], [300, 4, 20, 1000][k % 4]
+        J = torch.randn(T, P, generator=gen, dtype=torch.float64)
+        J = J + 3 * float(torch.rand(1, generator=gen)) * torch.randn(P, generator=gen, dtype=torch.float64)
+        if k % 7 == 0:
+            J[1] = J[0]
+        if k % 11 == 0:
+            J[-1] = -J[0]
+        yield J, [0.1, 0.4, 0.9, 2.0][k % 4]
+
+
+def test_cagrad_dual_is_exact_zero_duality_gap(monkeypatch):
+    """Strong duality: the primal value min_i ⟨g_i, d*⟩ equals the dual value f(w*) at the returned w*."""
+    from mtlkit.aggregation import cagrad
+
+    slsqp = cagrad._slsqp
+
+    def no_fallback(*args):
+        raise AssertionError("the exact solver fell back to SLSQP")
+
+    monkeypatch.setattr(cagrad, "_slsqp", no_fallback)
+    zero_cases = 0
+    for J, c in _cagrad_cases():
+        T = J.shape[0]
+        A = (J @ J.T / torch.trace(J @ J.T)).numpy()
+        L = torch.tensor(cagrad.sqrt_factor(A))                          # LᵀL = A: columns are the task gradients
+        sqrt_phi = c * float(np.sqrt(A.mean() + 1e-8))
+        w = cagrad.cagrad_dual(A, sqrt_phi)
+        assert (w >= 0).all() and abs(w.sum() - 1) < 1e-12
+        g0, gw = L @ torch.full((T,), 1.0 / T, dtype=torch.float64), L @ torch.tensor(w)
+        dual = float(g0 @ gw + sqrt_phi * gw.norm())
+        tol = 1e-9
+        if gw.norm() > 1e-6:
+            d = g0 + sqrt_phi * gw / gw.norm()                            # the paper's primal solution
+        else:  # 0 in the hull is optimal (f = 0): a primal point is the projection of g0 onto {d : J d >= 0}
+            zero_cases += 1
+            d = L @ torch.tensor(cagrad.project_dual_cone(A, np.full(T, 1.0 / T))[0])
+            assert (d - g0).norm() <= sqrt_phi * (1 + 1e-9)
+            tol = 1e-8                                                    # f(w) = √φ ||g_w||, g_w ~ 1e-9 from NNLS
+        primal = float((L.T @ d).min())                                   # min_i ⟨g_i, d⟩
+        assert abs(primal - dual) <= tol * (1 + abs(dual)), (T, c, primal, dual)
+        if T > 10:
+            continue  # SLSQP takes ~1 s per solve at T = 40
+        # never worse than the reference implementations' SLSQP
+        u = np.full(T, 1.0 / T)
+        ref = torch.tensor(slsqp(A, A @ u, sqrt_phi, u))
+        f_ref = float(g0 @ (L @ ref) + sqrt_phi * (L @ ref).norm())
+        assert dual <= f_ref + 1e-12
+    assert zero_cases > 0  # the cases include optima with g_w = 0
+
+
 # -------------------------------------------------------------------------------------------------- UPGrad / DualProj
 @pytest.mark.parametrize("cls", [UPGrad, DualProj])
 def test_dual_cone_methods_never_conflict(cls):

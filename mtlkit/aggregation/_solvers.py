@@ -134,9 +134,20 @@ def min_norm_simplex_exact(G: np.ndarray) -> np.ndarray:
         >>> np.round(min_norm_simplex_exact(np.array([[1.0, -1.0], [-1.0, 1.0]])), 6).tolist()
         [0.5, 0.5]
     """
-    T = G.shape[0]
-    M = np.vstack([sqrt_factor(G), np.ones((1, T))])
-    b = np.zeros(T + 1)
+    return min_norm_simplex_factor(sqrt_factor(G))
+
+
+def min_norm_simplex_factor(A: np.ndarray) -> np.ndarray:
+    """:func:`min_norm_simplex_exact` given a factor ``A`` (any k x T matrix with ``Aᵀ A = G``) instead of ``G``.
+
+    Example:
+        >>> import numpy as np
+        >>> np.round(min_norm_simplex_factor(np.array([[1.0, 0.0], [0.0, 1.0], [3.0, 3.0]])), 6).tolist()
+        [0.5, 0.5]
+    """
+    T = A.shape[1]
+    M = np.vstack([A, np.ones((1, T))])
+    b = np.zeros(M.shape[0])
     b[-1] = 1.0
     x, _ = nnls(M, b, maxiter=50 * max(1, T))
     s = x.sum()
