@@ -52,7 +52,11 @@ class PairwiseSurgery(SeededAggregator):
     need is an entry of ``C G`` or ``C G Cᵀ``: the methods run on the T x T Gramian (``gramian_based``), in float64,
     and the update is ``(1ᵀ C) J``. This is exact (same decisions, same result up to round-off as editing P-vectors),
     costs O(T³) instead of O(T² P) vector operations, and works unchanged at representation level.
-    Subclasses implement :meth:`_edit` on the coefficient row of ``g_i'``.
+
+    The rows are independent (row i only reads its own ``g_i'`` and the original gradients), so the T sequences of
+    edits run side by side: round k edits every row i against the k-th task of i's own random order. This is the
+    same computation as the papers' loop over i, in T - 1 vectorised rounds instead of T (T - 1) scalar steps
+    (PCGrad at T = 40: 6 ms -> under 1 ms). Subclasses implement :meth:`_edit` on all rows at once.
     """
 
     gramian_based = True
@@ -64,9 +68,10 @@ class PairwiseSurgery(SeededAggregator):
         T = A.shape[0]
         C = np.eye(T)
         self._begin(A)
-        for i in range(T):
-            for j in self._other_tasks_in_random_order(i, T):
-                self._edit(C[i], i, j, A)
+        # orders[i] = the tasks other than i in i's random order (one randperm per task, drawn in task order).
+        orders = np.array([self._other_tasks_in_random_order(i, T) for i in range(T)], dtype=np.int64).reshape(T, -1)
+        for k in range(T - 1):
+            self._edit(C, orders[:, k], A)
         return torch.from_numpy(C).to(dtype=G.dtype, device=G.device)
 
     def weights_from_gramian(self, G: Tensor) -> Tensor:
@@ -82,6 +87,13 @@ class PairwiseSurgery(SeededAggregator):
     def _begin(self, G: np.ndarray) -> None:
         """Hook called once per step before the edits (e.g. to check the number of tasks)."""
 
-    def _edit(self, c: np.ndarray, i: int, j: int, G: np.ndarray) -> None:  # pragma: no cover - abstract
-        """Edit in place the coefficient row ``c`` of ``g_i'`` against the original ``g_j``."""
+    def _edit(self, C: np.ndarray, j: np.ndarray, G: np.ndarray) -> None:  # pragma: no cover - abstract
+        """Edit in place every coefficient row ``C[i]`` (of ``g_i'``) against the original ``g_{j[i]}``."""
         raise NotImplementedError
+
+
+def row_products(C: np.ndarray, j: np.ndarray, G: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every row i: ``⟨g_i', g_j⟩``, ``||g_i'||²`` and ``||g_j||²`` with ``j = j[i]`` (inputs of the edit rules)."""
+    CG = C @ G
+    rows = np.arange(len(j))
+    return CG[rows, j], np.einsum("ik,ik->i", CG, C), G[j, j]

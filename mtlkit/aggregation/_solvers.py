@@ -97,25 +97,30 @@ def min_norm_simplex(G: np.ndarray, max_iter: int = 250, tol: float = 1e-7) -> n
     if T == 2:
         g = min_norm_2(G[0, 0], G[0, 1], G[1, 1])
         return np.array([g, 1.0 - g])
-    # Initialisation: the best pair (Sener & Koltun's _min_norm_2d).
-    best, w = np.inf, np.full(T, 1.0 / T)
-    for i in range(T):
-        for j in range(i + 1, T):
-            g = min_norm_2(G[i, i], G[i, j], G[j, j])
-            val = g * g * G[i, i] + 2 * g * (1 - g) * G[i, j] + (1 - g) ** 2 * G[j, j]
-            if val < best:
-                best = val
-                w = np.zeros(T)
-                w[i], w[j] = g, 1.0 - g
+    # Initialisation: the best pair (Sener & Koltun's _min_norm_2d), all pairs at once.
+    i, j = np.triu_indices(T, k=1)
+    g11, g12, g22 = G[i, i], G[i, j], G[j, j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inner = (g22 - g12) / (g11 + g22 - 2.0 * g12)
+    gam = np.where(g12 >= g11, 1.0, np.where(g12 >= g22, 0.0, inner))  # min_norm_2, vectorised
+    val = gam * gam * g11 + 2 * gam * (1 - gam) * g12 + (1 - gam) ** 2 * g22
+    k = int(np.argmin(val))
+    w = np.zeros(T)
+    w[i[k]], w[j[k]] = gam[k], 1.0 - gam[k]
+    # Frank-Wolfe. Gw and wᵀGw are updated in place (w ← g w + (1-g) e_t), and the L1 move is (1-g)·2(1 - w_t).
+    Gw = G @ w
+    wGw = float(w @ Gw)
     for _ in range(max_iter):
-        Gw = G @ w
         t = int(np.argmin(Gw))
         # Line search between the current point (norm² wᵀGw) and vertex t (norm² G_tt), inner product (Gw)_t.
-        g = min_norm_2(float(w @ Gw), float(Gw[t]), float(G[t, t]))
-        new = g * w
-        new[t] += 1.0 - g
-        change = np.abs(new - w).sum()
-        w = new
+        Gwt, Gtt = float(Gw[t]), float(G[t, t])
+        g = min_norm_2(wGw, Gwt, Gtt)
+        change = (1.0 - g) * 2.0 * (1.0 - w[t])
+        w *= g
+        w[t] += 1.0 - g
+        Gw *= g
+        Gw += (1.0 - g) * G[:, t]
+        wGw = g * g * wGw + 2.0 * g * (1.0 - g) * Gwt + (1.0 - g) ** 2 * Gtt
         if change < tol:
             break
     return w

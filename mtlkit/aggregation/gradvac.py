@@ -1,14 +1,13 @@
 """GradVac: pull each pair's gradient cosine up to an EMA target."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mtlkit.aggregation._random import PairwiseSurgery
+from mtlkit.aggregation._random import PairwiseSurgery, row_products
 from mtlkit.errors import ConfigError
 from mtlkit.methods import Method, register
 from mtlkit.weighting._base import EW
@@ -67,18 +66,20 @@ class GradVac(PairwiseSurgery):
             raise ValueError(f"GradVac was used with {self._targets.shape[0]} tasks and now gets {T}; "
                              "build a new GradVac (its targets are per task pair)")
 
-    def _edit(self, c: np.ndarray, i: int, j: int, G: np.ndarray) -> None:
+    def _edit(self, C: np.ndarray, j: np.ndarray, G: np.ndarray) -> None:
         assert self._targets is not None
-        cG = c @ G
-        ni, nj = math.sqrt(max(float(cG @ c), 0.0)), math.sqrt(max(float(G[j, j]), 0.0))
-        if ni == 0.0 or nj == 0.0:
-            return
-        phi = max(-1.0, min(1.0, float(cG[j]) / (ni * nj)))                # cos(g_i', g_j)
-        target = float(self._targets[i, j])
-        if phi < target:                                                     # Eq. (2)
-            coef = ni * (target * math.sqrt(1 - phi ** 2) - phi * math.sqrt(1 - target ** 2))
-            c[j] += coef / (nj * math.sqrt(max(1 - target ** 2, 1e-12)))
-        self._targets[i, j] = (1 - self.beta) * target + self.beta * phi    # Eq. (3)
+        rows = np.arange(len(j))
+        dot, ni2, nj2 = row_products(C, j, G)
+        ni, nj = np.sqrt(np.maximum(ni2, 0.0)), np.sqrt(np.maximum(nj2, 0.0))
+        live = (ni > 0) & (nj > 0)                                            # pairs with a zero gradient: no-op
+        phi = np.clip(dot / np.where(live, ni * nj, 1.0), -1.0, 1.0)         # cos(g_i', g_j)
+        targets = self._targets.numpy()
+        target = targets[rows, j]
+        i = np.flatnonzero(live & (phi < target))                             # Eq. (2)
+        coef = ni[i] * (target[i] * np.sqrt(1 - phi[i] ** 2) - phi[i] * np.sqrt(1 - target[i] ** 2))
+        C[i, j[i]] += coef / (nj[i] * np.sqrt(np.maximum(1 - target[i] ** 2, 1e-12)))
+        live_rows = np.flatnonzero(live)
+        targets[live_rows, j[live_rows]] = (1 - self.beta) * target[live_rows] + self.beta * phi[live_rows]  # Eq. (3)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

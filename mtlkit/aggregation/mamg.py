@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mtlkit.aggregation._random import PairwiseSurgery
+from mtlkit.aggregation._random import PairwiseSurgery, row_products
 from mtlkit.methods import Method, register
 from mtlkit.weighting._base import EW
 
@@ -39,17 +39,16 @@ class MAMG(PairwiseSurgery):
         tensor([0.3529, 1.4118])
     """
 
-    def _edit(self, c: np.ndarray, i: int, j: int, G: np.ndarray) -> None:
-        cG = c @ G
-        if cG[j] < 0:                                            # ⟨g_i', g_j⟩ < 0
-            n2 = float(cG @ c - 2.0 * cG[j] + G[j, j])           # ||g_i' - g_j||²
-            if n2 <= 0.0:
-                return
-            delta = float(cG @ c - G[j, j]) / np.sqrt(n2)        # (||g_i'||² - ||g_j||²) / ||g_i' - g_j||
-            if delta > 0:                                        # g_i' ← g_i' - δ u,  u = (g_i' - g_j) / ||g_i' - g_j||
-                step = delta / np.sqrt(n2)
-                c *= 1.0 - step
-                c[j] += step
+    def _edit(self, C: np.ndarray, j: np.ndarray, G: np.ndarray) -> None:
+        dot, ni2, nj2 = row_products(C, j, G)
+        n2 = ni2 - 2.0 * dot + nj2                             # ||g_i' - g_j||²
+        ok = (dot < 0) & (n2 > 0)                              # ⟨g_i', g_j⟩ < 0
+        delta = np.where(ok, ni2 - nj2, 0.0) / np.sqrt(np.where(ok, n2, 1.0))  # (||g_i'||² - ||g_j||²)/||g_i' - g_j||
+        i = np.flatnonzero(ok & (delta > 0))
+        # g_i' ← g_i' - δ u,  u = (g_i' - g_j) / ||g_i' - g_j||
+        step = delta[i] / np.sqrt(n2[i])
+        C[i] *= (1.0 - step)[:, None]
+        C[i, j[i]] += step
 
 
 @register("mamg")

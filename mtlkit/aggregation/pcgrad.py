@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mtlkit.aggregation._random import PairwiseSurgery
+from mtlkit.aggregation._random import PairwiseSurgery, row_products
 from mtlkit.methods import Method, register
 from mtlkit.weighting._base import EW
 
@@ -30,10 +30,10 @@ class PCGrad(PairwiseSurgery):
         tensor([0.5000, 1.5000])
     """
 
-    def _edit(self, c: np.ndarray, i: int, j: int, G: np.ndarray) -> None:
-        dot = c @ G[:, j]                      # ⟨g_i', g_j⟩
-        if dot < 0 and G[j, j] > 0:
-            c[j] -= dot / G[j, j]
+    def _edit(self, C: np.ndarray, j: np.ndarray, G: np.ndarray) -> None:
+        dot, _, nj2 = row_products(C, j, G)    # ⟨g_i', g_j⟩, ||g_j||²
+        i = np.flatnonzero((dot < 0) & (nj2 > 0))
+        C[i, j[i]] -= dot[i] / nj2[i]
 
 
 @register("pcgrad")
