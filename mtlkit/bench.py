@@ -51,18 +51,21 @@ def zoo_table(results: dict[str, list[dict[str, float]]], task_metrics: list[tup
     """Markdown table (accuracies in %) and the numbers behind it; Δm per seed against the mean STL row."""
     keys = [k for k, _ in task_metrics]
     summary = summarize(results, keys)
-    lines = ["| method | " + " | ".join(keys) + " | Δm % (↓) |", "|---|" + "---|" * (len(keys) + 1)]
+    lines = ["| method | seeds | " + " | ".join(keys) + " | Δm % (↓) |", "|---|---|" + "---|" * (len(keys) + 1)]
     base = [summary[baseline][k][0] for k in keys] if baseline in summary else None
     numbers: dict[str, Any] = {}
     for m, rs in results.items():
-        cells = [f"{100 * summary[m][k][0]:.2f} ± {100 * summary[m][k][1]:.2f}" for k in keys]
+        # A standard deviation needs two seeds: one seed shows the value alone (a partial table can mix both).
+        spread = len(rs) > 1
+        cells = [f"{100 * summary[m][k][0]:.2f}" + (f" ± {100 * summary[m][k][1]:.2f}" if spread else "")
+                 for k in keys]
         if base is not None:
             dms = [delta_m([r[k] for k in keys], base, [h for _, h in task_metrics]) for r in rs]
-            dm = f"{np.mean(dms):+.2f} ± {np.std(dms):.2f}"
+            dm = f"{np.mean(dms):+.2f}" + (f" ± {np.std(dms):.2f}" if spread else "")
         else:
             dms, dm = [], "n/a"
         numbers[m] = {"summary": summary[m], "delta_m": dms, "seeds": len(rs)}
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {dm} |")
+        lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + f" | {dm} |")
     return "\n".join(lines), numbers
 
 
@@ -101,7 +104,7 @@ def run_zoo(args: argparse.Namespace) -> int:
 
     def header(partial: bool) -> str:
         return (f"Method zoo on {args.dataset} (real data; {len(data.train)} train / {len(data.val)} val / "
-                f"{len(data.test)} test images), HPS encoder, {args.epochs} epochs, Adam lr {args.lr}, batch "
+                f"{len(data.test)} test images), HPS encoder, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, Adam lr {args.lr}, batch "
                 f"{args.batch_size}, {'partial; ' if partial else ''}seeds {args.seeds}; test accuracy (%) of the "
                 f"validation-selected epoch, mean ± std; Δm vs STL, lower is better.\n\n")
 

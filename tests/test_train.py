@@ -190,7 +190,7 @@ def test_bench_zoo_tabulates_resumes_and_refuses_another_budget(tmp_path, monkey
     table = (out / "zoo__toy.md").read_text()
     # the table's cells are the runs' own results.json numbers
     acc = [json.loads((out / f"_toy-ew-s{s}" / "results.json").read_text())["test"]["a/accuracy"] for s in (0, 1)]
-    assert f"| ew | {100 * sum(acc) / 2:.2f} ± " in table
+    assert f"| ew | 2 | {100 * sum(acc) / 2:.2f} ± " in table
     # --reuse: nothing is trained again, and the table is the same
     monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail("retrained a finished run"))
     assert main(argv + ["--reuse"]) == 0
@@ -200,3 +200,14 @@ def test_bench_zoo_tabulates_resumes_and_refuses_another_budget(tmp_path, monkey
     two_epochs = argv[:argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2:]
     assert main(two_epochs + ["--reuse"]) != 0
     assert "train.epochs: 1 there, 2 requested" in capsys.readouterr().err
+
+
+def test_zoo_table_shows_a_spread_only_with_two_seeds():
+    from mtlkit.bench import zoo_table
+
+    results = {"stl": [{"a/accuracy": 0.90}, {"a/accuracy": 0.80}], "ew": [{"a/accuracy": 0.93}]}
+    table, numbers = zoo_table(results, [("a/accuracy", True)])
+    assert "| stl | 2 | 85.00 ± 5.00 | +0.00 ± 5.88 |" in table
+    # one seed: no ± (a population std of one value would read 0.00); Δm = -(93 - 85)/85 (lower is better)
+    assert "| ew | 1 | 93.00 | -9.41 |" in table
+    assert numbers["ew"]["seeds"] == 1 and numbers["ew"]["delta_m"] == pytest.approx([-100 * 8 / 85])
