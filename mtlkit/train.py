@@ -24,6 +24,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,10 @@ class Trainer:
         self.train_tasks = self.tasks + list(_auxiliary_tasks(self.model))
         self.train_names = task_names(self.train_tasks)
         self.method.weighting.setup(len(self.train_tasks))
+        n_equal = self.method.weighting.equal_weight_epochs
+        if tc.epochs <= n_equal:
+            warnings.warn(f"method {cfg.method.name!r} keeps every task weight at 1 for its first {n_equal} epochs: "
+                          f"with train.epochs={tc.epochs} it trains exactly as EW", UserWarning, stacklevel=2)
         if self.method.weighting.needs_task_counts:
             self.method.weighting.set_counts(task_instance_counts(self.train_tasks, self.data.train))
         self.method.weighting.to(self.device)

@@ -1,5 +1,6 @@
 """The training loop, config and CLI: determinism, resume, bad inputs, run-directory safety."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -211,3 +212,13 @@ def test_zoo_table_shows_a_spread_only_with_two_seeds():
     # one seed: no ± (a population std of one value would read 0.00); Δm = -(93 - 85)/85 (lower is better)
     assert "| ew | 1 | 93.00 | -9.41 |" in table
     assert numbers["ew"]["seeds"] == 1 and numbers["ew"]["delta_m"] == pytest.approx([-100 * 8 / 85])
+
+
+def test_a_run_shorter_than_dwas_equal_weight_epochs_warns_and_equals_ew(tmp_path):
+    with pytest.warns(UserWarning, match="first 2 epochs: with train.epochs=2 it trains exactly as EW"):
+        dwa = Trainer(_cfg(tmp_path, epochs=2).override(["method.name=dwa"])).fit()
+    ew = Trainer(_cfg(tmp_path, epochs=2).override(["output.overwrite=true"])).fit()
+    assert dwa.test == ew.test
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # three epochs: DWA's weights move in the third, no warning
+        Trainer(_cfg(tmp_path, epochs=3).override(["method.name=dwa", "output.overwrite=true"]))

@@ -62,6 +62,8 @@ class Weighting(nn.Module):
       * ``on_epoch_end(mean_losses)``: mean training loss per task of the epoch just finished (DWA).
       * ``needs_task_counts``: if True, the loop calls ``set_counts(n, num_samples=N)`` with the number of training
         instances of each task (e.g. positives per label) and the training-set size, before training (MTMLAN TDB).
+      * ``equal_weight_epochs``: the number of first epochs in which every weight is 1 by the method's definition
+        (DWA: 2). The loop warns when the whole run is that short: the method would train exactly as EW.
 
     Example:
         >>> import torch
@@ -76,6 +78,8 @@ class Weighting(nn.Module):
     #: True for weightings with learnable ``nn.Parameter``s: ``setup(T)`` must be called explicitly, before the
     #: optimiser is built (forward refuses to create parameters lazily).
     requires_setup: ClassVar[bool] = False
+    #: Epochs at the start during which the method's weights are all 1 by definition (it is EW then).
+    equal_weight_epochs: ClassVar[int] = 0
 
     def __init__(self) -> None:
         super().__init__()

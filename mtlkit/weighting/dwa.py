@@ -35,6 +35,8 @@ class DWA(Weighting):
         tensor([0.8756, 1.1244])
     """
 
+    equal_weight_epochs = 2
+
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(
