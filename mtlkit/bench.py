@@ -69,6 +69,24 @@ def zoo_table(results: dict[str, list[dict[str, float]]], task_metrics: list[tup
     return "\n".join(lines), numbers
 
 
+def budget_notes(methods: list[str], epochs: int) -> str:
+    """Footnotes for methods that the budget reduces to EW (weights fixed at 1 for their first epochs), or ``""``.
+
+    Example:
+        >>> budget_notes(["ew", "dwa"], epochs=1).strip()
+        '* dwa: every weight is 1 in its first 2 epochs, so with 1 epoch it trained exactly as EW.'
+    """
+    from mtlkit.methods import build_method
+
+    notes = []
+    for m in methods:
+        n = build_method(m).weighting.equal_weight_epochs
+        if epochs <= n:
+            notes.append(f"* {m}: every weight is 1 in its first {n} epochs, so with {epochs} epoch"
+                         f"{'s' if epochs != 1 else ''} it trained exactly as EW.")
+    return "\n\n" + "\n".join(notes) if notes else ""
+
+
 def plot_zoo(numbers: dict[str, Any], keys: list[str], path: Path, title: str) -> None:
     import matplotlib
 
@@ -130,8 +148,10 @@ def run_zoo(args: argparse.Namespace) -> int:
             print(f"{m} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.test.items()
                                                    if k.endswith("accuracy")), flush=True)
             table, _ = zoo_table(results, task_metrics)
+            table += budget_notes(methods, args.epochs)
             (out / f"zoo_{args.dataset}_partial.md").write_text(header(partial=True) + table + "\n")
     table, numbers = zoo_table(results, task_metrics)
+    table += budget_notes(methods, args.epochs)
     (out / f"zoo_{args.dataset}.md").write_text(header(partial=False) + table + "\n")
     (out / f"zoo_{args.dataset}.json").write_text(json.dumps(numbers, indent=2))
     plot_zoo(numbers, [k for k, _ in task_metrics], out / f"zoo_{args.dataset}.png", f"{args.dataset}")
