@@ -11,6 +11,8 @@ step's own memory). torchjd's implementation of the same method is timed beside 
 ``--retained-floor`` adds EW with ``retain_graph=True`` (impl ``retained``): a backward that cannot free the forward
 graph as it goes, which every per-task pass but the last must do, so its peak is the floor of any exact
 parameter-level method that backpropagates the same graph T times (LibMTL's and torchjd's included).
+``--loop-floor`` adds EW computed as a plain loop of T backward passes (impl ``loop``), each through one task's head
+and the encoder: the time floor that exact parameter-level methods are held to (about 1 + 0.5·T x EW on conv).
 
 Usage:
     python benchmarks/step_time.py                      # everything (long on 2 cores)
@@ -105,6 +107,9 @@ def run_one(workload: str, T: int, method: str, level: str, impl: str, steps: in
             tj[0].jac_to_grad(shared, tj[1])
         elif impl == "retained":  # EW, but the backward keeps its graph: what any second pass over it must hold
             losses.sum().backward(retain_graph=True)
+        elif impl == "loop":  # the plain-loop floor: T backward passes, task t's through its head and the encoder
+            for t, loss in enumerate(loss_list):
+                loss.backward(retain_graph=t < T - 1)
         else:
             ctx = StepContext(step=i, epoch=0, shared_params=shared, last_shared_layer=model.last_shared_layer(),
                               task_names=names)
@@ -202,6 +207,9 @@ def main() -> int:
     p.add_argument("--retained-floor", action="store_true",
                    help="also measure EW with retain_graph=True: one backward that frees nothing, the memory floor "
                         "of any method that runs more than one backward pass over the same forward graph")
+    p.add_argument("--loop-floor", action="store_true",
+                   help="also measure EW as a plain loop of T backward passes (impl 'loop'), the time floor that "
+                        "exact parameter-level methods are held to")
     p.add_argument("--out", help="write the markdown table here (and a .json beside it)")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -218,6 +226,8 @@ def main() -> int:
                     impls = ["mtlkit"] + (["torchjd"] if args.torchjd else []) + (["libmtl"] if args.libmtl else [])
                     if method == "ew" and args.retained_floor and level == "parameter":
                         impls.append("retained")
+                    if method == "ew" and args.loop_floor and level == "parameter":
+                        impls.append("loop")
                     for impl in impls:
                         if level == "representation" and not _aggregates(method):
                             continue  # loss-space methods ignore the level
