@@ -222,3 +222,18 @@ def test_a_run_shorter_than_dwas_equal_weight_epochs_warns_and_equals_ew(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # three epochs: DWA's weights move in the third, no warning
         Trainer(_cfg(tmp_path, epochs=3).override(["method.name=dwa", "output.overwrite=true"]))
+
+
+def test_bench_zoo_jobs_gives_the_same_table_as_one_process(tmp_path, capsys):
+    argv = ["bench", "zoo", "--dataset", "_toy", "--methods", "ew", "pcgrad", "--seeds", "0", "1", "--epochs", "3",
+            "--n-train", "160", "--n-test", "64", "--batch-size", "16", "--lr", "0.05", "--threads", "1",
+            "--set", "model.options={encoder: mlp, hidden: [16], head_hidden: 8}"]
+    assert main(argv + ["--out", str(tmp_path / "one")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = ((tmp_path / d / "zoo__toy.md").read_text() for d in ("one", "two"))
+    rows = [line.split("|")[3:5] for line in one.splitlines() if line.startswith("| ")][1:]
+    assert len({tuple(r) for r in rows}) == 3  # the methods learned different things: the comparison can fail
+    assert one == two
+    capsys.readouterr()
+    assert main(argv + ["--out", str(tmp_path / "bad"), "--jobs", "0"]) != 0
+    assert "--jobs must be >= 1" in capsys.readouterr().err
