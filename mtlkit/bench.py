@@ -24,10 +24,11 @@ DEFAULT_ZOO = ["stl", "ew", "uw", "dwa", "gradnorm", "mgda", "pcgrad", "cagrad",
 
 
 def add_zoo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="multimnist")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_ZOO)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--dataset", default="multimnist", help="dataset name (`mtlkit methods` lists them); the table shows each task's first metric")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_ZOO,
+                   help="method names (`mtlkit methods`); STL is always added as the Δm baseline")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per method and seed")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs, the same for every method")
     p.add_argument("--n-train", type=int, default=120_000, help="training+validation images (full: 120000)")
     p.add_argument("--n-test", type=int, default=10_000, help="test images (full: 10000)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's choice)")
@@ -35,8 +36,8 @@ def add_zoo_arguments(p: argparse.ArgumentParser) -> None:
                    help="runs trained at once, each in its own process (use with --threads: jobs x threads <= cores; "
                         "on 2 cores, 2 jobs of 1 thread ran 1.07x the training steps per second of 1 job of 2 threads "
                         "on the conv model)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--batch-size", type=int, default=256, help="training batch size")
     p.add_argument("--out", default="runs/zoo", help="output directory (tables, PNG, one run dir per method/seed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     p.add_argument("--reuse", action="store_true",
