@@ -24,7 +24,8 @@ DEFAULT_ZOO = ["stl", "ew", "uw", "dwa", "gradnorm", "mgda", "pcgrad", "cagrad",
 
 
 def add_zoo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="multimnist", help="dataset name (`mtlkit methods` lists them); the table shows each task's first metric")
+    p.add_argument("--dataset", default="multimnist",
+                   help="dataset name (`mtlkit methods` lists them); the table shows each task's first metric")
     p.add_argument("--methods", nargs="+", default=DEFAULT_ZOO,
                    help="method names (`mtlkit methods`); STL is always added as the Δm baseline")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per method and seed")
@@ -167,8 +168,9 @@ def run_zoo(args: argparse.Namespace) -> int:
 
     def header(partial: bool) -> str:
         return (f"Method zoo on {args.dataset} (real data; {len(data.train)} train / {len(data.val)} val / "
-                f"{len(data.test)} test images), HPS encoder, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, Adam lr "
-                f"{args.lr}, batch {args.batch_size}, {'partial; ' if partial else ''}seeds {args.seeds}; test accuracy "
+                f"{len(data.test)} test images), HPS encoder, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, "
+                f"Adam lr {args.lr}, batch {args.batch_size}, {'partial; ' if partial else ''}seeds {args.seeds}; test "
+                f"accuracy "
                 f"(%) of the validation-selected epoch, mean ± std; Δm vs STL, lower is better.\n\n")
 
     methods = list(dict.fromkeys(["stl"] + list(args.methods)))
