@@ -170,8 +170,7 @@ def run_zoo(args: argparse.Namespace) -> int:
         return (f"Method zoo on {args.dataset} (real data; {len(data.train)} train / {len(data.val)} val / "
                 f"{len(data.test)} test images), HPS encoder, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, "
                 f"Adam lr {args.lr}, batch {args.batch_size}, {'partial; ' if partial else ''}seeds {args.seeds}; test "
-                f"accuracy "
-                f"(%) of the validation-selected epoch, mean ± std; Δm vs STL, lower is better.\n\n")
+                f"accuracy (%) of the validation-selected epoch, mean ± std; Δm vs STL, lower is better.\n\n")
 
     methods = list(dict.fromkeys(["stl"] + list(args.methods)))
     done: dict[tuple[int, str], dict[str, float]] = {}
