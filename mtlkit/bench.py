@@ -41,6 +41,9 @@ def add_zoo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="training batch size")
     p.add_argument("--out", default="runs/zoo", help="output directory (tables, PNG, one run dir per method/seed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    p.add_argument("--no-train", action="store_true",
+                   help="train nothing: tabulate the finished runs found in --out (implies --reuse) and list the "
+                        "missing ones, e.g. to look at a zoo that is still running elsewhere")
     p.add_argument("--reuse", action="store_true",
                    help="reuse finished runs found in --out instead of retraining (only runs of the same config: "
                         "another budget is an error, not a silent mix)")
@@ -186,7 +189,7 @@ def run_zoo(args: argparse.Namespace) -> int:
                           "seed": seed, "num_threads": args.threads, "progress": False},
                 "output": {"dir": str(run_dir), "overwrite": True, "tensorboard": False}})
             cfg = cfg.override(list(args.set))
-            found = finished_run(run_dir, cfg) if args.reuse else None
+            found = finished_run(run_dir, cfg) if args.reuse or args.no_train else None
             if found is not None:
                 done[(seed, m)] = found["test"]
             else:
@@ -209,6 +212,9 @@ def run_zoo(args: argparse.Namespace) -> int:
         (out / f"zoo_{args.dataset}_partial.md").write_text(header(partial=True) + table +
                                                             budget_notes(methods, args.epochs) + "\n")
 
+    missing = [f"{m} seed {seed}" for seed, m, _ in todo] if args.no_train else []
+    if args.no_train:
+        todo = []
     if args.jobs == 1:
         for seed, m, cfg_dict in todo:
             finish(seed, m, _train(cfg_dict))
@@ -225,11 +231,17 @@ def run_zoo(args: argparse.Namespace) -> int:
                 for fut in ready:
                     seed, m = pending.pop(fut)
                     finish(seed, m, fut.result())  # a failed run raises here, naming its error
+    if not done:
+        raise ConfigError(f"no finished run of this zoo in {out}: nothing to tabulate")
     table, numbers = zoo_table(results(), task_metrics)
     table += budget_notes(methods, args.epochs)
-    (out / f"zoo_{args.dataset}.md").write_text(header(partial=False) + table + "\n")
+    if missing:
+        table += "\n\nNot trained yet: " + ", ".join(missing) + "."
+    text = header(partial=bool(missing)) + table + "\n"
+    (out / f"zoo_{args.dataset}.md").write_text(text)
     (out / f"zoo_{args.dataset}.json").write_text(json.dumps(numbers, indent=2))
     plot_zoo(numbers, [k for k, _ in task_metrics], out / f"zoo_{args.dataset}.png", f"{args.dataset}")
-    (out / f"zoo_{args.dataset}_partial.md").unlink(missing_ok=True)
-    print(header(partial=False) + table)
+    if not missing:
+        (out / f"zoo_{args.dataset}_partial.md").unlink(missing_ok=True)
+    print(text)
     return 0

@@ -196,6 +196,12 @@ def test_bench_zoo_tabulates_resumes_and_refuses_another_budget(tmp_path, monkey
     monkeypatch.setattr(Trainer, "fit", lambda self, resume=False: pytest.fail("retrained a finished run"))
     assert main(argv + ["--reuse"]) == 0
     assert (out / "zoo__toy.md").read_text() == table
+    # --no-train tabulates what has finished and names what has not
+    assert main(argv[:argv.index("--seeds") + 1] + ["0", "1", "2"] + argv[argv.index("--seeds") + 3:]
+                + ["--no-train"]) == 0
+    partial = (out / "zoo__toy.md").read_text()
+    assert "partial; seeds [0, 1, 2]" in partial and f"| ew | 2 | {100 * sum(acc) / 2:.2f} ± " in partial
+    assert "Not trained yet: stl seed 2, ew seed 2, mgda seed 2." in partial
     # --reuse with another budget is refused, naming the key
     capsys.readouterr()
     two_epochs = argv[:argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2:]
@@ -237,3 +243,5 @@ def test_bench_zoo_jobs_gives_the_same_table_as_one_process(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv + ["--out", str(tmp_path / "bad"), "--jobs", "0"]) != 0
     assert "--jobs must be >= 1" in capsys.readouterr().err
+    assert main(argv + ["--out", str(tmp_path / "empty"), "--no-train"]) != 0
+    assert "no finished run of this zoo" in capsys.readouterr().err
