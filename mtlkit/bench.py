@@ -120,19 +120,25 @@ def plot_zoo(numbers: dict[str, Any], keys: list[str], path: Path, title: str) -
     plt.close(fig)
 
 
-def _train(cfg_dict: dict[str, Any]) -> dict[str, float]:
-    """Train one run from its config dict and return its test metrics (a top-level function: it runs in workers)."""
+def _dataset(name: str, options: dict[str, Any]) -> Any:
+    """``build_dataset(name, **options)``, built once per process (the zoo's runs share it)."""
     from mtlkit.data import build_dataset
-    from mtlkit.train import Trainer
 
-    cfg = RunConfig.from_dict(cfg_dict)
-    key = (cfg.dataset.name, tuple(sorted(cfg.dataset.options.items())))
-    if key not in _DATA_CACHE:  # one dataset build per worker process
-        _DATA_CACHE[key] = build_dataset(cfg.dataset.name, **cfg.dataset.options)
-    return Trainer(cfg, data=_DATA_CACHE[key]).fit().test
+    key = (name, tuple(sorted(options.items())))
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = build_dataset(name, **options)
+    return _DATA_CACHE[key]
 
 
 _DATA_CACHE: dict[Any, Any] = {}
+
+
+def _train(cfg_dict: dict[str, Any]) -> dict[str, float]:
+    """Train one run from its config dict and return its test metrics (a top-level function: it runs in workers)."""
+    from mtlkit.train import Trainer
+
+    cfg = RunConfig.from_dict(cfg_dict)
+    return Trainer(cfg, data=_dataset(cfg.dataset.name, cfg.dataset.options)).fit().test
 
 
 def _registering_modules() -> list[str]:
@@ -157,7 +163,6 @@ def run_zoo(args: argparse.Namespace) -> int:
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
     from multiprocessing import get_context
 
-    from mtlkit.data import build_dataset
     from mtlkit.errors import ConfigError
     from mtlkit.train import finished_run
 
@@ -165,8 +170,7 @@ def run_zoo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = build_dataset(args.dataset, n_train=args.n_train, n_test=args.n_test)
-    _DATA_CACHE[(args.dataset, tuple(sorted({"n_train": args.n_train, "n_test": args.n_test}.items())))] = data
+    data = _dataset(args.dataset, {"n_train": args.n_train, "n_test": args.n_test})
     task_metrics = [(f"{t.name}/{t.metrics[0]}", t.higher_is_better[0]) for t in data.tasks]
 
     def header(partial: bool) -> str:
@@ -204,23 +208,30 @@ def run_zoo(args: argparse.Namespace) -> int:
                     by_method.setdefault(m, []).append(done[(seed, m)])
         return by_method
 
+    def page(partial: bool, missing: list[str]) -> tuple[str, dict[str, Any]]:
+        """The table's markdown page (header, table, footnotes, missing runs) and the numbers behind it."""
+        table, numbers = zoo_table(results(), task_metrics)
+        table += budget_notes(methods, args.epochs)
+        if missing:
+            table += "\n\nNot trained yet: " + ", ".join(missing) + "."
+        return header(partial) + table + "\n", numbers
+
     def finish(seed: int, m: str, test: dict[str, float]) -> None:
         done[(seed, m)] = test
         print(f"{m} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k.endswith("accuracy")),
               flush=True)
-        table, _ = zoo_table(results(), task_metrics)
-        (out / f"zoo_{args.dataset}_partial.md").write_text(header(partial=True) + table +
-                                                            budget_notes(methods, args.epochs) + "\n")
+        (out / f"zoo_{args.dataset}_partial.md").write_text(page(partial=True, missing=[])[0])
 
-    missing = [f"{m} seed {seed}" for seed, m, _ in todo] if args.no_train else []
+    missing: list[str] = []
     if args.no_train:
-        todo = []
+        missing, todo = [f"{m} seed {seed}" for seed, m, _ in todo], []
     if args.jobs == 1:
         for seed, m, cfg_dict in todo:
             finish(seed, m, _train(cfg_dict))
     elif todo:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), initializer=_import_all,
                                  initargs=(_registering_modules(),)) as pool:
+            # Submitted as workers free up (not all at once), so that a failed run stops the rest of the queue.
             pending: dict[Future, tuple[int, str]] = {}
             queue = list(todo)
             while queue or pending:
@@ -233,11 +244,7 @@ def run_zoo(args: argparse.Namespace) -> int:
                     finish(seed, m, fut.result())  # a failed run raises here, naming its error
     if not done:
         raise ConfigError(f"no finished run of this zoo in {out}: nothing to tabulate")
-    table, numbers = zoo_table(results(), task_metrics)
-    table += budget_notes(methods, args.epochs)
-    if missing:
-        table += "\n\nNot trained yet: " + ", ".join(missing) + "."
-    text = header(partial=bool(missing)) + table + "\n"
+    text, numbers = page(partial=bool(missing), missing=missing)
     (out / f"zoo_{args.dataset}.md").write_text(text)
     (out / f"zoo_{args.dataset}.json").write_text(json.dumps(numbers, indent=2))
     plot_zoo(numbers, [k for k, _ in task_metrics], out / f"zoo_{args.dataset}.png", f"{args.dataset}")
