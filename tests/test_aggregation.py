@@ -188,6 +188,18 @@ def test_cagrad_dual_is_exact_zero_duality_gap(monkeypatch):
     assert zero_cases > 0  # the cases include optima with g_w = 0
 
 
+def test_cagrad_fallback_to_slsqp_warns_and_still_solves():
+    from mtlkit.aggregation import cagrad
+
+    J = _rand(4, 9, 3)
+    A = (J @ J.T / torch.trace(J @ J.T)).numpy()
+    sqrt_phi = 0.5 * float(np.sqrt(A.mean() + 1e-8))
+    exact = cagrad.cagrad_dual(A, sqrt_phi)
+    with pytest.warns(RuntimeWarning, match="did not certify an answer in 0 rounds"):
+        fallback = cagrad.cagrad_dual(A, sqrt_phi, max_iter=0)
+    assert np.allclose(fallback, exact, atol=1e-4)
+
+
 # -------------------------------------------------------------------------------------------------- UPGrad / DualProj
 @pytest.mark.parametrize("cls", [UPGrad, DualProj])
 def test_dual_cone_methods_never_conflict(cls):

@@ -1,6 +1,8 @@
 """CAGrad: the best worst-case improvement in a ball around the mean gradient."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.optimize import minimize
 from torch import Tensor
@@ -89,7 +91,7 @@ def cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: in
     ``{d : J d ≥ 0}`` lying in the ball (primal value ≥ 0 = f). CAGrad's update is then ``g_0``, as in the reference
     formula ``g_0 + √φ g_w / (||g_w|| + 1e-8)``. After
     ``max_iter`` uncertified rounds (not seen in tests), SLSQP (the reference implementations' solver) finishes
-    from the last iterate.
+    from the last iterate, with a RuntimeWarning.
 
     Example:
         >>> import numpy as np
@@ -121,6 +123,8 @@ def cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: in
             if cand is not None and _kkt_residual(A, b, sqrt_phi, cand) <= tol * scale:
                 return cand
         rho = float(np.sqrt(max(w @ A @ w, 0.0)))
+    warnings.warn(f"CAGrad: the exact dual solver did not certify an answer in {max_iter} rounds (T = {T}); "
+                  "finishing with SLSQP, whose answer is only as exact as its tolerance", RuntimeWarning, stacklevel=2)
     return _slsqp(A, b, sqrt_phi, w)
 
 
