@@ -45,8 +45,8 @@ def add_zoo_arguments(p: argparse.ArgumentParser) -> None:
                    help="train nothing: tabulate the finished runs found in --out (implies --reuse) and list the "
                         "missing ones, e.g. to look at a zoo that is still running elsewhere")
     p.add_argument("--reuse", action="store_true",
-                   help="reuse finished runs found in --out instead of retraining (only runs of the same config: "
-                        "another budget is an error, not a silent mix)")
+                   help="reuse finished runs found in --out instead of retraining, and resume stopped ones from their "
+                        "checkpoint (only runs of the same config: another budget is an error, not a silent mix)")
 
 
 def summarize(results: dict[str, list[dict[str, float]]], keys: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -133,12 +133,13 @@ def _dataset(name: str, options: dict[str, Any]) -> Any:
 _DATA_CACHE: dict[Any, Any] = {}
 
 
-def _train(cfg_dict: dict[str, Any]) -> dict[str, float]:
-    """Train one run from its config dict and return its test metrics (a top-level function: it runs in workers)."""
+def _train(cfg_dict: dict[str, Any], resume: bool = False) -> dict[str, float]:
+    """Train (or resume) one run from its config dict and return its test metrics (a top-level function: it runs in
+    workers)."""
     from mtlkit.train import Trainer
 
     cfg = RunConfig.from_dict(cfg_dict)
-    return Trainer(cfg, data=_dataset(cfg.dataset.name, cfg.dataset.options)).fit().test
+    return Trainer(cfg, data=_dataset(cfg.dataset.name, cfg.dataset.options)).fit(resume=resume).test
 
 
 def _registering_modules() -> list[str]:
@@ -164,7 +165,7 @@ def run_zoo(args: argparse.Namespace) -> int:
     from multiprocessing import get_context
 
     from mtlkit.errors import ConfigError
-    from mtlkit.train import finished_run
+    from mtlkit.train import finished_run, resumable_run
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
@@ -181,7 +182,7 @@ def run_zoo(args: argparse.Namespace) -> int:
 
     methods = list(dict.fromkeys(["stl"] + list(args.methods)))
     done: dict[tuple[int, str], dict[str, float]] = {}
-    todo: list[tuple[int, str, dict[str, Any]]] = []
+    todo: list[tuple[int, str, dict[str, Any], bool]] = []  # (seed, method, config, resume)
     # Seed-major order: an interrupted zoo leaves complete seeds (and a partial table after every run).
     for seed in args.seeds:
         for m in methods:
@@ -197,7 +198,8 @@ def run_zoo(args: argparse.Namespace) -> int:
             if found is not None:
                 done[(seed, m)] = found["test"]
             else:
-                todo.append((seed, m, cfg.to_dict()))
+                resume = (args.reuse or args.no_train) and resumable_run(run_dir, cfg)
+                todo.append((seed, m, cfg.to_dict(), bool(resume)))
 
     def results() -> dict[str, list[dict[str, float]]]:
         """Finished runs by method, in the zoo's method order and seed order."""
@@ -224,10 +226,14 @@ def run_zoo(args: argparse.Namespace) -> int:
 
     missing: list[str] = []
     if args.no_train:
-        missing, todo = [f"{m} seed {seed}" for seed, m, _ in todo], []
+        missing = [f"{m} seed {seed}" + (" (stopped, resumable)" if resume else "") for seed, m, _, resume in todo]
+        todo = []
+    for seed, m, _, resume in todo:
+        if resume:
+            print(f"{m} seed {seed}: resuming from its checkpoint", flush=True)
     if args.jobs == 1:
-        for seed, m, cfg_dict in todo:
-            finish(seed, m, _train(cfg_dict))
+        for seed, m, cfg_dict, resume in todo:
+            finish(seed, m, _train(cfg_dict, resume))
     elif todo:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), initializer=_import_all,
                                  initargs=(_registering_modules(),)) as pool:
@@ -236,8 +242,8 @@ def run_zoo(args: argparse.Namespace) -> int:
             queue = list(todo)
             while queue or pending:
                 while queue and len(pending) < args.jobs:
-                    seed, m, cfg_dict = queue.pop(0)
-                    pending[pool.submit(_train, cfg_dict)] = (seed, m)
+                    seed, m, cfg_dict, resume = queue.pop(0)
+                    pending[pool.submit(_train, cfg_dict, resume)] = (seed, m)
                 ready, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for fut in ready:
                     seed, m = pending.pop(fut)

@@ -54,6 +54,7 @@ class TrainConfig:
     chunk_size: int | None = None
     eval_batch_size: int = 1024
     progress: bool = True
+    checkpoint_minutes: float = 10.0  # also save checkpoint.pt inside an epoch at most this often (0: epoch ends only)
 
 
 @dataclass

@@ -5,9 +5,10 @@ needs_per_task_grads``), the level of aggregation, losses after the step (``weig
 epoch-level hooks, one model per task (``single_task``).
 
 Run directory layout: ``config.yaml`` (resolved config), ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch),
-``tb/`` (TensorBoard), ``checkpoint.pt`` (last epoch: model, optimizer, scheduler, method state, RNG states,
-history; ``--resume`` continues from it), ``best.pt`` (model selected on the validation split), ``results.json``
-(test metrics of the selected model).
+``tb/`` (TensorBoard), ``checkpoint.pt`` (model, optimizer, scheduler, method state, RNG states, history; written at
+every epoch end and, inside a long epoch, every ``train.checkpoint_minutes``; ``--resume`` continues from it, inside
+the epoch where it was written, and reaches the same weights bit for bit as a run that was never stopped),
+``best.pt`` (model selected on the validation split), ``results.json`` (test metrics of the selected model).
 
 Example:
     >>> from mtlkit.config import RunConfig
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import random
 import shutil
 import sys
@@ -201,6 +203,9 @@ class Trainer:
         tc = cfg.train
         if tc.epochs < 1 or tc.batch_size < 1:
             raise ConfigError(f"train.epochs and train.batch_size must be >= 1 (got {tc.epochs}, {tc.batch_size})")
+        if not (math.isfinite(tc.checkpoint_minutes) and tc.checkpoint_minutes >= 0):
+            raise ConfigError(f"train.checkpoint_minutes must be a finite number >= 0 (0: only at epoch ends), got "
+                              f"{tc.checkpoint_minutes}")
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
         self.device = resolve_device(tc.device)
@@ -233,10 +238,15 @@ class Trainer:
         self.needs_rep = self.method.aggregator.needs_per_task_grads and not self.per_member
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    def _checkpoint(self, epoch: int, best: dict[str, Any], history: list[dict[str, float]]) -> dict[str, Any]:
-        return {"epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "method": self.method.state_dict(), "rng": _rng_state(),
-                "best": best, "history": history, "config": self.cfg.to_dict()}
+    def _checkpoint(self, epoch: int, best: dict[str, Any], history: list[dict[str, float]], seconds: float,
+                    in_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything a resume needs. ``epoch``: the last finished epoch (-1: none); ``in_epoch``: where the next
+        one stands when saved inside it (batches done, their summed losses, its seconds so far); ``seconds``: the
+        training time so far."""
+        return {"epoch": epoch, "in_epoch": in_epoch, "train_seconds": seconds, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "method": self.method.state_dict(), "rng": _rng_state(), "best": best, "history": history,
+                "config": self.cfg.to_dict()}
 
     def _save(self, obj: Any, name: str) -> None:
         tmp = self.run_dir / (name + ".tmp")
@@ -276,21 +286,24 @@ class Trainer:
         prepare_run_dir(self.run_dir, cfg.output.overwrite, resume)
         history: list[dict[str, float]] = []
         best: dict[str, Any] = {"score": -float("inf"), "epoch": -1, "member_score": {}, "member_epoch": {}}
-        start = 0
+        start, in_epoch, carried = 0, None, 0.0
         if resume:
             ck = torch.load(self.run_dir / "checkpoint.pt", map_location=self.device, weights_only=False)
             diff = _resume_differences(ck["config"], cfg.to_dict())
             if diff:
                 raise ConfigError(f"cannot resume {self.run_dir}: its config differs in {diff} (only train.epochs, "
-                                  f"train.progress and output.* may change on resume; see its config.yaml)")
+                                  f"output.* and {', '.join(sorted(_REUSE_IGNORED))} may change on resume; see its "
+                                  f"config.yaml)")
             self.model.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
             self.method.load_state_dict(ck["method"])
             _set_rng_state(ck["rng"])
             best, history, start = ck["best"], ck["history"], ck["epoch"] + 1
-        else:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            # Checkpoints older than mid-epoch saving have neither key: they were written at an epoch end.
+            in_epoch, carried = ck.get("in_epoch"), float(ck.get("train_seconds", 0.0))
+        # On resume too: config.yaml must describe the run as it will finish (e.g. a new train.epochs).
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         writer = None
         if cfg.output.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -305,14 +318,18 @@ class Trainer:
         steps_per_epoch = (n + tc.batch_size - 1) // tc.batch_size
         on_progress = getattr(self.model, "on_train_progress", None)
         on_progress = on_progress if callable(on_progress) else None
-        t0 = time.time()
+        t0 = last_save = time.time()
+        save_every = 60.0 * tc.checkpoint_minutes
         for epoch in range(start, tc.epochs):
             self.model.train()
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n, generator=gen)
-            loss_sum = torch.zeros(len(self.train_tasks))
-            bar = _progress(range(steps_per_epoch), f"epoch {epoch + 1}/{tc.epochs}", tc.progress)
-            e0 = time.time()
+            perm = torch.randperm(n, generator=gen)  # a function of (seed, epoch): a resume redraws the same order
+            first, loss_sum, e0 = 0, torch.zeros(len(self.train_tasks)), time.time()
+            if in_epoch is not None:  # resuming inside this epoch
+                first, loss_sum = int(in_epoch["batch"]), in_epoch["loss_sum"].clone()
+                e0 -= float(in_epoch["seconds"])
+                in_epoch = None
+            bar = _progress(range(first, steps_per_epoch), f"epoch {epoch + 1}/{tc.epochs}", tc.progress)
             for b in bar:
                 idx = perm[b * tc.batch_size:(b + 1) * tc.batch_size]
                 x = self.data.train.x[idx].to(self.device)
@@ -327,6 +344,11 @@ class Trainer:
                 loss_sum += losses
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{float(losses.sum()):.4f}")
+                if save_every > 0 and b + 1 < steps_per_epoch and time.time() - last_save >= save_every:
+                    now = time.time()
+                    self._save(self._checkpoint(epoch - 1, best, history, carried + now - t0, {
+                        "batch": b + 1, "loss_sum": loss_sum.clone(), "seconds": now - e0}), "checkpoint.pt")
+                    last_save = time.time()
             mean_losses = loss_sum / steps_per_epoch
             self.scheduler.step()
             self.method.weighting.on_epoch_end(mean_losses.to(self.device))
@@ -340,11 +362,12 @@ class Trainer:
             history.append(row)
             self._log(row, writer)
             self._select(epoch, val, best)
-            self._save(self._checkpoint(epoch, best, history), "checkpoint.pt")
+            self._save(self._checkpoint(epoch, best, history, carried + time.time() - t0), "checkpoint.pt")
+            last_save = time.time()
             print(_epoch_line(row, self.tasks), file=sys.stderr)
         if writer is not None:
             writer.close()
-        return self._finish(best, history, time.time() - t0)
+        return self._finish(best, history, carried + time.time() - t0)
 
     def _select(self, epoch: int, val: dict[str, float], best: dict[str, Any]) -> None:
         """Keep the model with the best validation score (per task for one-model-per-task methods)."""
@@ -402,14 +425,15 @@ class Trainer:
             writer.flush()
 
 
+# Keys that do not change what a run learns (or change it only by float reduction order), so a finished run may be
+# reused, or a stopped one resumed, by a request that differs in them.
+_REUSE_IGNORED = {"train.progress", "train.num_threads", "train.device", "train.eval_batch_size",
+                  "train.checkpoint_minutes"}
+
+
 def _resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Config keys that differ between a checkpoint and a resume request, ignoring those allowed to change."""
-    return config_differences(old, new, allowed={"train.epochs", "train.progress"})
-
-
-# Keys that do not change what a run learns (or change it only by float reduction order), so a finished run may be
-# reused by a request that differs in them.
-_REUSE_IGNORED = {"train.progress", "train.num_threads", "train.device", "train.eval_batch_size"}
+    return config_differences(old, new, allowed=_REUSE_IGNORED | {"train.epochs"})
 
 
 def finished_run(run_dir: str | Path, cfg: RunConfig) -> dict[str, Any] | None:
@@ -438,6 +462,33 @@ def finished_run(run_dir: str | Path, cfg: RunConfig) -> dict[str, Any] | None:
         raise ConfigError(f"refusing to reuse {run_dir}: it was trained with another config ({detail}); "
                           f"use another output directory or delete that run")
     return json.loads((run_dir / "results.json").read_text())
+
+
+def resumable_run(run_dir: str | Path, cfg: RunConfig) -> bool:
+    """Whether ``run_dir`` holds a stopped run of ``cfg`` that :meth:`Trainer.fit` can resume (``resume=True``).
+
+    False when there is no ``checkpoint.pt`` (nothing to resume: train afresh). Raises ConfigError naming the keys
+    when the checkpoint was written by another config, so that ``bench zoo --reuse`` never continues, or silently
+    replaces, a run of another budget.
+
+    Example:
+        >>> resumable_run("/nonexistent-run-dir", RunConfig())
+        False
+    """
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        return False
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)["config"]
+    except Exception as e:  # a truncated or foreign file: say which, do not guess
+        raise ConfigError(f"cannot read {path} ({type(e).__name__}: {e}); delete that run to retrain it") from e
+    requested = cfg.to_dict()
+    diff = config_differences(saved, requested, allowed=_REUSE_IGNORED)  # train.epochs too: the budget is the same
+    if diff:
+        detail = ", ".join(f"{k}: {_lookup(saved, k)!r} there, {_lookup(requested, k)!r} requested" for k in diff)
+        raise ConfigError(f"refusing to resume {run_dir}: it was started with another config ({detail}); "
+                          f"use another output directory or delete that run")
+    return True
 
 
 def _lookup(d: dict[str, Any], dotted: str) -> Any:

@@ -42,6 +42,56 @@ def test_resume_reaches_the_same_final_state(tmp_path):
         torch.testing.assert_close(ck_res["model"][k], v, rtol=0, atol=0)
 
 
+def _stop_at(monkeypatch, calls: int) -> None:
+    """Make the trainer's ``calls``-th training step raise KeyboardInterrupt (a killed run)."""
+    real, count = Trainer._step, [0]
+
+    def step(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] == calls:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_step", step)
+
+
+@pytest.mark.parametrize("method", ["ew", "pcgrad", "gradnorm", "famo", "rlw", "uw"])
+def test_a_run_stopped_inside_an_epoch_resumes_bit_for_bit(tmp_path, monkeypatch, method):
+    full = Trainer(_cfg(tmp_path / "a", epochs=2).override([f"method.name={method}"])).fit()
+    cfg = _cfg(tmp_path / "b", epochs=2, checkpoint_minutes=1e-9).override([f"method.name={method}"])  # every step
+    t = Trainer(cfg)
+    steps = -(-len(t.data.train) // 32)
+    assert steps >= 3
+    _stop_at(monkeypatch, steps + 2)  # killed in the second step of the second epoch
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    ck = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)
+    assert (ck["epoch"], ck["in_epoch"]["batch"]) == (0, 1) and not (tmp_path / "b" / "run" / "results.json").exists()
+    monkeypatch.undo()
+    resumed = Trainer(cfg).fit(resume=True)
+    assert resumed.test == full.test
+    drop = {"seconds"}
+    assert [{k: v for k, v in h.items() if k not in drop} for h in resumed.history] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in full.history]  # the epoch's mean losses too
+    a, b = (torch.load(tmp_path / d / "run" / "checkpoint.pt", weights_only=False) for d in ("a", "b"))
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0)
+    assert b["in_epoch"] is None and b["train_seconds"] >= ck["train_seconds"] > 0
+
+
+def test_without_mid_epoch_checkpoints_a_stopped_epoch_is_redone(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, epochs=2, checkpoint_minutes=0)
+    t = Trainer(cfg)
+    _stop_at(monkeypatch, -(-len(t.data.train) // 32) + 2)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert (ck["epoch"], ck["in_epoch"]) == (0, None)  # the end of the first epoch, nothing later
+    monkeypatch.undo()
+    full = Trainer(_cfg(tmp_path / "a", epochs=2)).fit()
+    assert Trainer(cfg).fit(resume=True).test == full.test
+
+
 def test_resume_refuses_a_changed_config(tmp_path):
     Trainer(_cfg(tmp_path, epochs=1)).fit()
     with pytest.raises(ConfigError, match="train.lr"):
@@ -98,6 +148,9 @@ def test_bad_config_values(tmp_path):
         RunConfig.from_dict({"train": {"learning_rate": 1}})
     with pytest.raises(ConfigError, match="must be an integer"):
         RunConfig.from_dict({"train": {"epochs": 1.5}})
+    for bad in (-1, float("nan")):
+        with pytest.raises(ConfigError, match="checkpoint_minutes must be a finite number >= 0"):
+            Trainer(_cfg(tmp_path, checkpoint_minutes=bad))
 
 
 def test_yaml_errors(tmp_path):
@@ -245,3 +298,37 @@ def test_bench_zoo_jobs_gives_the_same_table_as_one_process(tmp_path, capsys):
     assert "--jobs must be >= 1" in capsys.readouterr().err
     assert main(argv + ["--out", str(tmp_path / "empty"), "--no-train"]) != 0
     assert "no finished run of this zoo" in capsys.readouterr().err
+
+
+def test_bench_zoo_reuse_resumes_a_stopped_run_and_refuses_another_budget(tmp_path, monkeypatch, capsys):
+    argv = ["bench", "zoo", "--dataset", "_toy", "--methods", "ew", "--seeds", "0", "--epochs", "2",
+            "--n-train", "160", "--n-test", "32", "--batch-size", "16", "--lr", "0.05",
+            "--set", "model.options={encoder: mlp, hidden: [16], head_hidden: 8}"]
+    calls = [0]
+    real = Trainer._step
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_step", counted)
+    assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    monkeypatch.undo()
+    stopped = argv + ["--out", str(tmp_path / "stopped"), "--set", "train.checkpoint_minutes=1.0e-9"]
+    _stop_at(monkeypatch, calls[0] - 3)  # inside EW's second epoch (STL trains first)
+    with pytest.raises(KeyboardInterrupt):
+        main(stopped)
+    monkeypatch.undo()
+    assert not (tmp_path / "stopped" / "_toy-ew-s0" / "results.json").exists()
+    capsys.readouterr()
+    assert main(stopped + ["--reuse"]) == 0
+    out = capsys.readouterr().out
+    assert "ew seed 0: resuming from its checkpoint" in out and "stl seed 0: resuming" not in out
+    assert (tmp_path / "stopped" / "zoo__toy.md").read_text() == (tmp_path / "whole" / "zoo__toy.md").read_text()
+    # a stopped run of another budget is neither continued nor silently replaced
+    for m in ("stl", "ew"):
+        (tmp_path / "stopped" / f"_toy-{m}-s0" / "results.json").unlink()
+    other = stopped[:stopped.index("--lr") + 1] + ["0.5"] + stopped[stopped.index("--lr") + 2:]
+    assert main(other + ["--reuse"]) != 0
+    err = capsys.readouterr().err
+    assert "refusing to resume" in err and "train.lr: 0.05 there, 0.5 requested" in err

@@ -110,7 +110,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack-batch", type=int, default=500)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output directory (default runs/reproduce-mtvib-<dataset>)")
-    p.add_argument("--reuse", action="store_true", help="reuse finished runs in --out instead of retraining")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse finished runs in --out instead of retraining; resume stopped ones from their checkpoint")
     p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                    help="train nothing: merge the results.json of these finished output directories (different "
                         "models, same dataset, η values and budget) into one table in --out")
@@ -132,7 +133,7 @@ def _train(model: str, seed: int, data, budget: dict[str, Any], out: Path, reuse
 
     from mtlkit.config import RunConfig
     from mtlkit.evaluation import load_run
-    from mtlkit.train import Trainer, finished_run
+    from mtlkit.train import Trainer, finished_run, resumable_run
 
     run_dir = out / "runs" / f"{tag or model}-s{seed}"
     cfg = RunConfig.from_dict({
@@ -147,7 +148,7 @@ def _train(model: str, seed: int, data, budget: dict[str, Any], out: Path, reuse
         return net, done
     t0 = time.time()
     trainer = Trainer(cfg, data=data, run_dir=run_dir)
-    res = trainer.fit()
+    res = trainer.fit(resume=reuse and resumable_run(run_dir, cfg))  # a stopped run continues from its checkpoint
     print(f"[mtvib] {tag or model} seed {seed}: val {_acc(res.val)} test {_acc(res.test)} "
           f"({time.time() - t0:.0f}s)", file=sys.stderr)
     torch.set_grad_enabled(True)
