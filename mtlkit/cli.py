@@ -107,7 +107,22 @@ def _train(args: argparse.Namespace) -> int:
     print(f"mtlkit: {cfg.dataset.name} ({len(trainer.data.train)} train / {len(trainer.data.val)} val / "
           f"{len(trainer.data.test)} test), model {cfg.model.name}, method {cfg.method.name}, device {trainer.device}, "
           f"run dir {trainer.run_dir}", file=sys.stderr)
-    res = trainer.fit(resume=args.resume)
+    try:
+        res = trainer.fit(resume=args.resume)
+    except KeyboardInterrupt:  # Ctrl-C: say what was kept and how to go on, instead of a traceback
+        ck = trainer.run_dir / "checkpoint.pt"
+        if ck.is_file():
+            import torch
+
+            st = torch.load(ck, map_location="cpu", weights_only=False)
+            at = (f"batch {st['in_epoch']['batch']} of epoch {st['epoch'] + 2}" if st.get("in_epoch")
+                  else f"the end of epoch {st['epoch'] + 1}")
+            print(f"\nmtlkit: interrupted; {ck} holds the run as of {at}. Continue it with:\n"
+                  f"  mtlkit train --run-dir {trainer.run_dir} --resume", file=sys.stderr)
+        else:
+            print(f"\nmtlkit: interrupted before the first checkpoint; nothing to resume in {trainer.run_dir}",
+                  file=sys.stderr)
+        return 130
     print(f"\nTest results ({cfg.dataset.name}, {cfg.method.name}, seed {cfg.train.seed}; model selected on validation, "
           f"best epoch {res.best_epoch}; {res.seconds:.0f}s):")
     print(format_results(trainer.tasks, res.test))

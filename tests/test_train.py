@@ -179,6 +179,25 @@ def test_cli_train_and_errors(tmp_path, capsys):
     assert "unknown config key" in capsys.readouterr().err
 
 
+def test_cli_train_interrupted_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_cfg(tmp_path, epochs=2, checkpoint_minutes=1.0e-9).to_dict()))
+    _stop_at(monkeypatch, 1)
+    assert main(["train", "--config", str(path), "--no-progress"]) == 130
+    assert "interrupted before the first checkpoint" in capsys.readouterr().err
+    monkeypatch.undo()
+    _stop_at(monkeypatch, 6)  # 3 steps per epoch: killed in the third step of the second epoch
+    assert main(["train", "--config", str(path), "--no-progress", "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    assert "as of batch 2 of epoch 2" in err and f"mtlkit train --run-dir {tmp_path / 'run'} --resume" in err
+    monkeypatch.undo()
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
+    full = Trainer(_cfg(tmp_path / "whole", epochs=2)).fit()
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["test"] == full.test
+
+
 def test_cli_eval_clean_matches_results_and_attack_hurts(tmp_path, capsys):
     cfg = _cfg(tmp_path, epochs=2)
     res = Trainer(cfg).fit()
