@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--force", action="store_true", help="rebuild the cached arrays")
     dsub.add_parser("list", help="list cached files")
 
-    sub.add_parser("methods", help="list the available methods, models and datasets")
+    m = sub.add_parser("methods", help="list the methods (options, defaults, summary), models and datasets; or "
+                                       "document the named methods")
+    m.add_argument("names", nargs="*", help="methods to document in full (paper, equations, choices, options)")
 
     r = sub.add_parser("reproduce", help="re-run a paper's experiments on the data we have")
     from mtlkit.reproduce import load_all
@@ -169,10 +171,16 @@ def _data(args: argparse.Namespace) -> int:
 
 def _methods(args: argparse.Namespace) -> int:
     from mtlkit.data import available_datasets
-    from mtlkit.methods import available_methods
+    from mtlkit.methods import available_methods, describe_method
     from mtlkit.models import available_models
 
-    print("methods: " + ", ".join(available_methods()))
+    if args.names:
+        print("\n\n".join(describe_method(n, detail=True) for n in args.names))
+        return 0
+    print("methods (name (options with defaults): summary; `mtlkit methods NAME` documents one; set options with "
+          "--set method.options.KEY=VALUE):")
+    for n in available_methods():
+        print("  " + describe_method(n))
     print("models: " + ", ".join(available_models()))
     print("datasets: " + ", ".join(available_datasets()))
     return 0

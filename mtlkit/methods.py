@@ -11,6 +11,7 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -78,6 +79,46 @@ def available_methods() -> list[str]:
     """Names accepted by :func:`build_method`."""
     _load_all()
     return sorted(_REGISTRY)
+
+
+def method_options(name: str) -> dict[str, Any]:
+    """The options of method ``name`` (its factory's keyword arguments) with their defaults.
+
+    Example:
+        >>> method_options("cagrad")["c"]
+        0.4
+    """
+    _load_all()
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise unknown_name("method", name, list(_REGISTRY))
+    params = inspect.signature(_REGISTRY[key]).parameters.values()
+    return {p.name: (None if p.default is p.empty else p.default) for p in params
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def describe_method(name: str, detail: bool = False) -> str:
+    """One line on method ``name`` (options with defaults, then its summary); with ``detail``, also the default
+    level and the full documentation of its weighting and aggregator (paper, equations, choices).
+
+    Example:
+        >>> describe_method("ew")
+        'ew: Equal weighting: one backward of the summed loss.'
+    """
+    options = method_options(name)
+    key = name.lower()
+    doc = inspect.getdoc(_REGISTRY[key]) or ""
+    opts = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    m = build_method(key)
+    level = f" [{m.level} level]" if m.aggregator.needs_per_task_grads else ""
+    line = f"{key}{' (' + opts + ')' if opts else ''}{level}: {doc.splitlines()[0] if doc else '(no description)'}"
+    if not detail:
+        return line
+    parts = [line, "", f"default level: {m.level}" + (" (one model per task)" if m.single_task else "")]
+    for role, obj in (("weighting", m.weighting), ("aggregator", m.aggregator)):
+        parts += ["", f"{role}: {type(obj).__module__}.{type(obj).__name__}", "",
+                  inspect.getdoc(type(obj)) or "(no documentation)"]
+    return "\n".join(parts)
 
 
 def build_method(name: str, level: Level | None = None, **options: Any) -> Method:

@@ -214,7 +214,17 @@ def test_cli_eval_clean_matches_results_and_attack_hurts(tmp_path, capsys):
 def test_cli_methods_lists_registries(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    assert "mgda" in out and "hps" in out and "multimnist" in out
+    assert "hps" in out and "multimnist" in out
+    # every method on its own line, with its options' defaults (the factory's) and, for aggregators, the level
+    assert "  cagrad (c=0.4, rescale=1) [parameter level]: CAGrad" in out
+    assert "  graddrop (leak=0.0, seed=0) [representation level]: GradDrop" in out
+    assert "  ew: Equal weighting" in out
+    assert main(["methods", "mamg", "uw"]) == 0
+    doc = capsys.readouterr().out
+    assert "aggregator: mtlkit.aggregation.mamg.MAMG" in doc and "weighting: mtlkit.weighting.uw.UW" in doc
+    assert "uw (form='regression', init_log_var=0.0): Uncertainty weighting" in doc
+    assert main(["methods", "nope"]) == 2
+    assert "valid methods are" in capsys.readouterr().err
 
 
 def test_task_counts_reach_weightings_that_need_them(tmp_path):
