@@ -200,7 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from mtlkit.bench import run_zoo
 
-            return run_zoo(args)
+            try:
+                return run_zoo(args)
+            except KeyboardInterrupt:  # finished runs and checkpoints stay; say how to go on
+                print(f"\nmtlkit: interrupted; the finished runs and the stopped runs' checkpoints are kept in "
+                      f"{args.out}: run the same command with --reuse to continue", file=sys.stderr)
+                return 130
         return handlers[args.command](args)
     except MTLKitError as e:
         print(f"mtlkit: error: {e}", file=sys.stderr)

@@ -345,8 +345,8 @@ def test_bench_zoo_reuse_resumes_a_stopped_run_and_refuses_another_budget(tmp_pa
     monkeypatch.undo()
     stopped = argv + ["--out", str(tmp_path / "stopped"), "--set", "train.checkpoint_minutes=1.0e-9"]
     _stop_at(monkeypatch, calls[0] - 3)  # inside EW's second epoch (STL trains first)
-    with pytest.raises(KeyboardInterrupt):
-        main(stopped)
+    assert main(stopped) == 130
+    assert "run the same command with --reuse to continue" in capsys.readouterr().err
     monkeypatch.undo()
     assert not (tmp_path / "stopped" / "_toy-ew-s0" / "results.json").exists()
     capsys.readouterr()
