@@ -133,6 +133,13 @@ def _dataset(name: str, options: dict[str, Any]) -> Any:
 _DATA_CACHE: dict[Any, Any] = {}
 
 
+def _builtin_dataset(name: str) -> bool:
+    """Whether ``name`` is one of mtlkit's own datasets (all built from real data), not one registered by a user."""
+    from mtlkit.data import _DATASETS, available_datasets
+
+    return name in available_datasets() and _DATASETS[name].__module__.startswith("mtlkit.")
+
+
 def _train(cfg_dict: dict[str, Any], resume: bool = False) -> dict[str, float]:
     """Train (or resume) one run from its config dict and return its test metrics (a top-level function: it runs in
     workers)."""
@@ -173,9 +180,10 @@ def run_zoo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = _dataset(args.dataset, {"n_train": args.n_train, "n_test": args.n_test})
     task_metrics = [(f"{t.name}/{t.metrics[0]}", t.higher_is_better[0]) for t in data.tasks]
+    origin = "real data; " if _builtin_dataset(args.dataset) else ""  # a user's own dataset: no claim made for it
 
     def header(partial: bool) -> str:
-        return (f"Method zoo on {args.dataset} (real data; {len(data.train)} train / {len(data.val)} val / "
+        return (f"Method zoo on {args.dataset} ({origin}{len(data.train)} train / {len(data.val)} val / "
                 f"{len(data.test)} test images), HPS encoder, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, "
                 f"Adam lr {args.lr}, batch {args.batch_size}, {'partial; ' if partial else ''}seeds {args.seeds}; test "
                 f"accuracy (%) of the validation-selected epoch, mean ± std; Δm vs STL, lower is better.\n\n")

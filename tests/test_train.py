@@ -271,6 +271,7 @@ def test_bench_zoo_tabulates_resumes_and_refuses_another_budget(tmp_path, monkey
     assert numbers["stl"]["delta_m"] == pytest.approx([-x for x in numbers["stl"]["delta_m"][::-1]])  # vs own mean
     assert (out / "zoo__toy.png").stat().st_size > 0 and not (out / "zoo__toy_partial.md").exists()
     table = (out / "zoo__toy.md").read_text()
+    assert table.startswith("Method zoo on _toy (96 train") and "real data" not in table  # a test dataset: no claim
     # the table's cells are the runs' own results.json numbers
     acc = [json.loads((out / f"_toy-ew-s{s}" / "results.json").read_text())["test"]["a/accuracy"] for s in (0, 1)]
     assert f"| ew | 2 | {100 * sum(acc) / 2:.2f} ± " in table
