@@ -97,13 +97,16 @@ def budget_notes(methods: list[str], epochs: int) -> str:
 
 
 def plot_zoo(numbers: dict[str, Any], keys: list[str], path: Path, title: str) -> None:
+    """The zoo as a PNG: per-task test accuracy (mean ± std over seeds) per method and, beside it, Δm against STL
+    (mean ± std over seeds; lower is better), the number the table ranks by."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = list(numbers)
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(methods) * len(keys)), 4))
+    fig, (ax, axd) = plt.subplots(1, 2, figsize=(max(8, 0.7 * len(methods) * len(keys) + 0.35 * len(methods) + 2), 4),
+                                  gridspec_kw={"width_ratios": [len(keys), 1]})
     width = 0.8 / len(keys)
     for i, k in enumerate(keys):
         means = [100 * numbers[m]["summary"][k][0] for m in methods]
@@ -115,6 +118,18 @@ def plot_zoo(numbers: dict[str, Any], keys: list[str], path: Path, title: str) -
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.legend()
+    # Δm per method: only methods with Δm values (none when STL is missing from the zoo)
+    dm = [(m, numbers[m]["delta_m"]) for m in methods if numbers[m]["delta_m"]]
+    if dm:
+        y = np.arange(len(dm))
+        axd.barh(y, [np.mean(d) for _, d in dm], xerr=[np.std(d) for _, d in dm], capsize=2,
+                 color=["tab:green" if np.mean(d) < 0 else "tab:red" for _, d in dm])
+        axd.set_yticks(y, [m for m, _ in dm])
+        axd.invert_yaxis()
+        axd.axvline(0, color="black", linewidth=0.8)
+        axd.set_xlabel("Δm vs STL (%), lower is better")
+    else:
+        axd.set_axis_off()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

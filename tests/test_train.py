@@ -303,6 +303,16 @@ def test_zoo_table_shows_a_spread_only_with_two_seeds():
     assert numbers["ew"]["seeds"] == 1 and numbers["ew"]["delta_m"] == pytest.approx([-100 * 8 / 85])
 
 
+def test_zoo_plot_draws_with_and_without_a_baseline(tmp_path):
+    from mtlkit.bench import plot_zoo, zoo_table
+
+    results = {"stl": [{"a/accuracy": 0.90}, {"a/accuracy": 0.80}], "ew": [{"a/accuracy": 0.93}]}
+    for name, res in (("with", results), ("without", {"ew": results["ew"]})):  # no STL: no Δm panel
+        _, numbers = zoo_table(res, [("a/accuracy", True)])
+        plot_zoo(numbers, ["a/accuracy"], tmp_path / f"{name}.png", name)
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_run_shorter_than_dwas_equal_weight_epochs_warns_and_equals_ew(tmp_path):
     with pytest.warns(UserWarning, match="first 2 epochs: with train.epochs=2 it trains exactly as EW"):
         dwa = Trainer(_cfg(tmp_path, epochs=2).override(["method.name=dwa"])).fit()
