@@ -288,7 +288,12 @@ class Trainer:
         best: dict[str, Any] = {"score": -float("inf"), "epoch": -1, "member_score": {}, "member_epoch": {}}
         start, in_epoch, carried = 0, None, 0.0
         if resume:
-            ck = torch.load(self.run_dir / "checkpoint.pt", map_location=self.device, weights_only=False)
+            path = self.run_dir / "checkpoint.pt"
+            try:
+                ck = torch.load(path, map_location=self.device, weights_only=False)
+            except Exception as e:  # a truncated or foreign file: say which, do not guess
+                raise ConfigError(f"cannot read {path} ({type(e).__name__}: {e}); delete that run to retrain "
+                                  f"it") from e
             diff = _resume_differences(ck["config"], cfg.to_dict())
             if diff:
                 raise ConfigError(f"cannot resume {self.run_dir}: its config differs in {diff} (only train.epochs, "
@@ -454,13 +459,7 @@ def finished_run(run_dir: str | Path, cfg: RunConfig) -> dict[str, Any] | None:
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError(f"{run_dir} has results.json but no config.yaml: cannot tell what it was trained with")
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    requested = cfg.to_dict()
-    diff = config_differences(saved, requested, allowed=_REUSE_IGNORED)
-    if diff:
-        detail = ", ".join(f"{k}: {_lookup(saved, k)!r} there, {_lookup(requested, k)!r} requested" for k in diff)
-        raise ConfigError(f"refusing to reuse {run_dir}: it was trained with another config ({detail}); "
-                          f"use another output directory or delete that run")
+    _refuse_other_config(run_dir, saved_path, cfg, "refusing to reuse {run_dir}: it was trained with")
     return json.loads((run_dir / "results.json").read_text())
 
 
@@ -475,20 +474,29 @@ def resumable_run(run_dir: str | Path, cfg: RunConfig) -> bool:
         >>> resumable_run("/nonexistent-run-dir", RunConfig())
         False
     """
-    path = Path(run_dir) / "checkpoint.pt"
-    if not path.is_file():
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoint.pt").is_file():
         return False
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)["config"]
-    except Exception as e:  # a truncated or foreign file: say which, do not guess
-        raise ConfigError(f"cannot read {path} ({type(e).__name__}: {e}); delete that run to retrain it") from e
+    # config.yaml is what the checkpoint's config was written from (fit writes both from the same cfg): reading it
+    # spares loading the whole checkpoint here, which fit then loads (and checks) again.
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"{run_dir} has checkpoint.pt but no config.yaml: cannot tell what it was started with")
+    _refuse_other_config(run_dir, saved_path, cfg, "refusing to resume {run_dir}: it was started with")
+    return True
+
+
+def _refuse_other_config(run_dir: Path, saved_path: Path, cfg: RunConfig, refusal: str) -> None:
+    """Raise ConfigError (``refusal`` + the differing keys, theirs and requested) when the config saved at
+    ``saved_path`` differs from ``cfg`` in a key that changes what a run learns (``train.epochs`` included: the
+    budget must be the same)."""
+    saved = yaml.safe_load(saved_path.read_text()) or {}
     requested = cfg.to_dict()
-    diff = config_differences(saved, requested, allowed=_REUSE_IGNORED)  # train.epochs too: the budget is the same
+    diff = config_differences(saved, requested, allowed=_REUSE_IGNORED)
     if diff:
         detail = ", ".join(f"{k}: {_lookup(saved, k)!r} there, {_lookup(requested, k)!r} requested" for k in diff)
-        raise ConfigError(f"refusing to resume {run_dir}: it was started with another config ({detail}); "
-                          f"use another output directory or delete that run")
-    return True
+        raise ConfigError(f"{refusal.format(run_dir=run_dir)} another config ({detail}); use another output "
+                          f"directory or delete that run")
 
 
 def _lookup(d: dict[str, Any], dotted: str) -> Any:

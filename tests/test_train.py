@@ -96,6 +96,9 @@ def test_resume_refuses_a_changed_config(tmp_path):
     Trainer(_cfg(tmp_path, epochs=1)).fit()
     with pytest.raises(ConfigError, match="train.lr"):
         Trainer(_cfg(tmp_path, epochs=2, lr=0.5)).fit(resume=True)
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"truncated")
+    with pytest.raises(ConfigError, match="cannot read .*checkpoint.pt .*delete that run"):
+        Trainer(_cfg(tmp_path, epochs=2)).fit(resume=True)
 
 
 def test_existing_run_dir_is_not_overwritten(tmp_path):
