@@ -186,30 +186,40 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_command(args: argparse.Namespace) -> int:
+    if args.command == "reproduce":
+        from mtlkit.reproduce import REPRODUCTIONS
+
+        return REPRODUCTIONS[args.paper].run(args)
+    if args.command == "bench":
+        from mtlkit.bench import run_zoo
+
+        try:
+            return run_zoo(args)
+        except KeyboardInterrupt:  # finished runs and checkpoints stay; say how to go on
+            print(f"\nmtlkit: interrupted; the finished runs and the stopped runs' checkpoints are kept in "
+                  f"{args.out}: run the same command with --reuse to continue", file=sys.stderr)
+            return 130
+    handlers = {"train": _train, "eval": _eval, "data": _data, "methods": _methods}
+    return handlers[args.command](args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cache_dir:
         os.environ["MTLKIT_CACHE_DIR"] = args.cache_dir
-    handlers = {"train": _train, "eval": _eval, "data": _data, "methods": _methods}
     try:
-        if args.command == "reproduce":
-            from mtlkit.reproduce import REPRODUCTIONS
-
-            return REPRODUCTIONS[args.paper].run(args)
-        if args.command == "bench":
-            from mtlkit.bench import run_zoo
-
-            try:
-                return run_zoo(args)
-            except KeyboardInterrupt:  # finished runs and checkpoints stay; say how to go on
-                print(f"\nmtlkit: interrupted; the finished runs and the stopped runs' checkpoints are kept in "
-                      f"{args.out}: run the same command with --reuse to continue", file=sys.stderr)
-                return 130
-        return handlers[args.command](args)
+        rc = _run_command(args)
+        sys.stdout.flush()  # inside the try: a reader that left is seen here, not in Python's flush at exit
+        return rc
     except MTLKitError as e:
         print(f"mtlkit: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `mtlkit methods | head`: the reader left; stop quietly, as Unix tools do
+        # Point stdout at devnull so Python's flush at exit does not raise a second time (Python docs, "SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
 
 
 if __name__ == "__main__":  # pragma: no cover

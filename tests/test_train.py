@@ -230,6 +230,23 @@ def test_cli_methods_lists_registries(capsys):
     assert "valid methods are" in capsys.readouterr().err
 
 
+def test_cli_stops_quietly_when_its_reader_leaves():
+    # `mtlkit methods | true`: the reader is gone before the first write; no traceback, the shell's SIGPIPE status.
+    # Both stdout modes: unbuffered (each print writes) and block-buffered (the write is the flush at the end).
+    import os
+    import subprocess
+    import sys
+
+    for unbuffered in ("1", ""):
+        env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+        proc = subprocess.Popen([sys.executable, "-m", "mtlkit.cli", "methods"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+        proc.stdout.close()  # long before the child has imported anything
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141, (unbuffered, err)
+        assert err == "", err
+
+
 def test_task_counts_reach_weightings_that_need_them(tmp_path):
     from mtlkit.data import Split
     from mtlkit.tasks import Task
