@@ -96,9 +96,10 @@ def budget_notes(methods: list[str], epochs: int) -> str:
     return "\n\n" + "\n".join(notes) if notes else ""
 
 
-def plot_zoo(numbers: dict[str, Any], keys: list[str], path: Path, title: str) -> None:
+def plot_zoo(numbers: dict[str, Any], keys: list[str], path: Path, title: str) -> Any:
     """The zoo as a PNG: per-task test accuracy (mean ± std over seeds) per method and, beside it, Δm against STL
-    (mean ± std over seeds; lower is better), the number the table ranks by."""
+    (mean ± std over seeds; lower is better), the number the table ranks by. Returns the (closed) matplotlib Figure,
+    whose axes hold the drawn bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,6 +134,7 @@ def plot_zoo(numbers: dict[str, Any], keys: list[str], path: Path, title: str) -
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def _dataset(name: str, options: dict[str, Any]) -> Any:

@@ -323,14 +323,29 @@ def test_zoo_table_shows_a_spread_only_with_two_seeds():
     assert numbers["ew"]["seeds"] == 1 and numbers["ew"]["delta_m"] == pytest.approx([-100 * 8 / 85])
 
 
-def test_zoo_plot_draws_with_and_without_a_baseline(tmp_path):
+def test_zoo_plot_draws_the_tables_numbers(tmp_path):
+    import matplotlib.colors
+
     from mtlkit.bench import plot_zoo, zoo_table
 
-    results = {"stl": [{"a/accuracy": 0.90}, {"a/accuracy": 0.80}], "ew": [{"a/accuracy": 0.93}]}
-    for name, res in (("with", results), ("without", {"ew": results["ew"]})):  # no STL: no Δm panel
-        _, numbers = zoo_table(res, [("a/accuracy", True)])
-        plot_zoo(numbers, ["a/accuracy"], tmp_path / f"{name}.png", name)
-        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = {"stl": [{"a/accuracy": 0.90}, {"a/accuracy": 0.80}], "ew": [{"a/accuracy": 0.93}, {"a/accuracy": 0.89}],
+               "mgda": [{"a/accuracy": 0.80}, {"a/accuracy": 0.78}]}
+    _, numbers = zoo_table(results, [("a/accuracy", True)])
+    fig = plot_zoo(numbers, ["a/accuracy"], tmp_path / "with.png", "with")
+    assert (tmp_path / "with.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    acc, dm = fig.axes
+    # accuracy bars: the seed means in %, in the zoo's method order, with the seed std as error bars
+    assert [b.get_height() for b in acc.patches] == pytest.approx([85.0, 91.0, 79.0])
+    # Δm bars: the mean of the per-seed Δm (against STL's seed mean, 85 %); EW beats STL (green), MGDA loses (red)
+    widths = {t.get_text(): b.get_width() for t, b in zip(dm.get_yticklabels(), dm.patches)}
+    assert widths == pytest.approx({"stl": 0.0, "ew": -100 * 6 / 85, "mgda": 100 * 6 / 85})
+    colors = [b.get_facecolor() for b in dm.patches]
+    assert colors[1] == pytest.approx(matplotlib.colors.to_rgba("tab:green"))
+    assert colors[2] == pytest.approx(matplotlib.colors.to_rgba("tab:red"))
+    # no STL in the zoo: no Δm values, so the Δm panel is left empty
+    _, numbers = zoo_table({"ew": results["ew"]}, [("a/accuracy", True)])
+    fig = plot_zoo(numbers, ["a/accuracy"], tmp_path / "without.png", "without")
+    assert (tmp_path / "without.png").is_file() and not fig.axes[1].axison and not fig.axes[1].patches
 
 
 def test_a_run_shorter_than_dwas_equal_weight_epochs_warns_and_equals_ew(tmp_path):
