@@ -70,7 +70,8 @@ def zoo_table(results: dict[str, list[dict[str, float]]], task_metrics: list[tup
                  for k in keys]
         if base is not None:
             dms = [delta_m([r[k] for k in keys], base, [h for _, h in task_metrics]) for r in rs]
-            dm = f"{np.mean(dms):+.2f}" + (f" ± {np.std(dms):.2f}" if spread else "")
+            mean = round(float(np.mean(dms)), 2) + 0.0  # + 0.0 makes -0.0 plain 0.0: STL's row reads +0.00, not -0.00
+            dm = f"{mean:+.2f}" + (f" ± {np.std(dms):.2f}" if spread else "")
         else:
             dms, dm = [], "n/a"
         numbers[m] = {"summary": summary[m], "delta_m": dms, "seeds": len(rs)}

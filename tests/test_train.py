@@ -2,6 +2,7 @@
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -321,6 +322,10 @@ def test_zoo_table_shows_a_spread_only_with_two_seeds():
     # one seed: no ± (a population std of one value would read 0.00); Δm = -(93 - 85)/85 (lower is better)
     assert "| ew | 1 | 93.00 | -9.41 |" in table
     assert numbers["ew"]["seeds"] == 1 and numbers["ew"]["delta_m"] == pytest.approx([-100 * 8 / 85])
+    # STL's own Δm mean is zero up to rounding (here -4e-15); it reads +0.00, never -0.00
+    table, numbers = zoo_table({"stl": [{"a/accuracy": a} for a in (0.8784, 0.8303, 0.8477)]}, [("a/accuracy", True)])
+    assert -1e-12 < np.mean(numbers["stl"]["delta_m"]) < 0
+    assert "| stl | 3 | 85.21 ± 1.99 | +0.00 ± 2.33 |" in table
 
 
 def test_zoo_plot_draws_the_tables_numbers(tmp_path):
