@@ -22,8 +22,10 @@ Gramian-based aggregators (``gramian_based``: MGDA, CAGrad, IMTL-G, Nash-MTL, UP
 GradVac, MAMG, ...) at parameter level with a ``representation`` never hold the T x P matrix J:
 :class:`mtlkit.gramian.EncoderGramian` forms ``G = J Jᵀ`` from each linear layer's per-task output gradients and its
 input (``<Δ_iᵀX, Δ_jᵀX> = <Δ_i, X Xᵀ Δ_j>``), with explicit rows only for the other parameters, and writes ``wᵀ J``
-from the same pieces. Pass ``keep_jacobian=True`` to get J (and ``BackwardInfo.jacobian``) instead; a ``reduce``
-(data parallel) also keeps J, so that the all-reduce acts on the gradients themselves.
+from the same pieces. At representation level they get G from the per-task ``∂L_t/∂z`` by column blocks and the
+update as ``Σ_t w_t ∂L_t/∂z``, without stacking J either. Pass ``keep_jacobian=True`` to get J (and
+``BackwardInfo.jacobian``) instead; a ``reduce`` (data parallel) also keeps J, so that the all-reduce acts on the
+gradients themselves.
 
 ``level="representation"`` is the MGDA-UB trick (Sener & Koltun 2018, Sec. 3.3): the aggregator sees the T x (B·d)
 matrix of gradients w.r.t. z instead of the T x P matrix w.r.t. the shared parameters, and the combined vector is
@@ -65,8 +67,9 @@ class BackwardInfo:
     Attributes:
         jacobian: the T x K matrix the aggregator saw (K = #shared parameters, or numel(z) at representation level);
             None when no per-task gradients were needed (plain sum) or when the Gramian was formed without it.
-        update: the aggregated K-vector (None when J was not formed).
-        gramian: the T x T Gramian, when the engine formed it without J (Gramian-based method, parameter level).
+        update: the aggregated K-vector (None when J was not formed, at parameter level).
+        gramian: the T x T Gramian, when the engine formed it without J (Gramian-based method without ``reduce`` or
+            ``keep_jacobian``: at parameter level with a representation, and at representation level).
         weights: the task weights w chosen from that Gramian (update = wᵀ J).
     """
 
@@ -272,33 +275,32 @@ def _is_elementwise(losses: Tensor, split) -> bool:
     return True
 
 
-def _head_phase(losses: Tensor, z: Tensor, task_leaves: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:
-    """Per-task ``∂L_t/∂z`` (stacked, T x z.shape) and the task-specific parameters' gradients.
+def _head_phase(losses: Tensor, z: Tensor, task_leaves: list[Tensor]) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Per-task ``∂L_t/∂z`` (a list of T tensors shaped like z) and the task-specific parameters' gradients.
 
-    One backward pass of ``Σ_t L_t`` down to z, with a hook on each node that reads z recording the gradient that
+    One backward pass of ``Σ_t L_t`` down to z, with a hook on each node that reads z taking the gradient that
     task's loss sends to z: every head runs its backward once, as in EW, and no task pays for another's head. This
     needs the loss vector built by ``stack``/``torch.stack`` from per-task losses, each reading z through its own
     nodes, and a per-task (diagonal) weighting; otherwise it falls back to one ``autograd.grad`` per task, which
     gives the same numbers at a higher cost.
+
+    The hooks keep the tensors autograd computed instead of copying them into one T x z.shape buffer: a buffer that
+    large (40 MB at T = 40, batch 256, d = 1024) is a fresh memory mapping on every step, and filling it cost more in
+    page faults (about 20 ms on the 2-core CPU) than the Gramian's product.
     """
     T = losses.shape[0]
     split = _split_node(losses, z) if z.grad_fn is not None else None
     per_task = _consumers(split, z) if split is not None else None
     if per_task is not None and _is_elementwise(losses, split):
-        # Filled during the backward pass, so that each head's gradient w.r.t. z is freed as soon as it is copied.
-        dzs = torch.empty((T, *z.shape), dtype=z.dtype, device=z.device)
-        written: set[int] = set()
+        dzs: list[Tensor | None] = [None] * T
 
         def record(t: int, i: int):
             def hook(grad_inputs, grad_outputs):
                 g = grad_inputs[i]
                 if g is None:
                     return None
-                if t in written:
-                    dzs[t].add_(g)
-                else:
-                    dzs[t].copy_(g)
-                    written.add(t)
+                # Out of place: with two edges into z (``z + z``) autograd may hand both the same tensor.
+                dzs[t] = g if dzs[t] is None else dzs[t] + g
                 # Hand z nothing: the sum over tasks that autograd would build there is never used.
                 return tuple(None if k == i else gk for k, gk in enumerate(grad_inputs))
             return hook
@@ -310,9 +312,8 @@ def _head_phase(losses: Tensor, z: Tensor, task_leaves: list[Tensor]) -> tuple[T
         finally:
             for h in handles:
                 h.remove()
-        for t in set(range(T)) - written:  # a task whose loss does not read z
-            dzs[t].zero_()
-        return dzs, list(grads[1:])
+        # a task whose loss does not read z sends it zeros
+        return [d if d is not None else torch.zeros_like(z) for d in dzs], list(grads[1:])
     params = [z] + task_leaves
     dz, task_grads = [], [torch.zeros_like(p) for p in task_leaves]
     for t in range(T):
@@ -321,7 +322,31 @@ def _head_phase(losses: Tensor, z: Tensor, task_leaves: list[Tensor]) -> tuple[T
         for acc, gi in zip(task_grads, g[1:]):
             if gi is not None:
                 acc.add_(gi)
-    return torch.stack(dz), list(task_grads)
+    return dz, list(task_grads)
+
+
+def _gramian_of_rows(rows: Sequence[Tensor], block_bytes: int = 4 << 20) -> Tensor:
+    """``G = J Jᵀ`` for J with rows ``rows[t].reshape(-1)``, from column blocks of at most ``block_bytes``.
+
+    Equal to one ``J @ J.T`` up to the order of float sums; the blocks keep every temporary small enough to be
+    reused by the allocator from step to step, where one T x K copy of J would be a fresh mapping each time.
+    """
+    flat = [r.reshape(-1) for r in rows]
+    T, K = len(flat), flat[0].numel()
+    step = max(1, block_bytes // (T * flat[0].element_size()))
+    G = torch.zeros(T, T, dtype=flat[0].dtype, device=flat[0].device)
+    for s in range(0, K, step):
+        block = torch.stack([f[s:s + step] for f in flat])
+        G.addmm_(block, block.T)
+    return G
+
+
+def _combine_rows(w: Tensor, rows: Sequence[Tensor]) -> Tensor:
+    """``Σ_t w_t rows[t]`` without stacking the rows (and without a host sync per weight)."""
+    out = torch.zeros_like(rows[0])
+    for t, r in enumerate(rows):
+        out.addcmul_(r, w[t])
+    return out
 
 
 def backward(
@@ -352,9 +377,10 @@ def backward(
         task_names: used in error messages.
         extra: an optional scalar loss that is not a task (a regulariser such as MTVIB's β·KL): its gradient is
             added to every parameter it reaches, outside the aggregation.
-        keep_jacobian: form the T x P matrix J even for a Gramian-based method at parameter level (for callers that
-            inspect per-task gradients, e.g. MAMO's conflict detector). Otherwise, with a ``representation`` and no
-            ``reduce``, such methods get ``G = J Jᵀ`` from :func:`mtlkit.gramian.encoder_gramian` and never hold J.
+        keep_jacobian: form the T x K matrix J even for a Gramian-based method (for callers that inspect per-task
+            gradients, e.g. MAMO's conflict detector). Otherwise, with a ``representation`` and no ``reduce``, such
+            methods get ``G = J Jᵀ`` without holding J: from :func:`mtlkit.gramian.encoder_gramian` at parameter
+            level, from the per-task ``∂L_t/∂z`` at representation level.
 
     Returns:
         :class:`BackwardInfo` with the per-task gradient matrix and the update (None for a plain sum).
@@ -413,21 +439,32 @@ def backward(
     dzs, task_grads = _head_phase(losses, z, task_leaves)
     _accumulate_fresh(task_leaves, task_grads)
     if level == "representation":
-        J = dzs.reshape(T, -1)
+        if agg.gramian_based and reduce is None and not keep_jacobian:
+            # G from the per-task rows and the update Σ_t w_t ∂L_t/∂z, never stacking the rows into J
+            G = _gramian_of_rows(dzs)
+            w = agg.weights(G).to(G.dtype)
+            update = _combine_rows(w, dzs)
+            del dzs
+            _accumulate_fresh(shared, torch.autograd.grad(z, shared, grad_outputs=update, allow_unused=True))
+            return BackwardInfo(update=update.reshape(-1), gramian=G, weights=w)
+        J = torch.stack(dzs).reshape(T, -1)
+        del dzs
         if reduce is not None:
             J = reduce(J)
         update = agg(J)
         _accumulate_fresh(shared, torch.autograd.grad(z, shared, grad_outputs=update.view_as(z), allow_unused=True))
         return BackwardInfo(jacobian=J, update=update)
+    stacked = torch.stack(dzs)
+    del dzs
     if agg.gramian_based and reduce is None and not keep_jacobian:
         # G and the update wᵀJ without ever holding J (mtlkit.gramian).
-        held = EncoderGramian(z, dzs, shared, _resolve_mode(mode, z), chunk_size)
-        del dzs
+        held = EncoderGramian(z, stacked, shared, _resolve_mode(mode, z), chunk_size)
+        del stacked
         w = agg.weights(held.gramian)
         for p, g in zip(shared, held.combine(w)):
             _accumulate(p, g, owned=True)
         return BackwardInfo(gramian=held.gramian, weights=w)
-    J = _encoder_jacobian(z, dzs, shared, mode, chunk_size)
+    J = _encoder_jacobian(z, stacked, shared, mode, chunk_size)
     if reduce is not None:
         J = reduce(J)
     update = agg(J)

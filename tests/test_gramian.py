@@ -149,6 +149,42 @@ def test_engine_without_J_writes_the_same_grads_as_with_J(make, mode):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("make", [MGDA, UPGrad, Mean, IMTLG, CAGrad, DualProj, NashMTL, PCGrad, GradVac, MAMG])
+def test_representation_level_without_J_writes_the_same_grads_as_with_J(make):
+    torch.manual_seed(3)
+    net = _Net().double()
+    x = torch.randn(6, 20, dtype=torch.float64)
+    grads, infos = {}, {}
+    for keep in (True, False):
+        agg = make()
+        net.zero_grad()
+        losses, z = net.losses(x)
+        infos[keep] = backward(losses, net.enc.parameters(), agg, representation=z, level="representation",
+                               keep_jacobian=keep)
+        grads[keep] = [p.grad.clone() for p in net.parameters()]
+    J = infos[True].jacobian
+    assert J.shape == (4, 6 * 12) and infos[False].jacobian is None
+    torch.testing.assert_close(infos[False].gramian, J @ J.T, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(infos[False].update, infos[True].update, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(infos[False].update, infos[False].weights @ J, atol=1e-12, rtol=1e-12)
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("block_bytes", [8, 8 * 40, 1 << 20])  # one column per block, several, a single block
+def test_gramian_of_rows_by_column_blocks(block_bytes):
+    from mtlkit.autodiff import _combine_rows, _gramian_of_rows
+
+    torch.manual_seed(0)
+    a = torch.randn(7, 5, dtype=torch.float64)
+    rows = [a, torch.randn(5, 7, dtype=torch.float64).T, 2 * a]  # a transposed (non-contiguous) row; a multiple
+    assert not rows[1].is_contiguous()
+    J = torch.stack([r.reshape(-1) for r in rows])
+    torch.testing.assert_close(_gramian_of_rows(rows, block_bytes), J @ J.T, atol=1e-12, rtol=1e-12)
+    w = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(_combine_rows(w, rows).reshape(-1), w @ J)
+
+
 def test_nan_gradient_is_named_and_weights_checks_its_input():
     net = _Net(T=2)
     z = net.enc(torch.randn(6, 20))
@@ -156,6 +192,8 @@ def test_nan_gradient_is_named_and_weights_checks_its_input():
     bad = stack([net.heads[0](z).pow(2).mean(), net.heads[1](z).pow(2).mean() + (net.heads[1](z).sum() * 0).sqrt()])
     with pytest.raises(FloatingPointError, match=r"tasks \[1\]"):
         backward(bad, net.enc.parameters(), MGDA(), representation=z)
+    with pytest.raises(FloatingPointError, match=r"tasks \[1\]"):
+        backward(bad, net.enc.parameters(), MGDA(), representation=z, level="representation")
     with pytest.raises(ValueError, match="T x T"):
         MGDA().weights(torch.ones(2, 3))
     with pytest.raises(ValueError, match="not only their Gramian"):
