@@ -13,7 +13,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from mtlkit.errors import MTLKitError
+from mtlkit.errors import ConfigError, MTLKitError
 
 
 def _default_config_path() -> Path:
@@ -204,12 +204,25 @@ def _run_command(args: argparse.Namespace) -> int:
     return handlers[args.command](args)
 
 
+def _tune_allocator() -> None:
+    """The CLI owns its process: keep freed CPU memory for reuse (mtlkit.malloc) unless MTLKIT_MALLOC_TUNING=0."""
+    setting = os.environ.get("MTLKIT_MALLOC_TUNING", "1")
+    if setting not in ("0", "1"):
+        raise ConfigError(f"MTLKIT_MALLOC_TUNING must be 0 (glibc's defaults) or 1 (tuned, the default), "
+                          f"got {setting!r}")
+    if setting == "1":
+        from mtlkit.malloc import tune_cpu_allocator
+
+        tune_cpu_allocator()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cache_dir:
         os.environ["MTLKIT_CACHE_DIR"] = args.cache_dir
     try:
+        _tune_allocator()
         rc = _run_command(args)
         sys.stdout.flush()  # inside the try: a reader that left is seen here, not in Python's flush at exit
         return rc
