@@ -34,7 +34,14 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="raise glibc's malloc thresholds first, as mtlkit commands do (mtlkit.malloc)")
     args = p.parse_args()
+    if args.tune_malloc:
+        from mtlkit.malloc import tune_cpu_allocator
+
+        if not tune_cpu_allocator():
+            raise SystemExit("--tune-malloc: not applied (not glibc, or MALLOC_* / GLIBC_TUNABLES already set)")
 
     import torch
 
