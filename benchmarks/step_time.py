@@ -211,10 +211,17 @@ def main() -> int:
                    help="also measure EW as a plain loop of T backward passes (impl 'loop'), the time floor that "
                         "exact parameter-level methods are held to")
     p.add_argument("--out", help="write the markdown table here (and a .json beside it)")
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="raise glibc's malloc thresholds in each subprocess, as mtlkit commands do (mtlkit.malloc)")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._one:
         spec = json.loads(args._one)
+        if spec.pop("tune_malloc", False):
+            from mtlkit.malloc import tune_cpu_allocator
+
+            if not tune_cpu_allocator():
+                raise SystemExit("--tune-malloc: not applied (not glibc, or MALLOC_* / GLIBC_TUNABLES already set)")
         print(json.dumps(run_one(**spec)))
         return 0
     rows = []
@@ -233,7 +240,8 @@ def main() -> int:
                             continue  # loss-space methods ignore the level
                         spec = dict(workload=wl, T=T, method=method, level=level, impl=impl, steps=args.steps,
                                     warmup=args.warmup, batch=args.batch, threads=args.threads)
-                        proc = subprocess.run([sys.executable, __file__, "--_one", json.dumps(spec)],
+                        one = {**spec, "tune_malloc": True} if args.tune_malloc else spec
+                        proc = subprocess.run([sys.executable, __file__, "--_one", json.dumps(one)],
                                               capture_output=True, text=True)
                         if proc.returncode != 0:
                             res = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
