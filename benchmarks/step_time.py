@@ -263,7 +263,8 @@ def main() -> int:
     for r in rows:
         if "ms" in r:
             lines.append(f"| {r['workload']} | {r['T']} | {r['method']} | {r['level']} | {r['impl']} | "
-                         f"{r['ms']:.1f} | {r.get('ratio', 1):.2f} | {r['peak_mb']:.0f} | {r.get('mem_ratio', 1):.2f} |")
+                         f"{r['ms']:.1f} | {r.get('ratio', 1):.2f} | {r['peak_mb']:.0f} | "
+                         f"{r.get('mem_ratio', 1):.2f} |")
         else:
             lines.append(f"| {r['workload']} | {r['T']} | {r['method']} | {r['level']} | {r['impl']} | "
                          f"{r.get('error') or r.get('skipped')} | | | |")

@@ -392,7 +392,8 @@ def backward(
     check_losses(losses, task_names)
     shared = [p for p in shared_params if p.requires_grad]
     if not shared:
-        raise ValueError("shared_params is empty: pass the shared network's parameters (e.g. model.encoder.parameters())")
+        raise ValueError("shared_params is empty: pass the shared network's parameters "
+                         "(e.g. model.encoder.parameters())")
     if mode not in ("auto", "loop", "batched"):
         raise ValueError(f"unknown mode {mode!r}; valid modes are: auto, batched, loop")
     if level not in ("parameter", "representation"):

@@ -4,7 +4,8 @@ accuracy (mean ± std over seeds) and Δm against STL, and write the table as ma
 Δm is printed in the lower-is-better convention (Nash-MTL): negative means better than STL.
 
 Example:
-    >>> m, s = summarize({"ew": [{"left/accuracy": 0.9}, {"left/accuracy": 0.8}]}, ["left/accuracy"])["ew"]["left/accuracy"]
+    >>> runs = {"ew": [{"left/accuracy": 0.9}, {"left/accuracy": 0.8}]}
+    >>> m, s = summarize(runs, ["left/accuracy"])["ew"]["left/accuracy"]
     >>> round(m, 6), round(s, 6)
     (0.85, 0.05)
 """

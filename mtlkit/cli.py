@@ -125,8 +125,8 @@ def _train(args: argparse.Namespace) -> int:
             print(f"\nmtlkit: interrupted before the first checkpoint; nothing to resume in {trainer.run_dir}",
                   file=sys.stderr)
         return 130
-    print(f"\nTest results ({cfg.dataset.name}, {cfg.method.name}, seed {cfg.train.seed}; model selected on validation, "
-          f"best epoch {res.best_epoch}; {res.seconds:.0f}s):")
+    print(f"\nTest results ({cfg.dataset.name}, {cfg.method.name}, seed {cfg.train.seed}; model selected on "
+          f"validation, best epoch {res.best_epoch}; {res.seconds:.0f}s):")
     print(format_results(trainer.tasks, res.test))
     print(f"\nrun directory: {res.run_dir}")
     return 0

@@ -113,7 +113,8 @@ def evaluate_outputs(tasks, outputs: dict[str, Tensor], targets: dict[str, Tenso
     for t in tasks:
         for m in t.metrics:
             if m not in TASK_METRICS:
-                raise ValueError(f"task {t.name!r}: unknown metric {m!r}; known metrics: {', '.join(sorted(TASK_METRICS))}")
+                raise ValueError(f"task {t.name!r}: unknown metric {m!r}; "
+                                 f"known metrics: {', '.join(sorted(TASK_METRICS))}")
             res[f"{t.name}/{m}"] = TASK_METRICS[m](outputs[t.name], targets[t.name], t)
         if t.kind != "regression":
             preds[t.name] = t.predict(outputs[t.name]).reshape(targets[t.name].shape)

@@ -265,8 +265,8 @@ class Trainer:
         if not bool(finite.all()):
             bad = [self.train_names[i] for i in (~finite).nonzero().flatten().tolist()]
             raise NonFiniteLossError(f"non-finite loss for task(s) {', '.join(bad)} at epoch {ctx.epoch}, step "
-                                     f"{ctx.step} (losses {losses.detach().tolist()}); lower the learning rate or check "
-                                     f"the data")
+                                     f"{ctx.step} (losses {losses.detach().tolist()}); lower the learning rate or "
+                                     f"check the data")
         weighted = self.method.weighting(losses, ctx)
         aux = auxiliary_loss(self.model)  # non-task losses of the model's modules (e.g. MTVIB's β·KL), if any
         self.optimizer.zero_grad(set_to_none=True)

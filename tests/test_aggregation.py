@@ -304,7 +304,8 @@ def _mamg_rule(g, gj, targets, i, j):
 def _gradvac_rule(g, gj, targets, i, j, beta=0.3):
     phi, t = (g @ gj) / (g.norm() * gj.norm()), targets[i, j]
     if phi < t:
-        g = g + g.norm() * (t * (1 - phi ** 2).sqrt() - phi * (1 - t ** 2).sqrt()) / (gj.norm() * (1 - t ** 2).sqrt()) * gj
+        scale = (t * (1 - phi ** 2).sqrt() - phi * (1 - t ** 2).sqrt()) / (gj.norm() * (1 - t ** 2).sqrt())
+        g = g + g.norm() * scale * gj
     targets[i, j] = (1 - beta) * t + beta * phi
     return g
 

@@ -211,7 +211,7 @@ def test_split_layers_and_bad_input():
         MAMO([nn.Linear(2, 2)], {"a": nn.Linear(2, 1), "b": nn.Linear(2, 1)}, module="soft")
 
 
-# ---- Alg. 1 ------------------------------------------------------------------------------------------------------------
+# ---- Alg. 1 ----------------------------------------------------------------------------------------------------------
 def _toy_data(identical: bool = False):
     data = build_dataset("_toy", n_train=64, n_val=16, n_test=16)
     if identical:  # the same labels for both tasks

@@ -66,7 +66,7 @@ def test_gaussian_kl_rejects_bad_input():
         gaussian_kl(torch.zeros(2), torch.ones(2), reduction="avg")
 
 
-# ------------------------------------------------------------------------------------- uncertainty weighting (Eq. 22-23)
+# ------------------------------------------------------------------------------------ uncertainty weighting (Eq. 22-23)
 def test_mtvib_method_is_uw_classification_with_hand_value():
     m = build_method("mtvib")
     w = m.weighting

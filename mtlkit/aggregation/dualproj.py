@@ -13,11 +13,11 @@ from mtlkit.weighting._base import EW
 class DualProj(Aggregator):
     """Projection of the mean gradient onto the dual cone ``{x : J x ≥ 0}`` of the task gradients.
 
-    The rule of GEM (Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017, Eq. (10)-(11))
-    applied to the mean of the task gradients, as torchjd's ``DualProj`` (Quinton & Rey 2024). By their Proposition 1
-    the projection of ``Jᵀ u`` is ``Jᵀ v`` with ``v = argmin vᵀGv s.t. v ≥ u`` (Gramian-based), solved here exactly
-    as a non-negative least-squares problem (torchjd: quadprog with ``reg_eps = 1e-4``; ours defaults to 0, see
-    :class:`~mtlkit.aggregation.UPGrad`). The update has a non-negative inner product with every task gradient and
+    The rule of GEM (Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017, Eq.
+    (10)-(11)) applied to the mean of the task gradients, as torchjd's ``DualProj`` (Quinton & Rey 2024). By their
+    Proposition 1 the projection of ``Jᵀ u`` is ``Jᵀ v`` with ``v = argmin vᵀGv s.t. v ≥ u`` (Gramian-based), solved
+    here exactly as a non-negative least-squares problem (torchjd: quadprog with ``reg_eps = 1e-4``; ours defaults to 0,
+    see :class:`~mtlkit.aggregation.UPGrad`). The update has a non-negative inner product with every task gradient and
     equals the mean when the mean already has one.
 
     Scale: the **mean**, as torchjd (so that DualProj and UPGrad agree with the mean when there is no conflict).

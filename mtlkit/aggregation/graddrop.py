@@ -16,9 +16,10 @@ class GradDrop(SeededAggregator):
     """Gradient Sign Dropout.
 
     Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout", NeurIPS 2020,
-    Algorithm 1 (lines 10-15, as cited by torchjd): per coordinate, the positive sign purity ``P = ½ (1 + Σ_t g_t / Σ_t |g_t|)``;
-    draw ``U ~ Uniform(0, 1)``; keep ``g_t`` where ``P > U`` and ``g_t > 0``, or ``P < U`` and ``g_t < 0``; with leak
-    ``ℓ_t`` the update is ``Σ_t (ℓ_t + (1 - ℓ_t) M_t) ⊙ g_t`` (sum scale; ``leak=1`` gives the plain sum).
+    Algorithm 1 (lines 10-15, as cited by torchjd): per coordinate, the positive sign purity
+    ``P = ½ (1 + Σ_t g_t / Σ_t |g_t|)``; draw ``U ~ Uniform(0, 1)``; keep ``g_t`` where ``P > U`` and ``g_t > 0``, or
+    ``P < U`` and ``g_t < 0``; with leak ``ℓ_t`` the update is ``Σ_t (ℓ_t + (1 - ℓ_t) M_t) ⊙ g_t`` (sum scale;
+    ``leak=1`` gives the plain sum).
 
     The input-sign factor: the paper (and LibMTL) compute the purity from ``Σ_batch sign(A) ⊙ ∇_A L`` at an activation
     layer ``A``. This aggregator has no access to activations: it acts on the rows it is given. Registered as

@@ -13,12 +13,13 @@ from mtlkit.weighting._base import EW
 class IMTLG(Aggregator):
     """Impartial MTL, gradient balance (IMTL-G).
 
-    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, the gradient-balance part (IMTL-G): find ``g = Σ_t α_t g_t`` with
-    ``Σ_t α_t = 1`` whose projections on the unit gradients ``u_t = g_t / ||g_t||`` are all equal. In Gramian form,
-    ``⟨g, u_t⟩ = (G α)_t / √G_tt = const`` gives ``α ∝ G⁻¹ d`` with ``d = √diag(G)``, normalised to sum 1. This is the
-    paper's closed form (their ``α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹``) written without the arbitrary choice of task 1 as
-    reference, hence visibly permutation-equivariant. As in torchjd, the pseudo-inverse is used so that linearly
-    dependent gradients do not fail, and all-zero weights are returned when ``Σ G⁺ d`` vanishes.
+    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, the gradient-balance part (IMTL-G): find
+    ``g = Σ_t α_t g_t`` with ``Σ_t α_t = 1`` whose projections on the unit gradients ``u_t = g_t / ||g_t||`` are all
+    equal. In Gramian form, ``⟨g, u_t⟩ = (G α)_t / √G_tt = const`` gives ``α ∝ G⁻¹ d`` with ``d = √diag(G)``,
+    normalised to sum 1. This is the paper's closed form (their ``α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹``) written without the
+    arbitrary choice of task 1 as reference, hence visibly permutation-equivariant. As in torchjd, the pseudo-inverse
+    is used so that linearly dependent gradients do not fail, and all-zero weights are returned when ``Σ G⁺ d``
+    vanishes.
 
     Scale: ``Σ α = 1`` as in the paper (a mean-like scale, not the sum). Weights may be negative. Only the gradient
     part (IMTL-G) is implemented; the loss part (IMTL-L) is a weighting.

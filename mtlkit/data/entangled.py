@@ -123,9 +123,10 @@ def sample_cells(a: np.ndarray, b: np.ndarray, counts: Mapping[Cell, int], rng: 
     Example:
         >>> import numpy as np
         >>> sample_cells(np.array([1, 0]), np.array([1, 0]), {(1, 1): 2}, np.random.default_rng(0))
+        ... # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        mtlkit.errors.DataError: split: the pool has 1 sample(s) with (A=1, B=1) but 2 are needed; use a larger pool or smaller counts
+        mtlkit.errors.DataError: split: the pool has 1 sample(s) with (A=1, B=1) but 2 are needed; use a larger ...
     """
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.ndim != 1:

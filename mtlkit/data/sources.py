@@ -143,8 +143,8 @@ def fetch_deb(spec: DebFile, hint: str) -> Path:
         print(f"mtlkit: fetching Debian package {spec.package} into {target.parent} ...", file=sys.stderr)
         proc = subprocess.run(["apt-get", "download", spec.package], cwd=target.parent, capture_output=True, text=True)
         if proc.returncode != 0 or not target.is_file():
-            raise DataError(f"`apt-get download {spec.package}` failed (exit {proc.returncode}):\n{proc.stderr.strip()}\n"
-                            f"(run `apt-get update` first if the package is unknown). {hint}")
+            raise DataError(f"`apt-get download {spec.package}` failed (exit {proc.returncode}):\n"
+                            f"{proc.stderr.strip()}\n(run `apt-get update` first if the package is unknown). {hint}")
     verify(target, spec.sha256, f"run `mtlkit data fetch` again to re-download it. {hint}")
     return target
 

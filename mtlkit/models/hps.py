@@ -63,7 +63,8 @@ class ConvEncoder(nn.Sequential):
 class MLPEncoder(nn.Sequential):
     """Fully connected encoder: Linear + ReLU layers of the given widths, on flattened inputs."""
 
-    def __init__(self, input_shape: Sequence[int], hidden: Sequence[int] = (1024, 1024, 1024), batch_norm: bool = False):
+    def __init__(self, input_shape: Sequence[int], hidden: Sequence[int] = (1024, 1024, 1024),
+                 batch_norm: bool = False):
         d = int(torch.tensor(input_shape).prod())
         layers: list[nn.Module] = [nn.Flatten()]
         for width in hidden:

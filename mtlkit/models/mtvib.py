@@ -34,7 +34,8 @@ Example:
     >>> import torch
     >>> from types import SimpleNamespace
     >>> from mtlkit.tasks import Task
-    >>> data = SimpleNamespace(input_shape=(1, 36, 36), tasks=[Task("a", "multiclass", 10), Task("b", "multiclass", 10)])
+    >>> tasks = [Task("a", "multiclass", 10), Task("b", "multiclass", 10)]
+    >>> data = SimpleNamespace(input_shape=(1, 36, 36), tasks=tasks)
     >>> m = build_mtvib(data, hidden=32, latent=8, decoder_widths=(16, 8))
     >>> {k: tuple(v.shape) for k, v in m(torch.rand(2, 1, 36, 36)).items()}
     {'a': (2, 10), 'b': (2, 10)}
@@ -114,8 +115,8 @@ class MTVIB(MTLModel):
 
     ``encode(x)`` returns the representation the heads read: a reparameterised sample (Eq. 9) in training mode, μ
     (``predict="mean"``) or one sample (``predict="sample"``) in eval mode; it stores ``β·KL`` of that pass for
-    :meth:`auxiliary_loss` (training mode only). ``forward`` in eval mode with ``predict="sample"`` averages the predictive
-    distributions of ``num_samples`` samples (see the module docstring).
+    :meth:`auxiliary_loss` (training mode only). ``forward`` in eval mode with ``predict="sample"`` averages the
+    predictive distributions of ``num_samples`` samples (see the module docstring).
 
     Example:
         >>> import torch

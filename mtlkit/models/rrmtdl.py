@@ -237,4 +237,5 @@ def build_rrmtdl(data, encoder: str = "conv", width: int = 384, hidden: Sequence
         from mtlkit.errors import unknown_name
 
         raise unknown_name("encoder", encoder, ["conv", "mlp"])
-    return RRMTDL(enc, data.tasks, groups, branch_width, proj_width, grl, grl_scale, grl_gamma)  # type: ignore[arg-type]
+    return RRMTDL(enc, data.tasks, groups, branch_width, proj_width, grl,  # type: ignore[arg-type]
+                  grl_scale, grl_gamma)

@@ -266,7 +266,8 @@ def _markdown(args, budget: str, results, keys) -> str:
                   f"round {z} ({args.pretrain_epochs + z * args.epochs_per_round} ep): "
                   f"{_pm([r['rounds'][z]['delta'] for r in results['MAMO'].values()])}"
                   for z in range(args.rounds + 1)) if "MAMO" in results else "", ""]
-    L += ["## Table 4: impact of MO and GMK", "", "| Method | " + " | ".join(names) + " | Δ ↑ | Win ↑ | paper (NYUv2) mIoU / AbsErr / Mean |",
+    L += ["## Table 4: impact of MO and GMK", "",
+          "| Method | " + " | ".join(names) + " | Δ ↑ | Win ↑ | paper (NYUv2) mIoU / AbsErr / Mean |",
           "|" + "---|" * (len(names) + 4)]
     for name in ("HPS", "MAMO", "w/o MO", "w/o GMK"):
         if name in results:
@@ -285,7 +286,8 @@ def _markdown(args, budget: str, results, keys) -> str:
                      f"{_pm([r['seconds'] for r in rs], '{:.0f}')} | {pp.get('speed')}x / {pp.get('delta')} |")
     extra = [(a, b) for a, b in (("PCGrad", "MAMO+PCGrad"), ("CAGrad", "MAMO+CAGrad")) if a in results and b in results]
     if extra:
-        L += ["", "## Sec. 4.4.3: MAMO integrated with PCGrad / CAGrad", "", "| Method | Δ ↑ | Win ↑ |", "|---|---|---|"]
+        L += ["", "## Sec. 4.4.3: MAMO integrated with PCGrad / CAGrad", "",
+              "| Method | Δ ↑ | Win ↑ |", "|---|---|---|"]
         for a, b in extra:
             for n in (a, b):
                 rs = results[n].values()
@@ -310,8 +312,9 @@ def _plot(results, path: Path, dataset: str) -> None:
         ax.annotate(name, (x, y), fontsize=7)
     if "MAMO" in results:
         rounds = list(results["MAMO"].values())[0]["rounds"]
-        xs = [np.mean([r["rounds"][z]["parameters"] for r in results["MAMO"].values()]) / 1e6 for z in range(len(rounds))]
-        ys = [np.mean([r["rounds"][z]["delta"] for r in results["MAMO"].values()]) for z in range(len(rounds))]
+        runs = list(results["MAMO"].values())
+        xs = [np.mean([r["rounds"][z]["parameters"] for r in runs]) / 1e6 for z in range(len(rounds))]
+        ys = [np.mean([r["rounds"][z]["delta"] for r in runs]) for z in range(len(rounds))]
         ax.plot(xs, ys, "k--", lw=0.8, marker="x", label="MAMO-z (after round z)")
     stl = results.get("STL", {})
     if stl:

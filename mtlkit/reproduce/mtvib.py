@@ -324,7 +324,8 @@ def report(dataset: str, curves: dict[str, list[dict[str, dict[str, float]]]], e
         >>> c = {"MTVIB": [{"0.0": {"left/accuracy": 0.9, "right/accuracy": 0.8, "joint_accuracy": 0.7}}]}
         >>> "| 90.0 (94.9) |" in report("multimnist", c, [0.0], ["left", "right"], {}, {}, 1.0)  # one seed: no ±
         True
-        >>> "90.0 ± 0.0 (94.9)" in report("multimnist", {"MTVIB": c["MTVIB"] * 2}, [0.0], ["left", "right"], {}, {}, 1.0)
+        >>> two = {"MTVIB": c["MTVIB"] * 2}  # two equal seeds
+        >>> "90.0 ± 0.0 (94.9)" in report("multimnist", two, [0.0], ["left", "right"], {}, {}, 1.0)
         True
     """
     table_no = {"multimnist": "III", "multifashion": "IV"}[dataset]
