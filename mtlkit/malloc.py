@@ -7,14 +7,22 @@ activations and gradients every step, so each step pays again for page faults an
 pages. Raising both thresholds keeps freed blocks in the heap for reuse.
 
 Measured on the project's 2-core CPU machine (``mtlkit train --epochs 1``, the embedded default: conv HPS, EW, 20k
-MultiMNIST images; alternating runs): 31.5 and 38.6 s of training with glibc's defaults, 21.0 and 24.6 s tuned, the
-same test metrics to the last digit.
+MultiMNIST images; two alternating runs of each setting), seconds of training and the process's peak RSS:
 
-The cost: memory that PyTorch frees stays with the process until it exits, and blocks of other sizes do not always
-fit the holes, so the peak RSS grows: 1.3 GB with the defaults, 2.0-2.7 GB tuned on that job. (A 64 MB threshold
-kept 1.2 GB but gained nothing; 256 MB gave 25.9 s and 1.7 GB.) ``mtlkit`` commands call :func:`tune_cpu_allocator`
-at start-up; ``MTLKIT_MALLOC_TUNING=0`` keeps glibc's defaults. In your own training script, call it once at the
-start, where that memory is affordable.
+=====================  ============  =============
+threshold              training      peak RSS
+=====================  ============  =============
+glibc's defaults       37.1, 38.3 s  1.27, 1.31 GB
+256 MiB (the default)  23.8, 24.6 s  1.67, 1.70 GB
+1 GiB                  19.5, 20.1 s  2.47, 2.61 GB
+=====================  ============  =============
+
+The test metrics are the same to the last digit. The cost is memory: what PyTorch frees stays with the process
+until it exits, and blocks of other sizes do not always fit the holes. 256 MiB takes most of the speed for a third
+of 1 GiB's extra memory; blocks above it keep their own mappings. (64 MiB gained nothing: 36.4 s, 1.2 GB.)
+
+``mtlkit`` commands call :func:`tune_cpu_allocator` at start-up; ``MTLKIT_MALLOC_TUNING=0`` keeps glibc's defaults.
+In your own training script, call it once at the start, where that memory is affordable.
 
 Example (at the top of a training script; returns False where the C library is not glibc):
     >>> from mtlkit.malloc import tune_cpu_allocator
@@ -36,12 +44,12 @@ M_MMAP_THRESHOLD = -3
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
-def tune_cpu_allocator(threshold_bytes: int = 1 << 30) -> bool:
+def tune_cpu_allocator(threshold_bytes: int = 256 << 20) -> bool:
     """Raise glibc's mmap and trim thresholds to ``threshold_bytes`` for this process (see the module docstring).
 
     Args:
         threshold_bytes: blocks up to this size come from (and go back to) the heap instead of their own mapping;
-            1 GiB by default, above any activation of the models here. At most 2**31 - 1 (mallopt takes an int).
+            256 MiB by default (see the module docstring). At most 2**31 - 1 (mallopt takes an int).
 
     Returns:
         True when applied. False, changing nothing, where the C library is not glibc (macOS, Windows, musl), or
