@@ -38,10 +38,7 @@ def main() -> int:
                    help="raise glibc's malloc thresholds first, as mtlkit commands do (mtlkit.malloc)")
     args = p.parse_args()
     if args.tune_malloc:
-        from mtlkit.malloc import tune_cpu_allocator
-
-        if not tune_cpu_allocator():
-            raise SystemExit("--tune-malloc: not applied (not glibc, or MALLOC_* / GLIBC_TUNABLES already set)")
+        step_time.tune_malloc()
 
     import torch
 

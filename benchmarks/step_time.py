@@ -191,6 +191,14 @@ def _aggregates(method: str) -> bool:
     return build_method(method).aggregator.needs_per_task_grads
 
 
+def tune_malloc() -> None:
+    """``--tune-malloc``: glibc's malloc thresholds as ``mtlkit`` commands set them; an error where they cannot be."""
+    from mtlkit.malloc import tune_cpu_allocator
+
+    if not tune_cpu_allocator():
+        raise SystemExit("--tune-malloc: not applied (not glibc, or MALLOC_* / GLIBC_TUNABLES already set)")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", nargs="+", default=["conv", "mlp"], choices=["conv", "mlp"])
@@ -218,10 +226,7 @@ def main() -> int:
     if args._one:
         spec = json.loads(args._one)
         if spec.pop("tune_malloc", False):
-            from mtlkit.malloc import tune_cpu_allocator
-
-            if not tune_cpu_allocator():
-                raise SystemExit("--tune-malloc: not applied (not glibc, or MALLOC_* / GLIBC_TUNABLES already set)")
+            tune_malloc()
         print(json.dumps(run_one(**spec)))
         return 0
     rows = []

@@ -439,25 +439,27 @@ def backward(
     # With a representation: heads first (each task through its own head only), then the encoder.
     dzs, task_grads = _head_phase(losses, z, task_leaves)
     _accumulate_fresh(task_leaves, task_grads)
+    without_J = agg.gramian_based and reduce is None and not keep_jacobian
     if level == "representation":
-        if agg.gramian_based and reduce is None and not keep_jacobian:
+        if without_J:
             # G from the per-task rows and the update Σ_t w_t ∂L_t/∂z, never stacking the rows into J
             G = _gramian_of_rows(dzs)
             w = agg.weights(G).to(G.dtype)
-            update = _combine_rows(w, dzs)
-            del dzs
-            _accumulate_fresh(shared, torch.autograd.grad(z, shared, grad_outputs=update, allow_unused=True))
-            return BackwardInfo(update=update.reshape(-1), gramian=G, weights=w)
-        J = torch.stack(dzs).reshape(T, -1)
-        del dzs
-        if reduce is not None:
-            J = reduce(J)
-        update = agg(J)
+            update = _combine_rows(w, dzs).reshape(-1)
+            del dzs  # freed before the encoder's backward
+            info = BackwardInfo(update=update, gramian=G, weights=w)
+        else:
+            J = torch.stack(dzs).reshape(T, -1)
+            del dzs  # J holds them now
+            if reduce is not None:
+                J = reduce(J)
+            update = agg(J)
+            info = BackwardInfo(jacobian=J, update=update)
         _accumulate_fresh(shared, torch.autograd.grad(z, shared, grad_outputs=update.view_as(z), allow_unused=True))
-        return BackwardInfo(jacobian=J, update=update)
+        return info
     stacked = torch.stack(dzs)
     del dzs
-    if agg.gramian_based and reduce is None and not keep_jacobian:
+    if without_J:
         # G and the update wᵀJ without ever holding J (mtlkit.gramian).
         held = EncoderGramian(z, stacked, shared, _resolve_mode(mode, z), chunk_size)
         del stacked

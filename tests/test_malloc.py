@@ -15,7 +15,7 @@ glibc = pytest.mark.skipif(_libc != "glibc" or tuple(int(v) for v in _version.sp
 
 # Allocates, fills and frees a 64 MB tensor: 5 rounds of warm-up (the heap grows to its steady size), then prints the
 # minor page faults of 20 more rounds, and the bytes glibc holds in mmapped blocks while one such tensor is alive.
-_FAULTS = """
+_PROBE = """
 import ctypes, resource, sys, torch
 from mtlkit.malloc import tune_cpu_allocator
 class Info(ctypes.Structure):  # glibc's struct mallinfo2
@@ -39,17 +39,17 @@ print(libc.mallinfo2().hblkhd)
 """
 
 
-def _faults(mode: str, **env: str) -> tuple[str, int, int]:
+def _probe(mode: str, **env: str) -> tuple[str, int, int]:
     clean = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS}
-    out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True,
                          env={**clean, **env}).stdout.split()
     return out[0], int(out[1]), int(out[2])
 
 
 @glibc
-def test_tuned_process_reuses_freed_large_blocks_without_page_faults():
-    applied, tuned, tuned_mapped = _faults("tuned")
-    _, default, default_mapped = _faults("default")
+def test_tuned_process_reuses_freed_large_blocks_without_page_probe():
+    applied, tuned, tuned_mapped = _probe("tuned")
+    _, default, default_mapped = _probe("default")
     assert applied == "True"
     # where the 64 MB block lives: its own mapping by default, the heap when tuned
     assert default_mapped >= 64 << 20 and tuned_mapped < 64 << 20
@@ -60,7 +60,7 @@ def test_tuned_process_reuses_freed_large_blocks_without_page_faults():
 
 @glibc
 def test_users_own_malloc_settings_win():
-    applied, _, mapped = _faults("tuned", MALLOC_TRIM_THRESHOLD_="131072")
+    applied, _, mapped = _probe("tuned", MALLOC_TRIM_THRESHOLD_="131072")
     assert applied == "False" and mapped >= 64 << 20  # nothing changed: the 64 MB block still gets its own mapping
 
 

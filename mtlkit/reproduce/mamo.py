@@ -311,8 +311,8 @@ def _plot(results, path: Path, dataset: str) -> None:
         ax.scatter([x], [y], label=name, color=plt.cm.tab20(i % 20), marker="os^Dv<>p"[i % 8])
         ax.annotate(name, (x, y), fontsize=7)
     if "MAMO" in results:
-        rounds = list(results["MAMO"].values())[0]["rounds"]
         runs = list(results["MAMO"].values())
+        rounds = runs[0]["rounds"]
         xs = [np.mean([r["rounds"][z]["parameters"] for r in runs]) / 1e6 for z in range(len(rounds))]
         ys = [np.mean([r["rounds"][z]["delta"] for r in runs]) for z in range(len(rounds))]
         ax.plot(xs, ys, "k--", lw=0.8, marker="x", label="MAMO-z (after round z)")
