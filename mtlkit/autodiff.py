@@ -54,6 +54,7 @@ from torch import Tensor
 
 from mtlkit.aggregation._base import Aggregator, Sum
 from mtlkit._graph import walk as _walk
+from mtlkit.errors import ConfigError
 from mtlkit.gramian import EncoderGramian
 
 Mode = Literal["auto", "loop", "batched"]
@@ -127,15 +128,71 @@ def check_losses(losses: Tensor, names: Sequence[str] | None = None) -> None:
         raise FloatingPointError(f"non-finite loss for task(s) {', '.join(labels)}: {losses.detach().tolist()}")
 
 
-def _leaves(roots: Sequence[Tensor], stop: Tensor | None, exclude: set[int]) -> list[Tensor]:
-    """Leaf tensors (parameters) reachable from ``roots`` without going through ``stop``, minus ``exclude``."""
+def _leaves(roots: Sequence[Tensor], stop: Tensor | None,
+            exclude: set[int]) -> tuple[list[Tensor], list[Tensor], bool]:
+    """Leaf tensors (parameters) reachable from ``roots`` without going through ``stop``, in one walk.
+
+    Returns those not in ``exclude``, those in ``exclude`` (reached around ``stop``), and whether ``stop`` itself
+    was reached (False when ``stop`` is None).
+    """
     stop_fn = stop.grad_fn if stop is not None else None
     found: dict[int, Tensor] = {}
-    for fn in _walk([r.grad_fn for r in roots], lambda fn: fn is stop_fn):
+    around: dict[int, Tensor] = {}
+    reached = False
+
+    def at_stop(fn) -> bool:
+        nonlocal reached
+        if fn is stop_fn:
+            reached = True
+            return True
+        return False
+
+    for fn in _walk([r.grad_fn for r in roots], at_stop):
         var = getattr(fn, "variable", None)  # set on AccumulateGrad nodes: a leaf that requires grad
-        if var is not None and id(var) not in exclude and not (stop is not None and var is stop):
+        if var is None:
+            continue
+        if stop is not None and var is stop:  # a leaf representation
+            reached = True
+        elif id(var) in exclude:
+            around[id(var)] = var
+        else:
             found[id(var)] = var
-    return list(found.values())
+    return list(found.values()), list(around.values()), reached
+
+
+def _depends_on(t: Tensor, ids: set[int]) -> bool:
+    """Whether a leaf in ``ids`` is reachable from ``t``'s graph (stops at the first one found)."""
+    for fn in _walk([t.grad_fn], lambda fn: False):
+        var = getattr(fn, "variable", None)
+        if var is not None and id(var) in ids:
+            return True
+    return False
+
+
+def _check_representation(z: Tensor, shared_ids: set[int], leaf_only: bool = False) -> None:
+    """Raise :class:`~mtlkit.errors.ConfigError` when ``z`` cannot carry the shared parameters' gradients.
+
+    ``leaf_only``: only the O(1) checks (z requires grad and is not a leaf), as on the plain-sum path.
+    """
+    if not z.requires_grad:
+        raise ConfigError("representation does not require grad (a detached copy, or computed under "
+                          "torch.no_grad()): pass the encoder's output itself, the tensor the task heads read")
+    if z.grad_fn is None:
+        if id(z) in shared_ids:  # a shared parameter read directly by the heads (e.g. an embedding table)
+            return
+        raise ConfigError("representation is a leaf tensor (created with requires_grad=True, or "
+                          "z.detach().requires_grad_()): it does not depend on shared_params, so the shared "
+                          "parameters would get no gradient; pass the encoder's output itself, the tensor the task "
+                          "heads read")
+    if not leaf_only and not _depends_on(z, shared_ids):
+        raise ConfigError("representation does not depend on any of shared_params, so they would get no gradient: "
+                          "pass the encoder's output as representation and the encoder's parameters as "
+                          "shared_params (was representation computed from a detached tensor?)")
+
+
+def _shapes(params: Sequence[Tensor], at_most: int = 4) -> str:
+    shown = ", ".join(str(tuple(p.shape)) for p in params[:at_most])
+    return shown + (f" and {len(params) - at_most} more" if len(params) > at_most else "")
 
 
 def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
@@ -370,6 +427,11 @@ def backward(
         aggregator: gradient-space method; None or :class:`~mtlkit.aggregation.Sum` = one backward of the sum.
         representation: the shared encoder's output z that every head reads (needed for ``level="representation"``;
             at parameter level it makes each task's head backward run once and lets the encoder part be batched).
+            It must be the very tensor the losses were computed from, and every path from ``shared_params`` to the
+            losses must go through it: a skip connection around z, or a shared layer after it, is an error (pass
+            ``representation=None`` for such a model). A task whose loss reads neither z nor a shared parameter
+            has a zero gradient row, as with ``representation=None``. With a plain sum (no per-task gradients)
+            z is not used, and only checked to require grad and not to be a detached leaf.
         level: ``"parameter"`` (aggregate gradients of the shared parameters) or ``"representation"`` (of z).
         mode: ``"loop"``, ``"batched"`` or ``"auto"`` (see the module docstring).
         chunk_size: tasks per vectorised backward in batched mode (bounds memory).
@@ -388,6 +450,12 @@ def backward(
     Raises:
         FloatingPointError: a loss is NaN/inf (names the task).
         ValueError: bad shapes, representation level without a representation, unknown mode/level.
+        mtlkit.errors.ConfigError: (a ValueError) ``representation`` is not what the heads read: detached, a leaf,
+            not an input of the losses' graph (e.g. the encoder was called twice), not computed from
+            ``shared_params``, or bypassed by some of them. Raised before any ``.grad`` is written.
+
+    Like ``torch.autograd.backward``, it *accumulates* into ``.grad``: zero the gradients before each call (e.g.
+    ``optimizer.zero_grad()``).
     """
     check_losses(losses, task_names)
     shared = [p for p in shared_params if p.requires_grad]
@@ -400,8 +468,9 @@ def backward(
         raise ValueError(f"unknown level {level!r}; valid levels are: parameter, representation")
     if level == "representation" and representation is None:
         raise ValueError("level='representation' needs the shared representation z (representation=...)")
-    if representation is not None and not representation.requires_grad:
-        raise ValueError("the representation does not require grad: pass the encoder's output, not a detached copy")
+    shared_ids = {id(p) for p in shared}
+    if representation is not None:
+        _check_representation(representation, shared_ids, leaf_only=True)
     agg = aggregator if aggregator is not None else Sum()
     if extra is not None:
         if not isinstance(extra, Tensor) or extra.numel() != 1:
@@ -411,12 +480,26 @@ def backward(
     if not agg.needs_per_task_grads and reduce is None:
         (losses.sum() if extra is None else losses.sum() + extra.reshape(())).backward()
         return BackwardInfo()
+
+    z = representation
+    task_leaves, around, reached = _leaves(list(losses.unbind()) if z is None else [losses], z, shared_ids)
+    if z is not None:
+        # Checked before anything is written to .grad. The walk above was needed anyway (the task-specific
+        # parameters); _depends_on stops at the first shared parameter it meets below z (a few nodes).
+        if not reached:
+            raise ConfigError("representation is not an input of the losses' graph: pass the tensor the task heads "
+                              "read (was the encoder called twice?)")
+        if around:
+            one = len(around) == 1
+            raise ConfigError(f"{len(around)} of shared_params (shape{'' if one else 's'} {_shapes(around)}) "
+                              f"reach{'es' if one else ''} the losses without going through representation (a skip "
+                              f"connection around it, a shared layer after it, or a head reading another encoder "
+                              f"call) and would get no gradient through that path: pass as representation a tensor "
+                              f"that every path from shared_params to the losses goes through, or "
+                              f"representation=None (per-task gradients through the whole graph, parameter level)")
+        _check_representation(z, shared_ids)
     if extra is not None and extra.requires_grad:
         extra.reshape(()).backward(retain_graph=True)
-
-    shared_ids = {id(p) for p in shared}
-    z = representation
-    task_leaves = _leaves(list(losses.unbind()) if z is None else [losses], z, shared_ids)
     T = losses.shape[0]
     if z is None:
         # Parameter level without a representation: each task's backward runs through its head and the encoder.

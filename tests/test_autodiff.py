@@ -222,3 +222,174 @@ def test_gradients_written_by_the_engine_never_alias_each_other():
     before = b2.grad.clone()
     b1.grad.add_(1.0)
     torch.testing.assert_close(b2.grad, before)
+
+
+# -- a representation the losses were not computed from is an error, never a silent zero gradient ----------------------
+
+# Every path through the engine that uses ``representation``: (aggregator, level, mode, keep_jacobian). Mean at
+# parameter level forms J row by row (loop) or vectorised (batched); MGDA takes the Gramian path unless
+# keep_jacobian; at representation level MGDA gets G from the rows of ∂L/∂z, or J with keep_jacobian.
+_REP_PATHS = [("mean", "parameter", "loop", False), ("mean", "parameter", "batched", False),
+              ("mgda", "parameter", "loop", False), ("mgda", "parameter", "batched", False),
+              ("mgda", "parameter", "loop", True), ("mgda", "parameter", "batched", True),
+              ("mgda", "representation", "loop", False), ("mgda", "representation", "loop", True)]
+
+
+def _agg(name):
+    from mtlkit.aggregation import MGDA
+
+    return Mean() if name == "mean" else MGDA()
+
+
+def _rep_case(case, net, x, skip=None, post=None):
+    """(losses, representation, shared params) for one way of passing the wrong representation.
+
+    ``skip``: a layer from the input (5 features) to one output; ``post``: a layer on z (6 features)."""
+    from mtlkit.autodiff import stack
+
+    z = net.enc(x)
+    rep, shared, outs = z, list(net.enc.parameters()), [h(z) for h in net.heads]
+    if case == "encoder_called_twice":
+        rep = net.enc(x)  # the heads read the first call's output
+    elif case == "leaf":
+        rep = z.detach().requires_grad_()
+    elif case == "detached":
+        rep = z.detach()
+    elif case == "not_from_shared":  # a non-leaf z computed from a detached tensor: the heads do read it
+        rep = z.detach().requires_grad_() * 2.0
+        outs = [h(rep) for h in net.heads]
+    elif case == "task_reads_another_call":
+        outs[1] = net.heads[1](net.enc(x))
+    elif case == "skip_connection":  # a shared layer from the input straight to every head, around z
+        shared += list(skip.parameters())
+        outs = [o + skip(x) for o in outs]
+    elif case == "shared_layer_after_z":  # a layer every head reads, passed as shared, after z
+        shared += list(post.parameters())
+        outs = [h(torch.tanh(post(z))) for h in net.heads]
+    losses = stack([((o.squeeze(-1) - float(t)) ** 2).mean() for t, o in enumerate(outs)])
+    return losses, rep, shared
+
+
+_REP_ERRORS = {
+    "encoder_called_twice": "representation is not an input of the losses' graph: pass the tensor the task heads "
+                            "read (was the encoder called twice?)",
+    "leaf": "representation is a leaf tensor",
+    "detached": "representation does not require grad",
+    "not_from_shared": "representation does not depend on any of shared_params",
+    "task_reads_another_call": "of shared_params .* reach the losses without going through representation",
+    "skip_connection": "2 of shared_params .* reach the losses without going through representation",
+    "shared_layer_after_z": "2 of shared_params .* reach the losses without going through representation",
+}
+
+
+@pytest.mark.parametrize("path", _REP_PATHS, ids=lambda p: "-".join(map(str, p)))
+@pytest.mark.parametrize("case", list(_REP_ERRORS))
+def test_wrong_representation_is_a_config_error_before_any_grad_is_written(case, path):
+    import re
+
+    from mtlkit.errors import ConfigError
+
+    agg, level, mode, keep = path
+    torch.manual_seed(7)
+    net, skip, post = _Net(T=3).double(), nn.Linear(5, 1).double(), nn.Linear(6, 6).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    losses, rep, shared = _rep_case(case, net, x, skip, post)
+    extra = sum(p.pow(2).sum() for p in net.enc.parameters())
+    with pytest.raises(ConfigError, match=re.escape(_REP_ERRORS[case]) if case == "encoder_called_twice"
+                       else _REP_ERRORS[case]) as err:
+        backward(losses, shared, _agg(agg), representation=rep, level=level, mode=mode, keep_jacobian=keep,
+                 extra=extra)
+    assert "representation" in str(err.value) and isinstance(err.value, ValueError)
+    # Raised before anything is accumulated: not the heads, not the extra loss, not the encoder.
+    assert all(p.grad is None for m in (net, skip, post) for p in m.parameters())
+
+
+@pytest.mark.parametrize("case", ["leaf", "detached"])
+def test_a_detached_representation_is_an_error_even_for_a_plain_sum(case):
+    from mtlkit.errors import ConfigError
+
+    torch.manual_seed(8)
+    net = _Net(T=2)
+    losses, rep, shared = _rep_case(case, net, torch.randn(4, 5))
+    with pytest.raises(ConfigError, match="representation"):
+        backward(losses, shared, Sum(), representation=rep)
+
+
+def test_plain_sum_does_not_use_the_representation():
+    # Documented: with no per-task gradients z is not used (only the O(1) checks), and the gradient is the sum's.
+    torch.manual_seed(9)
+    net = _Net(T=2).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    losses, rep, shared = _rep_case("encoder_called_twice", net, x)
+    backward(losses, shared, Sum(), representation=rep)
+    got = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net.losses(x).sum().backward()
+    for g, p in zip(got, net.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+@pytest.mark.parametrize("path", _REP_PATHS, ids=lambda p: "-".join(map(str, p)))
+def test_a_task_reading_neither_z_nor_a_shared_parameter_has_a_zero_row(path):
+    # Supported (as with representation=None, and _head_phase's "task_without_z" case): that task's gradient w.r.t.
+    # the shared parameters and z is zero, and the engine gives exactly that.
+    from mtlkit.autodiff import stack
+
+    agg, level, mode, keep = path
+    torch.manual_seed(10)
+    net = _Net(T=3).double()
+    own = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+    x = torch.randn(4, 5, dtype=torch.float64)
+
+    def run(with_rep):
+        net.zero_grad()
+        own.grad = None
+        z = net.enc(x)
+        raw = [((h(z).squeeze(-1) - float(t)) ** 2).mean() for t, h in enumerate(net.heads)]
+        raw[1] = (own - 2.0) ** 2
+        info = backward(stack(raw), net.enc.parameters(), _agg(agg), representation=z if with_rep else None,
+                        level=level if with_rep else "parameter", mode=mode, keep_jacobian=keep)
+        return info, [p.grad.clone() if p.grad is not None else None for p in net.parameters()] + [own.grad.clone()]
+
+    info, got = run(True)
+    if info.jacobian is not None:
+        assert bool((info.jacobian[1] == 0).all()) and bool((info.jacobian[0] != 0).any())
+    if level == "parameter":
+        _, ref = run(False)
+        for g, r in zip(got, ref):
+            assert (g is None) == (r is None)  # head 1 is unused: no gradient, as with representation=None
+            if g is not None:
+                torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got[-1], 2 * (own.detach() - 2.0))
+
+
+def test_a_shared_parameter_read_directly_is_a_valid_representation():
+    # A leaf z is an error unless it is itself a shared parameter (e.g. an embedding table the heads read).
+    from mtlkit.aggregation import MGDA
+    from mtlkit.autodiff import stack
+
+    torch.manual_seed(11)
+    emb = nn.Parameter(torch.randn(4, 6, dtype=torch.float64))
+    heads = nn.ModuleList(nn.Linear(6, 1).double() for _ in range(3))
+    grads = []
+    for rep in (emb, None):
+        emb.grad = None
+        backward(stack([h(emb).pow(2).mean() for h in heads]), [emb], MGDA(), representation=rep)
+        grads.append(emb.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_backward_accumulates_into_grad_like_torch():
+    # As the README says: backward adds to .grad, so a training loop zeroes the gradients before each call.
+    from mtlkit.aggregation import MGDA
+
+    torch.manual_seed(12)
+    net = _Net(T=2).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    for n in (1, 2):
+        losses, z = net.losses(x, return_z=True)
+        backward(losses, net.enc.parameters(), MGDA(), representation=z)
+        if n == 1:
+            once = [p.grad.clone() for p in net.parameters()]
+    for p, g in zip(net.parameters(), once):
+        torch.testing.assert_close(p.grad, 2 * g)
