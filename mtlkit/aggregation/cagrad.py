@@ -25,6 +25,10 @@ class CAGrad(Aggregator):
         w* = argmin_{w ∈ Δ}  g_wᵀ g_0 + √φ ||g_w||,     g_w = Σ_i w_i g_i,
         d* = g_0 + (√φ / ||g_w*||) g_w*.
 
+    The update is an optimal ``d*`` (:func:`cagrad_primal`), also at Pareto-stationary points where 0 lies in the
+    convex hull of the task gradients (then ``min_i ⟨g_i, d*⟩ = 0``: no task is hurt; the reference codes return
+    ``g_0`` there, which can conflict with a task).
+
     Everything is a function of ``G = J Jᵀ``, so this is Gramian-based. The dual is solved on the trace-normalised
     Gramian ``A`` (the solution is invariant to the scale of G) by :func:`cagrad_dual`, an exact solver that needs a
     few non-negative least-squares solves of size T (about 1-2 ms at T = 40). The official code and LibMTL run SLSQP
@@ -56,18 +60,44 @@ class CAGrad(Aggregator):
 
     def weights_from_gramian(self, G: Tensor) -> Tensor:
         T = G.shape[0]
-        w = np.full(T, 1.0 / T)
+        u = np.full(T, 1.0 / T)
+        w = u
         A = trace_normalize(to_numpy(G))
         if self.c > 0 and np.trace(A) > 0:
-            sqrt_phi = self.c * np.sqrt(max(float(w @ A @ w), 0.0) + 1e-8)
-            x = cagrad_dual(A, sqrt_phi)
-            gw_norm = np.sqrt(max(float(x @ A @ x), 0.0))
-            w = w + (sqrt_phi / (gw_norm + 1e-8)) * x
+            sqrt_phi = self.c * np.sqrt(max(float(u @ A @ u), 0.0) + 1e-8)
+            w = cagrad_primal(A, sqrt_phi)
         if self.rescale == 1:
             w = w / (1.0 + self.c ** 2)
         elif self.rescale == 2:
             w = w / (1.0 + self.c)
         return to_weights(w, G)
+
+
+def cagrad_primal(A: np.ndarray, sqrt_phi: float) -> np.ndarray:
+    """Weights ``v`` of an optimal ``d* = Jᵀ v`` of ``max_d min_i ⟨g_i, d⟩ s.t. ||d - g_0|| ≤ √φ`` (``G = J Jᵀ = A``).
+
+    From the dual solution ``w*`` of :func:`cagrad_dual`: ``d* = g_0 + √φ g_w*/||g_w*||`` (the paper's Algorithm 1),
+    i.e. ``v = 1/T + (√φ/||g_w*||) w*``. When ``g_w* = 0`` (0 is in the convex hull of the task gradients, a
+    Pareto-stationary point) that formula is undefined, and the reference codes' ``g_w / (||g_w|| + 1e-8)`` returns
+    ``g_0`` itself, which can conflict with a task (cosine down to -1). The optimal value is then 0, attained by
+    every ``d`` in the ball with ``J d ≥ 0``; we return the one closest to ``g_0``, the projection of ``g_0`` onto the
+    dual cone ``{d : J d ≥ 0}`` (:func:`~mtlkit.aggregation._solvers.project_dual_cone`), which :func:`cagrad_dual`
+    has checked to lie in the ball. Hence ``min_i ⟨g_i, d*⟩ ≥ 0`` whenever 0 is optimal.
+
+    Example:
+        >>> import numpy as np
+        >>> A = np.array([[1.0, -1.0], [-1.0, 1.0]]) / 2            # g_2 = -g_1: 0 is in the hull
+        >>> v = cagrad_primal(A, 0.4 * np.sqrt(1e-8))
+        >>> bool((A @ v >= -1e-12).all())                            # no task is hurt
+        True
+    """
+    T = A.shape[0]
+    u = np.full(T, 1.0 / T)
+    x, zero_optimal = _cagrad_dual(A, sqrt_phi)
+    if zero_optimal:
+        return project_dual_cone(A, u)[0]
+    gw_norm = np.sqrt(max(float(x @ A @ x), 0.0))
+    return u + (sqrt_phi / gw_norm) * x
 
 
 def cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: int = 100) -> np.ndarray:
@@ -85,11 +115,11 @@ def cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: in
     λ 1``, ``1ᵀw = 1``, ``n = ||w||_A``. With ``p = A_SS⁻¹ 1``, ``q = A_SS⁻¹ b_S``, ``a = 1ᵀp``, ``c = 1ᵀq``,
     ``e = b_Sᵀq``, it gives ``r = √(c² - a(e - φ))``, ``λ = (c + r)/a``, ``w_S = (λp - q)/r``. If that point is
     feasible and satisfies the KKT conditions of the whole problem (``∇f_i ≥ λ`` off S) to ``tol`` (relative), it is
-    the exact optimum (f is convex). In practice the first or second QP already has the optimal support. When ρ
-    heads for 0, the optimum may be a point with ``g_w = 0`` (0 in the convex hull), where f is not differentiable:
-    that point (the min-norm point) is returned when a primal point certifies it, the projection of ``g_0`` onto
-    ``{d : J d ≥ 0}`` lying in the ball (primal value ≥ 0 = f). CAGrad's update is then ``g_0``, as in the reference
-    formula ``g_0 + √φ g_w / (||g_w|| + 1e-8)``. After
+    the exact optimum (f is convex). In practice the first or second QP already has the optimal support. Before
+    alternating, the min-norm point is checked: the optimum may be a point with ``g_w = 0`` (0 in the convex hull),
+    where f is not differentiable; that point (the min-norm point) is returned when a primal point certifies it, the projection of ``g_0`` onto
+    ``{d : J d ≥ 0}`` lying in the ball (primal value ≥ 0 = f); :func:`cagrad_primal` then returns that projection as
+    the update (the reference formula ``g_0 + √φ g_w / (||g_w|| + 1e-8)`` would return ``g_0``). After
     ``max_iter`` uncertified rounds (not seen in tests), SLSQP (the reference implementations' solver) finishes
     from the last iterate, with a RuntimeWarning.
 
@@ -99,6 +129,11 @@ def cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: in
         >>> np.round(cagrad_dual(A, 0.4 * np.sqrt(0.125)), 6).tolist()
         [0.5, 0.5]
     """
+    return _cagrad_dual(A, sqrt_phi, tol, max_iter)[0]
+
+
+def _cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: int = 100) -> tuple[np.ndarray, bool]:
+    """:func:`cagrad_dual`, and whether its answer is a certified ``g_w = 0`` optimum (see :func:`cagrad_primal`)."""
     T = A.shape[0]
     u = np.full(T, 1.0 / T)
     b = A @ u
@@ -108,24 +143,23 @@ def cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: in
     scale = float(np.abs(b).max() + sqrt_phi * norm_scale)
     rho = float(np.linalg.norm(g0))
     w = u
-    zero_checked = False
+    # Is g_w = 0 (0 in the convex hull) the optimum? Checked first: near the boundary of that case (the projection of
+    # g_0 onto the dual cone on the sphere ||d - g_0|| = √φ) the alternation below converges only sublinearly.
+    w0 = min_norm_simplex_factor(L)
+    if _zero_is_optimal(A, w0, sqrt_phi, 1e-7 * norm_scale):
+        return w0, True
     for _ in range(max_iter):
-        if rho <= 1e-6 * norm_scale and not zero_checked:  # heading for g_w = 0: is 0 the optimum?
-            zero_checked = True
-            w0 = min_norm_simplex_factor(L)
-            if _zero_is_optimal(A, w0, sqrt_phi, 1e-7 * norm_scale):
-                return w0
         if not rho > 0:
             break
         w = min_norm_simplex_factor(L + (rho / sqrt_phi) * np.outer(g0, np.ones(T)))
         exact = _kkt_on_support(A, b, sqrt_phi, np.flatnonzero(w > 0))
         for cand in (exact, w):
             if cand is not None and _kkt_residual(A, b, sqrt_phi, cand) <= tol * scale:
-                return cand
+                return cand, False
         rho = float(np.sqrt(max(w @ A @ w, 0.0)))
     warnings.warn(f"CAGrad: the exact dual solver did not certify an answer in {max_iter} rounds (T = {T}); "
                   "finishing with SLSQP, whose answer is only as exact as its tolerance", RuntimeWarning, stacklevel=2)
-    return _slsqp(A, b, sqrt_phi, w)
+    return _slsqp(A, b, sqrt_phi, w), False
 
 
 def _zero_is_optimal(A: np.ndarray, w0: np.ndarray, sqrt_phi: float, atol: float) -> bool:

@@ -16,8 +16,8 @@ class DualProj(Aggregator):
     The rule of GEM (Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017, Eq.
     (10)-(11)) applied to the mean of the task gradients, as torchjd's ``DualProj`` (Quinton & Rey 2024). By their
     Proposition 1 the projection of ``Jᵀ u`` is ``Jᵀ v`` with ``v = argmin vᵀGv s.t. v ≥ u`` (Gramian-based), solved
-    here exactly as a non-negative least-squares problem (torchjd: quadprog with ``reg_eps = 1e-4``; ours defaults to 0,
-    see :class:`~mtlkit.aggregation.UPGrad`). The update has a non-negative inner product with every task gradient and
+    here as a KKT-certified non-negative least-squares problem (torchjd: quadprog with ``reg_eps = 1e-4``; ours
+    defaults to 0; ``norm_eps`` and the scale invariance as in :class:`~mtlkit.aggregation.UPGrad`). The update has a non-negative inner product with every task gradient and
     equals the mean when the mean already has one.
 
     Scale: the **mean**, as torchjd (so that DualProj and UPGrad agree with the mean when there is no conflict).
@@ -35,7 +35,7 @@ class DualProj(Aggregator):
 
     gramian_based = True
 
-    def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 0.0) -> None:
+    def __init__(self, norm_eps: float = 0.0, reg_eps: float = 0.0) -> None:
         self.norm_eps = check_nonneg("norm_eps", norm_eps)
         self.reg_eps = check_nonneg("reg_eps", reg_eps)
 
@@ -45,6 +45,6 @@ class DualProj(Aggregator):
 
 
 @register("dualproj")
-def _dualproj(norm_eps: float = 1e-4, reg_eps: float = 0.0) -> Method:
+def _dualproj(norm_eps: float = 0.0, reg_eps: float = 0.0) -> Method:
     """DualProj (torchjd): the mean gradient projected onto the dual cone of the task gradients."""
     return Method(EW(), DualProj(norm_eps=norm_eps, reg_eps=reg_eps))

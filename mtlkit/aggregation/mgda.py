@@ -25,8 +25,9 @@ class MGDA(Aggregator):
 
     Solver: ``"frank_wolfe"`` (default, the paper's Algorithm 2; approximate for T > 2: with ``max_iter=250`` its
     squared norm can exceed the optimum by a few percent on ill-conditioned problems with T ≥ 4, as FW converges
-    sublinearly) or ``"exact"`` (an exact active-set solve, :func:`~mtlkit.aggregation._solvers.min_norm_simplex_exact`,
-    same cost for small T). Both use the closed form for T = 2.
+    sublinearly) or ``"exact"`` (an active-set solve, :func:`~mtlkit.aggregation._solvers.min_norm_simplex_exact`,
+    same cost for small T, whose answer is certified by the problem's KKT conditions to a relative residual of 1e-9,
+    also on rank-deficient Gramians). Both use the closed form for T = 2.
 
     Args:
         max_iter: Frank-Wolfe iterations (T > 2).

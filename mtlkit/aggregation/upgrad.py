@@ -22,9 +22,15 @@ class UPGrad(Aggregator):
     Scale: the **mean** of the projections, as in the paper and torchjd (reference scale kept).
 
     Solver (difference from torchjd): torchjd solves the QPs with quadprog on ``G / tr(G) + reg_eps·I`` (default
-    ``reg_eps = 1e-4``, which can leave small conflicts); we solve each as an exact non-negative least-squares
-    problem on the trace-normalised Gramian, which needs no regularisation, so ``reg_eps`` defaults to 0 (kept as an
-    option for parity). ``norm_eps``: if ``tr(G) <= norm_eps`` the weights are zero (all gradients ~0), as torchjd.
+    ``reg_eps = 1e-4``, which can leave small conflicts); we solve each as a non-negative least-squares problem on
+    the trace-normalised Gramian, certified by its KKT conditions (:func:`~mtlkit.aggregation._solvers.nnls_certified`;
+    relative residual ≤ 1e-9), which needs no regularisation, so ``reg_eps`` defaults to 0 (kept as an option for
+    parity). The answer is therefore permutation-equivariant and never conflicts with a task, also on rank-deficient
+    Gramians. The update does not depend on the scale of J (``update(s·J) = s·update(J)`` for ``s > 0``): tiny
+    gradients get the same direction as large ones. ``norm_eps`` (default 0): if ``tr(G) <= norm_eps`` the Gramian is
+    treated as zero and the weights are the mean's (``1/T``), as torchjd's normalise-then-regularise gives; with the
+    default this happens only for ``J = 0``. (Before mtlkit 0.2 the default was an absolute ``1e-4`` that returned a
+    zero update, which stalled training whenever ``||J||_F² <= 1e-4``.)
 
     Example:
         >>> import torch
@@ -36,7 +42,7 @@ class UPGrad(Aggregator):
 
     gramian_based = True
 
-    def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 0.0) -> None:
+    def __init__(self, norm_eps: float = 0.0, reg_eps: float = 0.0) -> None:
         self.norm_eps = check_nonneg("norm_eps", norm_eps)
         self.reg_eps = check_nonneg("reg_eps", reg_eps)
 
@@ -47,6 +53,6 @@ class UPGrad(Aggregator):
 
 
 @register("upgrad")
-def _upgrad(norm_eps: float = 1e-4, reg_eps: float = 0.0) -> Method:
+def _upgrad(norm_eps: float = 0.0, reg_eps: float = 0.0) -> Method:
     """UPGrad (Quinton & Rey 2024): mean of the task gradients projected onto the dual cone."""
     return Method(EW(), UPGrad(norm_eps=norm_eps, reg_eps=reg_eps))
