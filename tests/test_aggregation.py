@@ -108,6 +108,59 @@ def test_mamg_norm_never_grows_and_random_tasks():
         assert (Gp.norm(dim=1) <= J.norm(dim=1) + 1e-12).all()
 
 
+def test_mamg_grow_reading_grows_the_smaller_gradient_onto_the_bisector():
+    for seed in range(20):
+        J = _conflicting_pair(seed)                                      # ||g_0|| > ||g_1||, <g_0, g_1> < 0
+        g0, g1 = J
+        Gp = MAMG(seed=seed, rule="grow").modified_gradients(J)
+        assert torch.equal(Gp[0], g0)                                     # the larger one is kept
+        u = (g1 - g0) / (g1 - g0).norm()
+        assert abs(float((Gp[1] + g0) @ u)) < 1e-10 * float(J.norm()) ** 2  # on the bisector
+        assert torch.isclose(Gp[1].norm(), g0.norm())                    # grown to the larger norm
+
+
+@pytest.mark.parametrize("rule", ["shrink", "grow"])
+def test_mamg_two_conflicting_tasks_is_twice_the_mgda_min_norm_point(rule):
+    """For T = 2 both readings give g_1 + g_2 - δu: twice MGDA's min-norm point under conflict, else the sum."""
+    conflicts = 0
+    for seed in range(40):
+        J = _rand(2, 6, seed)
+        J[0] *= 1.0 + seed % 3                                           # unequal norms
+        mamg = MAMG(seed=seed, rule=rule)(J)
+        if float(J[0] @ J[1]) < 0:
+            conflicts += 1
+            w = min_norm_simplex_exact((J @ J.T).numpy())
+            # float64, a handful of flops on O(||J||) numbers: 1e-12 relative is ~1e4 eps
+            assert torch.allclose(mamg, 2.0 * torch.tensor(w) @ J, rtol=0, atol=1e-12 * float(J.norm()))
+        else:
+            assert torch.allclose(mamg, J.sum(0), rtol=0, atol=1e-12 * float(J.norm()))
+    assert 10 <= conflicts <= 30
+
+
+def test_mamg_readings_keep_their_norm_property_and_differ_for_three_tasks():
+    differ = 0
+    for seed in range(20):
+        J = _rand(3, 5, seed)
+        J[0] *= 3.0
+        shrink = MAMG(seed=seed, rule="shrink").modified_gradients(J)
+        grow = MAMG(seed=seed, rule="grow").modified_gradients(J)
+        assert (shrink.norm(dim=1) <= J.norm(dim=1) * (1 + 1e-12)).all()   # a clipping: no norm grows
+        assert (grow.norm(dim=1) >= J.norm(dim=1) * (1 - 1e-12)).all()     # no norm shrinks
+        differ += not torch.allclose(shrink.sum(0), grow.sum(0), rtol=1e-6)
+    assert differ > 0
+
+
+def test_mamg_one_conflicting_pair_among_three_tasks_edits_only_that_pair():
+    # g_0 and g_1 conflict (||g_0|| > ||g_1||); g_2 is orthogonal to both
+    J = torch.tensor([[3.0, 0.0, 0.0], [-1.0, 1.0, 0.0], [0.0, 0.0, 2.0]], dtype=torch.float64)
+    shrink = MAMG(rule="shrink").modified_gradients(J)
+    assert torch.isclose(shrink[0].norm(), J[1].norm()) and torch.equal(shrink[1:], J[1:])
+    grow = MAMG(rule="grow").modified_gradients(J)
+    assert torch.isclose(grow[1].norm(), J[0].norm()) and torch.equal(grow[0], J[0]) and torch.equal(grow[2], J[2])
+    with pytest.raises(ConfigError, match="unknown MAMG rule"):
+        MAMG(rule="clip")
+
+
 def test_mamg_unchanged_when_norms_equal_or_no_conflict():
     J = torch.tensor([[1.0, 0.0], [-0.6, 0.8]], dtype=torch.float64)     # conflict, equal norms
     assert torch.allclose(MAMG().modified_gradients(J), J)
@@ -459,3 +512,96 @@ def test_pinvh_matches_numpy_pseudo_inverse_on_singular_and_indefinite_matrices(
     J = rng.standard_normal((6, 3))
     for A in (J @ J.T, np.diag([2.0, -1.0, 0.0, 0.5]), np.zeros((3, 3))):  # rank 3 of 6, indefinite, zero
         np.testing.assert_allclose(pinvh(A), np.linalg.pinv(A, hermitian=True), atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------- certified QP solvers (edges)
+def _brute_nnls(M: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact NNLS by enumerating supports (small T): the best feasible least-squares solution over all supports."""
+    import itertools
+
+    T = M.shape[1]
+    best, best_val = np.zeros(T), float(b @ b)
+    for k in range(1, T + 1):
+        for S in itertools.combinations(range(T), k):
+            z = np.zeros(T)
+            z[list(S)] = np.linalg.lstsq(M[:, list(S)], b, rcond=None)[0]
+            val = float(np.sum((M @ z - b) ** 2))
+            if (z >= 0).all() and val < best_val:
+                best, best_val = z, val
+    return best
+
+
+def test_nnls_certified_repairs_a_wrong_scipy_answer(monkeypatch):
+    """SciPy's nnls has returned sub-optimal points (scipy issues #21140, #25389): the certificate must catch them."""
+    from mtlkit.aggregation import _solvers
+
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(_solvers, "nnls", lambda M, b, maxiter=None: (np.abs(rng.standard_normal(M.shape[1])), 0.0))
+    for seed in range(10):
+        r = np.random.default_rng(seed)
+        M = r.standard_normal((6, 4)) @ r.standard_normal((4, 5))       # rank 4 < 5 columns: dependent columns
+        b = r.standard_normal(6)
+        x = _solvers.nnls_certified(M, b)
+        assert _solvers.nnls_kkt_residual(M, b, x) <= _solvers.KKT_TOL
+        ref = _brute_nnls(M, b)
+        # the minimiser need not be unique (dependent columns), the fitted vector M x is: compare that
+        assert np.linalg.norm(M @ x - M @ ref) <= 1e-10 * np.linalg.norm(b)
+
+
+def test_nnls_kkt_residual_detects_a_wrong_active_set():
+    M, b = np.eye(3), np.array([1.0, -1.0, 2.0])
+    assert _solvers_mod().nnls_kkt_residual(M, b, np.array([1.0, 0.0, 2.0])) == 0.0
+    assert _solvers_mod().nnls_kkt_residual(M, b, np.array([1.0, 0.0, 0.0])) > 0.1   # x_3 left at 0 with g_3 < 0
+    assert _solvers_mod().nnls_kkt_residual(M, b, np.array([1.0, 0.3, 2.0])) > 0.1   # x_2 > 0 with g_2 > 0
+
+
+def _solvers_mod():
+    from mtlkit.aggregation import _solvers
+
+    return _solvers
+
+
+@pytest.mark.parametrize("make", [UPGrad, DualProj])
+def test_dual_cone_methods_do_not_depend_on_the_scale_of_J(make):
+    """update(s J) = s update(J): tiny gradients (||J||_F² = 9e-6 gave exactly 0 before) keep their direction."""
+    for seed in range(5):
+        J = _rand(4, 7, seed)
+        J = J * (3e-3 / J.norm())                                        # ||J||_F² = 9e-6
+        ref = make()(J)
+        assert ref.norm() > 0
+        for s in (1e-6, 1e6):
+            # float64: the QP is solved on G / tr(G), identical up to round-off for every s
+            assert torch.allclose(make()(s * J), s * ref, rtol=1e-9, atol=0.0)
+    Z = torch.zeros(3, 5, dtype=torch.float64)
+    assert torch.equal(make()(Z), torch.zeros(5, dtype=torch.float64))  # zero only for J = 0
+
+
+def test_upgrad_is_certified_and_permutation_equivariant_on_rank_deficient_jacobians():
+    from mtlkit.aggregation._solvers import KKT_TOL, dual_cone_kkt_residual
+
+    rng = np.random.default_rng(0)
+    for seed in range(5):
+        J = torch.tensor(rng.standard_normal((20, 19)) @ rng.standard_normal((19, 100)))    # rank 19
+        G = (J @ J.T).numpy()
+        A = G / np.trace(G)
+        V = _solvers_mod().project_dual_cone(A, np.eye(20) / 20)
+        assert dual_cone_kkt_residual(A, np.eye(20) / 20, V) <= KKT_TOL
+        u = UPGrad()(J)
+        assert float((J @ u).min()) >= -1e-12 * float(J.norm()) ** 2 * u.norm() / J.norm()  # no conflict
+        p = torch.tensor(rng.permutation(20))
+        assert (UPGrad()(J[p]) - u).norm() <= 1e-8 * J.norm()
+
+
+def test_cagrad_does_not_conflict_at_a_pareto_stationary_point():
+    """0 in the convex hull and c ≥ 1: the optimum of max_d min_i ⟨g_i, d⟩ in the ball is 0, so no task is hurt."""
+    rng = np.random.default_rng(1)
+    for seed in range(10):
+        T = int(rng.integers(2, 6))
+        J = rng.standard_normal((T, 8))
+        J[-1] = -(rng.random(T - 1) @ J[:-1])                           # 0 = a positive combination of the rows
+        J = torch.tensor(J)
+        for c in (1.0, 1.5, 2.0):
+            d = CAGrad(c=c, rescale=0)(J)
+            scale = float((J * J).sum()) / T
+            assert float((J @ d).min()) >= -1e-10 * scale, (seed, c)
+            assert (d - J.mean(0)).norm() <= c * J.mean(0).norm() * (1 + 1e-9) + 1e-6  # in the ball (√φ has +1e-8)
