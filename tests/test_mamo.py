@@ -319,3 +319,25 @@ def test_reproduction_relative_change_sign():
     rel = relative({"a/accuracy": 0.9, "b/mae": 1.0}, {"a/accuracy": 0.8, "b/mae": 2.0},
                    [("a/accuracy", True), ("b/mae", False)])
     assert rel == pytest.approx({"a/accuracy": 12.5, "b/mae": 50.0})  # + = better than STL for both directions
+
+
+@pytest.mark.parametrize("m", [3, 4])
+@pytest.mark.parametrize("module", ["gmk", "exclusive"])
+def test_growing_leaves_every_output_unchanged_with_trained_fusion_weights(m, module):
+    """A group's first module must not change any task's output, also when its tasks already fuse trained streams
+    (with a fresh logit of 0 the new stream took weight from them: 0.0126 in a 3-task run)."""
+    torch.manual_seed(1)
+    model = _tiny(m, module).double().eval()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    pairs = [(0, 1), (1, 2), (0, 2)] + ([(2, 3), (0, 3)] if m == 4 else [])
+    for k, pair in enumerate(pairs):
+        before = model(x)
+        model.grow(k % model.num_layers, pair)
+        after = model(x)
+        for name in model.task_names:
+            # float64: the logit shift re-rounds the softmax (a few eps) and the head amplifies it by its weights'
+            # norm; 1e-10 of the output's scale is ~1e6 eps, and 1e8 times below the defect's 0.0126
+            scale = 1.0 + float(before[name].detach().abs().max())
+            assert torch.allclose(before[name], after[name], rtol=0, atol=1e-10 * scale), (pair, name)
+        _perturb(model)                                                   # train the modules and the fusion logits
+    assert len(model.groups()) == (len(pairs) if module == "gmk" else m)

@@ -31,7 +31,8 @@ newly grown MAMO continues from the model it grew from, and MAMO without GMKs *i
    i.e. a convex combination of the shared output (logit fixed at 0) and the task's row/column GMK streams; with no
    active GMK the decoder reads ``o_f^L`` itself. Eq. 8 writes ``g_m(o_f, row, col)`` without saying how the three
    inputs are joined; a convex combination keeps the decoder's input width (so the HPS decoders are reused) and the
-   function at birth. Keeping ``β`` per task (not one ``β_{i,j}`` shared by i and j) makes the fusion
+   function at birth (a group's first module sets the fusion logits of its tasks so that no task's output changes,
+   :meth:`MAMO._make_room_in_fusion`, also when a task already fuses trained streams). Keeping ``β`` per task (not one ``β_{i,j}`` shared by i and j) makes the fusion
    task-specific, as in Fig. 2b. ``β_m[m]`` (the diagonal, "dummy" in the paper) is used only by the w/o-GMK
    ablation, where task m's exclusive module is the group {m}.
 5. **w/o-GMK ablation** (Sec. 4.4.2, CoNAL-style): ``module="exclusive"`` generates, for a conflicting pair (i, j),
@@ -171,6 +172,8 @@ class MAMO(MTLModel):
         for g in self.groups_for_pair(*pair):
             if (layer, g) in self.active:
                 continue
+            if g not in self.groups():
+                self._make_room_in_fusion(g)
             key = self._key(layer, g)
             mod = copy.deepcopy(self.layers[layer])
             ref = next(self.layers[layer].parameters(), None)
@@ -180,6 +183,27 @@ class MAMO(MTLModel):
             self.active[(layer, g)] = key
             new.append(key)
         return new
+
+    def _fusion_index(self, t: int, g: Group) -> int:
+        """The entry of ``β_t`` that weighs group ``g``'s stream in task t's fusion (choice 4)."""
+        return g[0] if len(g) == 1 else (g[1] if g[0] == t else g[0])
+
+    @torch.no_grad()
+    def _make_room_in_fusion(self, g: Group) -> None:
+        """Set the fusion logits of the tasks of a group about to get its first module so that no output changes.
+
+        At birth the group's layer-L stream equals ``o_f^L`` (choices 1-3), so the fusion is unchanged if the new
+        stream takes part of the weight ``w_0`` of ``o_f^L`` and every other stream keeps its weight. With the logit
+        of ``o_f^L`` fixed at 0, a new logit 0 and every active logit of the task raised by ``log 2`` do exactly that:
+        the normaliser doubles, so ``o_f^L`` and the new stream get ``w_0 / 2`` each and the others keep theirs.
+        (A fresh logit of 0 alone would take weight from every stream, and change the output of a task that already
+        fuses a trained stream: with three or more tasks.)
+        """
+        for t in g:
+            active = [self._fusion_index(t, h) for h in self.groups() if t in h]
+            self.beta[t][self._fusion_index(t, g)] = 0.0
+            if active:
+                self.beta[t][active] += float(torch.log(torch.tensor(2.0)))
 
     def groups(self) -> list[Group]:
         """Groups with at least one active module, sorted (the order of the streams in :meth:`encode`)."""
@@ -260,7 +284,7 @@ class MAMO(MTLModel):
         mine = [(k, g) for k, g in enumerate(groups) if t in g]
         if not mine:
             return z[:, 0]
-        other = [g[0] if len(g) == 1 else (g[1] if g[0] == t else g[0]) for _, g in mine]
+        other = [self._fusion_index(t, g) for _, g in mine]
         logits = torch.cat([torch.zeros(1, dtype=z.dtype, device=z.device), self.beta[t][other]])
         w = torch.softmax(logits, dim=0)
         parts = torch.stack([z[:, 0]] + [z[:, 1 + k] for k, _ in mine], dim=0)
