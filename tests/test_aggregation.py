@@ -215,7 +215,7 @@ def test_cagrad_dual_is_exact_zero_duality_gap(monkeypatch):
     for J, c in _cagrad_cases():
         T = J.shape[0]
         A = (J @ J.T / torch.trace(J @ J.T)).numpy()
-        L = torch.tensor(cagrad.sqrt_factor(A))                          # LᵀL = A: columns are the task gradients
+        L = torch.tensor(cagrad.factor(A)[0])                            # LᵀL = A: columns are the task gradients
         sqrt_phi = c * float(np.sqrt(A.mean() + 1e-8))
         w = cagrad.cagrad_dual(A, sqrt_phi)
         assert (w >= 0).all() and abs(w.sum() - 1) < 1e-12
@@ -288,7 +288,7 @@ def test_nash_mtl_solves_bargaining_equation():
     a = NashMTL(normalize=False).weights_from_gramian(G)
     assert (a > 0).all()
     assert torch.allclose(G @ a, 1 / a, rtol=1e-6)
-    a = NashMTL().weights_from_gramian(G)                                # official normalisation
+    a = NashMTL(normalize=True).weights_from_gramian(G)                  # the option: (G/||G||_F) α = 1/α
     assert torch.allclose(G @ a, torch.linalg.norm(G) / a, rtol=1e-6)
     # diagonal worked example: α_i = 1/√G_ii
     a = NashMTL(normalize=False).weights_from_gramian(torch.diag(torch.tensor([4.0, 0.25], dtype=torch.float64)))

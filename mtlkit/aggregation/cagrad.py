@@ -4,12 +4,13 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
 from mtlkit.aggregation._base import Aggregator
-from mtlkit.aggregation._solvers import (check_nonneg, min_norm_simplex_factor, project_dual_cone, project_simplex,
-                                         sqrt_factor, to_numpy, to_weights, trace_normalize)
+from mtlkit.aggregation._solvers import (check_nonneg, factor, kkt_tol, min_norm_simplex_factor, project_dual_cone,
+                                         project_simplex, to_numpy, to_weights, trace_normalize)
 from mtlkit.errors import ConfigError
 from mtlkit.methods import Method, register
 from mtlkit.weighting._base import EW
@@ -34,6 +35,10 @@ class CAGrad(Aggregator):
     few non-negative least-squares solves of size T (about 1-2 ms at T = 40). The official code and LibMTL run SLSQP
     on the same objective; at T = 40 SLSQP needs 35-40 iterations and 0.1-1.4 s, so it is kept only as a fallback for
     Gramians where the exact solver does not certify its answer.
+
+    Radius: ``√φ = c ||g_0||`` exactly. The official code and LibMTL take ``√(mean(G) + 1e-8)`` on the raw Gramian
+    (the 1e-8 guards a zero mean); on our trace-normalised Gramian that constant inflated the radius by up to 1e-4
+    relative at T = 50, so it is dropped, and ``g_0 = 0`` (the ball is the single point 0) returns the mean.
 
     Scale (documented choice): the update is on the scale of the **mean** gradient, as in the paper and LibMTL:
     ``d = d* / (1 + c²)`` with ``rescale=1`` (default of the official code and LibMTL), ``d*`` with ``rescale=0``
@@ -63,9 +68,9 @@ class CAGrad(Aggregator):
         u = np.full(T, 1.0 / T)
         w = u
         A = trace_normalize(to_numpy(G))
-        if self.c > 0 and np.trace(A) > 0:
-            sqrt_phi = self.c * np.sqrt(max(float(u @ A @ u), 0.0) + 1e-8)
-            w = cagrad_primal(A, sqrt_phi)
+        g0_sq = float(u @ A @ u)                   # ||g_0||² / tr(G)
+        if self.c > 0 and g0_sq > 0:                # g_0 = 0: the ball is the point d = g_0 = 0, the mean's weights
+            w = cagrad_primal(A, self.c * np.sqrt(g0_sq), G.dtype)
         if self.rescale == 1:
             w = w / (1.0 + self.c ** 2)
         elif self.rescale == 2:
@@ -73,7 +78,7 @@ class CAGrad(Aggregator):
         return to_weights(w, G)
 
 
-def cagrad_primal(A: np.ndarray, sqrt_phi: float) -> np.ndarray:
+def cagrad_primal(A: np.ndarray, sqrt_phi: float, dtype: torch.dtype | None = None) -> np.ndarray:
     """Weights ``v`` of an optimal ``d* = Jᵀ v`` of ``max_d min_i ⟨g_i, d⟩ s.t. ||d - g_0|| ≤ √φ`` (``G = J Jᵀ = A``).
 
     From the dual solution ``w*`` of :func:`cagrad_dual`: ``d* = g_0 + √φ g_w*/||g_w*||`` (the paper's Algorithm 1),
@@ -82,7 +87,8 @@ def cagrad_primal(A: np.ndarray, sqrt_phi: float) -> np.ndarray:
     ``g_0`` itself, which can conflict with a task (cosine down to -1). The optimal value is then 0, attained by
     every ``d`` in the ball with ``J d ≥ 0``; we return the one closest to ``g_0``, the projection of ``g_0`` onto the
     dual cone ``{d : J d ≥ 0}`` (:func:`~mtlkit.aggregation._solvers.project_dual_cone`), which :func:`cagrad_dual`
-    has checked to lie in the ball. Hence ``min_i ⟨g_i, d*⟩ ≥ 0`` whenever 0 is optimal.
+    has checked to lie in the ball. Hence ``min_i ⟨g_i, d*⟩ ≥ 0`` whenever 0 is optimal. ``dtype``: the dtype the
+    Gramian was computed in (sets the round-off level, see :func:`~mtlkit.aggregation._solvers.factor`).
 
     Example:
         >>> import numpy as np
@@ -93,10 +99,12 @@ def cagrad_primal(A: np.ndarray, sqrt_phi: float) -> np.ndarray:
     """
     T = A.shape[0]
     u = np.full(T, 1.0 / T)
-    x, zero_optimal = _cagrad_dual(A, sqrt_phi)
+    x, zero_optimal = _cagrad_dual(A, sqrt_phi, dtype=dtype)
     if zero_optimal:
-        return project_dual_cone(A, u)[0]
+        return project_dual_cone(A, u, dtype)[0]
     gw_norm = np.sqrt(max(float(x @ A @ x), 0.0))
+    if not gw_norm > 0:  # only after an SLSQP fallback that landed on g_w = 0: the closest non-conflicting point
+        return project_dual_cone(A, u, dtype)[0]
     return u + (sqrt_phi / gw_norm) * x
 
 
@@ -132,12 +140,15 @@ def cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: in
     return _cagrad_dual(A, sqrt_phi, tol, max_iter)[0]
 
 
-def _cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: int = 100) -> tuple[np.ndarray, bool]:
+def _cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: int = 100,
+                 dtype: torch.dtype | None = None) -> tuple[np.ndarray, bool]:
     """:func:`cagrad_dual`, and whether its answer is a certified ``g_w = 0`` optimum (see :func:`cagrad_primal`)."""
     T = A.shape[0]
     u = np.full(T, 1.0 / T)
     b = A @ u
-    L = sqrt_factor(A)
+    L, rcond = factor(A, dtype)
+    qp_tol = kkt_tol(dtype)
+    tol = max(tol, qp_tol / 10)  # the dual's own KKT check cannot be tighter than the QPs it is built from
     g0 = L @ u
     norm_scale = float(np.sqrt(np.diag(A).max()))
     scale = float(np.abs(b).max() + sqrt_phi * norm_scale)
@@ -145,13 +156,13 @@ def _cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: i
     w = u
     # Is g_w = 0 (0 in the convex hull) the optimum? Checked first: near the boundary of that case (the projection of
     # g_0 onto the dual cone on the sphere ||d - g_0|| = √φ) the alternation below converges only sublinearly.
-    w0 = min_norm_simplex_factor(L)
-    if _zero_is_optimal(A, w0, sqrt_phi, 1e-7 * norm_scale):
+    w0 = min_norm_simplex_factor(L, rcond, qp_tol)
+    if _zero_is_optimal(A, w0, sqrt_phi, 1e-7 * norm_scale, dtype):
         return w0, True
     for _ in range(max_iter):
         if not rho > 0:
             break
-        w = min_norm_simplex_factor(L + (rho / sqrt_phi) * np.outer(g0, np.ones(T)))
+        w = min_norm_simplex_factor(L + (rho / sqrt_phi) * np.outer(g0, np.ones(T)), rcond, qp_tol)
         exact = _kkt_on_support(A, b, sqrt_phi, np.flatnonzero(w > 0))
         for cand in (exact, w):
             if cand is not None and _kkt_residual(A, b, sqrt_phi, cand) <= tol * scale:
@@ -162,7 +173,8 @@ def _cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: i
     return _slsqp(A, b, sqrt_phi, w), False
 
 
-def _zero_is_optimal(A: np.ndarray, w0: np.ndarray, sqrt_phi: float, atol: float) -> bool:
+def _zero_is_optimal(A: np.ndarray, w0: np.ndarray, sqrt_phi: float, atol: float,
+                     dtype: torch.dtype | None = None) -> bool:
     """True if ``g_w0 = 0`` (to atol) and some ``d`` in the ball has ``J d ≥ 0``: then the primal value is ≥ 0 = f(w0).
 
     The ``d`` tried is the projection of ``g_0`` onto the dual cone ``{d : J d ≥ 0}``, ``Jᵀv`` (the closest one).
@@ -170,7 +182,7 @@ def _zero_is_optimal(A: np.ndarray, w0: np.ndarray, sqrt_phi: float, atol: float
     if float(w0 @ A @ w0) > atol ** 2:
         return False
     u = np.full(len(w0), 1.0 / len(w0))
-    r = project_dual_cone(A, u)[0] - u
+    r = project_dual_cone(A, u, dtype)[0] - u
     return float(r @ A @ r) <= sqrt_phi ** 2 * (1 + 1e-9)
 
 

@@ -17,8 +17,8 @@ class GradVac(PairwiseSurgery):
     """Gradient Vaccine.
 
     Wang et al., "Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively Multilingual
-    Models", ICLR 2021, Algorithm 1. For each task i (copy ``g_i'``) and every other task j in random order, with
-    ``φ = cos(g_i', g_j)`` and the pair's target ``φ̂_ij``:
+    Models", ICLR 2021, doi:10.48550/arXiv.2010.05874, Algorithm 1. For each task i (copy ``g_i'``) and every other
+    task j in random order, with ``φ = cos(g_i', g_j)`` and the pair's target ``φ̂_ij``:
 
     * if ``φ < φ̂_ij``: ``g_i' ← g_i' + ||g_i'|| (φ̂ √(1-φ²) - φ √(1-φ̂²)) / (||g_j|| √(1-φ̂²)) · g_j``
       (Eq. (2) in torchjd's numbering),
@@ -27,11 +27,13 @@ class GradVac(PairwiseSurgery):
 
     The update is ``Σ_i g_i'`` (sum scale, as LibMTL). Pairs whose cosine is already ``≥`` the target are left alone.
 
-    Choices, and differences from LibMTL: (1) the EMA update is applied at every step for every pair, as we read the
-    paper's Algorithm 1 (and as torchjd does); LibMTL updates it only inside the ``if φ < φ̂`` branch, so there a
-    target starting at 0 can only fall.
-    (2) Default ``beta = 0.01`` (paper); LibMTL's default is 0.5. (3) Only the whole-vector granularity is offered
-    (LibMTL's ``group_type=0``): the aggregator sees flattened rows, not layers.
+    Choices, and differences from LibMTL: (1) the EMA update is applied at every step for every pair (with two
+    non-zero gradients), as we read the paper's Algorithm 1, as torchjd does and as current LibMTL does (its
+    ``GradVac.py`` updated ``rho_T`` only inside the ``if φ < φ̂`` branch, where a target starting at 0 can only
+    fall, until it was fixed in 2024). Like LibMTL (and unlike torchjd, which updates first), the target used for
+    the edit is the one before this step's EMA update. (2) Default ``beta = 0.01`` (paper); LibMTL's default is 0.5.
+    (3) Only the whole-vector granularity is offered (LibMTL's ``GradVac_group_type=0``): the aggregator sees
+    flattened rows, not layers.
 
     State (``state_dict``): the T x T targets (created at the first call; a later call with another T raises) and the
     generator of the random order. Output depends on the task order (``permutation_equivariant`` False).

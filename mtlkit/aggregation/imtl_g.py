@@ -13,13 +13,18 @@ from mtlkit.weighting._base import EW
 class IMTLG(Aggregator):
     """Impartial MTL, gradient balance (IMTL-G).
 
-    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, the gradient-balance part (IMTL-G): find
-    ``g = Σ_t α_t g_t`` with ``Σ_t α_t = 1`` whose projections on the unit gradients ``u_t = g_t / ||g_t||`` are all
-    equal. In Gramian form, ``⟨g, u_t⟩ = (G α)_t / √G_tt = const`` gives ``α ∝ G⁻¹ d`` with ``d = √diag(G)``,
-    normalised to sum 1. This is the paper's closed form (their ``α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹``) written without the
-    arbitrary choice of task 1 as reference, hence visibly permutation-equivariant. As in torchjd, the pseudo-inverse
-    is used so that linearly dependent gradients do not fail, and all-zero weights are returned when ``Σ G⁺ d``
-    vanishes.
+    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021 (OpenReview IMPnRXEWpvr; no DOI), the
+    gradient-balance part (IMTL-G): find ``g = Σ_t α_t g_t`` with ``Σ_t α_t = 1`` whose projections on the unit
+    gradients ``u_t = g_t / ||g_t||`` are all equal. In Gramian form, ``⟨g, u_t⟩ = (G α)_t / √G_tt = const``
+    gives ``α ∝ G⁻¹ d`` with ``d = √diag(G)``, normalised to sum 1. This is the paper's closed form (their
+    ``α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹``) written without the arbitrary choice of task 1 as reference, hence visibly
+    permutation-equivariant. As in torchjd, the pseudo-inverse is used so that linearly dependent gradients do not
+    fail, and all-zero weights are returned when ``Σ G⁺ d`` vanishes. Its cut-off
+    (:func:`~mtlkit.aggregation._solvers.rank_cutoff`) follows the dtype G was computed in: an exactly duplicated or
+    dependent task leaves a round-off eigenvalue (~``eps · tr(G)``) that must not be inverted, and the right answer
+    is ``G⁺ d`` on the exact rank-r spectrum; with duplicated tasks that is the deduplicated Jacobian's update (the
+    duplicates share its weight). A cut at float64's eps inverted the round-off of float32 Gramians (garbage
+    weights); torchjd's ``pinv`` cuts at ``T · eps · max λ`` of the input dtype.
 
     Scale: ``Σ α = 1`` as in the paper (a mean-like scale, not the sum). Weights may be negative. Only the gradient
     part (IMTL-G) is implemented; the loss part (IMTL-L) is a weighting.
@@ -35,7 +40,7 @@ class IMTLG(Aggregator):
     def weights_from_gramian(self, G: Tensor) -> Tensor:
         A = to_numpy(G)
         d = np.sqrt(np.clip(np.diag(A), 0.0, None))
-        v = pinvh(A) @ d
+        v = pinvh(A, G.dtype) @ d
         s = v.sum()
         w = np.zeros_like(v) if abs(s) < 1e-12 * max(1.0, np.abs(v).max()) else v / s
         return to_weights(w, G)

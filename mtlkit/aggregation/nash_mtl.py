@@ -25,7 +25,8 @@ def solve_nash(G: np.ndarray, alpha0: np.ndarray | None = None, max_iter: int = 
     backtracking (Armijo) line search that keeps ``α > 0`` converges from any positive start, quadratically near the
     end. A ridge ``1e-8 · max(||G||_F, tiny)`` keeps ``f`` bounded below when ``0`` lies in the convex hull of the
     gradients (then no exact solution exists; the weights grow along the null direction but ``Σ α_t g_t`` stays small).
-    Stops when ``||G α - 1/α|| <= tol · (1 + ||1/α||)``.
+    Stops when ``||G α - 1/α|| <= tol · ||1/α||``: a relative residual, the same for ``α`` on ``G`` and for
+    ``α/√c`` on ``c·G``, so a solution computed on a rescaled Gramian and mapped back meets it too.
 
     Example:
         >>> import numpy as np
@@ -47,7 +48,7 @@ def solve_nash(G: np.ndarray, alpha0: np.ndarray | None = None, max_iter: int = 
     fa = f(alpha)
     for _ in range(max_iter):
         grad = A @ alpha - 1.0 / alpha
-        if np.linalg.norm(grad) <= tol * (1.0 + np.linalg.norm(1.0 / alpha)):
+        if np.linalg.norm(grad) <= tol * np.linalg.norm(1.0 / alpha):
             break
         H = A + np.diag(1.0 / alpha ** 2)
         step = -np.linalg.solve(H, grad)
@@ -69,40 +70,52 @@ def solve_nash(G: np.ndarray, alpha0: np.ndarray | None = None, max_iter: int = 
 class NashMTL(Aggregator):
     """Nash-MTL: the update ``Σ_t α_t g_t`` with ``α`` the Nash bargaining solution ``G α = 1/α``, ``α > 0``.
 
-    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022: the characterisation of the Nash bargaining
-    solution as ``Gα = 1/α`` (i.e. ``⟨g_i, d⟩ = 1/α_i``), and the practical tricks of the paper and its code
+    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022 (PMLR 162), doi:10.48550/arXiv.2202.01017,
+    Section 3: the Nash bargaining solution ``argmax_{Δθ ∈ B_ε} Σ_i log(Δθᵀ g_i)`` is ``Δθ ∝ Σ_i α_i g_i`` with
+    ``α > 0`` solving ``Gᵀ G α = 1/α`` in their notation (their G holds the gradients as columns, so their ``Gᵀ G``
+    is our ``G = J Jᵀ``), i.e. ``⟨g_i, Σ_j α_j g_j⟩ = 1/α_i``; plus the practical tricks of the paper and its code
     (weights refreshed every ``update_weights_every`` steps; update clipped to ``max_norm``). Gramian-based.
 
     Solver (documented difference): the authors reach ``Gα = 1/α`` by a sequence of convex approximations solved with
     cvxpy/ECOS (at most 20 per step, warm-started). We solve the same equation directly, and to a tight tolerance,
     as the stationary point of the strictly convex ``½ αᵀGα - Σ log α`` by damped Newton (:func:`solve_nash`),
-    warm-started from the previous step's ``α`` as in the official code. No cvxpy.
+    warm-started from the previous step's ``α`` as in the official code. No cvxpy. The solve always runs on
+    ``G / ||G||_F`` (well scaled whatever the gradients' magnitude) and the root is mapped back exactly: if
+    ``(G/n) β = 1/β`` then ``α = β / √n`` solves ``G α = 1/α``.
 
-    Scale: like the official code (and LibMTL), with ``normalize=True`` the system is solved for ``G / ||G||_F``, so
-    the returned ``α`` satisfies ``G α = ||G||_F / α`` and ``||update||² = T · ||G||_F`` (roughly the gradients'
-    scale). With ``normalize=False``, ``G α = 1/α`` exactly as in the paper and ``||update|| = √T`` whatever the
-    gradients' scale. ``max_norm``: the official trainer clips the shared gradient to norm 1.0; here clipping is
-    off by default (``max_norm=0``) so that the aggregator does not silently change the scale; pass
-    ``max_norm=1.0`` to reproduce the authors' setting. At ``level="representation"`` the clipping applies to the
-    representation gradient.
+    Scale. Default (``normalize=False``): the paper's equation ``G α = 1/α``. It is also what the official code
+    (AvivNavon/nash-mtl), LibMTL and torchjd solve: they divide ``G`` by ``n = ||G||_F`` but write the constraint as
+    ``log(α_i · n) + log(((G/n) α)_i) ≥ 0``, i.e. ``α_i (G α)_i ≥ 1``, so their normalisation cancels. Then
+    ``||update||² = αᵀ G α = T``: the update has norm ``√T`` whatever the gradients' scale (the learning rate sets
+    the step; with the authors' ``max_norm=1.0`` it is always clipped to norm 1 for T ≥ 2). This departs from the
+    library's sum-scale convention (see :class:`~mtlkit.aggregation.Aggregator`). ``normalize=True``: the weights
+    ``β = √||G||_F · α`` of ``(G/||G||_F) β = 1/β`` (i.e. ``G β = ||G||_F / β``), with ``||update||² = T · ||G||_F``,
+    an update homogeneous of degree 1 in the gradients like the sum; this was mtlkit's default before, mistakenly
+    described as the official code's. ``max_norm``: the official trainer clips the shared gradient to norm 1.0;
+    here clipping is off by default (``max_norm=0``) so that the aggregator does not silently change the scale;
+    pass ``max_norm=1.0`` to reproduce the authors' setting. At ``level="representation"`` the clipping applies to
+    the representation gradient.
 
-    State (``state_dict``): the step counter and the last ``α``.
+    State (``state_dict``): the step counter and the last ``α`` (as returned, before clipping).
 
     Args:
         update_weights_every: recompute ``α`` every k calls, reuse the last one in between (``>= 1``).
         max_norm: if ``> 0``, scale the update down to this norm when it is larger.
-        normalize: solve on ``G / ||G||_F`` (official code) instead of ``G``.
-        max_iter, tol: Newton iterations and relative tolerance on ``||Gα - 1/α||``.
+        normalize: return ``β = √||G||_F · α`` (solves ``(G/||G||_F) β = 1/β``) instead of the paper's ``α``.
+        max_iter, tol: Newton iterations and relative tolerance on the residual (see :func:`solve_nash`).
 
     Example:
         >>> import torch
-        >>> NashMTL(normalize=False)(torch.tensor([[2.0, 0.0], [0.0, 0.5]]))
-        tensor([1.0000, 1.0000])
+        >>> J = torch.tensor([[2.0, 0.0], [0.0, 0.5]])       # G = diag(4, 1/4): α = (1/2, 2), update = (1, 1)
+        >>> torch.allclose(NashMTL()(J), torch.ones(2), atol=1e-6)    # float32, solver tolerance 1e-9
+        True
+        >>> torch.allclose(NashMTL(normalize=True)(J), torch.full((2,), 16.0625 ** 0.25), atol=1e-5)  # √||G||_F x
+        True
     """
 
     gramian_based = True
 
-    def __init__(self, update_weights_every: int = 1, max_norm: float = 0.0, normalize: bool = True,
+    def __init__(self, update_weights_every: int = 1, max_norm: float = 0.0, normalize: bool = False,
                  max_iter: int = 100, tol: float = 1e-9) -> None:
         self.update_weights_every = check_int("update_weights_every", update_weights_every)
         self.max_norm = check_nonneg("max_norm", max_norm)
@@ -123,8 +136,10 @@ class NashMTL(Aggregator):
             norm = float(np.linalg.norm(A))
             if norm == 0.0:  # all gradients are zero: any weights give a zero update
                 alpha = np.ones(T) if self._alpha is None else self._alpha
-            else:
-                alpha = solve_nash(A / norm if self.normalize else A, self._alpha, self.max_iter, self.tol)
+            else:  # solve on G/||G||_F, map back: β solves (G/n) β = 1/β  <=>  α = β/√n solves G α = 1/α
+                back = 1.0 if self.normalize else float(np.sqrt(norm))
+                start = None if self._alpha is None else self._alpha * back
+                alpha = solve_nash(A / norm, start, self.max_iter, self.tol) / back
             self._alpha = alpha
         self._step += 1
         w = self._alpha.copy()
@@ -146,7 +161,7 @@ class NashMTL(Aggregator):
 
 
 @register("nash_mtl")
-def _nash_mtl(update_weights_every: int = 1, max_norm: float = 0.0, normalize: bool = True,
+def _nash_mtl(update_weights_every: int = 1, max_norm: float = 0.0, normalize: bool = False,
               max_iter: int = 100, tol: float = 1e-9) -> Method:
     """Nash-MTL (Navon et al. 2022): bargaining weights G α = 1/α (Newton solver, no cvxpy)."""
     return Method(EW(), NashMTL(update_weights_every=update_weights_every, max_norm=max_norm, normalize=normalize,
