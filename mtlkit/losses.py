@@ -5,8 +5,8 @@ different papers' losses can live side by side in this file.
 
 Example:
     >>> import torch
-    >>> round(float(focal_bce(torch.zeros(4), torch.ones(4), beta=0.0)), 6)  # BCE at logit 0: log 2
-    0.693147
+    >>> round(float(focal_bce(torch.zeros(4), torch.ones(4), beta=0.0)), 5)  # BCE at logit 0: log 2 = 0.6931472
+    0.69315
 """
 from __future__ import annotations
 

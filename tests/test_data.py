@@ -1,5 +1,8 @@
 """Data: verified fetching and caching, the 36x36 MultiMNIST layout, determinism."""
 import gzip
+import hashlib
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +11,6 @@ from mtlkit.data import build_dataset, multimnist
 from mtlkit.data import sources
 from mtlkit.data.multimnist import MultiSpec, build, compose
 from mtlkit.errors import ConfigError, DataError
-
-from conftest import requires_mnist
 
 
 @pytest.fixture
@@ -129,6 +130,54 @@ def test_manual_idx_dir(tmp_cache, tmp_path, monkeypatch):
         sources.load_images("fashion")
 
 
+def _fake_apt(monkeypatch, root: bool, payload: bytes, known_after_update: bool = True):
+    """apt-get as on a fresh machine: no package lists, so `download` fails until `update` has run."""
+    calls, state = [], {"updated": False}
+
+    def run(cmd, cwd=None, capture_output=False, text=False):
+        calls.append(" ".join(cmd))
+        if cmd[1] == "update":
+            state["updated"] = True
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        if state["updated"] and known_after_update:
+            (Path(cwd) / "pkg_1.0_all.deb").write_bytes(payload)
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package pkg")
+
+    monkeypatch.setattr(sources.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(sources, "_is_root", lambda: root)
+    monkeypatch.setattr(sources.subprocess, "run", run)
+    return calls
+
+
+def test_deb_fetch_refreshes_package_lists_once_when_root(tmp_cache, monkeypatch):
+    payload = b"!<arch>\nnot really a deb"
+    spec = sources.DebFile("pkg", "pkg_1.0_all.deb", hashlib.sha256(payload).hexdigest())
+    calls = _fake_apt(monkeypatch, root=True, payload=payload)
+    path = sources.fetch_deb(spec, "hint")
+    assert calls == ["apt-get download pkg", "apt-get update -qq", "apt-get download pkg"]
+    assert path.read_bytes() == payload  # and its sha256 was checked
+    assert sources.fetch_deb(spec, "hint") == path and len(calls) == 3  # cached: apt is not asked again
+
+
+def test_deb_fetch_failure_says_what_was_tried(tmp_cache, monkeypatch):
+    spec = sources.DebFile("pkg", "pkg_1.0_all.deb", "0" * 64)
+    calls = _fake_apt(monkeypatch, root=False, payload=b"")
+    with pytest.raises(DataError, match=r"(?s)Unable to locate package pkg.*sudo apt-get update"):
+        sources.fetch_deb(spec, "hint")
+    assert calls == ["apt-get download pkg"]  # not root: no update
+    calls = _fake_apt(monkeypatch, root=True, payload=b"", known_after_update=False)
+    with pytest.raises(DataError, match=r"(?s)Unable to locate package pkg.*after `apt-get update -qq` \(exit 0\)"):
+        sources.fetch_deb(spec, "hint")
+    assert calls == ["apt-get download pkg", "apt-get update -qq", "apt-get download pkg"]
+
+
+def test_fetch_knows_every_source_dataset():
+    assert sources.source_names() == ["fashion", "mnist", "census", "yeast"]
+    with pytest.raises(ConfigError, match="census, fashion, mnist, yeast"):
+        sources.fetch("cifar")
+
+
 def test_parse_idx_rejects_truncation():
     head = bytes([0, 0, 8, 1]) + (5).to_bytes(4, "big")
     assert sources.parse_idx(head + bytes(5)).shape == (5,)
@@ -138,8 +187,7 @@ def test_parse_idx_rejects_truncation():
         sources.parse_idx(b"\x01\x02\x03\x04", "x")
 
 
-@pytest.mark.data
-@requires_mnist
+@pytest.mark.data("mnist", "fashion")
 def test_real_sources_verified_and_shaped():
     for name in ("mnist", "fashion"):
         a = sources.load_images(name)
@@ -151,8 +199,7 @@ def test_real_sources_verified_and_shaped():
     np.testing.assert_array_equal(counts, [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
 
 
-@pytest.mark.data
-@requires_mnist
+@pytest.mark.data("mnist")
 def test_real_multimnist_small_is_deterministic(tmp_path, monkeypatch):
     spec = dict(n_train=300, n_test=100, seed=7)
     a = build_dataset("multimnist", **spec)

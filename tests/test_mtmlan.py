@@ -279,18 +279,10 @@ def test_shipped_configs_build_their_method(name):
     assert cfg.dataset.options["loss"] == "sample_level" and cfg.model.name == "mtmlan"
 
 
-# --- real data (only when already cached) ---------------------------------------------------------------------------
+# --- real data (fetched on first use: tests/conftest.py) ----------------------------------------------------------
 
-def _cached(name: str) -> bool:
-    from mtlkit.data.sources import cache_dir
-
-    return (cache_dir() / f"{name}.npz").is_file()
-
-
-@pytest.mark.data
+@pytest.mark.data("fashion")
 def test_real_clips_follow_table_I_and_draw_frames_from_their_own_split():
-    if not _cached("fashion"):
-        pytest.skip("Fashion-MNIST is not cached (run `mtlkit data fetch fashion`)")
     from mtlkit.data import build_dataset
 
     d = build_dataset("clips", n_clips=154, frames=14, seed=5)
@@ -302,10 +294,8 @@ def test_real_clips_follow_table_I_and_draw_frames_from_their_own_split():
     assert torch.equal(again.test.x, d.test.x)
 
 
-@pytest.mark.data
+@pytest.mark.data("yeast")
 def test_real_yeast_shapes_and_standardisation():
-    if not _cached("yeast"):
-        pytest.skip("yeast is not cached (any `build_dataset('yeast')` fetches the river wheel)")
     from mtlkit.data import build_dataset
 
     d = build_dataset("yeast")

