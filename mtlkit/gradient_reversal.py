@@ -1,11 +1,17 @@
 """Gradient reversal layer (GRL) and the DANN coefficient schedule.
 
-Ganin & Lempitsky, "Unsupervised Domain Adaptation by Backpropagation", ICML 2015 (DANN), Sec. 3.2: the GRL
-``R_λ`` is the identity in the forward pass and multiplies the incoming gradient by ``−λ`` in the backward pass
-(their Eq. 12–13: ``R(x) = x``, ``dR/dx = −λ I``). The adaptation coefficient follows their Sec. 5.1 schedule
-``λ(p) = 2 / (1 + exp(−γ p)) − 1`` with ``γ = 10`` and ``p`` the training progress in [0, 1]
-(``λ(0) = 0``, ``λ(1) = 2/(1+e^{−10}) − 1 ≈ 0.99991``). RRMTDL (Fang et al., IEEE TMM 2023) uses both for its
-adversarial heads.
+Ganin & Lempitsky, "Unsupervised Domain Adaptation by Backpropagation", Proceedings of the 32nd International
+Conference on Machine Learning (ICML 2015), PMLR 37, 1180–1189 (no DOI; preprint arXiv:1409.7495,
+doi:10.48550/arXiv.1409.7495) (DANN): the GRL ``R_λ`` is the identity in the forward pass and multiplies the
+incoming gradient by ``−λ`` in the backward pass (``R(x) = x``, ``dR/dx = −λ I``). The adaptation coefficient follows
+their experiments' schedule ``λ(p) = 2 / (1 + exp(−γ p)) − 1`` with ``γ = 10`` and ``p`` the training progress in
+[0, 1] (``λ(0) = 0``, ``λ(1) = 2/(1+e^{−10}) − 1 ≈ 0.99991``). RRMTDL (Fang et al., "Adversarial Learning Guided Task
+Relatedness Refinement for Multi-Task Deep Learning", IEEE Transactions on Multimedia 25 (2023) 6946–6957,
+doi:10.1109/TMM.2022.3216460) uses both for its adversarial heads.
+
+``λ = 0`` is exact: the backward pass returns zeros (not ``−0 · grad``, which would be NaN where ``grad`` is infinite),
+so a ``λ = 0`` control sends no gradient at all through the layer while the graph (and every gradient that does not
+cross it) stays as it is.
 
 Example:
     >>> import torch
@@ -38,6 +44,8 @@ class _GradReverse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
+        if ctx.lam == 0.0:  # exactly zero, whatever the incoming gradient holds
+            return torch.zeros_like(grad), None
         return grad.neg() * ctx.lam, None
 
 

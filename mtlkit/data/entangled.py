@@ -1,13 +1,14 @@
 """The entangled-label protocol of RRMTDL, as a reusable transform, and its two real-data benchmarks.
 
-Protocol (Fang et al., IEEE TMM 2023, from the authors' released data scripts): given two binary attributes A and B
-of a pool of samples, the *training* set holds 4000 samples with (A=1, B=1), 2000 with (A=0, B=0) and 2000 with
-A != B, so the labels agree on 75 % of it; the *test* set holds 8000 samples with A != B (the training correlation
-is reversed). :class:`EntangledSpec` generalises the counts: ``n_train`` samples of which a fraction ``agreement``
-agree, ``positive_share`` of the agreeing ones being (1, 1); the disagreeing samples (and the test set) split
-evenly between (1, 0) and (0, 1) (our choice: the released scripts do not say how the 2000 split; an odd count gives
-the extra sample to (1, 0)). Counts are exact; a pool too small for a cell raises :class:`~mtlkit.errors.DataError`
-naming the cell and both numbers.
+Protocol (Fang, Cai, Cao, Li, Zhang, "Adversarial Learning Guided Task Relatedness Refinement for Multi-Task Deep
+Learning", IEEE Transactions on Multimedia 25 (2023) 6946–6957, doi:10.1109/TMM.2022.3216460; from the authors'
+released data scripts): given two binary attributes A and B of a pool of samples, the *training* set holds 4000
+samples with (A=1, B=1), 2000 with (A=0, B=0) and 2000 with A != B, so the labels agree on 75 % of it; the *test* set
+holds 8000 samples with A != B (the training correlation is reversed). :class:`EntangledSpec` generalises the counts:
+``n_train`` samples of which a fraction ``agreement`` agree, ``positive_share`` of the agreeing ones being (1, 1); the
+disagreeing samples (and the test set) split evenly between (1, 0) and (0, 1) (our choice: the released scripts do not
+say how the 2000 split; an odd count gives the extra sample to (1, 0)). Counts are exact; a pool too small for a cell
+raises :class:`~mtlkit.errors.DataError` naming the cell and both numbers.
 
 Validation: two validation sets are drawn, disjoint, from a validation pool disjoint from the training pool: ``val``
 drawn like the training set (the only one used for model selection) and ``val_reversed`` drawn like the test set

@@ -1,9 +1,8 @@
 """RRMTDL: adversarial-learning-guided task-relatedness refinement (private branches + gradient-reversal heads).
 
 Fang, Cai, Cao, Li, Zhang, "Adversarial Learning Guided Task Relatedness Refinement for Multi-Task Deep Learning",
-IEEE Transactions on Multimedia 25 (2023) 6946–6957. Only the abstract is public and it has no numbered equations;
-the architecture below follows the authors' released code (there named SCMTL), as summarised in
-``shared/papers/rrmtdl-adversarial-task-relatedness-refinement.md``:
+IEEE Transactions on Multimedia 25 (2023) 6946–6957, doi:10.1109/TMM.2022.3216460. Only the abstract is public and it
+has no numbered equations; the architecture below follows the authors' released code (there named SCMTL):
 
 - a shared trunk ``T`` (any encoder: conv for images, MLP for tabular data);
 - per group ``g`` (a set of *target* tasks and a set of *misleading* tasks) a private branch ``h_g = B_g(T(x))``;
@@ -13,13 +12,26 @@ the architecture below follows the authors' released code (there named SCMTL), a
   The heads learn to predict the misleading task from ``h_g``; the reversed gradient drives the branch (and the
   trunk) to remove that information from ``h_g``;
 - ``λ`` follows the DANN schedule ``λ(p) = 2/(1+exp(−10 p)) − 1`` in the training progress ``p`` (the trainer calls
-  :meth:`RRMTDL.on_train_progress` before every step), or is constant (``grl="constant"``);
+  :meth:`RRMTDL.on_train_progress` before every step; Ganin & Lempitsky, "Unsupervised Domain Adaptation by
+  Backpropagation", ICML 2015, PMLR 37, 1180–1189; no DOI, preprint doi:10.48550/arXiv.1409.7495):
+  ``lambda_schedule="dann"``, the default;
 - loss = unit-weight sum of every target and adversarial loss: the adversarial heads are declared as
   :attr:`~mtlkit.tasks.Task.auxiliary` tasks (:meth:`RRMTDL.auxiliary_tasks`), trained but never selected on nor
   reported;
 - inference uses the target heads only: in eval mode the adversarial path is not computed.
 
-Choices where the notes leave it open (ours):
+Controls that isolate the adversary (``lambda_schedule``, an ordinary model option, so
+``--set model.options.lambda_schedule=zero`` works from the CLI):
+
+- ``"zero"``: ``λ = 0`` at every step. The adversarial heads and projections are still built and trained on their
+  misleading-task loss, but the reversal layer passes an exactly zero gradient into the branch and the trunk: the
+  same network, parameters, data order and losses as RRMTDL, minus the reversed gradient. ``RRMTDL − RRMTDL(λ=0)``
+  is what the adversary itself contributes.
+- ``"constant"``: ``λ = grl_scale`` (1 by default) at every step, from the first. Reported to be what the released
+  code effectively ran: an operator-precedence slip in its schedule makes the expression evaluate to ≈ 1 throughout
+  (we could not inspect that code here; the control is worth running either way).
+
+Choices where the released code leaves it open (ours):
 
 - the private branch is ``Linear(d, branch_width) + BatchNorm1d + ReLU`` on the trunk's feature (the paper copies
   ResNet-50's ``layer4``; our trunks are small, so the branch is one block whatever the encoder). The projection
@@ -27,8 +39,8 @@ Choices where the notes leave it open (ours):
 - default groups (when ``groups`` is not given): one group per task, targeting it, with every other task misleading.
   For an entangled pair (A, B) this is exactly the paper's ``{target: [A], misleading: [B]}``,
   ``{target: [B], misleading: [A]}``.
-- ``grl_scale`` multiplies the schedule (DANN uses 1); ``shared_parameters()`` are the trunk's, so gradient-space
-  aggregators combine the task gradients on the trunk only.
+- ``grl_scale`` multiplies the schedule (DANN uses 1), or is the constant λ; ``shared_parameters()`` are the trunk's,
+  so gradient-space aggregators combine the task gradients on the trunk only.
 
 Example:
     >>> import torch
@@ -44,10 +56,14 @@ Example:
     0.9999
     >>> sorted(m.eval()(torch.zeros(3, 5)))  # inference: target heads only
     ['a', 'b']
+    >>> z = RRMTDL(MLPEncoder((5,), (8,)), tasks, lambda_schedule="zero", branch_width=6, proj_width=4)
+    >>> z.on_train_progress(1.0); z.grl_lambda
+    0.0
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal, Mapping, Sequence
 
 from torch import Tensor, nn
@@ -57,9 +73,12 @@ from mtlkit.gradient_reversal import GradientReversal, dann_lambda
 from mtlkit.models.base import MTLModel, register_model
 from mtlkit.tasks import Task
 
-__all__ = ["RRMTDL", "Group", "adversarial_name", "build_rrmtdl"]
+__all__ = ["RRMTDL", "SCHEDULES", "Group", "adversarial_name", "build_rrmtdl"]
 
-Schedule = Literal["dann", "constant"]
+Schedule = Literal["dann", "constant", "zero"]
+
+#: the values of the ``lambda_schedule`` option
+SCHEDULES: tuple[str, ...] = ("dann", "constant", "zero")
 
 
 def adversarial_name(target_group: str, misleading: str) -> str:
@@ -126,19 +145,29 @@ class RRMTDL(MTLModel):
             misleading (see the module docstring).
         branch_width: width of each private branch.
         proj_width: width of the target and adversarial projections (``z_g``, ``r_g``).
-        grl: ``"dann"`` (λ follows the DANN schedule in the training progress) or ``"constant"``.
-        grl_scale: the constant λ, or the factor multiplying the DANN schedule.
-        grl_gamma: the schedule's steepness (10 in DANN).
+        lambda_schedule: ``"dann"`` (λ follows the DANN schedule in the training progress; the paper's), ``"constant"``
+            (λ = ``grl_scale`` throughout) or ``"zero"`` (λ = 0 throughout: adversarial heads trained, no reversed
+            gradient into the branch; see the module docstring).
+        grl_scale: the constant λ, or the factor multiplying the DANN schedule (no effect with ``"zero"``: must
+            stay 1).
+        grl_gamma: the DANN schedule's steepness (10 in DANN; only with ``"dann"``: must stay 10 otherwise).
     """
 
     def __init__(self, encoder: nn.Module, tasks: Sequence[Task], groups: Sequence[Mapping[str, Any]] | None = None,
-                 branch_width: int = 256, proj_width: int = 128, grl: Schedule = "dann", grl_scale: float = 1.0,
-                 grl_gamma: float = 10.0):
+                 branch_width: int = 256, proj_width: int = 128, lambda_schedule: Schedule = "dann",
+                 grl_scale: float = 1.0, grl_gamma: float = 10.0):
         super().__init__()
-        if grl not in ("dann", "constant"):
-            raise ConfigError(f"RRMTDL grl must be 'dann' or 'constant', got {grl!r}")
-        if grl_scale < 0 or grl_gamma <= 0:
+        if lambda_schedule not in SCHEDULES:
+            raise ConfigError(f"RRMTDL lambda_schedule must be one of {', '.join(map(repr, SCHEDULES))}, got "
+                              f"{lambda_schedule!r}")
+        if not (math.isfinite(grl_scale) and grl_scale >= 0) or not (math.isfinite(grl_gamma) and grl_gamma > 0):
             raise ConfigError(f"RRMTDL needs grl_scale >= 0 and grl_gamma > 0, got {grl_scale}, {grl_gamma}")
+        if lambda_schedule == "zero" and grl_scale != 1.0:
+            raise ConfigError(f"RRMTDL grl_scale={grl_scale} has no effect with lambda_schedule='zero' (λ = 0 "
+                              f"throughout); leave it at 1, or use lambda_schedule='constant' for another constant λ")
+        if lambda_schedule != "dann" and grl_gamma != 10.0:
+            raise ConfigError(f"RRMTDL grl_gamma={grl_gamma} only shapes the 'dann' schedule; it has no effect with "
+                              f"lambda_schedule={lambda_schedule!r}")
         if branch_width < 1 or proj_width < 1:
             raise ConfigError(f"RRMTDL widths must be >= 1, got branch_width={branch_width}, proj_width={proj_width}")
         d = getattr(encoder, "out_features", None)
@@ -148,7 +177,7 @@ class RRMTDL(MTLModel):
         self.tasks = list(tasks)
         by_name = {t.name: t for t in self.tasks}
         self.groups = _parse_groups(groups, self.tasks)
-        self.schedule, self.grl_scale, self.grl_gamma = grl, float(grl_scale), float(grl_gamma)
+        self.schedule, self.grl_scale, self.grl_gamma = lambda_schedule, float(grl_scale), float(grl_gamma)
         self.progress = 0.0
         self.grl = GradientReversal(self._lambda(0.0))
         self.branches = nn.ModuleList()
@@ -173,6 +202,8 @@ class RRMTDL(MTLModel):
 
     # -- the schedule -----------------------------------------------------------------------------------------
     def _lambda(self, p: float) -> float:
+        if self.schedule == "zero":
+            return 0.0
         if self.schedule == "constant":
             return self.grl_scale
         return dann_lambda(p, self.grl_gamma, self.grl_scale)
@@ -213,8 +244,12 @@ class RRMTDL(MTLModel):
 @register_model("rrmtdl")
 def build_rrmtdl(data, encoder: str = "conv", width: int = 384, hidden: Sequence[int] = (1024, 1024, 1024),
                  groups: Sequence[Mapping[str, Any]] | None = None, branch_width: int = 256, proj_width: int = 128,
-                 grl: str = "dann", grl_scale: float = 1.0, grl_gamma: float = 10.0, channels: int = 64) -> RRMTDL:
-    """RRMTDL for ``data``'s tasks with a ``conv`` (MTVIB Table I(b)) or ``mlp`` trunk.
+                 lambda_schedule: str = "dann", grl_scale: float = 1.0, grl_gamma: float = 10.0,
+                 channels: int = 64) -> RRMTDL:
+    """RRMTDL for ``data``'s tasks with a ``conv`` (MTVIB Table I(b): the trunk of ``hps``; its flattened width is
+    computed from ``data.input_shape``, 3136 for 36x36 Multi-(Fashion+MNIST) images) or ``mlp`` trunk.
+
+    ``lambda_schedule``: ``"dann"`` (default, the paper's), ``"constant"`` or ``"zero"`` (see :class:`RRMTDL`).
 
     Example:
         >>> import torch
@@ -237,5 +272,5 @@ def build_rrmtdl(data, encoder: str = "conv", width: int = 384, hidden: Sequence
         from mtlkit.errors import unknown_name
 
         raise unknown_name("encoder", encoder, ["conv", "mlp"])
-    return RRMTDL(enc, data.tasks, groups, branch_width, proj_width, grl,  # type: ignore[arg-type]
+    return RRMTDL(enc, data.tasks, groups, branch_width, proj_width, lambda_schedule,  # type: ignore[arg-type]
                   grl_scale, grl_gamma)
