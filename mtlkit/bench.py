@@ -48,6 +48,9 @@ def add_zoo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reuse", action="store_true",
                    help="reuse finished runs found in --out instead of retraining, and resume stopped ones from their "
                         "checkpoint (only runs of the same config: another budget is an error, not a silent mix)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="retrain every run of this zoo found in --out and replace its table (without --reuse or "
+                        "--overwrite, an --out that already holds any of them is refused before anything is trained)")
 
 
 def summarize(results: dict[str, list[dict[str, float]]], keys: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -186,32 +189,95 @@ def _import_all(modules: list[str]) -> None:
         importlib.import_module(name)
 
 
+def _zoo_files(out: Path, dataset: str) -> list[Path]:
+    """The table files a zoo of ``dataset`` writes into ``out``."""
+    return [out / f"zoo_{dataset}{suffix}" for suffix in (".md", ".json", ".png", "_partial.md")]
+
+
+def _other_config(run_dir: Path, cfg: RunConfig) -> str | None:
+    """``"key: a there, b requested, ..."`` when the run in ``run_dir`` was started with another config than ``cfg``
+    (keys that change what it learns, as ``--reuse`` compares them); None when it has no config or the same."""
+    import yaml
+
+    from mtlkit.train import _REUSE_IGNORED, config_differences
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return "an unreadable config.yaml"
+    if not isinstance(saved, dict):
+        return "an unreadable config.yaml"
+    requested = cfg.to_dict()
+    diff = config_differences(saved, requested, allowed=_REUSE_IGNORED)
+
+    def look(d: dict[str, Any], key: str) -> Any:
+        section, k = key.split(".", 1)
+        return (d.get(section) or {}).get(k)
+
+    return ", ".join(f"{k}: {look(saved, k)!r} there, {look(requested, k)!r} requested" for k in diff) or None
+
+
+def _check_out_dir(out: Path, plan: list[tuple[int, str, Path, RunConfig]], dataset: str, reuse: bool,
+                   overwrite: bool) -> None:
+    """Refuse, before anything is trained, an ``--out`` whose contents this zoo would replace without being asked:
+    its runs or table (unless ``--reuse``, which keeps runs of the same config, or ``--overwrite``) and any directory
+    at a run's path that is not an mtlkit run (always)."""
+    from mtlkit.errors import ConfigError
+    from mtlkit.runs import LOCK, MARKER
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    present = [(run_dir, cfg) for _, _, run_dir, cfg in plan if run_dir.is_dir() and any(run_dir.iterdir())]
+    foreign = [str(d) for d, _ in present if not ((d / MARKER).is_file() or (d / LOCK).is_file())]
+    if foreign:
+        raise ConfigError(f"refusing to write into {', '.join(foreign)}: not an mtlkit run directory (no {MARKER} "
+                          f"file); move it away or use another --out")
+    if reuse or overwrite:
+        return
+    tables = [f.name for f in _zoo_files(out, dataset) if f.exists()]
+    if not present and not tables:
+        return
+    other = [(d, why) for d, cfg in present for why in [_other_config(d, cfg)] if why]
+    names = [d.name for d, _ in present]
+    parts = [f"{len(names)} run{'s' if len(names) != 1 else ''} of this zoo ({', '.join(names[:3])}"
+             f"{', ...' if len(names) > 3 else ''})"] if names else []
+    held = " and ".join(parts + ([f"a zoo table ({tables[0]})"] if tables else []))
+    if other:
+        d, why = other[0]
+        which = "the runs were" if len(other) == len(present) else f"{len(other)} of the runs were"
+        raise ConfigError(f"{out} already holds {held}; {which} trained with another config ({d.name}: {why}); "
+                          f"nothing was trained. Pass --overwrite to retrain them and replace the table, or use "
+                          f"another --out")
+    raise ConfigError(f"{out} already holds {held}; nothing was trained. Pass --reuse to keep the finished runs of "
+                      f"this config and continue the stopped ones, --overwrite to retrain them and replace the "
+                      f"table, or use another --out")
+
+
 def run_zoo(args: argparse.Namespace) -> int:
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
     from multiprocessing import get_context
 
+    from mtlkit.config import check_run_config
     from mtlkit.errors import ConfigError
     from mtlkit.train import finished_run, resumable_run
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    overwrite = bool(getattr(args, "overwrite", False))
+    if overwrite and (args.reuse or args.no_train):
+        raise ConfigError(f"--overwrite retrains every run, {'--reuse' if args.reuse else '--no-train'} keeps them: "
+                          f"pass one of the two")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = _dataset(args.dataset, {"n_train": args.n_train, "n_test": args.n_test})
-    task_metrics = [(f"{t.name}/{t.metrics[0]}", t.higher_is_better[0]) for t in data.tasks]
-    origin = "real data; " if _builtin_dataset(args.dataset) else ""  # a user's own dataset: no claim made for it
-
-    def header(partial: bool) -> str:
-        return (f"Method zoo on {args.dataset} ({origin}{len(data.train)} train / {len(data.val)} val / "
-                f"{len(data.test)} test images), HPS encoder, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, "
-                f"Adam lr {args.lr}, batch {args.batch_size}, {'partial; ' if partial else ''}seeds {args.seeds}; test "
-                f"accuracy (%) of the validation-selected epoch, mean ± std; Δm vs STL, lower is better.\n\n")
-
     methods = list(dict.fromkeys(["stl"] + list(args.methods)))
-    done: dict[tuple[int, str], dict[str, float]] = {}
-    todo: list[tuple[int, str, dict[str, Any], bool]] = []  # (seed, method, config, resume)
-    # Seed-major order: an interrupted zoo leaves complete seeds (and a partial table after every run).
-    for seed in args.seeds:
+    # Every run's config is built and checked (names, options, model/method/level) before any data is loaded or
+    # anything trained: a typo in the last method must not surface after hours of training the first ones.
+    plan: list[tuple[int, str, Path, RunConfig]] = []
+    for seed in args.seeds:  # seed-major order: an interrupted zoo leaves complete seeds (and a partial table)
         for m in methods:
             run_dir = out / f"{args.dataset}-{m}-s{seed}"
             cfg = RunConfig.from_dict({
@@ -221,12 +287,31 @@ def run_zoo(args: argparse.Namespace) -> int:
                           "seed": seed, "num_threads": args.threads, "progress": False},
                 "output": {"dir": str(run_dir), "overwrite": True, "tensorboard": False}})
             cfg = cfg.override(list(args.set))
-            found = finished_run(run_dir, cfg) if args.reuse or args.no_train else None
-            if found is not None:
-                done[(seed, m)] = found["test"]
-            else:
-                resume = (args.reuse or args.no_train) and resumable_run(run_dir, cfg)
-                todo.append((seed, m, cfg.to_dict(), bool(resume)))
+            check_run_config(cfg)
+            plan.append((seed, m, run_dir, cfg))
+    _check_out_dir(out, plan, args.dataset, args.reuse or args.no_train, overwrite)
+    done: dict[tuple[int, str], dict[str, float]] = {}
+    todo: list[tuple[int, str, dict[str, Any], bool]] = []  # (seed, method, config, resume)
+    for seed, m, run_dir, cfg in plan:
+        found = finished_run(run_dir, cfg) if args.reuse or args.no_train else None
+        if found is not None:
+            done[(seed, m)] = found["test"]
+        else:
+            resume = (args.reuse or args.no_train) and resumable_run(run_dir, cfg)
+            todo.append((seed, m, cfg.to_dict(), bool(resume)))
+    data = _dataset(args.dataset, {"n_train": args.n_train, "n_test": args.n_test})
+    task_metrics = [(f"{t.name}/{t.metrics[0]}", t.higher_is_better[0]) for t in data.tasks]
+    origin = "real data; " if _builtin_dataset(args.dataset) else ""  # a user's own dataset: no claim made for it
+    if overwrite:  # no table of the replaced zoo may survive beside the new runs
+        for f in _zoo_files(out, args.dataset):
+            f.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def header(partial: bool) -> str:
+        return (f"Method zoo on {args.dataset} ({origin}{len(data.train)} train / {len(data.val)} val / "
+                f"{len(data.test)} test images), HPS encoder, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, "
+                f"Adam lr {args.lr}, batch {args.batch_size}, {'partial; ' if partial else ''}seeds {args.seeds}; test "
+                f"accuracy (%) of the validation-selected epoch, mean ± std; Δm vs STL, lower is better.\n\n")
 
     def results() -> dict[str, list[dict[str, float]]]:
         """Finished runs by method, in the zoo's method order and seed order."""

@@ -10,19 +10,16 @@ import argparse
 import json
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
 from mtlkit.errors import ConfigError, MTLKitError
 
 
-def _default_config_path() -> Path:
-    return Path(str(resources.files("mtlkit") / "configs" / "default.yaml"))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtlkit", description="Multi-task learning: methods, architectures, benchmarks.")
     p.add_argument("--cache-dir", help="dataset cache directory (sets MTLKIT_CACHE_DIR)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of any error instead of one line (also MTLKIT_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (no arguments: the embedded default on a reduced MultiMNIST)",
@@ -30,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(MultiMNIST, 20k images, HPS + EW, 3 epochs) is used.")
     t.add_argument("--config", help="YAML run config (see configs/)")
     t.add_argument("--method", help="method name (see `mtlkit methods`)")
-    t.add_argument("--dataset", help="dataset name")
+    t.add_argument("--dataset", help="dataset name (`mtlkit methods` lists them); each brings its own defaults "
+                                     "(options, model, batch size, epochs: mtlkit/configs/datasets.yaml) beneath "
+                                     "--config and the other flags")
     t.add_argument("--model", help="model name")
     t.add_argument("--seed", type=int)
     t.add_argument("--epochs", type=int)
@@ -43,15 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="output directory (default runs/<dataset>-<method>-s<seed>)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (without it: a bar on a terminal, a plain line every 30 s otherwise)")
 
-    e = sub.add_parser("eval", help="evaluate a saved run on its test split (optionally under attack)")
-    e.add_argument("run_dir")
+    from mtlkit.robustness import DEFAULT_EPS
+
+    grid = " ".join(f"{v:g}" for v in DEFAULT_EPS)
+    e = sub.add_parser("eval", help="evaluate a saved run on its test split (optionally under attack)",
+                       description="Evaluate a saved run's validation-selected model, clean or under FGSM/PGD. The "
+                                   "results are printed and written to RUN_DIR/eval_<split>_<attack>.json "
+                                   "(_<task> added with --target-task); an existing file is kept unless --overwrite.")
+    e.add_argument("run_dir", help="a finished run directory (mtlkit train --run-dir)")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--attack", choices=["none", "fgsm", "pgd"], default="none")
-    e.add_argument("--eps", type=float, nargs="+", default=[0.0], help="attack strengths on [0,1] pixels")
-    e.add_argument("--target-task", help="attack one task's loss instead of the summed loss")
-    e.add_argument("--pgd-steps", type=int, default=10)
+    e.add_argument("--eps", type=_attack_strength, nargs="+", default=None, metavar="ETA",
+                   help=f"attack strengths on [0,1] pixels, finite and >= 0 (fgsm/pgd only; default {grid}: the grid "
+                        f"of MTVIB's Tables III/IV, η = 0 being the clean input)")
+    e.add_argument("--target-task", help="attack one task's loss instead of the summed loss (fgsm/pgd only)")
+    e.add_argument("--pgd-steps", type=_positive_int, default=None, metavar="N",
+                   help="signed-gradient steps of PGD, >= 1 (--attack pgd only; default 10)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing results file of the same evaluation")
 
     d = sub.add_parser("data", help="fetch and inspect the cached datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -83,14 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from mtlkit.config import RunConfig
-    from mtlkit.train import Trainer, format_results
+    from mtlkit.train import Trainer, check_run_dir, format_results
 
     if args.resume and not args.run_dir:
         raise MTLKitError("--resume needs --run-dir (the run to continue)")
-    if args.resume and not args.config:
-        cfg = RunConfig.from_yaml(Path(args.run_dir) / "config.yaml")
-    else:
-        cfg = RunConfig.from_yaml(args.config or _default_config_path())
+    if args.resume and args.overwrite:
+        raise MTLKitError("--resume and --overwrite contradict each other: --resume continues the run in --run-dir, "
+                          "--overwrite deletes it and trains afresh; pass one of them")
     sets = list(args.set)
     for flag, key in (("method", "method.name"), ("dataset", "dataset.name"), ("model", "model.name"),
                       ("seed", "train.seed"), ("epochs", "train.epochs"), ("lr", "train.lr"),
@@ -104,7 +113,12 @@ def _train(args: argparse.Namespace) -> int:
         sets.append("output.overwrite=true")
     if args.run_dir:
         sets.append(f"output.dir={args.run_dir}")
-    cfg = cfg.override(sets)
+    # Layered and checked before any data is loaded (RunConfig.resolve): the chosen dataset's defaults beneath
+    # --config and the flags; a run's own config.yaml is complete, so a resume gets no dataset defaults beneath it.
+    resuming = args.resume and not args.config
+    cfg = RunConfig.resolve(Path(args.run_dir) / "config.yaml" if resuming else args.config, sets,
+                            dataset_defaults=not resuming)
+    check_run_dir(cfg, resume=args.resume)  # run-directory errors before the (maybe long) dataset build
     trainer = Trainer(cfg)
     print(f"mtlkit: {cfg.dataset.name} ({len(trainer.data.train)} train / {len(trainer.data.val)} val / "
           f"{len(trainer.data.test)} test), model {cfg.model.name}, method {cfg.method.name}, device {trainer.device}, "
@@ -112,32 +126,81 @@ def _train(args: argparse.Namespace) -> int:
     try:
         res = trainer.fit(resume=args.resume)
     except KeyboardInterrupt:  # Ctrl-C: say what was kept and how to go on, instead of a traceback
-        ck = trainer.run_dir / "checkpoint.pt"
-        if ck.is_file():
-            import torch
+        from mtlkit.runs import checkpoint_meta
+        from mtlkit.train import resume_command
 
-            st = torch.load(ck, map_location="cpu", weights_only=False)
-            at = (f"batch {st['in_epoch']['batch']} of epoch {st['epoch'] + 2}" if st.get("in_epoch")
-                  else f"the end of epoch {st['epoch'] + 1}")
+        ck = trainer.run_dir / "checkpoint.pt"
+        done = checkpoint_meta(ck)  # what the (verified) checkpoint holds: {"epoch": finished, "batch": or None}
+        if done:
+            at = (f"batch {done['batch']} of epoch {done['epoch'] + 1}" if done.get("batch")
+                  else f"the end of epoch {done['epoch']}")
             print(f"\nmtlkit: interrupted; {ck} holds the run as of {at}. Continue it with:\n"
-                  f"  mtlkit train --run-dir {trainer.run_dir} --resume", file=sys.stderr)
+                  f"  {resume_command(trainer.run_dir, cfg)}", file=sys.stderr)
         else:
             print(f"\nmtlkit: interrupted before the first checkpoint; nothing to resume in {trainer.run_dir}",
                   file=sys.stderr)
         return 130
-    print(f"\nTest results ({cfg.dataset.name}, {cfg.method.name}, seed {cfg.train.seed}; model selected on "
-          f"validation, best epoch {res.best_epoch}; {res.seconds:.0f}s):")
-    print(format_results(trainer.tasks, res.test))
+    per_task = " per task" if isinstance(res.best_epoch, dict) else ""
+    print(f"\nTest results ({cfg.dataset.name}, {cfg.method.name}, seed {cfg.train.seed}, {cfg.train.epochs} epochs; "
+          f"model selected on validation{per_task}; {res.seconds:.0f}s):")
+    print(format_results(trainer.tasks, res.test, res.best_epoch))
     print(f"\nrun directory: {res.run_dir}")
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from mtlkit.evaluation import evaluate_run
+def _attack_strength(text: str) -> float:
+    """argparse type of ``eval --eps``: a finite number >= 0 (checked before anything is loaded)."""
+    import math
 
-    out = evaluate_run(args.run_dir, split=args.split, attack=args.attack, eps=args.eps,
-                       target_task=args.target_task, pgd_steps=args.pgd_steps)
-    print(json.dumps(out, indent=2))
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"attack strength {text} must be a finite number >= 0 (pixels lie in [0, 1])")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of counts such as ``eval --pgd-steps``: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mtlkit.evaluation import check_run_dir, eval_result_path, evaluate_run
+    from mtlkit.robustness import DEFAULT_EPS
+    from mtlkit.runs import atomic_write_text
+
+    # Flags the chosen attack would ignore are errors, not silently dropped (e.g. --eps 0.1 with no attack would
+    # report clean accuracy under the key "0.1").
+    ignored = {"--eps": args.eps, "--target-task": args.target_task, "--pgd-steps": args.pgd_steps}
+    applies = {"none": (), "fgsm": ("--eps", "--target-task"), "pgd": ("--eps", "--target-task", "--pgd-steps")}
+    bad = [f for f, v in ignored.items() if v is not None and f not in applies[args.attack]]
+    if bad:
+        raise ConfigError(f"{' and '.join(bad)} {'does' if len(bad) == 1 else 'do'} not apply to --attack "
+                          f"{args.attack}" + (" (the inputs are clean)" if args.attack == "none" else "")
+                          + "; " + ("choose --attack fgsm or pgd" if args.attack == "none" else "use --attack pgd"))
+    eps = list(dict.fromkeys(args.eps)) if args.eps else [0.0] if args.attack == "none" else list(DEFAULT_EPS)
+    run = check_run_dir(args.run_dir)
+    from mtlkit.runs import verify_checkpoint
+
+    verify_checkpoint(run / "best.pt", hint=f"retrain it (mtlkit train --run-dir {run} --overwrite)")
+    path = eval_result_path(run, args.split, args.attack, args.target_task)
+    if path.exists() and not args.overwrite:
+        raise ConfigError(f"{path} exists (an earlier mtlkit eval of this split and attack); pass --overwrite to "
+                          f"replace it")
+    out = evaluate_run(run, split=args.split, attack=args.attack, eps=eps, target_task=args.target_task,
+                       pgd_steps=args.pgd_steps or 10)
+    text = json.dumps(out, indent=2)
+    atomic_write_text(path, text + "\n")  # written whole, then renamed: never a half-written results file
+    print(text)
+    print(f"mtlkit: results written to {path}", file=sys.stderr)
     return 0
 
 
@@ -217,22 +280,66 @@ def _tune_allocator() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.cache_dir:
-        os.environ["MTLKIT_CACHE_DIR"] = args.cache_dir
+    """Run one command; errors mtlkit can explain (its own, an OSError naming a path, Ctrl-C) end in one line on
+    stderr and exit status 2 (130 for Ctrl-C); anything else is a bug and keeps its traceback. ``--debug`` or
+    ``MTLKIT_DEBUG=1`` shows the traceback of every error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Before parsing: Ctrl-C while the parser imports the methods (torch) is caught as well.
+    debug = os.environ.get("MTLKIT_DEBUG", "") not in ("", "0") or "--debug" in argv[:argv.index("--")
+                                                                                        if "--" in argv else None]
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        debug = debug or args.debug
+        if args.cache_dir:
+            os.environ["MTLKIT_CACHE_DIR"] = args.cache_dir
         _tune_allocator()
         rc = _run_command(args)
         sys.stdout.flush()  # inside the try: a reader that left is seen here, not in Python's flush at exit
         return rc
     except MTLKitError as e:
+        if debug:
+            raise
         print(f"mtlkit: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `mtlkit methods | head`: the reader left; stop quietly, as Unix tools do
         # Point stdout at devnull so Python's flush at exit does not raise a second time (Python docs, "SIGPIPE").
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
+    except KeyboardInterrupt:  # Ctrl-C outside training (start-up, data, evaluation): nothing to resume, no trace
+        if debug:
+            raise
+        print("\nmtlkit: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if debug or e.filename is None:  # without a path it cannot be explained here: keep the traceback
+            raise
+        from mtlkit.runs import describe_os_error
+
+        print(f"mtlkit: error: {describe_os_error(e, _os_action(e))}{_cache_hint(e.filename)}", file=sys.stderr)
+        return 2
+
+
+def _cache_hint(filename: str) -> str:
+    """For a path inside the dataset cache: how to point mtlkit at another one."""
+    from mtlkit.data.sources import cache_dir
+
+    try:
+        Path(filename).resolve().relative_to(cache_dir().resolve())
+    except (ValueError, OSError):
+        return ""
+    return f" (it is in the dataset cache {cache_dir()}: pass --cache-dir or set MTLKIT_CACHE_DIR to a writable one)"
+
+
+def _os_action(e: OSError) -> str:
+    """What failed, for :func:`mtlkit.runs.describe_os_error`: read for a missing file, access otherwise."""
+    import errno
+
+    if e.errno in (errno.ENOENT,):
+        return "read"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return "write"
+    return "access"
 
 
 if __name__ == "__main__":  # pragma: no cover

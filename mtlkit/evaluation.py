@@ -28,18 +28,57 @@ from mtlkit.methods import build_method
 from mtlkit.metrics import evaluate_outputs
 from mtlkit.models import MTLModel, SingleTaskModels
 from mtlkit.robustness import _check_eps, eval_mode, fgsm, fgsm_step, input_gradient, pgd
-
-ATTACK_NAMES = ("none", "fgsm", "pgd")
 from mtlkit.tasks import Task
 from mtlkit.train import build_for, resolve_device
+
+ATTACK_NAMES = ("none", "fgsm", "pgd")
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` as a Path if it holds a finished run (``config.yaml`` and ``best.pt``); else a ConfigError that says
+    what is missing."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"run directory {run} does not exist" if not run.exists() else f"{run} is not a directory")
+    missing = [n for n in ("config.yaml", "best.pt") if not (run / n).is_file()]
+    if missing:
+        raise ConfigError(f"{run} is not a finished mtlkit run (no {' or '.join(missing)}; `mtlkit train --run-dir "
+                          f"{run}` writes them)")
+    return run
+
+
+def eval_result_path(run_dir: str | Path, split: str, attack: str, target_task: str | None = None) -> Path:
+    """Where ``mtlkit eval`` writes its results: ``RUN_DIR/eval_<split>_<attack>[_<target task>].json``.
+
+    Example:
+        >>> eval_result_path("runs/a", "test", "fgsm").as_posix(), eval_result_path("runs/a", "val", "pgd", "left").name
+        ('runs/a/eval_test_fgsm.json', 'eval_val_pgd_left.json')
+    """
+    import re
+
+    suffix = "" if target_task is None else "_" + re.sub(r"[^A-Za-z0-9_.-]", "-", target_task)
+    return Path(run_dir) / f"eval_{split}_{attack}{suffix}.json"
+
+
+def check_attack_args(attack: str, eps: Sequence[float], pgd_steps: int) -> None:
+    """ConfigError for an unknown attack, a strength that is not a finite number >= 0, or fewer than 1 PGD step."""
+    if attack not in ATTACK_NAMES:
+        raise ConfigError(f"unknown attack {attack!r}; valid attacks are: {', '.join(ATTACK_NAMES)}")
+    if len(eps) == 0:
+        raise ConfigError("at least one attack strength eps is needed")
+    for e in eps:
+        try:
+            _check_eps(e)
+        except ValueError as err:
+            raise ConfigError(f"attack strength {err}") from None
+    if isinstance(pgd_steps, bool) or not isinstance(pgd_steps, int) or pgd_steps < 1:
+        raise ConfigError(f"pgd_steps must be an integer >= 1, got {pgd_steps!r}")
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", data: MTLData | None = None
              ) -> tuple[RunConfig, MTLData, MTLModel]:
     """Rebuild a run's data (unless ``data`` is given) and model and load its validation-selected weights."""
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file() or not (run / "best.pt").is_file():
-        raise ConfigError(f"{run} is not a finished mtlkit run (needs config.yaml and best.pt)")
+    run = check_run_dir(run_dir)
     cfg = RunConfig.from_yaml(run / "config.yaml")
     if data is None:
         data = build_dataset(cfg.dataset.name, **cfg.dataset.options)
@@ -130,17 +169,18 @@ def _fgsm_curve(model: MTLModel, tasks: list[Task], split: Split, eps: list[floa
 
 def evaluate_run(run_dir: str | Path, split: str = "test", attack: str = "none", eps: Sequence[float] = (0.0,),
                  target_task: str | None = None, pgd_steps: int = 10, device: str = "cpu") -> dict[str, Any]:
-    """``{eps: metrics}`` of a saved run for each attack strength."""
+    """``{eps: metrics}`` of a saved run for each attack strength (every argument checked before anything is loaded).
+    """
     splits = ("train", "val", "test")
     if split not in splits:
         raise ConfigError(f"unknown split {split!r}; valid splits are: {', '.join(splits)}")
-    if attack not in ATTACK_NAMES:
-        raise ConfigError(f"unknown attack {attack!r}; valid attacks are: {', '.join(ATTACK_NAMES)}")
+    check_attack_args(attack, eps, pgd_steps)
     cfg, data, model = load_run(run_dir, device)
     if target_task is not None and target_task not in {t.name for t in data.tasks}:
         raise ConfigError(f"unknown target task {target_task!r}; the run's tasks are: "
                           f"{', '.join(t.name for t in data.tasks)}")
     sp = {"train": data.train, "val": data.val, "test": data.test}[split]
     return {"run": str(run_dir), "split": split, "attack": attack, "target_task": target_task,
+            "eps": [float(e) for e in eps], **({"pgd_steps": pgd_steps} if attack == "pgd" else {}),
             "results": robustness_curve(model, data.tasks, sp, list(eps), attack, target_task, pgd_steps=pgd_steps,
                                         device=device)}

@@ -32,6 +32,11 @@ from mtlkit.tasks import Task, stack_losses
 
 Model = Callable[[Tensor], dict[str, Tensor]]
 
+#: The attack strengths ``mtlkit eval --attack fgsm|pgd`` uses when none are given: η in {0, 0.05, ..., 0.30} on
+#: [0, 1] pixels, the grid of MTVIB's Tables III/IV (η = 0 is the clean input, the curve's reference point; at 0.3
+#: the perturbation is 30 % of the pixel range, where the README's FGSM comparisons are made).
+DEFAULT_EPS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+
 
 def attack_loss(model: Model, tasks: list[Task], x: Tensor, y: dict[str, Tensor], target_task: str | None) -> Tensor:
     """The loss an attack ascends: the sum over tasks, or the named task's loss.

@@ -5,10 +5,20 @@ needs_per_task_grads``), the level of aggregation, losses after the step (``weig
 epoch-level hooks, one model per task (``single_task``).
 
 Run directory layout: ``config.yaml`` (resolved config), ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch),
-``tb/`` (TensorBoard), ``checkpoint.pt`` (model, optimizer, scheduler, method state, RNG states, history; written at
-every epoch end and, inside a long epoch, every ``train.checkpoint_minutes``; ``--resume`` continues from it, inside
-the epoch where it was written, and reaches the same weights bit for bit as a run that was never stopped),
-``best.pt`` (model selected on the validation split), ``results.json`` (test metrics of the selected model).
+``tb/`` (TensorBoard), ``checkpoint.pt`` (model, optimizer, scheduler, method state, RNG states, history, the selected
+model; written at every epoch end and, inside a long epoch, every ``train.checkpoint_minutes``; ``--resume``
+continues from it, inside the epoch where it was written, and reaches the same weights bit for bit as a run that was
+never stopped), ``best.pt`` (model selected on the validation split), ``results.json`` (test metrics of the selected
+model).
+
+Epochs are numbered from 1 wherever a user reads them (metrics rows, results.json's ``best_epoch``,
+:attr:`RunResult.best_epoch`, messages, TensorBoard steps); only the checkpoint's internal ``epoch`` (the index of the
+last finished epoch, -1: none) counts from 0.
+
+Run-directory safety (:mod:`mtlkit.runs`): a run holds the directory's exclusive lock while it writes; every file is
+replaced atomically; ``checkpoint.pt`` is the commit point of an epoch: it is written first, and ``best.pt``,
+``config.yaml`` and the metrics logs are derived from it afterwards (re-derived on resume), so a run stopped at any
+moment, even by a failed write, resumes with each epoch logged once and a ``config.yaml`` that matches its weights.
 
 Example:
     >>> from mtlkit.config import RunConfig
@@ -20,10 +30,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import math
 import random
-import shutil
 import sys
 import time
 import warnings
@@ -36,10 +46,11 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from mtlkit import runs
 from mtlkit.autodiff import backward
 from mtlkit.config import RunConfig
 from mtlkit.data import MTLData, Split, build_dataset
-from mtlkit.errors import ConfigError, NonFiniteLossError, unknown_name
+from mtlkit.errors import ConfigError, MTLKitError, NonFiniteLossError, unknown_name
 from mtlkit.methods import Method, build_method
 from mtlkit.metrics import evaluate_outputs, selection_score
 from mtlkit.models import MTLModel, SingleTaskModels, build_model
@@ -47,7 +58,8 @@ from mtlkit.models.base import auxiliary_loss
 from mtlkit.tasks import Task, stack_losses, task_names
 from mtlkit.weighting import StepContext
 
-MARKER = ".mtlkit-run"
+MARKER = runs.MARKER
+CHECKPOINT_FORMAT = 2  # 2: history rows number epochs from 1 and the checkpoint holds the selected model
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -161,20 +173,9 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.dataset.name}-{cfg.method.name}-s{cfg.train.seed}"
 
 
-def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> None:
-    """Create the run directory; never overwrite an existing one unless ``overwrite`` (and only an mtlkit run)."""
-    if resume:
-        if not (path / "checkpoint.pt").is_file():
-            raise ConfigError(f"cannot resume: {path / 'checkpoint.pt'} does not exist")
-        return
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"run directory {path} exists; pass --overwrite to replace it or --resume to continue it")
-        if not (path / MARKER).is_file():
-            raise ConfigError(f"refusing to overwrite {path}: it is not an mtlkit run directory (no {MARKER} file)")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / MARKER).write_text("created by mtlkit train\n")
+def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> runs.RunLock:
+    """Create the run directory and lock it (:func:`mtlkit.runs.open_run_dir`); returns the held lock."""
+    return runs.open_run_dir(path, overwrite=overwrite, resume=resume)
 
 
 @dataclass
@@ -184,7 +185,7 @@ class RunResult:
     run_dir: Path
     test: dict[str, float]
     val: dict[str, float]
-    best_epoch: int | dict[str, int]
+    best_epoch: int | dict[str, int]  # from 1 (per task for one-model-per-task methods)
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -236,24 +237,81 @@ class Trainer:
         self.scheduler = _scheduler(cfg, self.optimizer)
         self.per_member = isinstance(self.model, SingleTaskModels)
         self.needs_rep = self.method.aggregator.needs_per_task_grads and not self.per_member
+        self._steps_per_epoch = -(-len(self.data.train) // tc.batch_size)
+        self._committed: str | None = None  # what checkpoint.pt holds, for messages ("the end of epoch 2")
+        self._best_state: Any = None  # the selected model (per task for one-model-per-task methods)
+        self._unfinished_results = False  # a finished run resumed to train further: its results.json goes
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _checkpoint(self, epoch: int, best: dict[str, Any], history: list[dict[str, float]], seconds: float,
                     in_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Everything a resume needs. ``epoch``: the last finished epoch (-1: none); ``in_epoch``: where the next
-        one stands when saved inside it (batches done, their summed losses, its seconds so far); ``seconds``: the
-        training time so far."""
-        return {"epoch": epoch, "in_epoch": in_epoch, "train_seconds": seconds, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "method": self.method.state_dict(), "rng": _rng_state(), "best": best, "history": history,
-                "config": self.cfg.to_dict()}
+        """Everything a resume needs. ``epoch``: the index of the last finished epoch (-1: none); ``in_epoch``: where
+        the next one stands when saved inside it (batches done, their summed losses, its seconds so far);
+        ``seconds``: the training time so far; ``best_state``: the selected model (best.pt is derived from it)."""
+        return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "in_epoch": in_epoch, "train_seconds": seconds,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "method": self.method.state_dict(), "rng": _rng_state(),
+                "best": best, "best_state": self._best_state, "history": history, "config": self.cfg.to_dict()}
 
-    def _save(self, obj: Any, name: str) -> None:
-        tmp = self.run_dir / (name + ".tmp")
-        torch.save(obj, tmp)
-        tmp.replace(self.run_dir / name)
+    def _check_finite_parameters(self, where: str) -> None:
+        """Never save a diverged model: a finite loss can still have produced an overflowing update."""
+        params = list(self.model.parameters()) + list(self.method.weighting.parameters())
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad or not all(bool(torch.isfinite(p).all()) for p in params):
+            raise NonFiniteLossError(f"training diverged {where}: parameters became NaN or infinite "
+                                     f"({', '.join(bad[:3]) or 'the method state'}{', ...' if len(bad) > 3 else ''})"
+                                     f"; {self._lr_hint()}")
+
+    def _lr_hint(self) -> str:
+        lr = self.cfg.train.lr
+        return f"lower the learning rate (train.lr is {lr:g}; try --lr {lr / 10:g}) or check the data"
+
+    def _commit(self, epoch: int, best: dict[str, Any], history: list[dict[str, float]], seconds: float,
+                in_epoch: dict[str, Any] | None = None, where: str = "") -> None:
+        """Write checkpoint.pt (the commit point), then the files derived from it."""
+        self._check_finite_parameters(where)
+        done = {"epoch": epoch + 1, "batch": in_epoch["batch"] if in_epoch else None}
+        runs.save_checkpoint(self._checkpoint(epoch, best, history, seconds, in_epoch), self.run_dir / "checkpoint.pt",
+                             meta=done)
+        self._committed = (f"batch {in_epoch['batch']} of epoch {epoch + 2}" if in_epoch
+                           else f"the end of epoch {epoch + 1}")
+        self._train_seconds = seconds  # what results.json reports: the training time the checkpoint holds
+        self._derive(best, history)
+
+    def _derive(self, best: dict[str, Any], history: list[dict[str, float]]) -> None:
+        """best.pt, config.yaml and the metrics logs as the last checkpoint says (each written only if it
+        changes); a finished run's results.json goes once the run trains past it."""
+        if self._unfinished_results:
+            (self.run_dir / "results.json").unlink(missing_ok=True)
+            self._unfinished_results = False
+        self._write_config()
+        selected = _best_epochs(best, self.per_member)
+        if self._best_state is not None and runs.checkpoint_meta(self.run_dir / "best.pt") != {"best_epoch": selected}:
+            runs.save_checkpoint(self._best_state, self.run_dir / "best.pt", meta={"best_epoch": selected})
+        if history:
+            runs.write_if_changed(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            runs.write_if_changed(self.run_dir / "metrics.csv", _csv(history))
+
+    def _write_config(self) -> None:
+        """config.yaml from ``cfg``, unless it already says the same (a run directory that was moved or copied
+        keeps its file: only ``output.dir`` would differ)."""
+        path, new = self.run_dir / "config.yaml", self.cfg.to_dict()
+        try:
+            old = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            old = None
+
+        def placeless(d: dict[str, Any]) -> dict[str, Any]:
+            return {**d, "output": {**(d.get("output") or {}), "dir": None}}
+
+        if not (isinstance(old, dict) and placeless(old) == placeless(new)):
+            runs.atomic_write_text(path, yaml.safe_dump(new, sort_keys=False))
 
     # -- training ----------------------------------------------------------------------------------------------
+    def _where(self, ctx: StepContext) -> str:
+        b = ctx.step - ctx.epoch * self._steps_per_epoch
+        return f"at epoch {ctx.epoch + 1}, step {b + 1} of {self._steps_per_epoch}"
+
     def _step(self, x: Tensor, ys: dict[str, Tensor], ctx: StepContext) -> Tensor:
         if self.needs_rep:
             z = self.model.encode(x)
@@ -264,16 +322,29 @@ class Trainer:
         finite = torch.isfinite(losses.detach())
         if not bool(finite.all()):
             bad = [self.train_names[i] for i in (~finite).nonzero().flatten().tolist()]
-            raise NonFiniteLossError(f"non-finite loss for task(s) {', '.join(bad)} at epoch {ctx.epoch}, step "
-                                     f"{ctx.step} (losses {losses.detach().tolist()}); lower the learning rate or "
-                                     f"check the data")
+            raise NonFiniteLossError(f"training diverged {self._where(ctx)}: non-finite loss for task(s) "
+                                     f"{', '.join(bad)} (losses {losses.detach().tolist()}); {self._lr_hint()}")
         weighted = self.method.weighting(losses, ctx)
-        aux = auxiliary_loss(self.model)  # non-task losses of the model's modules (e.g. MTVIB's β·KL), if any
-        self.optimizer.zero_grad(set_to_none=True)
-        shared = self.model.shared_parameters()
-        backward(weighted, shared, self.method.aggregator, representation=z, level=self.method.level,
-                 mode=self.cfg.train.engine_mode, chunk_size=self.cfg.train.chunk_size, task_names=self.train_names,
-                 extra=aux)
+        finite = torch.isfinite(weighted.detach())
+        if not bool(finite.all()):
+            bad = ([self.train_names[i] for i in (~finite).nonzero().flatten().tolist()]
+                   if finite.shape == losses.shape else self.train_names)
+            raise NonFiniteLossError(f"training diverged {self._where(ctx)}: method {self.method.name} weighted the "
+                                     f"finite losses {[round(v, 4) for v in losses.detach().tolist()]} into "
+                                     f"non-finite ones for task(s) {', '.join(bad)} "
+                                     f"({weighted.detach().tolist()}); {self._lr_hint()}")
+        try:
+            aux = auxiliary_loss(self.model)  # non-task losses of the model's modules (e.g. MTVIB's β·KL), if any
+            self.optimizer.zero_grad(set_to_none=True)
+            shared = self.model.shared_parameters()
+            backward(weighted, shared, self.method.aggregator, representation=z, level=self.method.level,
+                     mode=self.cfg.train.engine_mode, chunk_size=self.cfg.train.chunk_size,
+                     task_names=self.train_names, extra=aux)
+        except NonFiniteLossError:
+            raise
+        except FloatingPointError as e:  # a task gradient (or the model's own loss) overflowed; the message names it
+            raise NonFiniteLossError(f"training diverged {self._where(ctx)} (method {self.method.name}): {e}; "
+                                     f"{self._lr_hint()}") from e
         self.optimizer.step()
         if self.method.weighting.needs_loss_after_step:
             with torch.no_grad():
@@ -281,154 +352,261 @@ class Trainer:
         return losses.detach()
 
     def fit(self, resume: bool = False) -> RunResult:
-        """Train (or continue with ``resume``), select on validation, evaluate the selection on test."""
+        """Train (or continue with ``resume``), select on validation, evaluate the selection on test.
+
+        The run directory stays locked (:mod:`mtlkit.runs`) until this returns or raises.
+        """
+        lock = prepare_run_dir(self.run_dir, self.cfg.output.overwrite, resume)
+        if lock.stale:
+            print(f"mtlkit: note: {self.run_dir} was last locked by {runs._describe_holder(lock.stale)}, which "
+                  f"stopped without releasing it; taking over", file=sys.stderr)
+        try:
+            return self._fit(resume)
+        except (NonFiniteLossError, runs.RunDirError) as e:
+            raise _with_context(e, self._state_sentence(e)) from e
+        finally:
+            lock.release()
+
+    def _state_sentence(self, e: Exception) -> str:
+        if self._committed is None:
+            return f" Nothing was saved in {self.run_dir}: it stopped before the first checkpoint."
+        ck = self.run_dir / "checkpoint.pt"
+        if isinstance(e, NonFiniteLossError):
+            return (f" {ck} still holds the run as of {self._committed} (nothing was saved after it diverged); "
+                    f"resuming would diverge again: retrain with other settings (--overwrite)")
+        return (f" {ck} still holds the run as of {self._committed}; once that is fixed, continue it with: "
+                f"{resume_command(self.run_dir, self.cfg)}")
+
+    def _fit(self, resume: bool) -> RunResult:
         cfg, tc = self.cfg, self.cfg.train
-        prepare_run_dir(self.run_dir, cfg.output.overwrite, resume)
         history: list[dict[str, float]] = []
         best: dict[str, Any] = {"score": -float("inf"), "epoch": -1, "member_score": {}, "member_epoch": {}}
         start, in_epoch, carried = 0, None, 0.0
+        self._committed: str | None = None
+        self._best_state: Any = None
+        self._unfinished_results = False
         if resume:
-            path = self.run_dir / "checkpoint.pt"
-            try:
-                ck = torch.load(path, map_location=self.device, weights_only=False)
-            except Exception as e:  # a truncated or foreign file: say which, do not guess
-                raise ConfigError(f"cannot read {path} ({type(e).__name__}: {e}); delete that run to retrain "
-                                  f"it") from e
-            diff = _resume_differences(ck["config"], cfg.to_dict())
-            if diff:
-                raise ConfigError(f"cannot resume {self.run_dir}: its config differs in {diff} (only train.epochs, "
-                                  f"output.* and {', '.join(sorted(_REUSE_IGNORED))} may change on resume; see its "
-                                  f"config.yaml)")
-            self.model.load_state_dict(ck["model"])
-            self.optimizer.load_state_dict(ck["optimizer"])
-            self.scheduler.load_state_dict(ck["scheduler"])
-            self.method.load_state_dict(ck["method"])
-            _set_rng_state(ck["rng"])
-            best, history, start = ck["best"], ck["history"], ck["epoch"] + 1
-            # Checkpoints older than mid-epoch saving have neither key: they were written at an epoch end.
-            in_epoch, carried = ck.get("in_epoch"), float(ck.get("train_seconds", 0.0))
-        # On resume too: config.yaml must describe the run as it will finish (e.g. a new train.epochs).
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            start, in_epoch, carried, best, history = self._resume()
+        else:
+            runs.atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self._train_seconds = carried
         writer = None
         if cfg.output.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(self.run_dir / "tb"))
+            # purge_step: TensorBoard drops what a stopped run logged after its checkpoint (steps are epochs from 1)
+            writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start + 1 if resume else None)
         shared = self.model.shared_parameters()
         last_layer = self.model.last_shared_layer() if not self.per_member else []
         # Per task, the first layer of its task-specific network, for models that expose it (MTMLAN's TDB).
         first_layers = getattr(self.model, "task_first_layers", None)
         task_layers = first_layers() if callable(first_layers) else ()
         n = len(self.data.train)
-        steps_per_epoch = (n + tc.batch_size - 1) // tc.batch_size
+        steps_per_epoch = self._steps_per_epoch = (n + tc.batch_size - 1) // tc.batch_size
         on_progress = getattr(self.model, "on_train_progress", None)
         on_progress = on_progress if callable(on_progress) else None
         t0 = last_save = time.time()
         save_every = 60.0 * tc.checkpoint_minutes
-        for epoch in range(start, tc.epochs):
-            self.model.train()
-            gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n, generator=gen)  # a function of (seed, epoch): a resume redraws the same order
-            first, loss_sum, e0 = 0, torch.zeros(len(self.train_tasks)), time.time()
-            if in_epoch is not None:  # resuming inside this epoch
-                first, loss_sum = int(in_epoch["batch"]), in_epoch["loss_sum"].clone()
-                e0 -= float(in_epoch["seconds"])
-                in_epoch = None
-            bar = _progress(range(first, steps_per_epoch), f"epoch {epoch + 1}/{tc.epochs}", tc.progress)
-            for b in bar:
-                idx = perm[b * tc.batch_size:(b + 1) * tc.batch_size]
-                x = self.data.train.x[idx].to(self.device)
-                ys = {k: v[idx].to(self.device) for k, v in self.data.train.y.items()}
-                step = epoch * steps_per_epoch + b
-                if on_progress is not None:  # generic hook: models with schedules read the training progress
-                    on_progress(step / (tc.epochs * steps_per_epoch))
-                ctx = StepContext(step=step, epoch=epoch, shared_params=shared,
-                                  last_shared_layer=last_layer, task_names=self.train_names,
-                                  task_layers=task_layers)
-                losses = self._step(x, ys, ctx).cpu()
-                loss_sum += losses
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{float(losses.sum()):.4f}")
-                if save_every > 0 and b + 1 < steps_per_epoch and time.time() - last_save >= save_every:
-                    now = time.time()
-                    self._save(self._checkpoint(epoch - 1, best, history, carried + now - t0, {
-                        "batch": b + 1, "loss_sum": loss_sum.clone(), "seconds": now - e0}), "checkpoint.pt")
-                    last_save = time.time()
-            mean_losses = loss_sum / steps_per_epoch
-            self.scheduler.step()
-            self.method.weighting.on_epoch_end(mean_losses.to(self.device))
-            val = evaluate(self.model, self.data.val, self.tasks, tc.eval_batch_size, self.device)
-            row = {"epoch": epoch, "seconds": time.time() - e0, "lr": self.optimizer.param_groups[0]["lr"],
-                   **{f"train/{k}/loss": float(v) for k, v in zip(self.train_names, mean_losses)},
-                   **{f"val/{k}": v for k, v in val.items()}}
-            w = self.method.weighting.weights()
-            if w is not None:
-                row.update({f"weight/{k}": float(v) for k, v in zip(self.train_names, w.detach().cpu())})
-            history.append(row)
-            self._log(row, writer)
-            self._select(epoch, val, best)
-            self._save(self._checkpoint(epoch, best, history, carried + time.time() - t0), "checkpoint.pt")
-            last_save = time.time()
-            print(_epoch_line(row, self.tasks), file=sys.stderr)
-        if writer is not None:
-            writer.close()
-        return self._finish(best, history, carried + time.time() - t0)
+        trained = False
+        try:
+            for epoch in range(start, tc.epochs):
+                trained = True
+                self.model.train()
+                gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch)
+                perm = torch.randperm(n, generator=gen)  # a function of (seed, epoch): a resume redraws the same order
+                first, loss_sum, e0 = 0, torch.zeros(len(self.train_tasks)), time.time()
+                if in_epoch is not None:  # resuming inside this epoch
+                    first, loss_sum = int(in_epoch["batch"]), in_epoch["loss_sum"].clone()
+                    e0 -= float(in_epoch["seconds"])
+                    in_epoch = None
+                bar = _Progress(f"epoch {epoch + 1}/{tc.epochs}", first, steps_per_epoch, tc.progress)
+                for b in bar:
+                    idx = perm[b * tc.batch_size:(b + 1) * tc.batch_size]
+                    x = self.data.train.x[idx].to(self.device)
+                    ys = {k: v[idx].to(self.device) for k, v in self.data.train.y.items()}
+                    step = epoch * steps_per_epoch + b
+                    if on_progress is not None:  # generic hook: models with schedules read the training progress
+                        on_progress(step / (tc.epochs * steps_per_epoch))
+                    ctx = StepContext(step=step, epoch=epoch, shared_params=shared,
+                                      last_shared_layer=last_layer, task_names=self.train_names,
+                                      task_layers=task_layers)
+                    losses = self._step(x, ys, ctx).cpu()
+                    loss_sum += losses
+                    bar.loss(float(losses.sum()))
+                    if save_every > 0 and b + 1 < steps_per_epoch and time.time() - last_save >= save_every:
+                        now = time.time()
+                        self._commit(epoch - 1, best, history, carried + now - t0, {
+                            "batch": b + 1, "loss_sum": loss_sum.clone(), "seconds": now - e0},
+                            where=f"at epoch {epoch + 1}, step {b + 1} of {steps_per_epoch}")
+                        last_save = time.time()
+                bar.close()
+                mean_losses = loss_sum / steps_per_epoch
+                self.scheduler.step()
+                self.method.weighting.on_epoch_end(mean_losses.to(self.device))
+                val = evaluate(self.model, self.data.val, self.tasks, tc.eval_batch_size, self.device)
+                row = {"epoch": epoch + 1, "seconds": time.time() - e0, "lr": self.optimizer.param_groups[0]["lr"],
+                       **{f"train/{k}/loss": float(v) for k, v in zip(self.train_names, mean_losses)},
+                       **{f"val/{k}": v for k, v in val.items()}}
+                w = self.method.weighting.weights()
+                if w is not None:
+                    row.update({f"weight/{k}": float(v) for k, v in zip(self.train_names, w.detach().cpu())})
+                self._select(epoch, val, best)
+                history.append(row)
+                self._commit(epoch, best, history, carried + time.time() - t0, where=f"in epoch {epoch + 1}")
+                last_save = time.time()
+                self._tensorboard(row, writer)
+                print(_epoch_line(row, self.tasks), file=sys.stderr)
+        finally:
+            if writer is not None:
+                writer.close()
+        if not trained:
+            print(f"mtlkit: {self.run_dir} already finished its {tc.epochs} epoch{'s' if tc.epochs != 1 else ''}; "
+                  f"nothing to train (the selected model is evaluated again)", file=sys.stderr)
+        return self._finish(best, history, self._train_seconds)
+
+    def _resume(self) -> tuple[int, dict[str, Any] | None, float, dict[str, Any], list[dict[str, float]]]:
+        """Load checkpoint.pt (verified) into the trainer; nothing is written here."""
+        cfg, tc = self.cfg, self.cfg.train
+        path = self.run_dir / "checkpoint.pt"
+        ck = runs.load_checkpoint(path, map_location=self.device, hint="delete that run to retrain it")
+        diff = _resume_differences(ck["config"], cfg.to_dict())
+        if diff:
+            raise ConfigError(f"cannot resume {self.run_dir}: its config differs in {diff} (only train.epochs, "
+                              f"output.* and {', '.join(sorted(_REUSE_IGNORED))} may change on resume; see its "
+                              f"config.yaml)")
+        # Checkpoints older than mid-epoch saving have neither key: they were written at an epoch end.
+        in_epoch, carried = ck.get("in_epoch"), float(ck.get("train_seconds", 0.0))
+        start = ck["epoch"] + 1
+        _refuse_shorter_budget(self.run_dir, tc.epochs, start, in_epoch is not None)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.method.load_state_dict(ck["method"])
+        _set_rng_state(ck["rng"])
+        best, history = ck["best"], ck["history"]
+        if ck.get("format", 1) < 2:  # older checkpoints numbered their history rows from 0
+            history = [{**r, "epoch": int(r["epoch"]) + 1} for r in history]
+        self._best_state = ck.get("best_state")
+        has_best = best["epoch"] >= 0 or bool(best["member_epoch"])
+        if self._best_state is None and has_best:  # older checkpoints: the selected model is only in best.pt
+            self._best_state = runs.load_checkpoint(self.run_dir / "best.pt", map_location=self.device,
+                                                    hint="delete that run to retrain it")
+        self._committed = (f"batch {in_epoch['batch']} of epoch {start + 1}" if in_epoch
+                           else f"the end of epoch {start}")
+        self._unfinished_results = tc.epochs > start or in_epoch is not None
+        return start, in_epoch, carried, best, history
 
     def _select(self, epoch: int, val: dict[str, float], best: dict[str, Any]) -> None:
-        """Keep the model with the best validation score (per task for one-model-per-task methods)."""
+        """Keep the model with the best validation score (per task for one-model-per-task methods), in memory;
+        the checkpoint holds it and best.pt is written from it."""
         if self.per_member:
-            states = torch.load(self.run_dir / "best.pt", weights_only=False) if (self.run_dir / "best.pt").is_file() \
-                else {}
-            changed = False
+            states = dict(self._best_state or {})
             for t in self.tasks:
                 s = selection_score([t], val)
                 if s > best["member_score"].get(t.name, -float("inf")):
                     best["member_score"][t.name], best["member_epoch"][t.name] = s, epoch
-                    states[t.name] = copy.deepcopy(self.model.members[t.name].state_dict())
-                    changed = True
-            if changed:
-                self._save(states, "best.pt")
+                    states[t.name] = _cpu_copy(self.model.members[t.name].state_dict())
+            self._best_state = states
             return
         score = selection_score(self.tasks, val)
         if score > best["score"]:
             best["score"], best["epoch"] = score, epoch
-            self._save(self.model.state_dict(), "best.pt")
+            self._best_state = _cpu_copy(self.model.state_dict())
 
     def _finish(self, best: dict[str, Any], history: list[dict[str, float]], seconds: float) -> RunResult:
-        states = torch.load(self.run_dir / "best.pt", map_location=self.device, weights_only=False)
+        self._derive(best, history)  # a run stopped right after its last checkpoint: derive what it had not
+        states = self._best_state
         if self.per_member:
             for name, st in states.items():
                 self.model.members[name].load_state_dict(st)
-            best_epoch: int | dict[str, int] = dict(best["member_epoch"])
         else:
             self.model.load_state_dict(states)
-            best_epoch = best["epoch"]
+        best_epoch = _best_epochs(best, self.per_member)
         tc = self.cfg.train
         val = evaluate(self.model, self.data.val, self.tasks, tc.eval_batch_size, self.device)
         test = evaluate(self.model, self.data.test, self.tasks, tc.eval_batch_size, self.device)
         result = {"dataset": self.data.name, "method": self.method.name, "seed": tc.seed, "best_epoch": best_epoch,
-                  "val": val, "test": test, "train_seconds": seconds,
+                  "epochs": tc.epochs, "val": val, "test": test, "train_seconds": seconds,
                   "n_train": len(self.data.train), "n_val": len(self.data.val), "n_test": len(self.data.test),
                   "parameters": sum(p.numel() for p in self.model.parameters())}
-        (self.run_dir / "results.json").write_text(json.dumps(result, indent=2))
+        runs.write_if_changed(self.run_dir / "results.json", json.dumps(result, indent=2))
         return RunResult(self.run_dir, test, val, best_epoch, history, seconds)
 
-    def _log(self, row: dict[str, float], writer) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        path = self.run_dir / "metrics.csv"
-        new = not path.is_file()
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+    def _tensorboard(self, row: dict[str, float], writer) -> None:
         if writer is not None:
             for k, v in row.items():
                 if k != "epoch":
                     writer.add_scalar(k, v, row["epoch"])
             writer.flush()
 
+
+def _refuse_shorter_budget(run_dir: Path, epochs: int, finished: int, partial: bool) -> None:
+    """ConfigError when a resume asks for fewer epochs than the checkpoint has already trained (config.yaml would
+    then contradict the weights)."""
+    reached = finished + (1 if partial else 0)  # epochs finished, plus the one it stopped inside
+    if epochs < reached:
+        done = f"{finished} epoch{'s' if finished != 1 else ''}" + (f" and part of epoch {finished + 1}" if partial
+                                                                     else "")
+        raise ConfigError(f"cannot resume {run_dir} with train.epochs={epochs}: it has already trained {done}, so its "
+                          f"weights are past epoch {epochs}. Resume with --epochs {reached} or more, or train a new "
+                          f"run in another --run-dir")
+
+
+def check_run_dir(cfg: RunConfig, resume: bool = False, run_dir: str | Path | None = None) -> Path:
+    """The run directory :meth:`Trainer.fit` will use, after the checks it will make there that need no data: not
+    a file, writable, not locked by another run, not overwritten without ``output.overwrite``; for ``resume``, a
+    checkpoint that passes its hash check and has not trained past ``train.epochs``. Writes nothing. The command
+    line calls it before building the dataset, so that these errors come at once."""
+    path = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
+    runs.open_run_dir(path, cfg.output.overwrite, resume, check_only=True)
+    if resume:
+        meta = runs.verify_checkpoint(path / "checkpoint.pt", hint="delete that run to retrain it")
+        if meta and "epoch" in meta:
+            _refuse_shorter_budget(path, cfg.train.epochs, int(meta["epoch"]), bool(meta.get("batch")))
+    return path
+
+
+def resume_command(run_dir: Path, cfg: RunConfig) -> str:
+    """The command that continues the run in ``run_dir`` towards ``cfg``'s budget (``--epochs`` only when its
+    config.yaml, which a resume reads, does not already say it)."""
+    cmd = f"mtlkit train --run-dir {run_dir} --resume"
+    try:
+        saved = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("train", {}).get("epochs")
+    except (OSError, yaml.YAMLError, AttributeError):
+        saved = None
+    return cmd if saved == cfg.train.epochs else f"{cmd} --epochs {cfg.train.epochs}"
+
+
+def _cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else copy.deepcopy(v)
+            for k, v in state.items()}
+
+
+def _best_epochs(best: dict[str, Any], per_member: bool) -> int | dict[str, int]:
+    """The selected epoch(s), numbered from 1 (0: none yet)."""
+    if per_member:
+        return {k: int(v) + 1 for k, v in best["member_epoch"].items()}
+    return int(best["epoch"]) + 1
+
+
+def _csv(history: list[dict[str, float]]) -> str:
+    fields: list[str] = []
+    for r in history:
+        fields += [k for k in r if k not in fields]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, restval="", lineterminator="\n")
+    w.writeheader()
+    w.writerows(history)
+    return buf.getvalue()
+
+
+def _with_context(e: MTLKitError, extra: str) -> MTLKitError:
+    """The same error with ``extra`` appended to its message (OSError attributes kept)."""
+    new = type(e)(str(e).rstrip(".") + "." + extra)
+    for attr in ("errno", "strerror", "filename"):
+        if hasattr(e, attr):
+            setattr(new, attr, getattr(e, attr))
+    return new
 
 # Keys that do not change what a run learns (or change it only by float reduction order), so a finished run may be
 # reused, or a stopped one resumed, by a request that differs in them.
@@ -531,27 +709,80 @@ def _auxiliary_tasks(model: nn.Module) -> list[Task]:
     return aux
 
 
-def _progress(it, desc: str, enabled: bool):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
+class _Progress:
+    """The batches of one epoch, with progress suited to where stderr goes: a tqdm bar on a terminal, otherwise
+    (a file, a pipe, a CI log) one plain line every ``every`` seconds; nothing when ``enabled`` is false
+    (``--no-progress``). The per-epoch summary line is printed by the loop either way."""
 
-    return tqdm(it, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+    def __init__(self, desc: str, first: int, total: int, enabled: bool, every: float = 30.0):
+        self.desc, self.first, self.total, self.every = desc, first, total, every
+        self.mode = "none" if not enabled else ("bar" if _isatty(sys.stderr) else "lines")
+        self._bar = None
+        self._t0 = self._last = time.time()
+        self._b = first
+
+    def __iter__(self):
+        it = range(self.first, self.total)
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(it, desc=self.desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+            it = self._bar
+        for b in it:
+            self._b = b
+            yield b
+
+    def loss(self, value: float) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{value:.4f}")
+        elif self.mode == "lines" and time.time() - self._last >= self.every:
+            self._last = time.time()
+            print(f"{self.desc}: step {self._b + 1}/{self.total}, loss {value:.4f}, {self._last - self._t0:.0f}s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def _epoch_line(row: dict[str, float], tasks: list[Task]) -> str:
-    parts = [f"epoch {row['epoch'] + 1}", f"{row['seconds']:.0f}s"]
+    parts = [f"epoch {row['epoch']}", f"{row['seconds']:.0f}s"]
     for t in tasks:
         parts.append(f"{t.name}: val {t.metrics[0]} {row[f'val/{t.name}/{t.metrics[0]}']:.4f}")
     return " | ".join(parts)
 
 
-def format_results(tasks: list[Task], test: dict[str, float]) -> str:
-    """A small markdown table of the test metrics."""
-    lines = ["| task | metric | test |", "|---|---|---|"]
+def format_results(tasks: list[Task], test: dict[str, float], best_epoch: int | dict[str, int] | None = None) -> str:
+    """A small markdown table of the test metrics; with ``best_epoch`` (:attr:`RunResult.best_epoch`), a column with
+    the epoch each task's model was selected at (the same table for every method, one model or one per task).
+
+    Example:
+        >>> from mtlkit.tasks import Task
+        >>> print(format_results([Task("a", "multiclass", 3)], {"a/accuracy": 0.5}, {"a": 2}))
+        | task | metric | test | selected epoch |
+        |---|---|---|---|
+        | a | accuracy | 0.5000 | 2 |
+    """
+    def epoch_of(name: str | None) -> str:
+        if isinstance(best_epoch, dict):
+            return str(best_epoch.get(name, "")) if name else "per task"
+        return str(best_epoch)
+
+    col = best_epoch is not None
+    lines = ["| task | metric | test |" + (" selected epoch |" if col else ""),
+             "|---|---|---|" + ("---|" if col else "")]
     for t in tasks:
         for m in t.metrics:
-            lines.append(f"| {t.name} | {m} | {test[f'{t.name}/{m}']:.4f} |")
+            lines.append(f"| {t.name} | {m} | {test[f'{t.name}/{m}']:.4f} |" + (f" {epoch_of(t.name)} |" if col
+                                                                                else ""))
     if "joint_accuracy" in test:
-        lines.append(f"| (all) | joint_accuracy | {test['joint_accuracy']:.4f} |")
+        lines.append(f"| (all) | joint_accuracy | {test['joint_accuracy']:.4f} |" + (f" {epoch_of(None)} |" if col
+                                                                                   else ""))
     return "\n".join(lines)

@@ -23,7 +23,7 @@ def test_fit_writes_run_and_is_deterministic(tmp_path):
     cfg = _cfg(tmp_path)
     r1 = Trainer(cfg).fit()
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]  # epochs are numbered from 1 wherever a user reads them
     assert json.loads((tmp_path / "run" / "results.json").read_text())["test"] == r1.test
     r2 = Trainer(cfg.override(["output.overwrite=true"])).fit()
     assert r1.test == r2.test
@@ -120,7 +120,7 @@ def test_nan_loss_stops_with_task_and_step(tmp_path):
     with torch.no_grad():
         for p in t.model.heads["b"].parameters():
             p.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match=r"task\(s\) b at epoch 0, step 0"):
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 1, step 1 of 3: non-finite loss for task\(s\) b "):
         t.fit()
 
 
@@ -136,7 +136,7 @@ def test_stl_selects_each_task_separately(tmp_path):
     assert isinstance(res.best_epoch, dict) and set(res.best_epoch) == {"a", "b"}
     for name in ("a", "b"):
         accs = [h[f"val/{name}/accuracy"] for h in res.history]
-        assert accs[res.best_epoch[name]] == max(accs)
+        assert accs[res.best_epoch[name] - 1] == max(accs)  # best_epoch counts from 1
 
 
 def test_bad_config_values(tmp_path):
