@@ -1,7 +1,8 @@
 """MAMO's search strategy (conflict detection) and learning procedure (Algorithm 1).
 
-Tan, Hu & Zhang, "MAMO: Multi-Task Architecture Learning via Multi-Objective and Gradients Mediative Kernel"
-(ECAI 2024). The architecture is :class:`mtlkit.models.mamo.MAMO`; this module implements
+Tan, Hu & Zhang, "MAMO: Multi-Task Architecture Learning via Multi-Objective and Gradients Mediative Kernel",
+27th European Conference on Artificial Intelligence (ECAI 2024, IOS Press; DOI not checked here). The architecture is
+:class:`mtlkit.models.mamo.MAMO`; this module implements
 
 * **Sec. 3.3, Eqs. 9-13** — :class:`ConflictDetector`: per shared layer ℓ, the cosine matrix ``C`` of the per-task
   gradients on that layer's all-shared parameters (Eq. 9), the proxy indicator ``Ĩ = [C < 0]`` (Eq. 10), its
@@ -15,7 +16,17 @@ Tan, Hu & Zhang, "MAMO: Multi-Task Architecture Learning via Multi-Objective and
   :func:`mtlkit.methods.build_method` — ``"mgda"`` for MAMO (KKT Eq. 14 over the all-shared *and* GMK parameters,
   which is what :meth:`MAMO.shared_parameters` hands the engine), ``"ew"`` for the w/o-MO ablation (linear
   scalarisation, Eq. 3), ``"pcgrad"``/``"cagrad"`` for MAMO+PCGrad / MAMO+CAGrad (Sec. 4.4.3). The w/o-GMK
-  (CoNAL-style) ablation is the same procedure on ``MAMO(..., module="exclusive")``.
+  ablation is the same procedure on ``MAMO(..., module="conal")`` (CoNAL-faithful task branches; with ``"ew"`` it is
+  the CoNAL baseline's architecture under linear scalarisation).
+
+**Who gets which gradient** (the KKT conditions of Eq. 14): the aggregator combines the per-task gradients of
+:meth:`MAMO.shared_parameters` only (all-shared and GMK parameters, condition 1); every parameter that one task alone
+uses (its decoder, its fusion logits, its exclusive/CoNAL modules: condition 2, ``∇_{θ^t} L^t = 0``) receives that
+task's full gradient, never an MGDA weight ``a^t`` of it nor a PCGrad projection. For a model whose modules belong to
+single tasks the engine is called without a ``representation`` (:func:`engine_backward`): those modules lie below
+:meth:`MAMO.encode`'s output, where the representation path would give them no gradient; without it the engine walks
+the whole graph and gives every non-shared parameter its own task's gradient. (Representation-level methods cannot
+do that and are refused for those module kinds.)
 
 Choices where the paper is silent (written down here and in the reproduction's output):
 
@@ -25,16 +36,22 @@ Choices where the paper is silent (written down here and in the reproduction's o
    when its conflict count is at least the average over all layers and pairs), which keeps the paper's stated intent
    ("activated iff their conflicts are above the degree of average conflicts"); ``scope="per_layer"`` is the
    literal reading. The diagonal is always 0 (cos(g, g) = 1).
-2. **Where Q is accumulated** (Eq. 11, "on the fly"): over the last ``detect_batches`` training mini-batches before
-   each detection (the end of pre-training, then the end of each round), from the same per-task gradients the
-   optimiser uses. Alg. 1 line 3's single "mini-batch" is ``detect_batches=1``.
+2. **Where Q is accumulated** (Eq. 11, "on the fly"), option ``conflict_window``: ``"last_batches"`` (default) over
+   the last ``detect_batches`` (default 20) training mini-batches before each detection (the end of pre-training,
+   then the end of each round); ``"phase"`` over every training mini-batch of the phase before the detection. Both
+   use the same per-task gradients the optimiser uses. Alg. 1 line 3's single "mini-batch" is ``detect_batches=1``.
 3. **Already-active entries**: the indicator is computed on all entries; the modules generated in a round are the
    indicated (layer, pair) entries that have no module yet (Table 3 counts these).
-4. **Pre-training** uses the same method as the rounds (MGDA for MAMO), for ``pretrain_epochs`` epochs; each round
+4. **Pre-training** (Alg. 1 line 1 names no method), option ``pretrain_method``: by default (None) the rounds'
+   method (MGDA for MAMO, so the model after 0 detections is HPS+MGDA); ``"ew"`` pre-trains plain HPS (equal
+   weights), which makes the "0 detections = HPS" point of Fig. 4 plain HPS. ``pretrain_epochs`` epochs; each round
    trains ``epochs_per_round`` epochs. New modules' parameters are added to the running Adam as a new parameter group
    (the other parameters keep their moments).
 5. **Model selection**: within each phase, the epoch with the best validation score (mean primary metric, as the
    Trainer) is kept and the next round grows from it (``selection="best_val"``); ``"last"`` keeps the last epoch.
+   Rolling back restores the model's parameters and BatchNorm statistics; option ``restore_optimizer`` (default
+   False: Adam keeps the moments and step counts of the last epoch) also restores Adam's state of the selected
+   epoch. The weighting's own state (e.g. a loss history) is never rolled back.
 
 Example:
     >>> import torch
@@ -233,7 +250,14 @@ class MAMOConfig:
         rounds: Z, the number of conflict detections.
         pretrain_epochs / epochs_per_round: epochs before the first detection / after each detection.
         threshold, k, scope: the indicator (Eq. 13 or TopK) and its scope.
-        detect_batches: mini-batches accumulated in Q before each detection.
+        conflict_window: ``"last_batches"`` (Q over the last ``detect_batches`` mini-batches before each detection)
+            or ``"phase"`` (over every mini-batch of the phase); choice 2.
+        detect_batches: mini-batches accumulated in Q before each detection (``"last_batches"``, and phases of 0
+            epochs).
+        pretrain_method / pretrain_method_options: the method of Alg. 1 line 1 (None: ``method`` and its options;
+            ``"ew"``: plain HPS); choice 4.
+        selection / restore_optimizer: which epoch of each phase is kept, and whether Adam's state is rolled back
+            with it; choice 5.
     """
 
     method: str = "mgda"
@@ -244,7 +268,11 @@ class MAMOConfig:
     threshold: Threshold = "average"
     k: int = 1
     scope: Scope = "all_layers"
+    conflict_window: Literal["last_batches", "phase"] = "last_batches"
     detect_batches: int = 20
+    pretrain_method: str | None = None
+    pretrain_method_options: dict[str, Any] | None = None
+    restore_optimizer: bool = False
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -261,6 +289,8 @@ class MAMOConfig:
             raise ConfigError("detect_batches and batch_size must be >= 1 and lr > 0")
         if self.selection not in ("best_val", "last"):
             raise ConfigError(f"unknown selection {self.selection!r}; valid: best_val, last")
+        if self.conflict_window not in ("last_batches", "phase"):
+            raise ConfigError(f"unknown conflict_window {self.conflict_window!r}; valid: last_batches, phase")
 
 
 @dataclass
@@ -274,6 +304,8 @@ class RoundRecord:
     test: dict[str, float]
     seconds: float
     Q: list | None = None  # the accumulated conflicts (Eq. 11) this round's modules were generated from
+    method: str = ""  # the method this phase trained with (round 0: the pre-training method)
+    q_batches: int = 0  # the mini-batches Q was accumulated over
 
 
 @dataclass
@@ -294,10 +326,10 @@ class MAMOResult:
 def learn_mamo(model: MAMO, data: MTLData, cfg: MAMOConfig | None = None) -> MAMOResult:
     """Algorithm 1: pre-train, then ``cfg.rounds`` times detect conflicts, grow modules and keep training.
 
-    The per-step update is the engine's :func:`mtlkit.autodiff.backward` with the method's weighting and aggregator
-    over ``model.shared_parameters()`` (all-shared + GMK parameters, Eq. 14), ``representation=model.encode(x)``;
-    decoders and fusion logits get their own task's gradient. Returns the grown model (selected as
-    ``cfg.selection`` says) and one :class:`RoundRecord` per phase (val/test metrics, activated modules, size).
+    The per-step update is :func:`engine_backward`: the method's weighting and aggregator over
+    ``model.shared_parameters()`` (all-shared + GMK parameters, Eq. 14); decoders, fusion logits and modules owned
+    by one task get their own task's gradient. Returns the grown model (selected as ``cfg.selection`` says) and one
+    :class:`RoundRecord` per phase (val/test metrics, activated modules, size).
 
     Example:
         >>> MAMOConfig(rounds=2).rounds
@@ -311,10 +343,20 @@ def learn_mamo(model: MAMO, data: MTLData, cfg: MAMOConfig | None = None) -> MAM
     device = torch.device(cfg.device)
     model.to(device)
     method = build_method(cfg.method, **cfg.method_options)
-    method.weighting.setup(len(data.tasks))
-    method.weighting.to(device)
+    same = cfg.pretrain_method is None or (cfg.pretrain_method == cfg.method and (
+        cfg.pretrain_method_options is None or cfg.pretrain_method_options == cfg.method_options))
+    pre_method = method if same else build_method(
+        cfg.pretrain_method, **(cfg.pretrain_method_options or {}))  # type: ignore[arg-type]
+    pre_name = cfg.method if same else str(cfg.pretrain_method)
+    for m in {id(method): method, id(pre_method): pre_method}.values():
+        if m.level == "representation" and model.module_kind != "gmk":
+            raise ConfigError(f"a representation-level method cannot give {model.module_kind!r} modules their task's "
+                              "gradient (they lie below the representation): use parameter level")
+        m.weighting.setup(len(data.tasks))
+        m.weighting.to(device)
     groups = [{"params": list(model.parameters())}]
-    extra = [p for p in method.weighting.parameters() if p.requires_grad]
+    extra = [p for m in {id(method): method, id(pre_method): pre_method}.values()
+             for p in m.weighting.parameters() if p.requires_grad]
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0})
     opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -326,9 +368,9 @@ def learn_mamo(model: MAMO, data: MTLData, cfg: MAMOConfig | None = None) -> MAM
     epoch = 0
     records: list[RoundRecord] = []
 
-    def phase(n_epochs: int, detect: bool) -> float:
+    def phase(meth, n_epochs: int, detect: bool) -> float:
         nonlocal epoch
-        best_score, best_state = -float("inf"), None
+        best_score, best_state, best_opt = -float("inf"), None, None
         t0 = time.time()
         for e in range(n_epochs):
             model.train()
@@ -340,35 +382,39 @@ def learn_mamo(model: MAMO, data: MTLData, cfg: MAMOConfig | None = None) -> MAM
                 idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                 x = data.train.x[idx].to(device)
                 ys = {k: v[idx].to(device) for k, v in data.train.y.items()}
-                want = detect and last_epoch and b >= steps - cfg.detect_batches
-                loss_sum += _step(model, method, opt, x, ys, data, StepContext(
+                want = detect and (cfg.conflict_window == "phase" or (last_epoch and b >= steps - cfg.detect_batches))
+                loss_sum += _step(model, meth, opt, x, ys, data, StepContext(
                     step=epoch * steps + b, epoch=epoch, shared_params=model.shared_parameters(),
                     last_shared_layer=model.last_shared_layer(), task_names=names), detector if want else None)
-            method.weighting.on_epoch_end((loss_sum / steps).to(device))
+            meth.weighting.on_epoch_end((loss_sum / steps).to(device))
             val = evaluate(model, data.val, data.tasks, cfg.eval_batch_size, device)
             score = selection_score(data.tasks, val)
             if cfg.verbose:
                 print(f"[mamo] epoch {epoch + 1} val {score:.4f} modules {len(model.active)}", file=sys.stderr)
             if cfg.selection == "best_val" and score > best_score:
                 best_score, best_state = score, copy.deepcopy(model.state_dict())
+                if cfg.restore_optimizer:
+                    best_opt = copy.deepcopy(opt.state_dict())
             epoch += 1
         if best_state is not None:
             model.load_state_dict(best_state)
+        if best_opt is not None:
+            opt.load_state_dict(best_opt)
         return time.time() - t0
 
-    def record(r: int, activated: list, seconds: float, Q: list | None) -> None:
+    def record(r: int, activated: list, seconds: float, Q: list | None, name: str) -> None:
         val = evaluate(model, data.val, data.tasks, cfg.eval_batch_size, device)
         test = evaluate(model, data.test, data.tasks, cfg.eval_batch_size, device)
-        records.append(RoundRecord(r, activated, model.num_parameters(), val, test, seconds, Q))
+        records.append(RoundRecord(r, activated, model.num_parameters(), val, test, seconds, Q, name))
 
     detector.reset()
-    secs = phase(cfg.pretrain_epochs, detect=cfg.rounds > 0)
+    secs = phase(pre_method, cfg.pretrain_epochs, detect=cfg.rounds > 0)
     if cfg.pretrain_epochs == 0 and cfg.rounds > 0:
         _detect_only(model, data, detector, cfg, device)
-    record(0, [], secs, None)
+    record(0, [], secs, None, pre_name)
     for r in range(1, cfg.rounds + 1):
         ind = detector.indicator()
-        used_q = detector.Q.tolist()
+        used_q, q_batches = detector.Q.tolist(), detector.batches
         before = len(model.active)
         new_keys: list[str] = []
         for layer, i, j in conflicts(ind):
@@ -378,10 +424,11 @@ def learn_mamo(model: MAMO, data: MTLData, cfg: MAMOConfig | None = None) -> MAM
         if new_params:
             opt.add_param_group({"params": new_params})
         detector.reset()
-        secs = phase(cfg.epochs_per_round, detect=r < cfg.rounds)
+        secs = phase(method, cfg.epochs_per_round, detect=r < cfg.rounds)
         if cfg.epochs_per_round == 0 and r < cfg.rounds:
             _detect_only(model, data, detector, cfg, device)
-        record(r, activated, secs, used_q)
+        record(r, activated, secs, used_q, cfg.method)
+        records[-1].q_batches = q_batches
     return MAMOResult(model, records, time.time() - t_all)
 
 
@@ -402,8 +449,7 @@ def _step(model: MAMO, method, opt: torch.optim.Optimizer, x: Tensor, ys: dict[s
         J = per_task_grads(losses, params, retain_graph=True)
         sizes = [sum(p.numel() for p in model.layer_parameters(layer)) for layer in range(model.num_layers)]
         detector.update(list(torch.split(J, sizes, dim=1)))
-    info = backward(weighted, model.shared_parameters(), agg, representation=z if agg.needs_per_task_grads else None,
-                    level=method.level, keep_jacobian=detector is not None and use_engine_jacobian)
+    info = engine_backward(model, method, weighted, z, keep_jacobian=detector is not None and use_engine_jacobian)
     if detector is not None and use_engine_jacobian:
         detector.update(layer_gradients(model, info.jacobian))
     opt.step()
@@ -411,6 +457,32 @@ def _step(model: MAMO, method, opt: torch.optim.Optimizer, x: Tensor, ys: dict[s
         with torch.no_grad():
             method.weighting.after_step(stack_losses(data.tasks, model(x), ys))
     return losses.detach().cpu()
+
+
+def engine_backward(model: MAMO, method, weighted: Tensor, z: Tensor, keep_jacobian: bool = False):
+    """The engine call of one MAMO step: writes ``.grad`` of every parameter (see "Who gets which gradient").
+
+    ``weighted`` are the weighted per-task losses computed from ``z = model.encode(x)``. The aggregator combines
+    the per-task gradients of ``model.shared_parameters()``; every other parameter gets the gradient of its own task.
+    The representation ``z`` is handed to the engine only when no module belongs to a single task.
+
+    Example:
+        >>> from torch import nn
+        >>> from mtlkit.models.mamo import MAMO
+        >>> from mtlkit.methods import build_method
+        >>> m = MAMO([nn.Linear(3, 4), nn.Linear(4, 4)], {"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)}, "conal")
+        >>> m.grow(1, ("a", "b"))
+        ['l1__a', 'l1__b']
+        >>> z = m.encode(torch.randn(5, 3)); out = m.decode(z)
+        >>> losses = torch.stack([out["a"].pow(2).mean(), out["b"].pow(2).mean()])
+        >>> _ = engine_backward(m, build_method("mgda"), losses, z)
+        >>> m.gmks["l1__a"].weight.grad.shape, float(m.layers[1].weight.grad.abs().sum())  # layer 1: no one's now
+        (torch.Size([4, 4]), 0.0)
+    """
+    agg = method.aggregator
+    rep = z if agg.needs_per_task_grads and not model.has_task_modules() else None
+    return backward(weighted, model.shared_parameters(), agg, representation=rep, level=method.level,
+                    keep_jacobian=keep_jacobian)
 
 
 def _detect_only(model: MAMO, data: MTLData, detector: ConflictDetector, cfg: MAMOConfig,
@@ -444,4 +516,5 @@ def summarize_rounds(result: MAMOResult) -> list[dict[str, Any]]:
 
 
 __all__ = ["ConflictDetector", "MAMOConfig", "MAMOResult", "RoundRecord", "average_indicator", "conflicts",
-           "cosine_matrix", "layer_gradients", "learn_mamo", "proxy_indicator", "summarize_rounds", "topk_indicator"]
+           "cosine_matrix", "engine_backward", "layer_gradients", "learn_mamo", "proxy_indicator", "summarize_rounds",
+           "topk_indicator"]

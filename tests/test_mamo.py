@@ -341,3 +341,256 @@ def test_growing_leaves_every_output_unchanged_with_trained_fusion_weights(m, mo
             assert torch.allclose(before[name], after[name], rtol=0, atol=1e-10 * scale), (pair, name)
         _perturb(model)                                                   # train the modules and the fusion logits
     assert len(model.groups()) == (len(pairs) if module == "gmk" else m)
+
+
+# ---- CoNAL-faithful task branches (module="conal") -----------------------------------------------------------------
+def _conv_mamo(module: str, m: int = 3, seed: int = 0) -> MAMO:
+    """MAMO on the conv backbone (Conv-BN-ReLU-Pool blocks, FC-BN-ReLU) of 12x12 images."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(seed)
+    data = SimpleNamespace(input_shape=(1, 12, 12), tasks=[Task(f"t{k}", "multiclass", 3) for k in range(m)])
+    return build_mamo(data, encoder="conv", width=8, head_hidden=4, module=module)
+
+
+def _outputs(model: MAMO, x: torch.Tensor) -> dict:
+    with torch.no_grad():
+        return {k: v.clone() for k, v in model(x).items()}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_conal_branch_reads_no_shared_output_above_its_branch_point(mode):
+    """A task branched at layer s reads o_f^{s-1} and its own copies of layers s..L only: perturbing the shared layers
+    s..L leaves its output unchanged (and the other tasks' outputs change); perturbing a shared layer below s changes
+    it."""
+    model = _conv_mamo("conal")
+    assert model.num_layers == 3
+    model.grow(1, ("t0", "t2"))  # t0 and t2 branch at layer 1; t1 stays on the shared path
+    assert model.branch_points() == {"t0": 1, "t2": 1}
+    _perturb(model)
+    getattr(model, mode)()
+    x = torch.randn(6, 1, 12, 12)
+    base = _outputs(model, x)
+    for layer, branched_change in ((1, False), (2, False), (0, True)):
+        saved = copy.deepcopy(model.layers[layer].state_dict())
+        with torch.no_grad():
+            for p in model.layers[layer].parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        out = _outputs(model, x)
+        for name in ("t0", "t2"):
+            assert torch.allclose(out[name], base[name], atol=0) != branched_change, (layer, name)
+        assert not torch.allclose(out["t1"], base["t1"]), layer  # the shared path moved
+        model.layers[layer].load_state_dict(saved)
+    # Gradients: the branched task's loss sends nothing to the shared layers above its branch point.
+    model.train()
+    loss = model(x)["t0"].pow(2).mean()
+    above = [p for l in (1, 2) for p in model.layer_parameters(l)]
+    below = model.layer_parameters(0)
+    grads = torch.autograd.grad(loss, above + below, allow_unused=True)
+    assert all(g is None or float(g.abs().sum()) == 0 for g in grads[:len(above)])
+    assert all(g is not None and float(g.abs().sum()) > 0 for g in grads[len(above):])
+
+
+def test_conal_birth_keeps_outputs_and_moves_branch_points_down():
+    torch.manual_seed(3)
+    model = _conv_mamo("conal", m=3).double()
+    x = torch.randn(5, 1, 12, 12, dtype=torch.float64)
+
+    def grow_unchanged(layer, pair):
+        for mode in ("train", "eval"):  # batch statistics and running statistics alike
+            getattr(model, mode)()
+            before = _outputs(model, x)
+            state = copy.deepcopy(model.state_dict())
+            keys = model.grow(layer, pair)
+            after = _outputs(model, x)
+            for k in before:
+                assert torch.allclose(before[k], after[k], rtol=0, atol=1e-12), (layer, pair, mode, k)
+            if mode == "train":  # undo, to grow again in eval mode
+                for key in keys:
+                    del model.gmks[key]
+                    model.active = {lg: kk for lg, kk in model.active.items() if kk != key}
+                model.load_state_dict(state)
+        return keys
+
+    assert grow_unchanged(2, (0, 1)) == ["l2__t0", "l2__t1"]
+    _perturb(model)  # train the branches
+    trained = [p.detach().clone() for p in model.gmks["l2__t0"].parameters()]
+    # A later conflict of t0 lower down moves its branch point: copies of shared layers 0-1, its layer 2 kept.
+    assert grow_unchanged(0, (0, 2)) == ["l0__t0", "l1__t0", "l0__t2", "l1__t2", "l2__t2"]
+    assert all(torch.equal(a, b) for a, b in zip(trained, model.gmks["l2__t0"].parameters()))
+    assert model.branch_points() == {"t0": 0, "t1": 2, "t2": 0}
+    # t0 already owns layer 1 (nothing new); t1 moves down from 2 to 1.
+    assert model.grow(1, (0, 1)) == ["l1__t1"]
+    assert model.branch_points() == {"t0": 0, "t1": 1, "t2": 0}
+    # The architecture replays into the same structure.
+    fresh = _conv_mamo("conal", m=3)
+    for layer, names in model.architecture():
+        fresh.grow_group(layer, names)
+    assert fresh.active.keys() == model.active.keys() and fresh.num_parameters() == model.num_parameters()
+
+
+def test_conal_parameter_counts_and_roles():
+    from types import SimpleNamespace
+
+    from mtlkit.models.hps import build_hps
+
+    model = _conv_mamo("conal")
+    torch.manual_seed(0)
+    hps = build_hps(SimpleNamespace(input_shape=(1, 12, 12), tasks=[Task(f"t{k}", "multiclass", 3) for k in range(3)]),
+                    encoder="conv", width=8, head_hidden=4)
+    n_hps = sum(p.numel() for p in hps.parameters())
+    assert model.num_parameters() == n_hps  # no fusion logits: an ungrown CoNAL model is HPS
+    sizes = [model.module_parameters(l) for l in range(3)]
+    model.grow(1, (0, 2))
+    assert model.num_parameters() == n_hps + 2 * (sizes[1] + sizes[2])  # two branches of layers 1..2
+    model.grow(0, (0, 1))
+    assert model.num_parameters() == n_hps + (sizes[0] + sizes[1] + sizes[2]) * 2 + sizes[1] + sizes[2]
+    shared = {id(p) for p in model.shared_parameters()}
+    assert shared == {id(p) for p in model.all_shared_parameters()}  # branches are not shared
+    own = {n: {id(p) for p in ps} for n, ps in model.task_exclusive_parameters().items()}
+    branch = {n: {id(p) for p in ps} for n, ps in model.task_module_parameters().items()}
+    assert sum(len(v) for v in branch.values()) == sum(1 for _ in model.gmks.parameters())
+    for n, mine in own.items():
+        assert branch[n] <= mine and not (mine & shared)
+        assert all(not (mine & theirs) for o, theirs in own.items() if o != n)
+    assert shared | set().union(*own.values()) == {id(p) for p in model.parameters()}
+    assert model.has_task_modules() and not _tiny().has_task_modules()
+    with pytest.raises(ConfigError, match="belongs to 1"):
+        model.grow_group(0, ("t0", "t1"))
+
+
+@pytest.mark.parametrize("module", ["conal", "exclusive"])
+@pytest.mark.parametrize("method", ["mgda", "pcgrad"])
+def test_task_owned_modules_take_their_tasks_full_gradient(module, method):
+    """KKT of Eq. 14: a module one task owns gets that task's gradient (weight 1), not a^t of it; the shared
+    parameters get the aggregator's combination of the per-task gradients over the shared parameters only."""
+    from mtlkit.mamo import engine_backward
+
+    model = _tiny(m=3, module=module, seed=2)
+    model.grow(1, (0, 2))
+    _perturb(model)
+    x = torch.randn(9, 5)
+    y = {f"t{k}": torch.randint(0, 2, (9,)) for k in range(3)}
+    tasks = [Task(f"t{k}", "multiclass", 2) for k in range(3)]
+    m = build_method(method)
+    z = model.encode(x)
+    losses = stack_losses(tasks, model.decode(z), y)
+    shared = model.shared_parameters()
+    own = model.task_exclusive_parameters()
+    J = per_task_grads(losses, shared)
+    expect_shared = build_method(method).aggregator(J)  # a fresh copy: PCGrad's random order starts the same
+    expect_own = {n: per_task_grads(losses[t].reshape(1), own[n])[0] for t, n in enumerate(model.task_names)}
+    model.zero_grad(set_to_none=True)
+    engine_backward(model, m, losses, z)
+    got_shared = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in shared])
+    assert torch.allclose(got_shared, expect_shared, atol=1e-6)
+    for n, ps in own.items():
+        got = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+        assert torch.allclose(got, expect_own[n], atol=1e-6), n
+    if method == "mgda":  # the test means something: the owners' MGDA weights are not 1
+        w = m.aggregator.weights(J @ J.T)
+        assert float((1 - w[[0, 2]]).abs().min()) > 1e-3
+
+
+def test_learn_mamo_with_conal_branches_and_representation_level_refused():
+    data = _toy_data()
+    model = build_mamo(data, encoder="mlp", hidden=(12, 10), head_hidden=6, module="conal")
+    res = learn_mamo(model, data, MAMOConfig(method="mgda", rounds=1, pretrain_epochs=1, epochs_per_round=1,
+                                             threshold="topk", k=1, detect_batches=4, batch_size=16, lr=0.01))
+    r0, r1 = res.rounds
+    assert r1.parameters - r0.parameters == sum(model.module_parameters(l) for l, _ in r1.activated)
+    assert r1.q_batches == 4 and (not r1.activated or model.has_task_modules())
+    with pytest.raises(ConfigError, match="representation-level"):
+        learn_mamo(build_mamo(data, encoder="mlp", hidden=(12, 10), head_hidden=6, module="conal"), data,
+                   MAMOConfig(method="mgda", method_options={"level": "representation"}, rounds=0, pretrain_epochs=0))
+
+
+# ---- search-schedule options (conflict window, pre-training method, optimizer rollback) -----------------------------
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_pretrain_method_ew_is_plain_hps():
+    data = _toy_data()
+    base = {"rounds": 0, "pretrain_epochs": 2, "batch_size": 16, "lr": 0.01, "selection": "last"}
+    runs = {}
+    for name, cfg in {"ew": MAMOConfig(method="ew", **base),
+                      "mgda<-ew": MAMOConfig(method="mgda", pretrain_method="ew", **base),
+                      "mgda": MAMOConfig(method="mgda", **base)}.items():
+        model = _toy_model(data)
+        res = learn_mamo(model, data, cfg)
+        runs[name] = (_params(model), res.rounds[0].method)
+    assert runs["mgda<-ew"][1] == "ew" and runs["mgda"][1] == "mgda"
+    assert all(torch.equal(v, runs["ew"][0][k]) for k, v in runs["mgda<-ew"][0].items())  # pre-training = HPS (EW)
+    assert any(not torch.equal(v, runs["ew"][0][k]) for k, v in runs["mgda"][0].items())  # default: HPS + MGDA
+
+
+def test_conflict_window_counts_the_phase_or_its_last_batches():
+    data = _toy_data()  # 64 training samples, batch 16: 4 batches per epoch
+    for window, batches in (("last_batches", 3), ("phase", 2 * 4)):
+        res = learn_mamo(_toy_model(data), data, MAMOConfig(
+            method="ew", rounds=1, pretrain_epochs=2, epochs_per_round=0, conflict_window=window, detect_batches=3,
+            batch_size=16, lr=0.01))
+        assert res.rounds[1].q_batches == batches, window
+        assert int(torch.tensor(res.rounds[1].Q).max()) <= batches
+    with pytest.raises(ConfigError, match="conflict_window"):
+        learn_mamo(_toy_model(data), data, MAMOConfig(conflict_window="all"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("restore", [False, True])
+def test_rollback_restores_the_optimizer_only_when_asked(monkeypatch, restore):
+    loaded = []
+    orig = torch.optim.Adam.load_state_dict
+
+    def spy(self, state):
+        loaded.append(copy.deepcopy(state))
+        return orig(self, state)
+
+    monkeypatch.setattr(torch.optim.Adam, "load_state_dict", spy)
+    data = _toy_data()
+    learn_mamo(_toy_model(data), data, MAMOConfig(method="ew", rounds=1, pretrain_epochs=3, epochs_per_round=2,
+                                                  batch_size=16, lr=0.01, restore_optimizer=restore))
+    assert len(loaded) == (2 if restore else 0)  # one per phase (pre-training, round 1)
+    for state in loaded:  # Adam's step count of a selected epoch: a whole number of epochs of 4 steps
+        steps = {int(s["step"]) for s in state["state"].values()}
+        assert len(steps) <= 2 and all(s % 4 == 0 and s > 0 for s in steps)
+
+
+# ---- mtlkit reproduce mamo ---------------------------------------------------------------------------------------
+def test_reproduce_mamo_end_to_end_verdicts_and_reuse(tmp_path, monkeypatch):
+    """A tiny run on the synthetic ``_toy`` data with the default rows: verdicts computed from paired per-seed
+    numbers, the budget in every table, Fig. 4's round 0 is plain HPS, --reuse retrains nothing."""
+    import argparse
+    import json
+
+    from mtlkit.reproduce import load_all
+    from mtlkit.reproduce.mamo import DATASETS, DEFAULT_ROWS
+
+    monkeypatch.setitem(DATASETS, "toy", ("_toy", {"seed": 0}, ("n_train", "n_val", "n_test")))
+    rep = load_all()["mamo"]
+    p = argparse.ArgumentParser()
+    rep.add_arguments(p)
+    argv = ["--dataset", "toy", "--n-train", "48", "--n-val", "16", "--n-test", "16", "--encoder", "mlp", "--hidden",
+            "8", "6", "--head-hidden", "4", "--pretrain-epochs", "1", "--rounds", "1", "--epochs-per-round", "1",
+            "--batch-size", "16", "--threshold", "topk", "--k", "1", "--seeds", "0", "1", "--out", str(tmp_path)]
+    assert rep.run(p.parse_args(argv)) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["results"]) == set(DEFAULT_ROWS)
+    assert [k for k, _ in res["metrics"]] == ["a/accuracy", "a/loss", "b/accuracy", "b/loss"]  # two metrics a task
+    claims = {c["claim"]: c for c in res["claims"]}
+    for claim in ("MAMO has the best Δm of the rows run", "MAMO wins on 100 % of the metrics against STL",
+                  "MAMO beats HPS", "MAMO beats STL (Δm > 0)", "HPS shows negative transfer (Δm(HPS) < 0)",
+                  "GMKs beat CoNAL-faithful task branches (MAMO vs w/o GMK)"):
+        assert claims[claim]["verdict"].split(" (")[0] in ("supported", "not supported", "mixed"), claim
+    r = res["results"]
+    mamo_vs_hps = [r["mamo"][s]["delta"] - r["hps"][s]["delta"] for s in ("0", "1")]
+    assert claims["MAMO beats HPS"]["paired"]["diffs"] == pytest.approx(mamo_vs_hps)
+    assert all(run["rounds"][0]["method"] == "ew" for run in r["mamo"].values())  # round 0 = plain HPS
+    md = (tmp_path / "report.md").read_text()
+    tables = md.split("\n## ")[1:]
+    assert all("_Budget:" in t for t in tables) and "Paired differences MAMO − HPS" in md
+    stamp = {q: q.stat().st_mtime_ns for q in tmp_path.glob("runs/*/*.json")}
+    assert rep.run(p.parse_args(argv + ["--reuse"])) == 0
+    assert {q: q.stat().st_mtime_ns for q in tmp_path.glob("runs/*/*.json")} == stamp
+    with pytest.raises(ConfigError, match="another configuration"):
+        rep.run(p.parse_args(argv[:-2] + ["--out", str(tmp_path), "--reuse", "--rows", "mamo", "--k", "2"]))

@@ -1,7 +1,8 @@
 """MAMO's search space: an all-shared encoder, gradient-mediative-kernel (GMK) modules and adaptive fusion.
 
-Tan, Hu & Zhang, "MAMO: Multi-Task Architecture Learning via Multi-Objective and Gradients Mediative Kernel"
-(ECAI 2024), Sec. 3.1-3.2. What is implemented:
+Tan, Hu & Zhang, "MAMO: Multi-Task Architecture Learning via Multi-Objective and Gradients Mediative Kernel",
+27th European Conference on Artificial Intelligence (ECAI 2024, IOS Press, Frontiers in Artificial Intelligence and
+Applications; its DOI could not be checked from here, so none is given), Sec. 3.1-3.2. What is implemented:
 
 * the all-shared encoder ``{f_S^ℓ}``, ℓ = 1..L (Eq. 6), given as a list of layer blocks (any ``nn.Module`` s: FC,
   conv, residual blocks; nothing here depends on the dataset, so dense-prediction encoders/decoders plug in as well);
@@ -17,7 +18,7 @@ Choices where the paper is silent (each keeps the network's function unchanged w
 newly grown MAMO continues from the model it grew from, and MAMO without GMKs *is* HPS):
 
 1. **Initialisation**: a new GMK is a deep copy of the current shared layer ``f_S^ℓ`` (weights *and* BatchNorm
-   statistics): "GMKs keep the shared knowledge" (Sec. 3.1), unlike CoNAL's fresh task-exclusive modules.
+   statistics): "GMKs keep the shared knowledge" (Sec. 3.1).
 2. **Combining Eq. 7's two inputs**: the mean ``½(o_f^{ℓ-1} + o_{i,j}^{ℓ-1})`` is fed to a module shaped like
    ``f_S^ℓ``. It is parameter-free, so a GMK has exactly as many parameters as the layer it mirrors, and at birth
    (when ``o_{i,j}^{ℓ-1} = o_f^{ℓ-1}``) it computes exactly ``f_S^ℓ(o_f^{ℓ-1})``.
@@ -32,26 +33,59 @@ newly grown MAMO continues from the model it grew from, and MAMO without GMKs *i
    active GMK the decoder reads ``o_f^L`` itself. Eq. 8 writes ``g_m(o_f, row, col)`` without saying how the three
    inputs are joined; a convex combination keeps the decoder's input width (so the HPS decoders are reused) and the
    function at birth (a group's first module sets the fusion logits of its tasks so that no task's output changes,
-   :meth:`MAMO._make_room_in_fusion`, also when a task already fuses trained streams). Keeping ``β`` per task (not one ``β_{i,j}`` shared by i and j) makes the fusion
-   task-specific, as in Fig. 2b. ``β_m[m]`` (the diagonal, "dummy" in the paper) is used only by the w/o-GMK
-   ablation, where task m's exclusive module is the group {m}.
-5. **w/o-GMK ablation** (Sec. 4.4.2, CoNAL-style): ``module="exclusive"`` generates, for a conflicting pair (i, j),
-   one task-exclusive module for i and one for j (groups {i} and {j}) instead of one GMK for {i, j}; everything else
-   (initialisation, Eq. 7 inputs, fusion) is unchanged so the ablation isolates the module's owners.
+   :meth:`MAMO._make_room_in_fusion`, also when a task already fuses trained streams). Keeping ``β`` per task (not
+   one ``β_{i,j}`` shared by i and j) makes the fusion task-specific, as in Fig. 2b. ``β_m[m]`` (the diagonal,
+   "dummy" in the paper) is used only by ``module="exclusive"``, where task m's exclusive module is the group {m}.
 
-Parameter roles (so the engine/aggregators treat them right):
+Three module kinds (``module=``):
+
+* ``"gmk"`` — MAMO: one GMK per conflicting pair, fused as above.
+* ``"conal"`` — **the w/o-GMK ablation and the CoNAL baseline, CoNAL-faithful** (Sec. 4.4.2 replaces GMKs "with
+  task-exclusive modules as in CoNAL"). CoNAL: Yue, Zhang & Liang, "Learning Conflict-Noticed Architecture for
+  Multi-Task Learning", Proceedings of the AAAI Conference on Artificial Intelligence 37(9), 11078-11086 (AAAI
+  2023), doi 10.1609/aaai.v37i9.26312. In CoNAL's tree-structured search space (its released ``CoNALArch``) a task
+  that branches at layer ℓ runs its *own copies* of layers ℓ..L on the shared output ``o_f^{ℓ-1}`` of the layer below
+  the branch point, and its decoder reads only that branch: nothing of the shared path above the branch point, no
+  fusion. What is chosen here:
+
+  - a conflict of (i, j) at layer ℓ branches *both* i and j at ℓ (one task-exclusive module per task, as the
+    ``"exclusive"`` kind and Fig. 1c: ``θ^i`` and ``θ^j``); task groups (CoNAL-Pro) are not modelled;
+  - **one branch point per task**, as in CoNAL: the branch of task t starting at s holds modules at every layer
+    s..L-1 (0-based); a later conflict of t at ℓ < s moves the branch point down to ℓ: the branch gains copies of
+    the shared layers ℓ..s-1 and *keeps* its trained layers s..L-1; a conflict of t at ℓ ≥ s adds nothing (t already
+    owns that layer; it cannot even be detected, as t's gradient on the shared layers ≥ s is zero);
+  - **initialisation**: copies of the *current* shared layers (weights and BatchNorm statistics), so every output is
+    unchanged at birth and Alg. 1 continues from the model it grew from. (CoNAL's released code initialises every
+    branch from the same ImageNet-pretrained ResNet as the shared trunk; there is no pretrained trunk here, and the
+    copy is the analogue that keeps the function.)
+  - no fusion logits: ``β_m`` is empty (size 0), so the model's size is HPS's plus the branches'. (A shared layer that
+    no task reads any more, once every task has branched below it, stays in the model and in its size.)
+
+* ``"exclusive"`` — the earlier mtlkit reading, kept for comparison: task-exclusive modules (groups {i} and {j})
+  that, like GMKs, read the mean of the shared and their own previous output (choice 2), keep their stream alive
+  through the shared layers (choice 3) and are fused with ``o_f^L`` (choice 4). It changes only who owns the module,
+  and keeps the shared knowledge that CoNAL's branches discard.
+
+Parameter roles (so the engine/aggregators treat them right, KKT conditions of Eq. 14):
 
 * :meth:`MAMO.all_shared_parameters` — the ``f_S`` layers, used by every task (Def. 3.1);
-* :meth:`MAMO.group_parameters` — per group (pair for GMKs), used only by the tasks of the group (Def. 3.2);
-* :meth:`MAMO.task_exclusive_parameters` — per task: its decoder and its fusion logits ``β_m``;
-* :meth:`MAMO.shared_parameters` — what a gradient-space method combines: all-shared *and* GMK parameters, as in the
-  KKT conditions of Eq. 14 (MGDA over ``θ^{sh}`` and ``θ^{h_{i,j}}`` jointly). A task's row of the per-task gradient
+* :meth:`MAMO.group_parameters` — per group (pair for GMKs, one task for exclusive/CoNAL modules), used only by the
+  tasks of the group (Def. 3.2);
+* :meth:`MAMO.task_exclusive_parameters` — per task, everything only that task uses: its decoder, its fusion logits
+  ``β_m`` and its own (exclusive/CoNAL) modules: the ``θ^t`` of condition 2 of Eq. 14 (``∇_{θ^t} L^t = 0``), which
+  take their own task's full gradient, never an MGDA weight ``a^t`` of it;
+* :meth:`MAMO.shared_parameters` — what a gradient-space method combines: all-shared *and* GMK parameters, the
+  ``θ^{sh}, θ^{h_{i,j}}`` of condition 1 of Eq. 14 (MGDA over both jointly). A task's row of the per-task gradient
   matrix is zero on the GMKs of pairs it is not in, so any aggregator's update of ``h_{i,j}`` is a combination of
-  tasks i's and j's gradients only.
+  tasks i's and j's gradients only. Task-exclusive modules are *not* in it: :func:`mtlkit.mamo.learn_mamo` then calls
+  the engine without a ``representation`` (their parameters lie below :meth:`encode`'s output, where the engine's
+  representation path would give them no gradient), so the engine finds them as task-specific parameters and gives
+  each its own task's gradient (:meth:`has_task_modules` tells when).
 
 :meth:`MAMO.encode` returns the layer-L streams stacked on dim 1, ``[B, 1 + #groups, ...]`` (index 0 = ``o_f^L``), so
 MAMO is an ordinary :class:`~mtlkit.models.base.MTLModel`: the engine's ``representation=`` path and
-``mtlkit train --model mamo`` work with it (a fixed architecture; :mod:`mtlkit.mamo` grows it).
+``mtlkit train --model mamo`` work with it (a fixed architecture without modules, i.e. HPS; :mod:`mtlkit.mamo` grows
+it).
 
 Example:
     >>> import torch
@@ -77,7 +111,8 @@ from torch import Tensor, nn
 from mtlkit.errors import ConfigError
 from mtlkit.models.base import MTLModel, register_model
 
-ModuleKind = Literal["gmk", "exclusive"]
+ModuleKind = Literal["gmk", "exclusive", "conal"]
+MODULE_KINDS = ("conal", "exclusive", "gmk")
 Group = tuple[int, ...]
 
 
@@ -116,7 +151,8 @@ class MAMO(MTLModel):
     Args:
         layers: the all-shared layers ``f_S^1..f_S^L`` (applied in order; each output feeds the next).
         heads: the task decoders ``g_m`` by task name (task order = dict order), reading ``o_f^L``-shaped inputs.
-        module: ``"gmk"`` (pair modules, MAMO) or ``"exclusive"`` (task-exclusive modules, the w/o-GMK ablation).
+        module: ``"gmk"`` (pair modules, MAMO), ``"conal"`` (CoNAL-faithful task branches: the w/o-GMK ablation and
+            the CoNAL baseline) or ``"exclusive"`` (task-exclusive modules fused like GMKs); see the module docstring.
     """
 
     def __init__(self, layers: Sequence[nn.Module], heads: dict[str, nn.Module], module: ModuleKind = "gmk"):
@@ -125,15 +161,17 @@ class MAMO(MTLModel):
             raise ConfigError("MAMO needs at least one shared layer")
         if len(heads) < 2:
             raise ConfigError(f"MAMO needs at least two tasks, got {list(heads)}")
-        if module not in ("gmk", "exclusive"):
-            raise ConfigError(f"unknown MAMO module kind {module!r}; valid kinds are: exclusive, gmk")
+        if module not in MODULE_KINDS:
+            raise ConfigError(f"unknown MAMO module kind {module!r}; valid kinds are: {', '.join(MODULE_KINDS)}")
         self.layers = nn.ModuleList(layers)
         self.encoder = self.layers
         self.heads = nn.ModuleDict(heads)
         self.task_names: list[str] = list(heads)
         self.module_kind: ModuleKind = module
         m = len(self.task_names)
-        self.beta = nn.ParameterList([nn.Parameter(torch.zeros(m)) for _ in range(m)])
+        # CoNAL's branches are not fused: no fusion logits (size 0, so the model's size is HPS's plus the branches').
+        width = 0 if module == "conal" else m
+        self.beta = nn.ParameterList([nn.Parameter(torch.zeros(width)) for _ in range(m)])
         self.gmks = nn.ModuleDict()
         #: (layer, group) -> key in ``self.gmks``, in order of creation.
         self.active: dict[tuple[int, Group], str] = {}
@@ -154,7 +192,7 @@ class MAMO(MTLModel):
 
     def groups_for_pair(self, i: int | str, j: int | str) -> list[Group]:
         """The module groups generated for a conflict between tasks i and j: ``[(i, j)]`` for GMKs, ``[(i,), (j,)]``
-        for task-exclusive modules."""
+        for task-exclusive modules and CoNAL branches."""
         a, b = sorted((self._index(i), self._index(j)))
         if a == b:
             raise ConfigError(f"a task does not conflict with itself (got the pair ({i}, {j}))")
@@ -165,24 +203,52 @@ class MAMO(MTLModel):
 
     def grow(self, layer: int, pair: tuple[int | str, int | str]) -> list[str]:
         """Generate the module(s) for a conflict of ``pair`` at ``layer`` (0-based); returns the new modules' keys
-        (empty when they already exist). New modules are deep copies of ``self.layers[layer]`` (choice 1)."""
-        if not 0 <= layer < self.num_layers:
-            raise ConfigError(f"layer {layer} out of range: the encoder has {self.num_layers} layers (0-based)")
+        (empty when they already exist). New modules are deep copies of the current shared layers (choice 1).
+
+        With ``module="conal"`` each task of the pair branches at ``layer`` (or moves its branch point down to it):
+        one key per layer the branch gains, see the module docstring."""
         new = []
         for g in self.groups_for_pair(*pair):
-            if (layer, g) in self.active:
-                continue
-            if g not in self.groups():
-                self._make_room_in_fusion(g)
-            key = self._key(layer, g)
-            mod = copy.deepcopy(self.layers[layer])
-            ref = next(self.layers[layer].parameters(), None)
-            if ref is not None:
-                mod.to(ref.device)
-            self.gmks[key] = mod
-            self.active[(layer, g)] = key
-            new.append(key)
+            new += self.grow_group(layer, g)
         return new
+
+    def grow_group(self, layer: int, group: Sequence[int | str]) -> list[str]:
+        """Generate the module of one group (two tasks for GMKs, one task otherwise) at ``layer``; returns the new
+        keys. Replaying :meth:`architecture` through this rebuilds a grown model's structure."""
+        if not 0 <= layer < self.num_layers:
+            raise ConfigError(f"layer {layer} out of range: the encoder has {self.num_layers} layers (0-based)")
+        g: Group = tuple(sorted(self._index(t) for t in group))
+        want = 2 if self.module_kind == "gmk" else 1
+        if len(g) != want or len(set(g)) != len(g):
+            raise ConfigError(f"a {self.module_kind!r} module belongs to {want} different task(s), got {list(group)}")
+        if self.module_kind == "conal":
+            start = self._start(g) if g in self.groups() else self.num_layers
+            return [self._copy_layer(l, g) for l in range(layer, start)]  # empty when g already owns ``layer``
+        if (layer, g) in self.active:
+            return []
+        if g not in self.groups():
+            self._make_room_in_fusion(g)
+        return [self._copy_layer(layer, g)]
+
+    def _copy_layer(self, layer: int, g: Group) -> str:
+        key = self._key(layer, g)
+        mod = copy.deepcopy(self.layers[layer])
+        ref = next(self.layers[layer].parameters(), None)
+        if ref is not None:
+            mod.to(ref.device)
+        self.gmks[key] = mod
+        self.active[(layer, g)] = key
+        return key
+
+    def has_task_modules(self) -> bool:
+        """Whether some module belongs to a single task (exclusive or CoNAL kinds, once grown): its parameters are
+        task-exclusive, not in :meth:`shared_parameters`, and below :meth:`encode`'s output, so the engine must be
+        called without a ``representation`` to give them their task's gradient (:func:`mtlkit.mamo.learn_mamo`)."""
+        return any(len(g) == 1 for (_, g) in self.active)
+
+    def branch_points(self) -> dict[str, int]:
+        """``module="conal"``: per branched task, the (0-based) layer its branch starts at."""
+        return {self.task_names[g[0]]: self._start(g) for g in self.groups() if len(g) == 1}
 
     def _fusion_index(self, t: int, g: Group) -> int:
         """The entry of ``β_t`` that weighs group ``g``'s stream in task t's fusion (choice 4)."""
@@ -213,7 +279,8 @@ class MAMO(MTLModel):
         return min(layer for (layer, g) in self.active if g == group)
 
     def architecture(self) -> list[tuple[int, tuple[str, ...]]]:
-        """Active modules as ``(layer, task names)``, in order of creation (enough to rebuild with :meth:`grow`)."""
+        """Active modules as ``(layer, task names)``, in order of creation (enough to rebuild with
+        :meth:`grow_group`)."""
         return [(layer, tuple(self.task_names[t] for t in g)) for (layer, g) in self.active]
 
     # -- parameter roles ---------------------------------------------------------------------------------------
@@ -233,14 +300,26 @@ class MAMO(MTLModel):
                 p for p in self.gmks[key].parameters() if p.requires_grad)
         return out
 
+    def task_module_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Per task, the parameters of the modules it alone owns (exclusive / CoNAL kinds; empty for GMKs)."""
+        out: dict[str, list[nn.Parameter]] = {name: [] for name in self.task_names}
+        for (layer, g), key in self.active.items():
+            if len(g) == 1:
+                out[self.task_names[g[0]]].extend(p for p in self.gmks[key].parameters() if p.requires_grad)
+        return out
+
     def task_exclusive_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """Per task, its decoder and its fusion logits ``β_m``."""
-        return {name: list(self.heads[name].parameters()) + [self.beta[t]] for t, name in enumerate(self.task_names)}
+        """Per task, everything only that task uses: its decoder, its fusion logits ``β_m`` and its own modules
+        (the ``θ^t`` of Eq. 14's condition 2, which take their task's full gradient)."""
+        mods = self.task_module_parameters()
+        return {name: list(self.heads[name].parameters()) + [self.beta[t]] + mods[name]
+                for t, name in enumerate(self.task_names)}
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """All-shared then GMK parameters: the vector of Eq. 14 that the aggregator combines."""
-        return self.all_shared_parameters() + [p for key in self.active.values() for p in self.gmks[key].parameters()
-                                               if p.requires_grad]
+        """All-shared then GMK parameters: the vector ``θ^{sh}, θ^{h_{i,j}}`` of Eq. 14 that the aggregator combines.
+        Modules owned by one task are not in it (module docstring, "Parameter roles")."""
+        return self.all_shared_parameters() + [p for (_, g), key in self.active.items() if len(g) > 1
+                                               for p in self.gmks[key].parameters() if p.requires_grad]
 
     def last_shared_layer(self) -> list[nn.Parameter]:
         weights = [p for p in self.all_shared_parameters() if p.dim() >= 2]
@@ -256,9 +335,13 @@ class MAMO(MTLModel):
 
     # -- forward -----------------------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
-        """Eq. 6 and Eq. 7: returns ``[o_f^L, o_g^L for g in groups()]`` stacked on dim 1."""
+        """Eq. 6 and Eq. 7: returns ``[o_f^L, o_g^L for g in groups()]`` stacked on dim 1.
+
+        ``module="conal"``: a branch reads ``o_f^{s-1}`` at its branch point s and then only its own previous output
+        (no mean with the shared output, no shared layer)."""
         groups = self.groups()
         start = {g: self._start(g) for g in groups}
+        conal = self.module_kind == "conal"
         o_f = x
         streams: dict[Group, Tensor] = {}
         for layer, f in enumerate(self.layers):
@@ -268,8 +351,11 @@ class MAMO(MTLModel):
             for g in groups:
                 if start[g] > layer:
                     continue
-                inp = prev if g not in streams else 0.5 * (prev + streams[g])
                 key = self.active.get((layer, g))
+                if conal:  # a CoNAL branch owns every layer from its branch point up (grow_group keeps it so)
+                    nxt[g] = self.gmks[key](prev if start[g] == layer else streams[g])
+                    continue
+                inp = prev if g not in streams else 0.5 * (prev + streams[g])
                 nxt[g] = (self.gmks[key] if key is not None else f)(inp)
             streams = nxt
         return torch.stack([o_f] + [streams[g] for g in groups], dim=1)
@@ -284,6 +370,8 @@ class MAMO(MTLModel):
         mine = [(k, g) for k, g in enumerate(groups) if t in g]
         if not mine:
             return z[:, 0]
+        if self.module_kind == "conal":  # the decoder reads its branch only (CoNAL: no fusion)
+            return z[:, 1 + mine[0][0]]
         other = [self._fusion_index(t, g) for _, g in mine]
         logits = torch.cat([torch.zeros(1, dtype=z.dtype, device=z.device), self.beta[t][other]])
         w = torch.softmax(logits, dim=0)
@@ -304,12 +392,13 @@ def mamo_from(layers: Iterable[nn.Module] | nn.Sequential, heads: dict[str, nn.M
 @register_model("mamo")
 def build_mamo(data, encoder: str = "conv", width: int = 384, hidden: Sequence[int] = (1024, 1024, 1024),
                head_hidden: int = 192, module: str = "gmk") -> MAMO:
-    """MAMO with no GMK yet (= HPS) on the HPS backbone of ``data``; built from :func:`~mtlkit.models.hps.build_hps`
-    so that, with the same seed, its initial parameters are HPS's."""
+    """MAMO with no module yet (= HPS) on the HPS backbone of ``data``; built from
+    :func:`~mtlkit.models.hps.build_hps` so that, with the same seed, its initial parameters are HPS's. ``module``:
+    ``gmk`` (MAMO), ``conal`` (CoNAL-faithful branches) or ``exclusive`` (see :class:`MAMO`)."""
     from mtlkit.models.hps import build_hps
 
     hps = build_hps(data, encoder=encoder, width=width, hidden=hidden, head_hidden=head_hidden)
     return mamo_from(hps.encoder, dict(hps.heads), module)  # type: ignore[arg-type]
 
 
-__all__ = ["MAMO", "build_mamo", "mamo_from", "split_layers"]
+__all__ = ["MAMO", "MODULE_KINDS", "build_mamo", "mamo_from", "split_layers"]
