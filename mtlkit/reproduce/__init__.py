@@ -31,3 +31,21 @@ def load_all() -> dict[str, Reproduction]:
 
     import_submodules(__name__, __path__)
     return REPRODUCTIONS
+
+
+def train_or_reuse(cfg, data, run_dir, reuse: bool) -> tuple[dict, bool]:
+    """Train the run ``cfg`` into ``run_dir``; return its ``results.json`` and whether it trained now. With
+    ``reuse``, a finished run of the same config is read back instead and a stopped one continues from its checkpoint
+    (a run of another config is an error, :func:`mtlkit.train.finished_run`)."""
+    import json
+
+    import torch
+
+    from mtlkit.train import Trainer, finished_run, resumable_run
+
+    done = finished_run(run_dir, cfg) if reuse else None
+    if done is None:
+        Trainer(cfg, data=data, run_dir=run_dir).fit(resume=reuse and resumable_run(run_dir, cfg))
+        torch.set_grad_enabled(True)
+        return json.loads((run_dir / "results.json").read_text()), True
+    return done, False

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlkit.reproduce import Reproduction, register_reproduction
+from mtlkit.reproduce import Reproduction, register_reproduction, train_or_reuse
 from mtlkit.reproduce.mamo import VERDICT_RULE, command_line, fmt_paired, fmt_pm, paired, verdict, with_second_metric
 
 #: --datasets -> registered dataset, its options, the HPS options, epochs, batch size (the default budget)
@@ -129,7 +129,6 @@ def _budget(name: str, s: dict[str, Any], data, args: argparse.Namespace) -> str
 
 def _train(name: str, s: dict[str, Any], data, spec: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
     from mtlkit.config import RunConfig
-    from mtlkit.train import Trainer, finished_run, resumable_run
 
     method, opts = parse_method(spec)
     run_dir = out / name / "runs" / f"{run_id(method, opts)}-s{seed}"
@@ -139,11 +138,8 @@ def _train(name: str, s: dict[str, Any], data, spec: str, seed: int, args: argpa
         "train": {"epochs": s["epochs"], "batch_size": s["batch_size"], "lr": args.lr, "seed": seed,
                   "progress": False, "device": args.device, "num_threads": args.threads},
         "output": {"dir": str(run_dir), "tensorboard": False, "overwrite": True}})
-    done = finished_run(run_dir, cfg) if args.reuse else None
-    if done is None:
-        Trainer(cfg, data=data, run_dir=run_dir).fit(resume=args.reuse and resumable_run(run_dir, cfg))
-        torch.set_grad_enabled(True)
-        done = json.loads((run_dir / "results.json").read_text())
+    done, trained = train_or_reuse(cfg, data, run_dir, args.reuse)
+    if trained:
         print(f"[mamg] {name} seed {seed} {spec}: {done['train_seconds']:.0f}s", file=sys.stderr)
     return {"test": done["test"], "val": done["val"], "seconds": float(done["train_seconds"])}
 

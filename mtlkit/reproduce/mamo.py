@@ -62,7 +62,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from mtlkit.reproduce import Reproduction, register_reproduction
+from mtlkit.reproduce import Reproduction, register_reproduction, train_or_reuse
 
 #: The paper's numbers (Tan, Hu & Zhang, ECAI 2024). Δ (Eq. 15, higher is better) and Win in %.
 PAPER: dict[str, Any] = {"mamo": {
@@ -321,7 +321,6 @@ def _budget(args: argparse.Namespace, n_steps: int) -> str:
 
 def _trainer_run(rid: str, seed: int, data, args, out: Path, model_opts: dict[str, Any], epochs: int) -> dict:
     from mtlkit.config import RunConfig
-    from mtlkit.train import Trainer, finished_run, resumable_run
 
     label, method = TRAINER_ROWS[rid]
     name, opts = _data_options(args)
@@ -332,11 +331,8 @@ def _trainer_run(rid: str, seed: int, data, args, out: Path, model_opts: dict[st
         "train": {"epochs": epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": seed, "progress": False,
                   "device": args.device, "num_threads": args.threads},
         "output": {"dir": str(run_dir), "tensorboard": False, "overwrite": True}})
-    done = finished_run(run_dir, cfg) if args.reuse else None
-    if done is None:
-        Trainer(cfg, data=data, run_dir=run_dir).fit(resume=args.reuse and resumable_run(run_dir, cfg))
-        torch.set_grad_enabled(True)
-        done = json.loads((run_dir / "results.json").read_text())
+    done, trained = train_or_reuse(cfg, data, run_dir, args.reuse)
+    if trained:
         print(f"[mamo] seed {seed} {label}: {done['train_seconds']:.0f}s", file=sys.stderr)
     return {"test": done["test"], "val": done["val"], "seconds": float(done["train_seconds"]),
             "parameters": int(done["parameters"])}
