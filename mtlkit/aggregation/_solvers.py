@@ -35,11 +35,20 @@ def kkt_tol(dtype: torch.dtype | np.dtype | type | None = None) -> float:
     A float32 Gramian is only known to ~eps32·tr(G); the least-squares solves then cut singular values below
     √(that) (:func:`factor`), which leaves residuals of that order: 2.3e-5 for float32, 1e-9 for float64.
     """
-    e64 = float(np.finfo(np.float64).eps)
+    return KKT_TOL * float(np.sqrt(max(_eps(dtype), _EPS64) / _EPS64))
+
+
+_EPS64 = float(np.finfo(np.float64).eps)
+
+
+def _eps(dtype: torch.dtype | np.dtype | type | None) -> float:
+    """Machine epsilon of the dtype a Gramian was computed in (``None``: float64; integer dtypes: 0, G is exact)."""
     if dtype is None:
-        return KKT_TOL
-    eps = float(torch.finfo(dtype).eps) if isinstance(dtype, torch.dtype) else float(np.finfo(np.dtype(dtype)).eps)
-    return KKT_TOL * float(np.sqrt(max(eps, e64) / e64))
+        return _EPS64
+    if isinstance(dtype, torch.dtype):
+        return float(torch.finfo(dtype).eps) if dtype.is_floating_point or dtype.is_complex else 0.0
+    dt = np.dtype(dtype)
+    return float(np.finfo(dt).eps) if np.issubdtype(dt, np.inexact) else 0.0
 
 
 def to_numpy(G: Tensor) -> np.ndarray:
@@ -108,16 +117,8 @@ def rank_cutoff(lam: np.ndarray, dtype: torch.dtype | np.dtype | type | None = N
     """
     if lam.size == 0:
         return 0.0
-    e64 = float(np.finfo(np.float64).eps)
-    if dtype is None:
-        eps = e64
-    elif isinstance(dtype, torch.dtype):
-        eps = float(torch.finfo(dtype).eps) if dtype.is_floating_point or dtype.is_complex else 0.0
-    else:
-        dt = np.dtype(dtype)
-        eps = float(np.finfo(dt).eps) if np.issubdtype(dt, np.inexact) else 0.0  # integers: exact G
     a = np.abs(lam)
-    return 2.0 * (max(eps, e64) * float(a.sum()) + lam.size * e64 * float(a.max()))
+    return 2.0 * (max(_eps(dtype), _EPS64) * float(a.sum()) + lam.size * _EPS64 * float(a.max()))
 
 
 def pinvh(G: np.ndarray, dtype: torch.dtype | np.dtype | type | None = None) -> np.ndarray:
@@ -317,7 +318,7 @@ def _lawson_hanson(M: np.ndarray, b: np.ndarray, x: np.ndarray, tol: float, max_
     x = np.maximum(x, 0.0)
     P = x > 0
     gscale = max(float(np.linalg.norm(M)) * float(np.linalg.norm(b)), 1e-300)
-    rcond = max(M.shape) * np.finfo(np.float64).eps if rcond is None else max(rcond, max(M.shape) * 2.2e-16)
+    rcond = max(M.shape) * _EPS64 if rcond is None else max(rcond, max(M.shape) * _EPS64)
     for _ in range(max_iter):
         # Inner loop: make x the least-squares solution on P while staying feasible.
         for _ in range(T + 1):
@@ -368,10 +369,9 @@ def nnls_certified(M: np.ndarray, b: np.ndarray, x0: np.ndarray | None = None,
     sub-optimal points on some inputs (scipy/scipy issues #21140, #21630, #22884, #25389), and on rank-deficient
     Gramians a wrong active set leaves KKT violations around 1e-4, which made UPGrad's update depend on the task order
     and conflict with a task. So the answer is checked (:func:`nnls_kkt_residual`); if it fails, Lawson-Hanson
-    (:func:`_lawson_hanson`) polishes it from SciPy's point, and if that still fails, runs again from ``x = 0``.
-    The most accurate of the candidates is returned; all of them failing would raise :class:`RuntimeError`
-    (never seen: it would be a bug, not an input problem). ``x0``: a first answer already computed (SciPy is then
-    not called). ``rcond``: passed to the least-squares solves (:func:`_lawson_hanson`); ``tol``: the bound (see
+    (:func:`_lawson_hanson`) runs again from ``x = 0``. The more accurate of the two is returned; both failing
+    would raise :class:`RuntimeError` (never seen: it would be a bug, not an input problem). ``x0``: a first answer
+    already computed and polished by :func:`_scipy_nnls` (SciPy is then not called). ``rcond``: passed to the least-squares solves (:func:`_lawson_hanson`); ``tol``: the bound (see
     :func:`kkt_tol`).
 
     Example:
@@ -384,13 +384,13 @@ def nnls_certified(M: np.ndarray, b: np.ndarray, x0: np.ndarray | None = None,
     best, best_r = x, nnls_kkt_residual(M, b, x)
     if best_r <= tol:
         return best
-    for start in (best, np.zeros(T)):
-        y = _lawson_hanson(M, b, start, tol=1e-13, max_iter=3 * T + 10, rcond=rcond)
-        r = nnls_kkt_residual(M, b, y)
-        if r < best_r:
-            best, best_r = y, r
-        if best_r <= tol:
-            return best
+    # The first answer was already polished from SciPy's point (_scipy_nnls): the fallback starts afresh from 0.
+    y = _lawson_hanson(M, b, np.zeros(T), tol=1e-13, max_iter=3 * T + 10, rcond=rcond)
+    r = nnls_kkt_residual(M, b, y)
+    if r < best_r:
+        best, best_r = y, r
+    if best_r <= tol:
+        return best
     raise RuntimeError(f"non-negative least squares not certified: KKT residual {best_r:.3g} > {tol:g} "
                        f"(T = {T}); please report this input")
 
