@@ -99,9 +99,9 @@ def cagrad_primal(A: np.ndarray, sqrt_phi: float, dtype: torch.dtype | None = No
     """
     T = A.shape[0]
     u = np.full(T, 1.0 / T)
-    x, zero_optimal = _cagrad_dual(A, sqrt_phi, dtype=dtype)
-    if zero_optimal:
-        return project_dual_cone(A, u, dtype)[0]
+    x, v0 = _cagrad_dual(A, sqrt_phi, dtype=dtype)
+    if v0 is not None:
+        return v0
     gw_norm = np.sqrt(max(float(x @ A @ x), 0.0))
     if not gw_norm > 0:  # only after an SLSQP fallback that landed on g_w = 0: the closest non-conflicting point
         return project_dual_cone(A, u, dtype)[0]
@@ -141,8 +141,9 @@ def cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: in
 
 
 def _cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: int = 100,
-                 dtype: torch.dtype | None = None) -> tuple[np.ndarray, bool]:
-    """:func:`cagrad_dual`, and whether its answer is a certified ``g_w = 0`` optimum (see :func:`cagrad_primal`)."""
+                 dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`cagrad_dual`, and, when its answer is a certified ``g_w = 0`` optimum, the weights of the primal point
+    that certifies it (the projection of ``g_0`` onto the dual cone, see :func:`cagrad_primal`); else None."""
     T = A.shape[0]
     u = np.full(T, 1.0 / T)
     b = A @ u
@@ -157,8 +158,9 @@ def _cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: i
     # Is g_w = 0 (0 in the convex hull) the optimum? Checked first: near the boundary of that case (the projection of
     # g_0 onto the dual cone on the sphere ||d - g_0|| = √φ) the alternation below converges only sublinearly.
     w0 = min_norm_simplex_factor(L, rcond, qp_tol)
-    if _zero_is_optimal(A, w0, sqrt_phi, 1e-7 * norm_scale, dtype):
-        return w0, True
+    v0 = _zero_optimum(A, w0, sqrt_phi, 1e-7 * norm_scale, dtype)
+    if v0 is not None:
+        return w0, v0
     for _ in range(max_iter):
         if not rho > 0:
             break
@@ -166,24 +168,26 @@ def _cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: i
         exact = _kkt_on_support(A, b, sqrt_phi, np.flatnonzero(w > 0))
         for cand in (exact, w):
             if cand is not None and _kkt_residual(A, b, sqrt_phi, cand) <= tol * scale:
-                return cand, False
+                return cand, None
         rho = float(np.sqrt(max(w @ A @ w, 0.0)))
     warnings.warn(f"CAGrad: the exact dual solver did not certify an answer in {max_iter} rounds (T = {T}); "
                   "finishing with SLSQP, whose answer is only as exact as its tolerance", RuntimeWarning, stacklevel=2)
-    return _slsqp(A, b, sqrt_phi, w), False
+    return _slsqp(A, b, sqrt_phi, w), None
 
 
-def _zero_is_optimal(A: np.ndarray, w0: np.ndarray, sqrt_phi: float, atol: float,
-                     dtype: torch.dtype | None = None) -> bool:
-    """True if ``g_w0 = 0`` (to atol) and some ``d`` in the ball has ``J d ≥ 0``: then the primal value is ≥ 0 = f(w0).
+def _zero_optimum(A: np.ndarray, w0: np.ndarray, sqrt_phi: float, atol: float,
+                  dtype: torch.dtype | None = None) -> np.ndarray | None:
+    """If ``g_w0 = 0`` (to atol) and some ``d`` in the ball has ``J d ≥ 0`` (then the primal value is ≥ 0 = f(w0)),
+    the weights ``v`` of that ``d = Jᵀv``; else None.
 
-    The ``d`` tried is the projection of ``g_0`` onto the dual cone ``{d : J d ≥ 0}``, ``Jᵀv`` (the closest one).
+    The ``d`` tried is the projection of ``g_0`` onto the dual cone ``{d : J d ≥ 0}`` (the closest one).
     """
     if float(w0 @ A @ w0) > atol ** 2:
-        return False
+        return None
     u = np.full(len(w0), 1.0 / len(w0))
-    r = project_dual_cone(A, u, dtype)[0] - u
-    return float(r @ A @ r) <= sqrt_phi ** 2 * (1 + 1e-9)
+    v = project_dual_cone(A, u, dtype)[0]
+    r = v - u
+    return v if float(r @ A @ r) <= sqrt_phi ** 2 * (1 + 1e-9) else None
 
 
 def _kkt_on_support(A: np.ndarray, b: np.ndarray, sqrt_phi: float, S: np.ndarray) -> np.ndarray | None:
