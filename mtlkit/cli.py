@@ -210,24 +210,12 @@ def _data(args: argparse.Namespace) -> int:
     if args.data_command == "list":
         print(sources.describe_cache())
         return 0
-    from mtlkit.data.entangled import load_census
-    from mtlkit.data.yeast import load_yeast
-
-    tabular = {"yeast": load_yeast, "census": load_census}  # cached .npz files named after the dataset
-    valid = sorted(sources.IMAGE_SOURCES) + sorted(tabular)
+    valid = sources.source_names()
     unknown = [n for n in args.names if n not in valid]
-    if unknown:
+    if unknown:  # every name is checked before anything is fetched
         raise MTLKitError(f"unknown dataset(s) {unknown}; `mtlkit data fetch` knows: {', '.join(valid)}")
     for n in args.names or sorted(sources.IMAGE_SOURCES):
-        if n in tabular:
-            cached = sources.cache_dir() / f"{n}.npz"
-            if args.force:
-                for p in (cached, cached.with_suffix(".npz.sha256")):
-                    p.unlink(missing_ok=True)
-            tabular[n]()
-            path = cached
-        else:
-            path = sources.fetch(n, force=args.force)
+        path = sources.fetch(n, force=args.force)
         print(f"{n}: {path}")
     return 0
 
