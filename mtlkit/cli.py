@@ -188,9 +188,6 @@ def _eval(args: argparse.Namespace) -> int:
                           + "; " + ("choose --attack fgsm or pgd" if args.attack == "none" else "use --attack pgd"))
     eps = list(dict.fromkeys(args.eps)) if args.eps else [0.0] if args.attack == "none" else list(DEFAULT_EPS)
     run = check_run_dir(args.run_dir)
-    from mtlkit.runs import verify_checkpoint
-
-    verify_checkpoint(run / "best.pt", hint=f"retrain it (mtlkit train --run-dir {run} --overwrite)")
     path = eval_result_path(run, args.split, args.attack, args.target_task)
     if path.exists() and not args.overwrite:
         raise ConfigError(f"{path} exists (an earlier mtlkit eval of this split and attack); pass --overwrite to "

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mtlkit import runs
 from mtlkit.config import RunConfig
 from mtlkit.data import MTLData, Split, build_dataset
 from mtlkit.errors import ConfigError
@@ -80,12 +81,14 @@ def load_run(run_dir: str | Path, device: str = "cpu", data: MTLData | None = No
     """Rebuild a run's data (unless ``data`` is given) and model and load its validation-selected weights."""
     run = check_run_dir(run_dir)
     cfg = RunConfig.from_yaml(run / "config.yaml")
+    dev = resolve_device(device)
+    # hash-checked, and before the dataset is built, so a damaged file is reported at once
+    states = runs.load_checkpoint(run / "best.pt", map_location=dev,
+                                  hint=f"retrain it (mtlkit train --run-dir {run} --overwrite)")
     if data is None:
         data = build_dataset(cfg.dataset.name, **cfg.dataset.options)
     method = build_method(cfg.method.name, level=cfg.method.level, **cfg.method.options)
-    dev = resolve_device(device)
     model = build_for(cfg, data, method).to(dev)
-    states = torch.load(run / "best.pt", map_location=dev, weights_only=False)
     if isinstance(model, SingleTaskModels):
         for name, st in states.items():
             model.members[name].load_state_dict(st)
