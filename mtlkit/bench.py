@@ -199,7 +199,7 @@ def _other_config(run_dir: Path, cfg: RunConfig) -> str | None:
     (keys that change what it learns, as ``--reuse`` compares them); None when it has no config or the same."""
     import yaml
 
-    from mtlkit.train import _REUSE_IGNORED, config_differences
+    from mtlkit.runs import REUSE_IGNORED, config_differences
 
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -211,7 +211,7 @@ def _other_config(run_dir: Path, cfg: RunConfig) -> str | None:
     if not isinstance(saved, dict):
         return "an unreadable config.yaml"
     requested = cfg.to_dict()
-    diff = config_differences(saved, requested, allowed=_REUSE_IGNORED)
+    diff = config_differences(saved, requested, allowed=REUSE_IGNORED)
 
     def look(d: dict[str, Any], key: str) -> Any:
         section, k = key.split(".", 1)
@@ -262,7 +262,7 @@ def run_zoo(args: argparse.Namespace) -> int:
 
     from mtlkit.config import check_run_config
     from mtlkit.errors import ConfigError
-    from mtlkit.train import finished_run, resumable_run
+    from mtlkit.runs import finished_run, resumable_run
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")

@@ -359,7 +359,7 @@ level 'representation' cannot apply; use level 'parameter' (the default) or a mo
 
 def _check_combination(cfg: RunConfig, method: Any, model_cls: type | None) -> None:
     """Model, method and level that cannot train together (each message names both sides)."""
-    from mtlkit.models.hps import SingleTaskModels
+    from mtlkit.models.stl import SingleTaskModels
 
     explicit = cfg.method.level is not None
     where = "level 'representation'" if explicit else \

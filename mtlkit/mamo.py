@@ -79,7 +79,8 @@ from mtlkit.methods import build_method
 from mtlkit.metrics import selection_score
 from mtlkit.models.mamo import MAMO
 from mtlkit.tasks import stack_losses, task_names
-from mtlkit.train import evaluate, seed_everything
+from mtlkit.runs import seed_everything
+from mtlkit.train import evaluate
 from mtlkit.weighting import StepContext
 
 Threshold = Literal["average", "topk"]

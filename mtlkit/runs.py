@@ -44,7 +44,12 @@ import socket
 import sys
 import zipfile
 from pathlib import Path
+import random
 from typing import Any
+
+import numpy as np
+import torch
+import yaml
 
 from mtlkit.errors import ConfigError, MTLKitError
 
@@ -521,3 +526,111 @@ def _check_writable(path: Path, lock: RunLock) -> None:
     except OSError as e:
         lock.release()
         raise _os_error(OSError(e.errno, e.strerror, str(path)), path, "write to the run directory") from e
+
+
+# -- seeding and RNG state ---------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (the loop draws its batch order from its own)."""
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- reusing finished runs, resuming stopped ones -------------------------------------------------------------
+# Keys that do not change what a run learns (or change it only by float reduction order), so a finished run may be
+# reused, or a stopped one resumed, by a request that differs in them.
+REUSE_IGNORED = {"train.progress", "train.num_threads", "train.device", "train.eval_batch_size",
+                  "train.checkpoint_minutes"}
+
+
+def finished_run(run_dir: str | Path, cfg: Any) -> dict[str, Any] | None:
+    """The ``results.json`` of a finished run in ``run_dir`` trained with ``cfg``; None if it has not finished.
+
+    Benchmarks that resume (``bench zoo --reuse``, ``reproduce mtvib --reuse``) call this instead of trusting a file
+    name: a finished run whose ``config.yaml`` differs from the request (other than in output paths, progress bars,
+    threads, device or evaluation batch size) raises ConfigError naming the keys, rather than being silently mixed
+    into a table of another budget.
+
+    Example:
+        >>> from mtlkit.config import RunConfig
+        >>> finished_run("/nonexistent-run-dir", RunConfig()) is None
+        True
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.json").is_file():
+        return None
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"{run_dir} has results.json but no config.yaml: cannot tell what it was trained with")
+    _refuse_other_config(run_dir, saved_path, cfg, "refusing to reuse {run_dir}: it was trained with")
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def resumable_run(run_dir: str | Path, cfg: Any) -> bool:
+    """Whether ``run_dir`` holds a stopped run of ``cfg`` that :meth:`Trainer.fit` can resume (``resume=True``).
+
+    False when there is no ``checkpoint.pt`` (nothing to resume: train afresh). Raises ConfigError naming the keys
+    when the checkpoint was written by another config, so that ``bench zoo --reuse`` never continues, or silently
+    replaces, a run of another budget.
+
+    Example:
+        >>> resumable_run("/nonexistent-run-dir", RunConfig())
+        False
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoint.pt").is_file():
+        return False
+    # config.yaml is what the checkpoint's config was written from (fit writes both from the same cfg): reading it
+    # spares loading the whole checkpoint here, which fit then loads (and checks) again.
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"{run_dir} has checkpoint.pt but no config.yaml: cannot tell what it was started with")
+    _refuse_other_config(run_dir, saved_path, cfg, "refusing to resume {run_dir}: it was started with")
+    return True
+
+
+def _refuse_other_config(run_dir: Path, saved_path: Path, cfg: Any, refusal: str) -> None:
+    """Raise ConfigError (``refusal`` + the differing keys, theirs and requested) when the config saved at
+    ``saved_path`` differs from ``cfg`` in a key that changes what a run learns (``train.epochs`` included: the
+    budget must be the same)."""
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    requested = cfg.to_dict()
+    diff = config_differences(saved, requested, allowed=REUSE_IGNORED)
+    if diff:
+        detail = ", ".join(f"{k}: {_lookup(saved, k)!r} there, {_lookup(requested, k)!r} requested" for k in diff)
+        raise ConfigError(f"{refusal.format(run_dir=run_dir)} another config ({detail}); use another output "
+                          f"directory or delete that run")
+
+
+def _lookup(d: dict[str, Any], dotted: str) -> Any:
+    section, key = dotted.split(".", 1)
+    return (d.get(section) or {}).get(key)
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], allowed: set[str]) -> list[str]:
+    """Dotted keys (``section.key``) whose values differ between two config dicts, except ``allowed`` and
+    ``output.*``."""
+    out = []
+    for section in old.keys() | new.keys():
+        if section == "output":
+            continue
+        a, b = old.get(section, {}), new.get(section, {})
+        for k in a.keys() | b.keys():
+            if f"{section}.{k}" not in allowed and a.get(k) != b.get(k):
+                out.append(f"{section}.{k}")
+    return sorted(out)

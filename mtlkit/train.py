@@ -53,8 +53,9 @@ from mtlkit.data import MTLData, Split, build_dataset
 from mtlkit.errors import ConfigError, MTLKitError, NonFiniteLossError, unknown_name
 from mtlkit.methods import Method, build_method
 from mtlkit.metrics import evaluate_outputs, selection_score
-from mtlkit.models import MTLModel, SingleTaskModels, build_model
-from mtlkit.models.base import auxiliary_loss
+from mtlkit import models
+from mtlkit.models import MTLModel, SingleTaskModels
+from mtlkit.models.base import check_auxiliary_loss
 from mtlkit.tasks import Task, stack_losses, task_names
 from mtlkit.weighting import StepContext
 
@@ -73,27 +74,6 @@ def resolve_device(spec: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device is {spec!r} but CUDA is not available on this machine")
     return dev
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @torch.no_grad()
@@ -120,12 +100,6 @@ def evaluate(model: nn.Module, split: Split, tasks: list[Task], batch_size: int 
     return res
 
 
-def _restrict(data: MTLData, task: Task) -> MTLData:
-    view = copy.copy(data)
-    view.tasks = [task]
-    return view
-
-
 def task_instance_counts(tasks: list[Task], split: Split) -> list[int]:
     """Training instances per task: positives for binary tasks (MTMLAN's n_j), all samples otherwise."""
     out = []
@@ -137,10 +111,7 @@ def task_instance_counts(tasks: list[Task], split: Split) -> list[int]:
 
 def build_for(cfg: RunConfig, data: MTLData, method: Method) -> MTLModel:
     """The model of ``cfg`` for ``data``; for single-task methods, one such model per task."""
-    if method.single_task:
-        return SingleTaskModels({t.name: build_model(cfg.model.name, _restrict(data, t), **cfg.model.options)
-                                 for t in data.tasks})
-    return build_model(cfg.model.name, data, **cfg.model.options)
+    return models.build_for(cfg.model.name, data, cfg.model.options, single_task=method.single_task)
 
 
 def _optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -215,7 +186,7 @@ class Trainer:
         self.tasks = self.data.tasks
         self.names = task_names(self.tasks)
         self.run_dir = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
-        seed_everything(tc.seed)
+        runs.seed_everything(tc.seed)
         self.model = build_for(cfg, self.data, self.method).to(self.device)
         # Extra training-only tasks a model may declare (e.g. RRMTDL's adversarial heads): trained, never selected
         # on or reported (Task.auxiliary).
@@ -250,7 +221,7 @@ class Trainer:
         ``seconds``: the training time so far; ``best_state``: the selected model (best.pt is derived from it)."""
         return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "in_epoch": in_epoch, "train_seconds": seconds,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "method": self.method.state_dict(), "rng": _rng_state(),
+                "scheduler": self.scheduler.state_dict(), "method": self.method.state_dict(), "rng": runs.rng_state(),
                 "best": best, "best_state": self._best_state, "history": history, "config": self.cfg.to_dict()}
 
     def _check_finite_parameters(self, where: str) -> None:
@@ -334,7 +305,7 @@ class Trainer:
                                      f"non-finite ones for task(s) {', '.join(bad)} "
                                      f"({weighted.detach().tolist()}); {self._lr_hint()}")
         try:
-            aux = auxiliary_loss(self.model)  # non-task losses of the model's modules (e.g. MTVIB's β·KL), if any
+            aux = check_auxiliary_loss(self.model)  # non-task losses of the model's modules (e.g. MTVIB's β·KL), if any
             self.optimizer.zero_grad(set_to_none=True)
             shared = self.model.shared_parameters()
             backward(weighted, shared, self.method.aggregator, representation=z, level=self.method.level,
@@ -472,7 +443,7 @@ class Trainer:
         diff = _resume_differences(ck["config"], cfg.to_dict())
         if diff:
             raise ConfigError(f"cannot resume {self.run_dir}: its config differs in {diff} (only train.epochs, "
-                              f"output.* and {', '.join(sorted(_REUSE_IGNORED))} may change on resume; see its "
+                              f"output.* and {', '.join(sorted(runs.REUSE_IGNORED))} may change on resume; see its "
                               f"config.yaml)")
         # Checkpoints older than mid-epoch saving have neither key: they were written at an epoch end.
         in_epoch, carried = ck.get("in_epoch"), float(ck.get("train_seconds", 0.0))
@@ -482,7 +453,7 @@ class Trainer:
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self.method.load_state_dict(ck["method"])
-        _set_rng_state(ck["rng"])
+        runs.set_rng_state(ck["rng"])
         best, history = ck["best"], ck["history"]
         if ck.get("format", 1) < 2:  # older checkpoints numbered their history rows from 0
             history = [{**r, "epoch": int(r["epoch"]) + 1} for r in history]
@@ -608,92 +579,9 @@ def _with_context(e: MTLKitError, extra: str) -> MTLKitError:
             setattr(new, attr, getattr(e, attr))
     return new
 
-# Keys that do not change what a run learns (or change it only by float reduction order), so a finished run may be
-# reused, or a stopped one resumed, by a request that differs in them.
-_REUSE_IGNORED = {"train.progress", "train.num_threads", "train.device", "train.eval_batch_size",
-                  "train.checkpoint_minutes"}
-
-
 def _resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Config keys that differ between a checkpoint and a resume request, ignoring those allowed to change."""
-    return config_differences(old, new, allowed=_REUSE_IGNORED | {"train.epochs"})
-
-
-def finished_run(run_dir: str | Path, cfg: RunConfig) -> dict[str, Any] | None:
-    """The ``results.json`` of a finished run in ``run_dir`` trained with ``cfg``; None if it has not finished.
-
-    Benchmarks that resume (``bench zoo --reuse``, ``reproduce mtvib --reuse``) call this instead of trusting a file
-    name: a finished run whose ``config.yaml`` differs from the request (other than in output paths, progress bars,
-    threads, device or evaluation batch size) raises ConfigError naming the keys, rather than being silently mixed
-    into a table of another budget.
-
-    Example:
-        >>> finished_run("/nonexistent-run-dir", RunConfig()) is None
-        True
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / "results.json").is_file():
-        return None
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        raise ConfigError(f"{run_dir} has results.json but no config.yaml: cannot tell what it was trained with")
-    _refuse_other_config(run_dir, saved_path, cfg, "refusing to reuse {run_dir}: it was trained with")
-    return json.loads((run_dir / "results.json").read_text())
-
-
-def resumable_run(run_dir: str | Path, cfg: RunConfig) -> bool:
-    """Whether ``run_dir`` holds a stopped run of ``cfg`` that :meth:`Trainer.fit` can resume (``resume=True``).
-
-    False when there is no ``checkpoint.pt`` (nothing to resume: train afresh). Raises ConfigError naming the keys
-    when the checkpoint was written by another config, so that ``bench zoo --reuse`` never continues, or silently
-    replaces, a run of another budget.
-
-    Example:
-        >>> resumable_run("/nonexistent-run-dir", RunConfig())
-        False
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / "checkpoint.pt").is_file():
-        return False
-    # config.yaml is what the checkpoint's config was written from (fit writes both from the same cfg): reading it
-    # spares loading the whole checkpoint here, which fit then loads (and checks) again.
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        raise ConfigError(f"{run_dir} has checkpoint.pt but no config.yaml: cannot tell what it was started with")
-    _refuse_other_config(run_dir, saved_path, cfg, "refusing to resume {run_dir}: it was started with")
-    return True
-
-
-def _refuse_other_config(run_dir: Path, saved_path: Path, cfg: RunConfig, refusal: str) -> None:
-    """Raise ConfigError (``refusal`` + the differing keys, theirs and requested) when the config saved at
-    ``saved_path`` differs from ``cfg`` in a key that changes what a run learns (``train.epochs`` included: the
-    budget must be the same)."""
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    requested = cfg.to_dict()
-    diff = config_differences(saved, requested, allowed=_REUSE_IGNORED)
-    if diff:
-        detail = ", ".join(f"{k}: {_lookup(saved, k)!r} there, {_lookup(requested, k)!r} requested" for k in diff)
-        raise ConfigError(f"{refusal.format(run_dir=run_dir)} another config ({detail}); use another output "
-                          f"directory or delete that run")
-
-
-def _lookup(d: dict[str, Any], dotted: str) -> Any:
-    section, key = dotted.split(".", 1)
-    return (d.get(section) or {}).get(key)
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any], allowed: set[str]) -> list[str]:
-    """Dotted keys (``section.key``) whose values differ between two config dicts, except ``allowed`` and
-    ``output.*``."""
-    out = []
-    for section in old.keys() | new.keys():
-        if section == "output":
-            continue
-        a, b = old.get(section, {}), new.get(section, {})
-        for k in a.keys() | b.keys():
-            if f"{section}.{k}" not in allowed and a.get(k) != b.get(k):
-                out.append(f"{section}.{k}")
-    return sorted(out)
+    return runs.config_differences(old, new, allowed=runs.REUSE_IGNORED | {"train.epochs"})
 
 
 def _auxiliary_tasks(model: nn.Module) -> list[Task]:

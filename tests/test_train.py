@@ -264,7 +264,7 @@ def test_cli_data_fetch_rejects_unknown_names(capsys):
 
 
 def test_finished_run_reuses_only_the_same_config(tmp_path):
-    from mtlkit.train import finished_run
+    from mtlkit.runs import finished_run
 
     cfg = _cfg(tmp_path, epochs=1)
     assert finished_run(tmp_path / "run", cfg) is None  # nothing trained yet

@@ -1,4 +1,4 @@
-"""Hard parameter sharing (HPS): one shared encoder, one head per task; and STL, one such model per task.
+"""Hard parameter sharing (HPS): one shared encoder, one head per task (STL: :mod:`mtlkit.models.stl`).
 
 The MultiMNIST encoder and heads are those of the MTVIB paper, Table I(b) (the "Small-AlexNet"-like MTL model):
 Conv64 3x3 + BN + ReLU, MaxPool 2, Conv64 3x3 + BN + ReLU, MaxPool 2, FC 3136x384 + BN + ReLU; heads
@@ -92,25 +92,6 @@ class HPS(MTLModel):
         return {name: h(z) for name, h in self.heads.items()}
 
 
-class SingleTaskModels(MTLModel):
-    """STL: one independent model per task (no shared parameters). ``members[task]`` is that task's model.
-
-    ``encode`` is not defined for this model: with no shared representation, the training loop back-propagates the
-    summed loss, which gives each member exactly its own task's gradient.
-    """
-
-    def __init__(self, members: dict[str, MTLModel]):
-        super().__init__()
-        self.members = nn.ModuleDict(members)
-        self.encoder = nn.ModuleList([m.encoder for m in members.values()])
-
-    def encode(self, x: Tensor) -> Tensor:
-        raise TypeError("SingleTaskModels has no shared representation; call the model directly")
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return {name: m(x)[name] for name, m in self.members.items()}
-
-
 def _encoder(kind: str, input_shape: Sequence[int], width: int, hidden: Sequence[int]) -> nn.Module:
     if kind == "conv":
         return ConvEncoder(input_shape, width=width)
@@ -132,14 +113,3 @@ def build_hps(data, encoder: str = "conv", width: int = 384, hidden: Sequence[in
     enc = _encoder(encoder, data.input_shape, width, hidden)
     heads = {t.name: head(_out(enc), t.num_outputs, head_hidden) for t in data.tasks}
     return HPS(enc, heads)
-
-
-@register_model("stl")
-def build_stl(data, encoder: str = "conv", width: int = 384, hidden: Sequence[int] = (1024, 1024, 1024),
-              head_hidden: int = 192) -> SingleTaskModels:
-    """One HPS model with a single head per task, each with its own encoder of the same architecture."""
-    members = {}
-    for t in data.tasks:
-        enc = _encoder(encoder, data.input_shape, width, hidden)
-        members[t.name] = HPS(enc, {t.name: head(_out(enc), t.num_outputs, head_hidden)})
-    return SingleTaskModels(members)

@@ -36,12 +36,13 @@ def load_all() -> dict[str, Reproduction]:
 def train_or_reuse(cfg, data, run_dir, reuse: bool) -> tuple[dict, bool]:
     """Train the run ``cfg`` into ``run_dir``; return its ``results.json`` and whether it trained now. With
     ``reuse``, a finished run of the same config is read back instead and a stopped one continues from its checkpoint
-    (a run of another config is an error, :func:`mtlkit.train.finished_run`)."""
+    (a run of another config is an error, :func:`mtlkit.runs.finished_run`)."""
     import json
 
     import torch
 
-    from mtlkit.train import Trainer, finished_run, resumable_run
+    from mtlkit.runs import finished_run, resumable_run
+    from mtlkit.train import Trainer
 
     done = finished_run(run_dir, cfg) if reuse else None
     if done is None:

@@ -25,7 +25,7 @@ Default budget: ``four_task`` 1500 / 500 / 2000 images, 4 epochs, batch 128; ``y
 0 1 2; the five default methods: about 20 minutes on two idle CPU cores (four_task's Gramian methods cost ~20 s an
 epoch, yeast's runs a few seconds). ``--datasets yeast`` alone takes a few minutes.
 
-Resuming: ``--reuse`` keeps finished runs of the same configuration (:func:`mtlkit.train.finished_run`) and resumes
+Resuming: ``--reuse`` keeps finished runs of the same configuration (:func:`mtlkit.runs.finished_run`) and resumes
 stopped ones from their checkpoint.
 
 Example:

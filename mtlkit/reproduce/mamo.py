@@ -41,7 +41,7 @@ epoch; the Alg. 1 rows cost most, as their modules multiply the encoder). ``--se
 ``--seeds 0 1 2 --reuse`` afterwards trains only the other seeds. ``--full``: the paper's schedule (Z = 5).
 
 Resuming: ``--reuse`` keeps every finished run in ``--out`` whose configuration equals the requested one (Trainer runs
-through :func:`mtlkit.train.finished_run`, which also resumes a stopped Trainer run from its checkpoint; Alg. 1 runs
+through :func:`mtlkit.runs.finished_run`, which also resumes a stopped Trainer run from its checkpoint; Alg. 1 runs
 through the configuration stored beside their result) and refuses, naming the keys, one trained with another.
 
 Example:
@@ -342,7 +342,7 @@ def _alg1_run(rid: str, seed: int, data, args, out: Path, model_opts: dict[str, 
     from mtlkit.errors import ConfigError
     from mtlkit.mamo import MAMOConfig, learn_mamo
     from mtlkit.models.mamo import build_mamo
-    from mtlkit.train import seed_everything
+    from mtlkit.runs import seed_everything
 
     label, module, method = ALG1_ROWS[rid]
     cfg = MAMOConfig(

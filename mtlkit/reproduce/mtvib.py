@@ -133,7 +133,8 @@ def _train(model: str, seed: int, data, budget: dict[str, Any], out: Path, reuse
 
     from mtlkit.config import RunConfig
     from mtlkit.evaluation import load_run
-    from mtlkit.train import Trainer, finished_run, resumable_run
+    from mtlkit.runs import finished_run, resumable_run
+    from mtlkit.train import Trainer
 
     run_dir = out / "runs" / f"{tag or model}-s{seed}"
     cfg = RunConfig.from_dict({

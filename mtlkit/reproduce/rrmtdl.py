@@ -245,7 +245,7 @@ def budget_line(name: str, args: argparse.Namespace, sizes: Mapping[str, Mapping
 def _run_config(setup: dict[str, Any], key: str, pair: str, rate: float, seed: int, sizes: Mapping[str, int],
                 trunk_opts: Mapping[str, Any], groups: Any, args: argparse.Namespace, run_dir: Path) -> RunConfig:
     """The full config of one run: the dataset (pair, agreement, split seed, sizes) is part of it, so that ``--reuse``
-    never reads back a run of another budget (:func:`mtlkit.train.finished_run` compares the saved config)."""
+    never reads back a run of another budget (:func:`mtlkit.runs.finished_run` compares the saved config)."""
     _, model, method, extra = METHODS[key]
     opts: dict[str, Any] = dict(trunk_opts)
     if model == "rrmtdl":
@@ -274,7 +274,8 @@ def _row(results: Mapping[str, Any], reversed_: Mapping[str, float], names: list
 def run_one(data: MTLData, cfg: RunConfig, run_dir: Path, reuse: bool) -> tuple[dict[str, float], bool]:
     """Train one run (or, with ``reuse``, read back a finished one / resume a stopped one); returns its row and
     whether it was read back. The reversed-correlation validation metrics are kept in ``val_reversed.json``."""
-    from mtlkit.train import Trainer, evaluate, finished_run, resumable_run
+    from mtlkit.runs import finished_run, resumable_run
+    from mtlkit.train import Trainer, evaluate
 
     names = [t.name for t in data.tasks]
     rev_path = run_dir / "val_reversed.json"
