@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="dataset cache directory (sets MTLKIT_CACHE_DIR)")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of any error instead of one line (also MTLKIT_DEBUG=1)")
+    p.add_argument("--import", dest="imports", action="append", default=[], type=_import_module, metavar="MODULE",
+                   help="import this Python module (on sys.path, e.g. PYTHONPATH=.) before the command runs, so that "
+                        "the methods, models, datasets and metrics it registers can be used (repeatable)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (no arguments: the embedded default on a reduced MultiMNIST)",
@@ -89,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_zoo_arguments(z)
     return p
+
+
+def _import_module(name: str) -> str:
+    """argparse type of ``--import``: import the module ``name`` now (while the command line is parsed, before the
+    command runs); an import that fails is a usage error naming the module."""
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # the user's module: any error it raises is reported as the import's failure
+        raise argparse.ArgumentTypeError(f"cannot import {name!r}: {type(e).__name__}: {e}") from None
+    return name
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -218,19 +233,20 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
-    from mtlkit.data import available_datasets
-    from mtlkit.methods import available_methods, describe_method
-    from mtlkit.models import available_models
+    from mtlkit._registry import DATASETS, METHODS, MODELS
+    from mtlkit.methods import describe_method
 
     if args.names:
         print("\n\n".join(describe_method(n, detail=True) for n in args.names))
         return 0
-    print("methods (name (options with defaults): summary; `mtlkit methods NAME` documents one; set options with "
-          "--set method.options.KEY=VALUE):")
-    for n in available_methods():
+    print("methods (name (options with defaults) [level, output scale]: summary; `mtlkit methods NAME` documents one; "
+          "set options with --set method.options.KEY=VALUE; scale: sum = like EW's sum of the task gradients, "
+          "mean/convex/affine = like one gradient (--set method.scale=sum multiplies them by T), fixed_norm = a norm "
+          "set by T):")
+    for n in METHODS.names():
         print("  " + describe_method(n))
-    print("models: " + ", ".join(available_models()))
-    print("datasets: " + ", ".join(available_datasets()))
+    print("models: " + ", ".join(MODELS.names()))
+    print("datasets: " + ", ".join(DATASETS.names()))
     return 0
 
 
@@ -278,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         debug = debug or args.debug
         if args.cache_dir:
             os.environ["MTLKIT_CACHE_DIR"] = args.cache_dir
+        from mtlkit.logs import log_to_stderr
+
+        log_to_stderr()  # the library's progress messages (logging) go to stderr, as the command's own lines do
         _tune_allocator()
         rc = _run_command(args)
         sys.stdout.flush()  # inside the try: a reader that left is seen here, not in Python's flush at exit

@@ -2,7 +2,7 @@
 
 ``robust_metrics`` gives every task metric and the joint accuracy (MTVIB Fig. 5) on adversarial versions of a split;
 ``robustness_curve`` does it for a list of attack strengths (MTVIB Tables III/IV: η in {0, 0.05, ..., 0.30}).
-At η = 0 the inputs are the clean ones, so the numbers equal :func:`mtlkit.train.evaluate`'s.
+At η = 0 the inputs are the clean ones, so the numbers equal :func:`evaluate`'s.
 
 Example:
     >>> import torch
@@ -20,19 +20,56 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch import Tensor, nn
 
 from mtlkit import runs
 from mtlkit.config import RunConfig
 from mtlkit.data import MTLData, Split, build_dataset
 from mtlkit.errors import ConfigError
 from mtlkit.methods import build_method
+from mtlkit.devices import resolve_device
 from mtlkit.metrics import evaluate_outputs
-from mtlkit.models import MTLModel, SingleTaskModels
+from mtlkit.models import MTLModel, build_for
 from mtlkit.robustness import _check_eps, eval_mode, fgsm, fgsm_step, input_gradient, pgd
 from mtlkit.tasks import Task
-from mtlkit.train import build_for, resolve_device
 
 ATTACK_NAMES = ("none", "fgsm", "pgd")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Split, batch_size: int, device: torch.device) -> dict[str, Tensor]:
+    """Head outputs for a whole split, in eval mode, on the CPU."""
+    model.eval()
+    outs: dict[str, list[Tensor]] = {}
+    for s in range(0, len(split), batch_size):
+        o = model(split.x[s:s + batch_size].to(device))
+        for k, v in o.items():
+            outs.setdefault(k, []).append(v.float().cpu())
+    return {k: torch.cat(v) for k, v in outs.items()}
+
+
+def evaluate(model: nn.Module, split: Split, tasks: list[Task], batch_size: int = 1024,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """Every task metric (``task/metric``), ``joint_accuracy`` and the mean loss per task (``task/loss``)."""
+    device = torch.device(device)
+    outputs = predict(model, split, batch_size, device)
+    res = evaluate_outputs(tasks, outputs, split.y)
+    for t in tasks:
+        if not t.auxiliary:
+            res[f"{t.name}/loss"] = float(t.compute_loss(outputs[t.name], split.y[t.target_key]))
+    return res
+
+
+def load_selected(model: MTLModel, state: Any) -> None:
+    """Load a selected state (:meth:`Trainer.selected_state`, best.pt) into ``model``: one state dict, or one per
+    selection group (:meth:`mtlkit.models.MTLModel.selection_groups`)."""
+    groups = model.selection_groups()
+    if groups:
+        for name, st in state.items():
+            groups[name].load_state_dict(st)
+    elif state is not None:
+        model.load_state_dict(state)
+
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -88,12 +125,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", data: MTLData | None = No
     if data is None:
         data = build_dataset(cfg.dataset.name, **cfg.dataset.options)
     method = build_method(cfg.method.name, level=cfg.method.level, **cfg.method.options)
-    model = build_for(cfg, data, method).to(dev)
-    if isinstance(model, SingleTaskModels):
-        for name, st in states.items():
-            model.members[name].load_state_dict(st)
-    else:
-        model.load_state_dict(states)
+    model = build_for(cfg.model.name, data, cfg.model.options, single_task=method.single_task).to(dev)
+    load_selected(model, states)
     model.eval()
     return cfg, data, model
 

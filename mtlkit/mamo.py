@@ -1,4 +1,4 @@
-"""MAMO's search strategy (conflict detection) and learning procedure (Algorithm 1).
+"""MAMO's search strategy (conflict detection) and learning procedure (Algorithm 1), as a training-loop callback.
 
 Tan, Hu & Zhang, "MAMO: Multi-Task Architecture Learning via Multi-Objective and Gradients Mediative Kernel",
 27th European Conference on Artificial Intelligence (ECAI 2024, IOS Press; DOI not checked here). The architecture is
@@ -9,24 +9,40 @@ Tan, Hu & Zhang, "MAMO: Multi-Task Architecture Learning via Multi-Objective and
   accumulation ``Q`` over mini-batches (Eq. 11), and the zero-one indicator ``I = [Q ≥ Q_average]`` with
   ``Q_average`` = the mean of the non-zero entries of Q (Eqs. 12-13) — :func:`average_indicator`; or the TopK
   alternative of Sec. 4.4.4 — :func:`topk_indicator`. The per-task gradients come from the engine
-  (:class:`mtlkit.autodiff.BackwardInfo` ``.jacobian`` cut per layer with :func:`mtlkit.autodiff.split_flat`, or
-  :func:`mtlkit.autodiff.per_task_grads` when the method's aggregator does not compute them).
-* **Alg. 1** — :func:`learn_mamo`: pre-train the all-shared model (line 1), then Z detection rounds, each generating
-  modules from the indicator (lines 3-5) and continuing training (lines 6-7) with the method given by name through
-  :func:`mtlkit.methods.build_method` — ``"mgda"`` for MAMO (KKT Eq. 14 over the all-shared *and* GMK parameters,
-  which is what :meth:`MAMO.shared_parameters` hands the engine), ``"ew"`` for the w/o-MO ablation (linear
-  scalarisation, Eq. 3), ``"pcgrad"``/``"cagrad"`` for MAMO+PCGrad / MAMO+CAGrad (Sec. 4.4.3). The w/o-GMK
-  ablation is the same procedure on ``MAMO(..., module="conal")`` (CoNAL-faithful task branches; with ``"ew"`` it is
-  the CoNAL baseline's architecture under linear scalarisation).
+  (:class:`mtlkit.autodiff.BackwardInfo` ``.jacobian`` cut per layer with :func:`layer_gradients`, when the method's
+  aggregator computes them at parameter level) or from :func:`mtlkit.autodiff.per_task_grads` on the step's losses
+  (every other method).
+* **Alg. 1** — :class:`ArchitectureSearch`, a :class:`mtlkit.callbacks.Callback` of the one training loop
+  (:class:`mtlkit.train.Trainer`), which a MAMO built by the registered factory brings itself
+  (:meth:`MAMO.callbacks`): ``mtlkit train --model mamo --method mgda`` runs the search, with the engine options,
+  checkpoints and ``--resume`` of every run. It pre-trains the all-shared model (line 1), then at the end of each
+  phase detects conflicts and generates modules from the indicator (lines 3-5), and the run continues training
+  (lines 6-7) with the run's method — ``mgda`` for MAMO (KKT Eq. 14 over the all-shared *and* GMK parameters, which is
+  what :meth:`MAMO.shared_parameters` hands the engine), ``ew`` for the w/o-MO ablation (linear scalarisation, Eq.
+  3), ``pcgrad``/``cagrad`` for MAMO+PCGrad / MAMO+CAGrad (Sec. 4.4.3). The w/o-GMK ablation is the same procedure on
+  ``--set model.options.module=conal`` (CoNAL-faithful task branches; with ``ew`` it is the CoNAL baseline's
+  architecture under linear scalarisation).
+
+The search's options are keyword options of the model (:func:`mtlkit.models.mamo.build_mamo`, e.g. ``--set
+model.options.rounds=3``; :class:`~mtlkit.models.mamo.SearchOptions`): ``rounds`` (Z), ``epochs_per_round``,
+``threshold``, ``k``, ``scope``, ``conflict_window``, ``detect_batches``, ``pretrain_method``, ``selection``,
+``restore_optimizer``. The schedule is laid out on ``train.epochs``: pre-training takes the first
+``train.epochs - rounds * epochs_per_round`` epochs (at least 1, else a ConfigError), each round the next
+``epochs_per_round`` (at least 1: phases of zero epochs, which would detect without training, are refused). The
+epochs keep one numbering over the whole search, so every epoch's mini-batch order is the Trainer's (a function of
+the seed and the epoch). results.json holds, under ``"mamo"``, one record per phase (round 0 = pre-training, the HPS
+model): the modules activated, the model size, the val and test metrics after the phase's selection (test: reported,
+never selected on), the Q the round's modules were generated from and the mini-batches it counted, the method.
 
 **Who gets which gradient** (the KKT conditions of Eq. 14): the aggregator combines the per-task gradients of
 :meth:`MAMO.shared_parameters` only (all-shared and GMK parameters, condition 1); every parameter that one task alone
 uses (its decoder, its fusion logits, its exclusive/CoNAL modules: condition 2, ``∇_{θ^t} L^t = 0``) receives that
 task's full gradient, never an MGDA weight ``a^t`` of it nor a PCGrad projection. For a model whose modules belong to
-single tasks the engine is called without a ``representation`` (:func:`engine_backward`): those modules lie below
-:meth:`MAMO.encode`'s output, where the representation path would give them no gradient; without it the engine walks
-the whole graph and gives every non-shared parameter its own task's gradient. (Representation-level methods cannot
-do that and are refused for those module kinds.)
+single tasks :meth:`MAMO.representation_is_shared_path` is False, so the loop calls the engine without a
+``representation``: those modules lie below :meth:`MAMO.encode`'s output, where the representation path would give
+them no gradient; without it the engine walks the whole graph and gives every non-shared parameter its own task's
+gradient. (Representation-level methods cannot do that and are refused for those module kinds.) The callback calls
+``trainer.add_parameters`` after each growth, which makes the loop read the shared parameters and this hook again.
 
 Choices where the paper is silent (written down here and in the reproduction's output):
 
@@ -42,16 +58,28 @@ Choices where the paper is silent (written down here and in the reproduction's o
    use the same per-task gradients the optimiser uses. Alg. 1 line 3's single "mini-batch" is ``detect_batches=1``.
 3. **Already-active entries**: the indicator is computed on all entries; the modules generated in a round are the
    indicated (layer, pair) entries that have no module yet (Table 3 counts these).
-4. **Pre-training** (Alg. 1 line 1 names no method), option ``pretrain_method``: by default (None) the rounds'
+4. **Pre-training** (Alg. 1 line 1 names no method), option ``pretrain_method``: by default (None) the run's
    method (MGDA for MAMO, so the model after 0 detections is HPS+MGDA); ``"ew"`` pre-trains plain HPS (equal
-   weights), which makes the "0 detections = HPS" point of Fig. 4 plain HPS. ``pretrain_epochs`` epochs; each round
-   trains ``epochs_per_round`` epochs. New modules' parameters are added to the running Adam as a new parameter group
-   (the other parameters keep their moments).
-5. **Model selection**: within each phase, the epoch with the best validation score (mean primary metric, as the
-   Trainer) is kept and the next round grows from it (``selection="best_val"``); ``"last"`` keeps the last epoch.
+   weights), which makes the "0 detections = HPS" point of Fig. 4 plain HPS (the run's method, built afresh from
+   the run's ``method`` section, takes over at the first detection: ``Trainer.replace_method``). Pre-training lasts
+   ``train.epochs - rounds * epochs_per_round`` epochs; each round trains ``epochs_per_round`` epochs. New
+   modules' parameters are added to the run's optimizer as a new parameter group at the current learning rate
+   (``Trainer.add_parameters``; the other parameters keep their moments).
+5. **Model selection**: within each phase, the epoch with the best validation score (the Trainer's selection: mean
+   primary metric) is kept and the next round grows from it (``selection="best_val"``): at a phase's end the model
+   is rolled back to ``Trainer.selected_state()``, and after growing the selection starts afresh
+   (``Trainer.restart_selection``: a grown model's weights do not fit an earlier state), so the run's final model is
+   the best epoch of the last phase. ``"last"`` keeps the last epoch of every phase (and the run's last epoch).
    Rolling back restores the model's parameters and BatchNorm statistics; option ``restore_optimizer`` (default
-   False: Adam keeps the moments and step counts of the last epoch) also restores Adam's state of the selected
-   epoch. The weighting's own state (e.g. a loss history) is never rolled back.
+   False: Adam keeps the moments and step counts of the last epoch) also restores the optimizer's state of the
+   selected epoch (its learning rates stay the schedule's). The weighting's own state (e.g. a loss history) is
+   never rolled back.
+
+Resuming (``--resume``, mid-epoch checkpoints included) continues the search bit for bit: the callback's state (the
+conflicts grown per round, Q and its batch count, the round records, the optimizer state kept for a rollback) is in
+every checkpoint, and on resume it re-grows the saved architecture and re-adds the parameter groups (and switches the
+method) in the order of the original run, before the loop loads the model's and the optimizer's states.
+``train.epochs`` fixes the schedule, so a search cannot be resumed with another one.
 
 Example:
     >>> import torch
@@ -64,24 +92,21 @@ Example:
 from __future__ import annotations
 
 import copy
-import sys
-import time
-from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
-from mtlkit.autodiff import backward, per_task_grads, split_flat
-from mtlkit.data import MTLData
-from mtlkit.errors import ConfigError, NonFiniteLossError
-from mtlkit.methods import build_method
-from mtlkit.metrics import selection_score
-from mtlkit.models.mamo import MAMO
-from mtlkit.tasks import stack_losses, task_names
-from mtlkit.runs import seed_everything
-from mtlkit.train import evaluate
-from mtlkit.weighting import StepContext
+from mtlkit.autodiff import per_task_grads, split_flat
+from mtlkit.callbacks import Callback, StepInfo
+from mtlkit.errors import ConfigError
+from mtlkit.evaluation import evaluate
+from mtlkit.methods import Method, build_method
+from mtlkit.models.mamo import MAMO, SearchOptions
+
+if TYPE_CHECKING:
+    from mtlkit.train import Trainer
 
 Threshold = Literal["average", "topk"]
 Scope = Literal["all_layers", "per_layer"]
@@ -239,283 +264,243 @@ def layer_gradients(model: MAMO, jacobian: Tensor) -> list[Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Algorithm 1
+# Algorithm 1, in the training loop
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class MAMOConfig:
-    """Budget and options of :func:`learn_mamo` (see the module docstring for the choices).
+class ArchitectureSearch(Callback):
+    """Alg. 1 as a callback of :class:`mtlkit.train.Trainer` (see the module docstring); :meth:`MAMO.callbacks`
+    builds it from the model's :class:`~mtlkit.models.mamo.SearchOptions`.
 
-    Attributes:
-        method: method name for :func:`mtlkit.methods.build_method` (``mgda`` = MAMO, ``ew`` = w/o MO, ...).
-        method_options: options of that method.
-        rounds: Z, the number of conflict detections.
-        pretrain_epochs / epochs_per_round: epochs before the first detection / after each detection.
-        threshold, k, scope: the indicator (Eq. 13 or TopK) and its scope.
-        conflict_window: ``"last_batches"`` (Q over the last ``detect_batches`` mini-batches before each detection)
-            or ``"phase"`` (over every mini-batch of the phase); choice 2.
-        detect_batches: mini-batches accumulated in Q before each detection (``"last_batches"``, and phases of 0
-            epochs).
-        pretrain_method / pretrain_method_options: the method of Alg. 1 line 1 (None: ``method`` and its options;
-            ``"ew"``: plain HPS); choice 4.
-        selection / restore_optimizer: which epoch of each phase is kept, and whether Adam's state is rolled back
-            with it; choice 5.
-    """
-
-    method: str = "mgda"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    rounds: int = 3
-    pretrain_epochs: int = 2
-    epochs_per_round: int = 1
-    threshold: Threshold = "average"
-    k: int = 1
-    scope: Scope = "all_layers"
-    conflict_window: Literal["last_batches", "phase"] = "last_batches"
-    detect_batches: int = 20
-    pretrain_method: str | None = None
-    pretrain_method_options: dict[str, Any] | None = None
-    restore_optimizer: bool = False
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    seed: int = 0
-    selection: Literal["best_val", "last"] = "best_val"
-    device: str = "cpu"
-    eval_batch_size: int = 1024
-    verbose: bool = False
-
-    def validate(self) -> None:
-        if self.rounds < 0 or self.pretrain_epochs < 0 or self.epochs_per_round < 0:
-            raise ConfigError("rounds, pretrain_epochs and epochs_per_round must be >= 0")
-        if self.detect_batches < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("detect_batches and batch_size must be >= 1 and lr > 0")
-        if self.selection not in ("best_val", "last"):
-            raise ConfigError(f"unknown selection {self.selection!r}; valid: best_val, last")
-        if self.conflict_window not in ("last_batches", "phase"):
-            raise ConfigError(f"unknown conflict_window {self.conflict_window!r}; valid: last_batches, phase")
-
-
-@dataclass
-class RoundRecord:
-    """One phase of Alg. 1: round 0 is pre-training (the HPS model)."""
-
-    round: int
-    activated: list[tuple[int, tuple[str, ...]]]
-    parameters: int
-    val: dict[str, float]
-    test: dict[str, float]
-    seconds: float
-    Q: list | None = None  # the accumulated conflicts (Eq. 11) this round's modules were generated from
-    method: str = ""  # the method this phase trained with (round 0: the pre-training method)
-    q_batches: int = 0  # the mini-batches Q was accumulated over
-
-
-@dataclass
-class MAMOResult:
-    model: MAMO
-    rounds: list[RoundRecord]
-    seconds: float
-
-    @property
-    def test(self) -> dict[str, float]:
-        return self.rounds[-1].test
-
-    @property
-    def val(self) -> dict[str, float]:
-        return self.rounds[-1].val
-
-
-def learn_mamo(model: MAMO, data: MTLData, cfg: MAMOConfig | None = None) -> MAMOResult:
-    """Algorithm 1: pre-train, then ``cfg.rounds`` times detect conflicts, grow modules and keep training.
-
-    The per-step update is :func:`engine_backward`: the method's weighting and aggregator over
-    ``model.shared_parameters()`` (all-shared + GMK parameters, Eq. 14); decoders, fusion logits and modules owned
-    by one task get their own task's gradient. Returns the grown model (selected as ``cfg.selection`` says) and one
-    :class:`RoundRecord` per phase (val/test metrics, activated modules, size).
+    Per step, on the mini-batches of the conflict window, the per-task gradients of the all-shared layers are added
+    to Q (the engine's Jacobian in :meth:`on_backward` when the aggregator computes it at parameter level, else
+    :func:`~mtlkit.autodiff.per_task_grads` of the step's losses in :meth:`on_losses`). At the end of each phase
+    (:meth:`on_epoch_end`, before that epoch's checkpoint): roll back to the phase's selected epoch, record the
+    phase, and — unless it was the last — grow the indicated modules, add their parameters to the optimizer, reset Q
+    and restart the selection.
 
     Example:
-        >>> MAMOConfig(rounds=2).rounds
-        2
+        >>> from mtlkit.models.mamo import SearchOptions
+        >>> cb = ArchitectureSearch(SearchOptions(rounds=1))
+        >>> cb.key(), cb.results()
+        ('mamo', {})
     """
-    cfg = cfg or MAMOConfig()
-    cfg.validate()
-    if [t.name for t in data.tasks] != model.task_names:
-        raise ConfigError(f"the model's tasks {model.task_names} differ from the data's {task_names(data.tasks)}")
-    seed_everything(cfg.seed)
-    device = torch.device(cfg.device)
-    model.to(device)
-    method = build_method(cfg.method, **cfg.method_options)
-    same = cfg.pretrain_method is None or (cfg.pretrain_method == cfg.method and (
-        cfg.pretrain_method_options is None or cfg.pretrain_method_options == cfg.method_options))
-    pre_method = method if same else build_method(
-        cfg.pretrain_method, **(cfg.pretrain_method_options or {}))  # type: ignore[arg-type]
-    pre_name = cfg.method if same else str(cfg.pretrain_method)
-    for m in {id(method): method, id(pre_method): pre_method}.values():
-        if m.level == "representation" and model.module_kind != "gmk":
+
+    name = "mamo"
+
+    def __init__(self, options: SearchOptions):
+        self.options = options
+        self.detector: ConflictDetector | None = None
+        self.records: list[dict[str, Any]] = []
+        #: per round so far, the conflicts ``[layer, i, j]`` grown at its start (replayed on resume, in order)
+        self.grown: list[list[list[int]]] = []
+        self._pending: dict[str, Any] = {"activated": [], "Q": None, "q_batches": 0}  # the round being trained
+        self._model: MAMO | None = None
+        self._epochs = 0  # train.epochs the schedule was laid out on
+        self._pretrain = 0  # pre-training epochs
+        self._best_optimizer: dict[str, Any] | None = None  # restore_optimizer: the selected epoch's optimizer state
+        self._seen: Any = None  # the selected state last seen (a new one: the trainer selected that epoch)
+        self._restored = False
+
+    # -- schedule -----------------------------------------------------------------------------------------------
+    def _phase(self, epoch: int) -> int:
+        """The phase ``epoch`` (from 0) belongs to: 0 = pre-training, r = round r."""
+        return 0 if epoch < self._pretrain else 1 + (epoch - self._pretrain) // self.options.epochs_per_round
+
+    def _phase_end(self, epoch: int) -> bool:
+        after = epoch + 1 - self._pretrain
+        return after >= 0 and after % self.options.epochs_per_round == 0
+
+    def _detecting(self, step: StepInfo) -> bool:
+        """Whether this mini-batch counts in Q (choice 2): only in phases followed by a detection."""
+        o = self.options
+        if self._phase(step.epoch) >= o.rounds:
+            return False
+        if o.conflict_window == "phase":
+            return True
+        return self._phase_end(step.epoch) and step.batch >= step.steps_per_epoch - o.detect_batches
+
+    @staticmethod
+    def _engine_jacobian(method: Method) -> bool:
+        return method.aggregator.needs_per_task_grads and method.level == "parameter"
+
+    def _switches(self, trainer: Trainer) -> bool:
+        pre = self.options.pretrain_method
+        return pre is not None and pre.lower() != trainer.cfg.method.name.lower()
+
+    def _run_method(self, trainer: Trainer) -> Method:
+        m = trainer.cfg.method
+        return build_method(m.name, level=m.level, **m.options)  # type: ignore[arg-type]
+
+    # -- set-up and growth --------------------------------------------------------------------------------------
+    def _set_up(self, trainer: Trainer) -> None:
+        """Checks, the detector, and the pre-training method (what a fresh run and a resumed one both do first)."""
+        model, o, tc = trainer.model, self.options, trainer.cfg.train
+        if not isinstance(model, MAMO):
+            raise ConfigError(f"MAMO's search runs on a MAMO model, not {type(model).__name__}")
+        pre = o.pretrain_epochs(tc.epochs)
+        if pre < 1:
+            raise ConfigError(
+                f"model mamo: train.epochs={tc.epochs} leaves {pre} pre-training epochs (train.epochs - rounds * "
+                f"epochs_per_round, with rounds={o.rounds} and epochs_per_round={o.epochs_per_round}); Alg. 1 "
+                f"pre-trains for at least 1 epoch: set train.epochs >= {o.rounds * o.epochs_per_round + 1} (--epochs) "
+                f"or lower model.options.rounds / model.options.epochs_per_round")
+        methods = [trainer.method]
+        if o.pretrain_method is not None and self._switches(trainer):
+            methods.append(build_method(o.pretrain_method))
+        if model.module_kind != "gmk" and any(m.level == "representation" for m in methods):
             raise ConfigError(f"a representation-level method cannot give {model.module_kind!r} modules their task's "
-                              "gradient (they lie below the representation): use parameter level")
-        m.weighting.setup(len(data.tasks))
-        m.weighting.to(device)
-    groups = [{"params": list(model.parameters())}]
-    extra = [p for m in {id(method): method, id(pre_method): pre_method}.values()
-             for p in m.weighting.parameters() if p.requires_grad]
-    if extra:
-        groups.append({"params": extra, "weight_decay": 0.0})
-    opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    detector = ConflictDetector(model.num_layers, len(data.tasks), cfg.threshold, cfg.k, cfg.scope)
-    names = model.task_names
-    n = len(data.train)
-    steps = (n + cfg.batch_size - 1) // cfg.batch_size
-    t_all = time.time()
-    epoch = 0
-    records: list[RoundRecord] = []
+                              f"gradient (they lie below the representation): use parameter level (--level "
+                              f"parameter)")
+        self._model, self._epochs, self._pretrain = model, tc.epochs, pre
+        self.detector = ConflictDetector(model.num_layers, len(model.task_names), o.threshold, o.k, o.scope)  # type: ignore[arg-type]
+        if len(methods) > 1:
+            trainer.replace_method(methods[1])
 
-    def phase(meth, n_epochs: int, detect: bool) -> float:
-        nonlocal epoch
-        best_score, best_state, best_opt = -float("inf"), None, None
-        t0 = time.time()
-        for e in range(n_epochs):
-            model.train()
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n, generator=gen)
-            last_epoch = e == n_epochs - 1
-            loss_sum = torch.zeros(len(names))
-            for b in range(steps):
-                idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                x = data.train.x[idx].to(device)
-                ys = {k: v[idx].to(device) for k, v in data.train.y.items()}
-                want = detect and (cfg.conflict_window == "phase" or (last_epoch and b >= steps - cfg.detect_batches))
-                loss_sum += _step(model, meth, opt, x, ys, data, StepContext(
-                    step=epoch * steps + b, epoch=epoch, shared_params=model.shared_parameters(),
-                    last_shared_layer=model.last_shared_layer(), task_names=names), detector if want else None)
-            meth.weighting.on_epoch_end((loss_sum / steps).to(device))
-            val = evaluate(model, data.val, data.tasks, cfg.eval_batch_size, device)
-            score = selection_score(data.tasks, val)
-            if cfg.verbose:
-                print(f"[mamo] epoch {epoch + 1} val {score:.4f} modules {len(model.active)}", file=sys.stderr)
-            if cfg.selection == "best_val" and score > best_score:
-                best_score, best_state = score, copy.deepcopy(model.state_dict())
-                if cfg.restore_optimizer:
-                    best_opt = copy.deepcopy(opt.state_dict())
-            epoch += 1
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        if best_opt is not None:
-            opt.load_state_dict(best_opt)
-        return time.time() - t0
+    def _grow(self, trainer: Trainer, found: Sequence[Sequence[int]]) -> None:
+        """Generate the modules of ``found`` (``[layer, i, j]`` each, in order) and add their parameters to the
+        optimizer as one new group (this re-reads the model's shared parameters in the loop)."""
+        model = self._model
+        assert model is not None
+        keys: list[str] = []
+        for layer, i, j in found:
+            keys += model.grow(int(layer), (int(i), int(j)))
+        trainer.add_parameters([p for k in keys for p in model.gmks[k].parameters()])
 
-    def record(r: int, activated: list, seconds: float, Q: list | None, name: str) -> None:
-        val = evaluate(model, data.val, data.tasks, cfg.eval_batch_size, device)
-        test = evaluate(model, data.test, data.tasks, cfg.eval_batch_size, device)
-        records.append(RoundRecord(r, activated, model.num_parameters(), val, test, seconds, Q, name))
+    @staticmethod
+    def _load_optimizer(trainer: Trainer, state: dict[str, Any]) -> None:
+        """Load an earlier optimizer state, keeping the learning rates the schedule set since."""
+        opt = trainer.optimizer
+        lrs = [(g["lr"], g.get("initial_lr")) for g in opt.param_groups]
+        opt.load_state_dict(copy.deepcopy(state))  # a copy: the optimizer's in-place updates must not reach ours
+        for g, (lr, initial) in zip(opt.param_groups, lrs, strict=True):
+            g["lr"] = lr
+            if initial is not None:
+                g["initial_lr"] = initial
 
-    detector.reset()
-    secs = phase(pre_method, cfg.pretrain_epochs, detect=cfg.rounds > 0)
-    if cfg.pretrain_epochs == 0 and cfg.rounds > 0:
-        _detect_only(model, data, detector, cfg, device)
-    record(0, [], secs, None, pre_name)
-    for r in range(1, cfg.rounds + 1):
-        ind = detector.indicator()
-        used_q, q_batches = detector.Q.tolist(), detector.batches
-        before = len(model.active)
-        new_keys: list[str] = []
-        for layer, i, j in conflicts(ind):
-            new_keys += model.grow(layer, (i, j))
-        activated = model.architecture()[before:]
-        new_params = [p for k in new_keys for p in model.gmks[k].parameters()]
-        if new_params:
-            opt.add_param_group({"params": new_params})
-        detector.reset()
-        secs = phase(method, cfg.epochs_per_round, detect=r < cfg.rounds)
-        if cfg.epochs_per_round == 0 and r < cfg.rounds:
-            _detect_only(model, data, detector, cfg, device)
-        record(r, activated, secs, used_q, cfg.method)
-        records[-1].q_batches = q_batches
-    return MAMOResult(model, records, time.time() - t_all)
+    def _record(self, trainer: Trainer, r: int) -> dict[str, Any]:
+        model, tc = trainer.model, trainer.cfg.train
+        assert isinstance(model, MAMO)
+        val = evaluate(model, trainer.data.val, trainer.tasks, tc.eval_batch_size, trainer.device)
+        test = evaluate(model, trainer.data.test, trainer.tasks, tc.eval_batch_size, trainer.device)
+        p = self._pending if r > 0 else {"activated": [], "Q": None, "q_batches": 0}
+        return {"round": r, "method": trainer.method.name, "activated": copy.deepcopy(p["activated"]),
+                "parameters": model.num_parameters(), "val": val, "test": test, "Q": copy.deepcopy(p["Q"]),
+                "q_batches": int(p["q_batches"])}
 
+    # -- events -------------------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: Trainer) -> None:
+        if not self._restored:
+            self._set_up(trainer)
+        self._seen = trainer.selected_state()
 
-def _step(model: MAMO, method, opt: torch.optim.Optimizer, x: Tensor, ys: dict[str, Tensor], data: MTLData,
-          ctx: StepContext, detector: ConflictDetector | None) -> Tensor:
-    """One update (the Trainer's step, for a model whose architecture changes) plus Eq. 11's accumulation."""
-    agg = method.aggregator
-    z = model.encode(x)
-    out = model.decode(z)
-    losses = stack_losses(data.tasks, out, ys)
-    if not bool(torch.isfinite(losses.detach()).all()):
-        raise NonFiniteLossError(f"non-finite MAMO loss at step {ctx.step}: {losses.detach().tolist()}; lower the lr")
-    weighted = method.weighting(losses, ctx)
-    opt.zero_grad(set_to_none=True)
-    use_engine_jacobian = agg.needs_per_task_grads and method.level == "parameter"
-    if detector is not None and not use_engine_jacobian:
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        if self.options.selection == "last":  # each epoch alone competes: the selection is the last epoch
+            trainer.restart_selection()
+
+    def wants_jacobian(self, trainer: Trainer, step: StepInfo) -> bool:
+        return self._detecting(step) and self._engine_jacobian(trainer.method)
+
+    def on_losses(self, trainer: Trainer, step: StepInfo) -> None:
+        if not self._detecting(step) or self._engine_jacobian(trainer.method):
+            return
+        model = self._model
+        assert model is not None and self.detector is not None
         params = [p for layer in range(model.num_layers) for p in model.layer_parameters(layer)]
-        J = per_task_grads(losses, params, retain_graph=True)
+        J = per_task_grads(step.losses, params, retain_graph=True)
         sizes = [sum(p.numel() for p in model.layer_parameters(layer)) for layer in range(model.num_layers)]
-        detector.update(list(torch.split(J, sizes, dim=1)))
-    info = engine_backward(model, method, weighted, z, keep_jacobian=detector is not None and use_engine_jacobian)
-    if detector is not None and use_engine_jacobian:
-        detector.update(layer_gradients(model, info.jacobian))
-    opt.step()
-    if method.weighting.needs_loss_after_step:
-        with torch.no_grad():
-            method.weighting.after_step(stack_losses(data.tasks, model(x), ys))
-    return losses.detach().cpu()
+        self.detector.update(list(torch.split(J, sizes, dim=1)))
+
+    def on_backward(self, trainer: Trainer, step: StepInfo) -> None:
+        if not (self._detecting(step) and self._engine_jacobian(trainer.method)):
+            return
+        assert self._model is not None and self.detector is not None
+        if step.info is None or step.info.jacobian is None:
+            raise RuntimeError("MAMO's conflict detector asked the engine for the per-task gradients and got none")
+        self.detector.update(layer_gradients(self._model, step.info.jacobian))
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, row: dict[str, float]) -> None:
+        o = self.options
+        model = self._model
+        assert model is not None and self.detector is not None
+        if o.selection == "best_val" and o.restore_optimizer:
+            selected = trainer.selected_state()
+            if selected is not self._seen:  # the trainer selected this epoch: keep its optimizer state
+                self._seen = selected
+                self._best_optimizer = copy.deepcopy(trainer.optimizer.state_dict())
+        if not self._phase_end(epoch):
+            return
+        r = (epoch + 1 - self._pretrain) // o.epochs_per_round
+        if o.selection == "best_val":  # choice 5: the phase ends at its best epoch on validation
+            selected = trainer.selected_state()
+            if selected is not None:
+                model.load_state_dict(selected)
+            if o.restore_optimizer and self._best_optimizer is not None:
+                self._load_optimizer(trainer, self._best_optimizer)
+        self.records.append(self._record(trainer, r))
+        if r >= o.rounds:
+            return
+        q, q_batches = self.detector.Q.tolist(), self.detector.batches
+        found = [list(c) for c in conflicts(self.detector.indicator())]
+        before = len(model.active)
+        self._grow(trainer, found)
+        self.grown.append(found)
+        if r == 0 and self._switches(trainer):
+            trainer.replace_method(self._run_method(trainer))
+        self.detector.reset()
+        self._pending = {"activated": [[layer, list(g)] for layer, g in model.architecture()[before:]], "Q": q,
+                         "q_batches": q_batches}
+        trainer.restart_selection()  # the grown model's weights do not fit an earlier selection
+        self._best_optimizer, self._seen = None, None
+
+    # -- results and resume -------------------------------------------------------------------------------------
+    def results(self) -> dict[str, Any]:
+        if self._model is None:
+            return {}
+        return {"rounds": copy.deepcopy(self.records),
+                "architecture": [[layer, list(g)] for layer, g in self._model.architecture()],
+                "pretrain_epochs": self._pretrain, "options": self.options.to_dict()}
+
+    def state_dict(self) -> dict[str, Any]:
+        det = self.detector
+        return {"epochs": self._epochs, "grown": copy.deepcopy(self.grown), "records": copy.deepcopy(self.records),
+                "pending": copy.deepcopy(self._pending), "Q": None if det is None else det.Q.clone(),
+                "batches": 0 if det is None else det.batches, "best_optimizer": self._best_optimizer}
+
+    def load_state_dict(self, state: dict[str, Any], trainer: Trainer) -> None:
+        if int(state["epochs"]) != trainer.cfg.train.epochs:
+            raise ConfigError(f"cannot resume this MAMO search with train.epochs={trainer.cfg.train.epochs}: its "
+                              f"schedule (pre-training = train.epochs - rounds * epochs_per_round) was laid out on "
+                              f"train.epochs={state['epochs']}; resume with --epochs {state['epochs']}")
+        self._set_up(trainer)  # the pre-training method first, as the run did
+        for r, found in enumerate(state["grown"]):  # the growths in their order: same modules, same param groups
+            self._grow(trainer, found)
+            if r == 0 and self._switches(trainer):
+                trainer.replace_method(self._run_method(trainer))
+        assert self.detector is not None
+        self.grown = copy.deepcopy(state["grown"])
+        self.detector.Q.copy_(state["Q"])
+        self.detector.batches = int(state["batches"])
+        self.records = copy.deepcopy(state["records"])
+        self._pending = copy.deepcopy(state["pending"])
+        self._best_optimizer = state.get("best_optimizer")
+        self._restored = True
 
 
-def engine_backward(model: MAMO, method, weighted: Tensor, z: Tensor, keep_jacobian: bool = False):
-    """The engine call of one MAMO step: writes ``.grad`` of every parameter (see "Who gets which gradient").
-
-    ``weighted`` are the weighted per-task losses computed from ``z = model.encode(x)``. The aggregator combines
-    the per-task gradients of ``model.shared_parameters()``; every other parameter gets the gradient of its own task.
-    The representation ``z`` is handed to the engine only when no module belongs to a single task.
+def summarize_rounds(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for Table 3 from the search's records (results.json's ``mamo.rounds``): per round, modules activated,
+    total modules, size.
 
     Example:
-        >>> from torch import nn
-        >>> from mtlkit.models.mamo import MAMO
-        >>> from mtlkit.methods import build_method
-        >>> m = MAMO([nn.Linear(3, 4), nn.Linear(4, 4)], {"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)}, "conal")
-        >>> m.grow(1, ("a", "b"))
-        ['l1__a', 'l1__b']
-        >>> z = m.encode(torch.randn(5, 3)); out = m.decode(z)
-        >>> losses = torch.stack([out["a"].pow(2).mean(), out["b"].pow(2).mean()])
-        >>> _ = engine_backward(m, build_method("mgda"), losses, z)
-        >>> m.gmks["l1__a"].weight.grad.shape, float(m.layers[1].weight.grad.abs().sum())  # layer 1: no one's now
-        (torch.Size([4, 4]), 0.0)
+        >>> summarize_rounds([{"round": 0, "activated": [], "parameters": 10},
+        ...                   {"round": 1, "activated": [[0, ["a", "b"]]], "parameters": 14}])
+        [{'round': 1, 'activated': 1, 'total': 1, 'parameters': 14, 'where': [[0, ['a', 'b']]]}]
     """
-    agg = method.aggregator
-    rep = z if agg.needs_per_task_grads and not model.has_task_modules() else None
-    return backward(weighted, model.shared_parameters(), agg, representation=rep, level=method.level,
-                    keep_jacobian=keep_jacobian)
-
-
-def _detect_only(model: MAMO, data: MTLData, detector: ConflictDetector, cfg: MAMOConfig,
-                 device: torch.device) -> None:
-    """Accumulate Q on ``detect_batches`` mini-batches without updating anything (phases of zero epochs)."""
-    gen = torch.Generator().manual_seed(cfg.seed * 7_919 + len(model.active))
-    perm = torch.randperm(len(data.train), generator=gen)
-    state = copy.deepcopy(model.state_dict())  # BatchNorm statistics must not move
-    model.train()
-    for b in range(cfg.detect_batches):
-        idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        if idx.numel() == 0:
-            break
-        losses = stack_losses(data.tasks, model(data.train.x[idx].to(device)),
-                              {k: v[idx].to(device) for k, v in data.train.y.items()})
-        params = [p for layer in range(model.num_layers) for p in model.layer_parameters(layer)]
-        J = per_task_grads(losses, params, retain_graph=False)
-        sizes = [sum(p.numel() for p in model.layer_parameters(layer)) for layer in range(model.num_layers)]
-        detector.update(list(torch.split(J, sizes, dim=1)))
-    model.load_state_dict(state)
-
-
-def summarize_rounds(result: MAMOResult) -> list[dict[str, Any]]:
-    """Rows for Table 3: per round, modules activated, total modules, size."""
     rows, total = [], 0
-    for rec in result.rounds[1:]:
-        total += len(rec.activated)
-        rows.append({"round": rec.round, "activated": len(rec.activated), "total": total,
-                     "parameters": rec.parameters, "where": rec.activated})
+    for rec in records[1:]:
+        total += len(rec["activated"])
+        rows.append({"round": rec["round"], "activated": len(rec["activated"]), "total": total,
+                     "parameters": rec["parameters"], "where": rec["activated"]})
     return rows
 
 
-__all__ = ["ConflictDetector", "MAMOConfig", "MAMOResult", "RoundRecord", "average_indicator", "conflicts",
-           "cosine_matrix", "engine_backward", "layer_gradients", "learn_mamo", "proxy_indicator", "summarize_rounds",
-           "topk_indicator"]
+__all__ = ["ArchitectureSearch", "ConflictDetector", "average_indicator", "conflicts", "cosine_matrix",
+           "layer_gradients", "proxy_indicator", "summarize_rounds", "topk_indicator"]

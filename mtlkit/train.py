@@ -32,6 +32,7 @@ import copy
 import csv
 import io
 import json
+import logging
 import math
 import random
 import sys
@@ -39,7 +40,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -47,57 +48,24 @@ import yaml
 from torch import Tensor, nn
 
 from mtlkit import runs
+from mtlkit.devices import resolve_device
+from mtlkit.evaluation import evaluate, load_selected, predict
 from mtlkit.autodiff import backward
+from mtlkit.callbacks import Callback, StepInfo
 from mtlkit.config import RunConfig
 from mtlkit.data import MTLData, Split, build_dataset
 from mtlkit.errors import ConfigError, MTLKitError, NonFiniteLossError, unknown_name
 from mtlkit.methods import Method, build_method
-from mtlkit.metrics import evaluate_outputs, selection_score
+from mtlkit.metrics import selection_score
 from mtlkit import models
-from mtlkit.models import MTLModel, SingleTaskModels
+from mtlkit.models import MTLModel
 from mtlkit.models.base import check_auxiliary_loss
 from mtlkit.tasks import Task, stack_losses, task_names
 from mtlkit.weighting import StepContext
 
+log = logging.getLogger("mtlkit")
 MARKER = runs.MARKER
 CHECKPOINT_FORMAT = 2  # 2: history rows number epochs from 1 and the checkpoint holds the selected model
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; otherwise the named device (checked)."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError as e:
-        raise ConfigError(f"train.device {spec!r} is not a device (use auto, cpu, cuda or cuda:N)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {spec!r} but CUDA is not available on this machine")
-    return dev
-
-
-@torch.no_grad()
-def predict(model: nn.Module, split: Split, batch_size: int, device: torch.device) -> dict[str, Tensor]:
-    """Head outputs for a whole split, in eval mode, on the CPU."""
-    model.eval()
-    outs: dict[str, list[Tensor]] = {}
-    for s in range(0, len(split), batch_size):
-        o = model(split.x[s:s + batch_size].to(device))
-        for k, v in o.items():
-            outs.setdefault(k, []).append(v.float().cpu())
-    return {k: torch.cat(v) for k, v in outs.items()}
-
-
-def evaluate(model: nn.Module, split: Split, tasks: list[Task], batch_size: int = 1024,
-             device: torch.device | str = "cpu") -> dict[str, float]:
-    """Every task metric (``task/metric``), ``joint_accuracy`` and the mean loss per task (``task/loss``)."""
-    device = torch.device(device)
-    outputs = predict(model, split, batch_size, device)
-    res = evaluate_outputs(tasks, outputs, split.y)
-    for t in tasks:
-        if not t.auxiliary:
-            res[f"{t.name}/loss"] = float(t.compute_loss(outputs[t.name], split.y[t.target_key]))
-    return res
 
 
 def task_instance_counts(tasks: list[Task], split: Split) -> list[int]:
@@ -170,7 +138,8 @@ class Trainer:
         run_dir: where to write (default ``runs/<dataset>-<method>-s<seed>``).
     """
 
-    def __init__(self, cfg: RunConfig, data: MTLData | None = None, run_dir: str | Path | None = None):
+    def __init__(self, cfg: RunConfig, data: MTLData | None = None, run_dir: str | Path | None = None,
+                 callbacks: Sequence[Callback] = ()):
         self.cfg = cfg
         tc = cfg.train
         if tc.epochs < 1 or tc.batch_size < 1:
@@ -178,8 +147,6 @@ class Trainer:
         if not (math.isfinite(tc.checkpoint_minutes) and tc.checkpoint_minutes >= 0):
             raise ConfigError(f"train.checkpoint_minutes must be a finite number >= 0 (0: only at epoch ends), got "
                               f"{tc.checkpoint_minutes}")
-        if tc.num_threads:
-            torch.set_num_threads(tc.num_threads)
         self.device = resolve_device(tc.device)
         self.method = build_method(cfg.method.name, level=cfg.method.level, **cfg.method.options)
         self.data = data if data is not None else build_dataset(cfg.dataset.name, **cfg.dataset.options)
@@ -190,28 +157,86 @@ class Trainer:
         self.model = build_for(cfg, self.data, self.method).to(self.device)
         # Extra training-only tasks a model may declare (e.g. RRMTDL's adversarial heads): trained, never selected
         # on or reported (Task.auxiliary).
-        self.train_tasks = self.tasks + list(_auxiliary_tasks(self.model))
+        self.train_tasks = self.tasks + _auxiliary_tasks(self.model)
         self.train_names = task_names(self.train_tasks)
-        self.method.weighting.setup(len(self.train_tasks))
+        self._set_up_method(self.method)
         n_equal = self.method.weighting.equal_weight_epochs
         if tc.epochs <= n_equal:
             warnings.warn(f"method {cfg.method.name!r} keeps every task weight at 1 for its first {n_equal} epochs: "
                           f"with train.epochs={tc.epochs} it trains exactly as EW", UserWarning, stacklevel=2)
-        if self.method.weighting.needs_task_counts:
-            self.method.weighting.set_counts(task_instance_counts(self.train_tasks, self.data.train))
-        self.method.weighting.to(self.device)
         groups = [{"params": list(self.model.parameters())}]
         extra = [p for p in self.method.weighting.parameters() if p.requires_grad]
         if extra:
             groups.append({"params": extra, "weight_decay": 0.0})
         self.optimizer = _optimizer(cfg, groups)
         self.scheduler = _scheduler(cfg, self.optimizer)
-        self.per_member = isinstance(self.model, SingleTaskModels)
-        self.needs_rep = self.method.aggregator.needs_per_task_grads and not self.per_member
+        # The config's callbacks first, then the model's own (e.g. MAMO's architecture search).
+        self.callbacks: list[Callback] = [*callbacks, *self.model.callbacks()]
+        keys = [cb.key() for cb in self.callbacks]
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"two callbacks of this run have the same name ({keys}); give each its own `name`")
+        self.model_changed()
         self._steps_per_epoch = -(-len(self.data.train) // tc.batch_size)
         self._committed: str | None = None  # what checkpoint.pt holds, for messages ("the end of epoch 2")
         self._best_state: Any = None  # the selected model (per task for one-model-per-task methods)
         self._unfinished_results = False  # a finished run resumed to train further: its results.json goes
+
+    # -- services for callbacks (mtlkit.callbacks) ---------------------------------------------------------------
+    def model_changed(self) -> None:
+        """Read again what the loop derives from the model (shared parameters, the layers methods measure, whether
+        the engine may use the representation); call after changing the model's structure."""
+        m = self.model
+        self._shared = m.shared_parameters()
+        self._last_layer = m.last_shared_layer()
+        self._task_layers = m.task_first_layers()
+        self._selection_groups = m.selection_groups()
+        self._use_rep = self.method.aggregator.needs_per_task_grads and m.representation_is_shared_path()
+        if self.method.level == "representation" and not m.representation_is_shared_path():
+            raise ConfigError(f"model {self.cfg.model.name!r} has task-owned parameters below its representation, "
+                              f"which representation-level aggregation would give no gradient: use parameter level "
+                              f"(method {self.method.name!r} is set to representation level)")
+
+    def add_parameters(self, params: Sequence[nn.Parameter]) -> None:
+        """Add ``params`` (e.g. modules a callback grew) to the optimizer as a new parameter group, at the current
+        learning rate and following the learning-rate schedule from now on; then :meth:`model_changed`."""
+        params = list(params)
+        if params:
+            group = {"params": params, "lr": self.optimizer.param_groups[0]["lr"],
+                     "initial_lr": self.optimizer.param_groups[0].get("initial_lr", self.cfg.train.lr)}
+            self.optimizer.add_param_group(group)
+            sched = self.scheduler
+            sched.base_lrs.append(group["initial_lr"])
+            if hasattr(sched, "lr_lambdas"):
+                sched.lr_lambdas.append(sched.lr_lambdas[0])
+            sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
+        self.model_changed()
+
+    def selected_state(self) -> Any:
+        """The model state selected on validation since the run (or the last :meth:`restart_selection`) began:
+        ``model.state_dict()`` on the CPU (for models with selection groups, one state per group); None before
+        the first epoch."""
+        return self._best_state
+
+    def restart_selection(self) -> None:
+        """Forget the selection so far: the next epochs alone compete (the final model is selected among them)."""
+        self._best["score"], self._best["epoch"] = -float("inf"), -1
+        self._best["member_score"], self._best["member_epoch"] = {}, {}
+        self._best_state = None
+
+    def replace_method(self, method: Method) -> None:
+        """Train with ``method`` from the next step on (its learnable weighting parameters join the optimizer)."""
+        self._set_up_method(method)
+        self.method = method
+        extra = [p for p in method.weighting.parameters() if p.requires_grad]
+        if extra:
+            self.optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+        self.model_changed()
+
+    def _set_up_method(self, method: Method) -> None:
+        method.weighting.setup(len(self.train_tasks))
+        if method.weighting.needs_task_counts:
+            method.weighting.set_counts(task_instance_counts(self.train_tasks, self.data.train))
+        method.weighting.to(self.device)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _checkpoint(self, epoch: int, best: dict[str, Any], history: list[dict[str, float]], seconds: float,
@@ -222,7 +247,8 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "in_epoch": in_epoch, "train_seconds": seconds,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "method": self.method.state_dict(), "rng": runs.rng_state(),
-                "best": best, "best_state": self._best_state, "history": history, "config": self.cfg.to_dict()}
+                "best": best, "best_state": self._best_state, "history": history, "config": self.cfg.to_dict(),
+                "callbacks": {cb.key(): cb.state_dict() for cb in self.callbacks}}
 
     def _check_finite_parameters(self, where: str) -> None:
         """Never save a diverged model: a finite loss can still have produced an overflowing update."""
@@ -256,7 +282,7 @@ class Trainer:
             (self.run_dir / "results.json").unlink(missing_ok=True)
             self._unfinished_results = False
         self._write_config()
-        selected = _best_epochs(best, self.per_member)
+        selected = _best_epochs(best, bool(self._selection_groups))
         if self._best_state is not None and runs.checkpoint_meta(self.run_dir / "best.pt") != {"best_epoch": selected}:
             runs.save_checkpoint(self._best_state, self.run_dir / "best.pt", meta={"best_epoch": selected})
         if history:
@@ -283,8 +309,11 @@ class Trainer:
         b = ctx.step - ctx.epoch * self._steps_per_epoch
         return f"at epoch {ctx.epoch + 1}, step {b + 1} of {self._steps_per_epoch}"
 
-    def _step(self, x: Tensor, ys: dict[str, Tensor], ctx: StepContext) -> Tensor:
-        if self.needs_rep:
+    def _step(self, x: Tensor, ys: dict[str, Tensor], ctx: StepContext, info: StepInfo | None = None) -> Tensor:
+        if info is None:
+            info = StepInfo(ctx.epoch, ctx.step - ctx.epoch * self._steps_per_epoch, ctx.step, self._steps_per_epoch,
+                            torch.empty(0))
+        if self._use_rep:
             z = self.model.encode(x)
             out = self.model.decode(z)
         else:
@@ -304,18 +333,25 @@ class Trainer:
                                      f"finite losses {[round(v, 4) for v in losses.detach().tolist()]} into "
                                      f"non-finite ones for task(s) {', '.join(bad)} "
                                      f"({weighted.detach().tolist()}); {self._lr_hint()}")
+        info.losses = losses
+        for cb in self.callbacks:
+            cb.on_losses(self, info)
+        keep = any([cb.wants_jacobian(self, info) for cb in self.callbacks])
         try:
             aux = check_auxiliary_loss(self.model)  # non-task losses of the model's modules (e.g. MTVIB's β·KL), if any
             self.optimizer.zero_grad(set_to_none=True)
-            shared = self.model.shared_parameters()
-            backward(weighted, shared, self.method.aggregator, representation=z, level=self.method.level,
-                     mode=self.cfg.train.engine_mode, chunk_size=self.cfg.train.chunk_size,
-                     task_names=self.train_names, extra=aux)
+            info.info = backward(weighted, self._shared, self.method.aggregator, representation=z,
+                                 level=self.method.level, mode=self.cfg.train.engine_mode,
+                                 chunk_size=self.cfg.train.chunk_size, task_names=self.train_names, extra=aux,
+                                 keep_jacobian=keep)
         except NonFiniteLossError:
             raise
         except FloatingPointError as e:  # a task gradient (or the model's own loss) overflowed; the message names it
             raise NonFiniteLossError(f"training diverged {self._where(ctx)} (method {self.method.name}): {e}; "
                                      f"{self._lr_hint()}") from e
+        info.losses = losses.detach()
+        for cb in self.callbacks:
+            cb.on_backward(self, info)
         self.optimizer.step()
         if self.method.weighting.needs_loss_after_step:
             with torch.no_grad():
@@ -329,13 +365,17 @@ class Trainer:
         """
         lock = prepare_run_dir(self.run_dir, self.cfg.output.overwrite, resume)
         if lock.stale:
-            print(f"mtlkit: note: {self.run_dir} was last locked by {runs._describe_holder(lock.stale)}, which "
-                  f"stopped without releasing it; taking over", file=sys.stderr)
+            log.warning(f"mtlkit: note: {self.run_dir} was last locked by {runs._describe_holder(lock.stale)}, "
+                        f"which stopped without releasing it; taking over")
+        threads = torch.get_num_threads()
+        if self.cfg.train.num_threads:  # for this run only: the caller's setting is restored afterwards
+            torch.set_num_threads(self.cfg.train.num_threads)
         try:
             return self._fit(resume)
         except (NonFiniteLossError, runs.RunDirError) as e:
             raise _with_context(e, self._state_sentence(e)) from e
         finally:
+            torch.set_num_threads(threads)
             lock.release()
 
     def _state_sentence(self, e: Exception) -> str:
@@ -353,11 +393,13 @@ class Trainer:
         history: list[dict[str, float]] = []
         best: dict[str, Any] = {"score": -float("inf"), "epoch": -1, "member_score": {}, "member_epoch": {}}
         start, in_epoch, carried = 0, None, 0.0
-        self._committed: str | None = None
-        self._best_state: Any = None
+        self._committed = None
+        self._best_state = None
+        self._best = best
         self._unfinished_results = False
         if resume:
             start, in_epoch, carried, best, history = self._resume()
+            self._best = best
         else:
             runs.atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self._train_seconds = carried
@@ -367,15 +409,10 @@ class Trainer:
 
             # purge_step: TensorBoard drops what a stopped run logged after its checkpoint (steps are epochs from 1)
             writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start + 1 if resume else None)
-        shared = self.model.shared_parameters()
-        last_layer = self.model.last_shared_layer() if not self.per_member else []
-        # Per task, the first layer of its task-specific network, for models that expose it (MTMLAN's TDB).
-        first_layers = getattr(self.model, "task_first_layers", None)
-        task_layers = first_layers() if callable(first_layers) else ()
         n = len(self.data.train)
         steps_per_epoch = self._steps_per_epoch = (n + tc.batch_size - 1) // tc.batch_size
-        on_progress = getattr(self.model, "on_train_progress", None)
-        on_progress = on_progress if callable(on_progress) else None
+        for cb in self.callbacks:
+            cb.on_train_start(self)
         t0 = last_save = time.time()
         save_every = 60.0 * tc.checkpoint_minutes
         trained = False
@@ -390,18 +427,22 @@ class Trainer:
                     first, loss_sum = int(in_epoch["batch"]), in_epoch["loss_sum"].clone()
                     e0 -= float(in_epoch["seconds"])
                     in_epoch = None
+                for cb in self.callbacks:
+                    cb.on_epoch_start(self, epoch)
                 bar = _Progress(f"epoch {epoch + 1}/{tc.epochs}", first, steps_per_epoch, tc.progress)
                 for b in bar:
                     idx = perm[b * tc.batch_size:(b + 1) * tc.batch_size]
                     x = self.data.train.x[idx].to(self.device)
                     ys = {k: v[idx].to(self.device) for k, v in self.data.train.y.items()}
                     step = epoch * steps_per_epoch + b
-                    if on_progress is not None:  # generic hook: models with schedules read the training progress
-                        on_progress(step / (tc.epochs * steps_per_epoch))
-                    ctx = StepContext(step=step, epoch=epoch, shared_params=shared,
-                                      last_shared_layer=last_layer, task_names=self.train_names,
-                                      task_layers=task_layers)
-                    losses = self._step(x, ys, ctx).cpu()
+                    self.model.on_train_progress(step / (tc.epochs * steps_per_epoch))
+                    ctx = StepContext(step=step, epoch=epoch, shared_params=self._shared,
+                                      last_shared_layer=self._last_layer, task_names=self.train_names,
+                                      task_layers=self._task_layers)
+                    info = StepInfo(epoch, b, step, steps_per_epoch, torch.empty(0))
+                    losses = self._step(x, ys, ctx, info).cpu()
+                    for cb in self.callbacks:
+                        cb.on_batch_end(self, info)
                     loss_sum += losses
                     bar.loss(float(losses.sum()))
                     if save_every > 0 and b + 1 < steps_per_epoch and time.time() - last_save >= save_every:
@@ -423,16 +464,20 @@ class Trainer:
                     row.update({f"weight/{k}": float(v) for k, v in zip(self.train_names, w.detach().cpu())})
                 self._select(epoch, val, best)
                 history.append(row)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, epoch, row)
                 self._commit(epoch, best, history, carried + time.time() - t0, where=f"in epoch {epoch + 1}")
                 last_save = time.time()
                 self._tensorboard(row, writer)
-                print(_epoch_line(row, self.tasks), file=sys.stderr)
+                log.info(_epoch_line(row, self.tasks))
         finally:
             if writer is not None:
                 writer.close()
         if not trained:
-            print(f"mtlkit: {self.run_dir} already finished its {tc.epochs} epoch{'s' if tc.epochs != 1 else ''}; "
-                  f"nothing to train (the selected model is evaluated again)", file=sys.stderr)
+            log.info(f"mtlkit: {self.run_dir} already finished its {tc.epochs} epoch{'s' if tc.epochs != 1 else ''}; "
+                     f"nothing to train (the selected model is evaluated again)")
+        for cb in self.callbacks:
+            cb.on_train_end(self)
         return self._finish(best, history, self._train_seconds)
 
     def _resume(self) -> tuple[int, dict[str, Any] | None, float, dict[str, Any], list[dict[str, float]]]:
@@ -449,6 +494,12 @@ class Trainer:
         in_epoch, carried = ck.get("in_epoch"), float(ck.get("train_seconds", 0.0))
         start = ck["epoch"] + 1
         _refuse_shorter_budget(self.run_dir, tc.epochs, start, in_epoch is not None)
+        saved = ck.get("callbacks", {})
+        if sorted(saved) != sorted(cb.key() for cb in self.callbacks):
+            raise ConfigError(f"cannot resume {self.run_dir}: it was trained with the callbacks {sorted(saved)}, "
+                              f"this run has {sorted(cb.key() for cb in self.callbacks)}")
+        for cb in self.callbacks:  # before the model and the optimizer: a callback may re-grow what it grew
+            cb.load_state_dict(saved[cb.key()], self)
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -468,15 +519,17 @@ class Trainer:
         return start, in_epoch, carried, best, history
 
     def _select(self, epoch: int, val: dict[str, float], best: dict[str, Any]) -> None:
-        """Keep the model with the best validation score (per task for one-model-per-task methods), in memory;
+        """Keep the model with the best validation score (per selection group, e.g. per task for STL), in memory;
         the checkpoint holds it and best.pt is written from it."""
-        if self.per_member:
+        groups = self._selection_groups
+        if groups:
             states = dict(self._best_state or {})
-            for t in self.tasks:
-                s = selection_score([t], val)
-                if s > best["member_score"].get(t.name, -float("inf")):
-                    best["member_score"][t.name], best["member_epoch"][t.name] = s, epoch
-                    states[t.name] = _cpu_copy(self.model.members[t.name].state_dict())
+            tasks = {t.name: t for t in self.tasks}
+            for name, module in groups.items():
+                s = selection_score([tasks[name]], val)
+                if s > best["member_score"].get(name, -float("inf")):
+                    best["member_score"][name], best["member_epoch"][name] = s, epoch
+                    states[name] = _cpu_copy(module.state_dict())
             self._best_state = states
             return
         score = selection_score(self.tasks, val)
@@ -486,13 +539,8 @@ class Trainer:
 
     def _finish(self, best: dict[str, Any], history: list[dict[str, float]], seconds: float) -> RunResult:
         self._derive(best, history)  # a run stopped right after its last checkpoint: derive what it had not
-        states = self._best_state
-        if self.per_member:
-            for name, st in states.items():
-                self.model.members[name].load_state_dict(st)
-        else:
-            self.model.load_state_dict(states)
-        best_epoch = _best_epochs(best, self.per_member)
+        load_selected(self.model, self._best_state)
+        best_epoch = _best_epochs(best, bool(self._selection_groups))
         tc = self.cfg.train
         val = evaluate(self.model, self.data.val, self.tasks, tc.eval_batch_size, self.device)
         test = evaluate(self.model, self.data.test, self.tasks, tc.eval_batch_size, self.device)
@@ -500,6 +548,10 @@ class Trainer:
                   "epochs": tc.epochs, "val": val, "test": test, "train_seconds": seconds,
                   "n_train": len(self.data.train), "n_val": len(self.data.val), "n_test": len(self.data.test),
                   "parameters": sum(p.numel() for p in self.model.parameters())}
+        for cb in self.callbacks:
+            extra = cb.results()
+            if extra:
+                result[cb.key()] = extra
         runs.write_if_changed(self.run_dir / "results.json", json.dumps(result, indent=2))
         return RunResult(self.run_dir, test, val, best_epoch, history, seconds)
 
@@ -584,13 +636,10 @@ def _resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return runs.config_differences(old, new, allowed=runs.REUSE_IGNORED | {"train.epochs"})
 
 
-def _auxiliary_tasks(model: nn.Module) -> list[Task]:
-    """The training-only tasks ``model.auxiliary_tasks()`` declares (none if it declares none); each must be
-    marked ``auxiliary`` so that it is never selected on or reported."""
-    fn = getattr(model, "auxiliary_tasks", None)
-    if not callable(fn):
-        return []
-    aux = list(fn())
+def _auxiliary_tasks(model: MTLModel) -> list[Task]:
+    """The training-only tasks ``model.auxiliary_tasks()`` declares; each must be marked ``auxiliary`` so that it
+    is never selected on or reported."""
+    aux = list(model.auxiliary_tasks())
     not_aux = [t.name for t in aux if not t.auxiliary]
     if not_aux:
         raise ConfigError(f"model.auxiliary_tasks() returned task(s) {not_aux} without auxiliary=True")
@@ -625,8 +674,7 @@ class _Progress:
             self._bar.set_postfix(loss=f"{value:.4f}")
         elif self.mode == "lines" and time.time() - self._last >= self.every:
             self._last = time.time()
-            print(f"{self.desc}: step {self._b + 1}/{self.total}, loss {value:.4f}, {self._last - self._t0:.0f}s",
-                  file=sys.stderr, flush=True)
+            log.info(f"{self.desc}: step {self._b + 1}/{self.total}, loss {value:.4f}, {self._last - self._t0:.0f}s")
 
     def close(self) -> None:
         if self._bar is not None:

@@ -16,7 +16,7 @@ from mtlkit.errors import ConfigError
 from mtlkit.losses import gaussian_kl
 from mtlkit.methods import build_method
 from mtlkit.models import SingleTaskModels, build_model
-from mtlkit.models.base import auxiliary_loss
+from mtlkit.models.base import MTLModel, check_auxiliary_loss
 from mtlkit.models.mtvib import MTVIB, GaussianEncoder, build_mtvib, build_stvib, decoder
 from mtlkit.reproduce.mtvib import ETAS, MODELS, PAPER, report, spec
 from mtlkit.tasks import Task
@@ -201,9 +201,9 @@ def test_hook_sums_over_stl_members_and_engine_adds_it_outside_aggregation():
     stl = SingleTaskModels(members)
     stl(torch.rand(4, 1, 12, 12))
     kls = [float(m.last_kl) for m in members.values()]
-    total = auxiliary_loss(stl)
+    total = check_auxiliary_loss(stl)  # the STL model's hook sums its members' hooks
     assert float(total.detach()) == pytest.approx(1e-3 * sum(kls), rel=1e-5)
-    assert auxiliary_loss(torch.nn.Linear(2, 2)) is None
+    assert check_auxiliary_loss(MTLModel()) is None  # the base hook's default: no auxiliary loss
 
     # engine: with a non-trivial aggregator the extra loss' gradient is added as is (not aggregated)
     w = torch.tensor([1.0, 2.0], requires_grad=True)

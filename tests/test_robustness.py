@@ -16,7 +16,8 @@ from mtlkit.models import HPS
 from mtlkit.models.mtvib import build_mtvib
 from mtlkit.robustness import fgsm, input_gradient, pgd
 from mtlkit.tasks import Task
-from mtlkit.train import Trainer, evaluate
+from mtlkit.evaluation import evaluate
+from mtlkit.train import Trainer
 
 TASKS = [Task("a", "multiclass", 3), Task("b", "multiclass", 3)]
 

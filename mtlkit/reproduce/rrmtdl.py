@@ -275,7 +275,8 @@ def run_one(data: MTLData, cfg: RunConfig, run_dir: Path, reuse: bool) -> tuple[
     """Train one run (or, with ``reuse``, read back a finished one / resume a stopped one); returns its row and
     whether it was read back. The reversed-correlation validation metrics are kept in ``val_reversed.json``."""
     from mtlkit.runs import finished_run, resumable_run
-    from mtlkit.train import Trainer, evaluate
+    from mtlkit.evaluation import evaluate
+    from mtlkit.train import Trainer
 
     names = [t.name for t in data.tasks]
     rev_path = run_dir / "val_reversed.json"
@@ -429,7 +430,7 @@ def command_line(args: argparse.Namespace, out: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mtlkit.train import resolve_device
+    from mtlkit.devices import resolve_device
 
     if args.epochs is None:
         args.epochs = FULL_EPOCHS if args.full else SMALL_EPOCHS
