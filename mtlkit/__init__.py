@@ -1,9 +1,9 @@
 """mtlkit: multi-task deep learning methods, architectures and benchmarks on real data."""
 from mtlkit._startup import cli_start_guard
+from mtlkit._version import __version__
 
 with cli_start_guard():  # Ctrl-C while the `mtlkit` command imports torch: one line, status 130 (mtlkit/_startup.py)
     from mtlkit import aggregation, weighting
     from mtlkit.autodiff import BackwardInfo, backward, per_task_grads, stack
 
-__version__ = "0.1.0"
 __all__ = ["BackwardInfo", "aggregation", "backward", "per_task_grads", "stack", "weighting", "__version__"]

@@ -575,6 +575,29 @@ def _refuse_shorter_budget(run_dir: Path, epochs: int, finished: int, partial: b
                           f"run in another --run-dir")
 
 
+def train_or_reuse(cfg: RunConfig, data: MTLData | None = None, run_dir: str | Path | None = None,
+                   reuse: bool = False, callbacks: Sequence[Callback] = ()) -> tuple[dict[str, Any], MTLModel, bool]:
+    """Train the run ``cfg`` into ``run_dir``; return its ``results.json``, its selected model and whether it trained
+    now. With ``reuse``, a finished run of the same config is read back instead (its best.pt loaded) and a stopped
+    one continues from its checkpoint; a run of another config is an error (:func:`mtlkit.runs.finished_run`).
+    Benchmarks and reproductions that resume in pieces (``--reuse``) all go through here.
+
+    Example:
+        >>> train_or_reuse  # doctest: +ELLIPSIS
+        <function train_or_reuse at ...>
+    """
+    from mtlkit.evaluation import load_run
+
+    path = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
+    done = runs.finished_run(path, cfg) if reuse else None
+    if done is not None:
+        _, _, model = load_run(path, device=cfg.train.device, data=data)
+        return done, model, False
+    trainer = Trainer(cfg, data=data, run_dir=path, callbacks=callbacks)
+    trainer.fit(resume=reuse and runs.resumable_run(path, cfg))
+    return json.loads((path / "results.json").read_text()), trainer.model, True
+
+
 def check_run_dir(cfg: RunConfig, resume: bool = False, run_dir: str | Path | None = None) -> Path:
     """The run directory :meth:`Trainer.fit` will use, after the checks it will make there that need no data: not
     a file, writable, not locked by another run, not overwritten without ``output.overwrite``; for ``resume``, a

@@ -23,6 +23,19 @@ from mtlkit.errors import DataError
 from mtlkit.tasks import Task
 
 
+@pytest.fixture(autouse=True)
+def _mtlkit_messages_on_stderr():
+    """mtlkit's progress messages are logging records (mtlkit/logs.py); the ``mtlkit`` command prints them on
+    stderr, and so does every test here, so that tests calling the library read the same lines as a user."""
+    import logging
+
+    from mtlkit.logs import log_to_stderr
+
+    handler = log_to_stderr()
+    yield
+    logging.getLogger("mtlkit").removeHandler(handler)
+
+
 @register_dataset("_toy")
 def toy_dataset(n_train: int = 96, n_val: int = 32, n_test: int = 32, seed: int = 0) -> MTLData:
     """Two 3-class tasks on 1x12x12 random images whose labels depend on two image regions (unit tests only)."""

@@ -425,16 +425,8 @@ def test_progress_is_a_bar_only_on_a_terminal(monkeypatch, capsys):
     monkeypatch.undo()
     assert train._Progress("e", 0, 3, True).mode == "lines" and train._Progress("e", 0, 3, False).mode == "none"
     bar = train._Progress("epoch 1/2", 0, 3, True, every=0.0)
-    import logging
-
-    from mtlkit.logs import log_to_stderr
-
-    handler = log_to_stderr()  # what the command line installs: the loop's messages are logging records
-    try:
-        for _ in bar:
-            bar.loss(1.5)
-    finally:
-        logging.getLogger("mtlkit").removeHandler(handler)
+    for _ in bar:  # (conftest prints mtlkit's log records on stderr, as the command line does)
+        bar.loss(1.5)
     assert capsys.readouterr().err.splitlines() == [f"epoch 1/2: step {b}/3, loss 1.5000, 0s" for b in (1, 2, 3)]
 
 

@@ -35,9 +35,9 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -49,6 +49,8 @@ from mtlkit.data import MTLData, Split, register_dataset
 from mtlkit.data.sources import cache_dir, load_images, load_npz, save_npz
 from mtlkit.errors import ConfigError
 from mtlkit.tasks import Task
+
+log = logging.getLogger("mtlkit")
 
 #: MTMLAN Table I: number of instances per concept over 1,540 clips (Wang & Chen, Sec. IV-A).
 PAPER_COUNTS: tuple[int, ...] = (150, 338, 971, 273, 371, 311, 811)
@@ -199,8 +201,8 @@ def _pretrained_features(spec: ClipSpec, frames: dict[str, np.ndarray], images: 
     x_pool, y_pool = _pools(images)
     gen = torch.Generator().manual_seed(spec.seed)
     take = torch.randperm(len(y_pool["train"]), generator=gen)[:samples].numpy()
-    print(f"mtlkit: pre-training the frame encoder on {len(take)} {spec.source} training images "
-          f"({epochs} epochs) ...", file=sys.stderr)
+    log.info(f"mtlkit: pre-training the frame encoder on {len(take)} {spec.source} training images "
+          f"({epochs} epochs) ...")
     enc = pretrain_frame_encoder(x_pool["train"][take], y_pool["train"][take], epochs=epochs, width=width,
                                  seed=spec.seed)
     enc.eval()

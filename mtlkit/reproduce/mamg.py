@@ -36,10 +36,10 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ import torch
 
 from mtlkit.reproduce import Reproduction, register_reproduction, train_or_reuse
 from mtlkit.reproduce.mamo import VERDICT_RULE, command_line, fmt_paired, fmt_pm, paired, verdict, with_second_metric
+
+log = logging.getLogger("mtlkit")
 
 #: --datasets -> registered dataset, its options, the HPS options, epochs, batch size (the default budget)
 SETUPS: dict[str, dict[str, Any]] = {
@@ -140,7 +142,7 @@ def _train(name: str, s: dict[str, Any], data, spec: str, seed: int, args: argpa
         "output": {"dir": str(run_dir), "tensorboard": False, "overwrite": True}})
     done, trained = train_or_reuse(cfg, data, run_dir, args.reuse)
     if trained:
-        print(f"[mamg] {name} seed {seed} {spec}: {done['train_seconds']:.0f}s", file=sys.stderr)
+        log.info(f"[mamg] {name} seed {seed} {spec}: {done['train_seconds']:.0f}s")
     return {"test": done["test"], "val": done["val"], "seconds": float(done["train_seconds"])}
 
 
@@ -172,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
         data = build_dataset(s["dataset"], **s["options"])
         keys = with_second_metric(data)
         budget = _budget(name, s, data, args)
-        print(f"[mamg] budget: {budget}", file=sys.stderr)
+        log.info(f"[mamg] budget: {budget}")
         runs = {spec: {seed: _train(name, s, data, spec, seed, args, out) for seed in args.seeds}
                 for spec in args.methods}
         report["datasets"][name] = {"budget": budget, "metrics": keys, "runs": {
@@ -183,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
     md = markdown(report, args)
     (out / "report.md").write_text(md)
     print(md)
-    print(f"[mamg] wrote {out / 'report.md'} and {out / 'results.json'}", file=sys.stderr)
+    log.info(f"[mamg] wrote {out / 'report.md'} and {out / 'results.json'}")
     return 0
 
 

@@ -38,10 +38,10 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 
 from mtlkit.reproduce import Reproduction, register_reproduction
+
+log = logging.getLogger("mtlkit")
 
 #: MTMLAN paper, Table III ("Performance evaluation results on the disaster video dataset").
 PAPER_TABLE3: dict[str, dict[str, float]] = {
@@ -318,22 +320,22 @@ def run(args: argparse.Namespace) -> int:
     budget_line = (f"Budget: {'FULL' if args.full else 'REDUCED'} {shown}, seeds {args.seeds}, Adam lr {args.lr}, "
                    f"β = {args.beta}, TDB α = 1 with SGD step {args.tdb_lr}, threshold {args.threshold}. "
                    f"Paper's full budget: `--full`.")
-    print(budget_line, file=sys.stderr)
+    log.info(budget_line)
     data_cache: dict[str, Any] = {}
     results: dict[str, list[dict[str, Any]]] = {}
     for row in args.rows:
         for seed in args.seeds:
             s = run_one(args, budget, row, seed, out, data_cache)
             results.setdefault(row, []).append(s)
-            print(f"[{row} seed {seed}] micro-F1 {s['micro_f1']:.4f} HL {s['hamming_loss']:.4f} mAP {s['map']:.4f} "
-                  f"({s['seconds']:.0f}s)", file=sys.stderr)
+            log.info(f"[{row} seed {seed}] micro-F1 {s['micro_f1']:.4f} HL {s['hamming_loss']:.4f} mAP {s['map']:.4f} "
+                  f"({s['seconds']:.0f}s)")
     md = tables(results, args.dataset, budget_line)
     (out / "tables.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"budget": budget, "seeds": args.seeds, "results": results},
                                                  indent=1))
     pngs = plots(results, out)
     print(md)
-    print(f"wrote {out / 'tables.md'}, {out / 'results.json'}" + "".join(f", {p}" for p in pngs))
+    log.info(f"wrote {out / 'tables.md'}, {out / 'results.json'}" + "".join(f", {p}" for p in pngs))
     return 0
 
 

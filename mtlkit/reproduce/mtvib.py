@@ -22,9 +22,9 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from mtlkit.reproduce import Reproduction, register_reproduction
+
+log = logging.getLogger("mtlkit")
 
 ETAS = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
 MODELS = ("STL", "STVIB", "GS", "UWL", "MTVIB")
@@ -129,12 +131,8 @@ def _budget(args: argparse.Namespace) -> dict[str, Any]:
 def _train(model: str, seed: int, data, budget: dict[str, Any], out: Path, reuse: bool, threads: int | None,
            gs_weights: tuple[float, float] | None = None, tag: str | None = None):
     """Train one model with one seed; returns (trained model, results dict)."""
-    import torch
-
     from mtlkit.config import RunConfig
-    from mtlkit.evaluation import load_run
-    from mtlkit.runs import finished_run, resumable_run
-    from mtlkit.train import Trainer
+    from mtlkit.train import train_or_reuse
 
     run_dir = out / "runs" / f"{tag or model}-s{seed}"
     cfg = RunConfig.from_dict({
@@ -143,17 +141,12 @@ def _train(model: str, seed: int, data, budget: dict[str, Any], out: Path, reuse
         "train": {"epochs": budget["epochs"], "lr": budget["lr"], "batch_size": budget["batch_size"],
                   "optimizer": "adam", "seed": seed, "device": "cpu", "num_threads": threads, "progress": False},
         "output": {"dir": str(run_dir), "tensorboard": False, "overwrite": True}})
-    done = finished_run(run_dir, cfg) if reuse else None
-    if done is not None:
-        _, _, net = load_run(run_dir, data=data)
-        return net, done
     t0 = time.time()
-    trainer = Trainer(cfg, data=data, run_dir=run_dir)
-    res = trainer.fit(resume=reuse and resumable_run(run_dir, cfg))  # a stopped run continues from its checkpoint
-    print(f"[mtvib] {tag or model} seed {seed}: val {_acc(res.val)} test {_acc(res.test)} "
-          f"({time.time() - t0:.0f}s)", file=sys.stderr)
-    torch.set_grad_enabled(True)
-    return trainer.model, json.loads((run_dir / "results.json").read_text())
+    results, net, trained = train_or_reuse(cfg, data, run_dir, reuse)  # a stopped run continues from its checkpoint
+    if trained:
+        log.info(f"[mtvib] {tag or model} seed {seed}: val {_acc(results['val'])} test {_acc(results['test'])} "
+              f"({time.time() - t0:.0f}s)")
+    return net, results
 
 
 def _curve(net, data, etas: list[float], args: argparse.Namespace, run_dir: Path) -> dict[str, dict[str, float]]:
@@ -172,7 +165,7 @@ def _curve(net, data, etas: list[float], args: argparse.Namespace, run_dir: Path
             return saved["curve"]
     t0 = time.time()
     curve = robustness_curve(net, data.tasks, data.test, etas, "fgsm", batch_size=args.attack_batch)
-    print(f"[mtvib] FGSM sweep of {run_dir.name}: {time.time() - t0:.0f}s", file=sys.stderr)
+    log.info(f"[mtvib] FGSM sweep of {run_dir.name}: {time.time() - t0:.0f}s")
     cache.write_text(json.dumps({"key": key, "curve": curve}, indent=1))
     return curve
 
@@ -233,8 +226,8 @@ def run(args: argparse.Namespace) -> int:
                                                    "curves": curves, "paper": _paper_json(args.dataset),
                                                    "seconds": elapsed, **extra}, indent=1))
     plot(curves, etas, names, out, args.dataset)
-    print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'accuracy_vs_eta.png'}, "
-          f"{out / 'joint_accuracy_vs_eta.png'}", file=sys.stderr)
+    log.info(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'accuracy_vs_eta.png'}, "
+          f"{out / 'joint_accuracy_vs_eta.png'}")
     return 0
 
 

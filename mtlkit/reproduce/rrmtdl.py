@@ -43,10 +43,10 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 import argparse
 import json
 import shlex
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -59,6 +59,8 @@ from mtlkit.config import RunConfig
 from mtlkit.data import MTLData, build_dataset
 from mtlkit.data.entangled import CENSUS_PAIRS, IMAGE_PAIRS
 from mtlkit.reproduce import Reproduction, register_reproduction
+
+log = logging.getLogger("mtlkit")
 
 #: The paper's numbers. None are public (only the abstract of Fang et al., IEEE TMM 2023, is available), so there is
 #: nothing to print beside ours.
@@ -274,29 +276,19 @@ def _row(results: Mapping[str, Any], reversed_: Mapping[str, float], names: list
 def run_one(data: MTLData, cfg: RunConfig, run_dir: Path, reuse: bool) -> tuple[dict[str, float], bool]:
     """Train one run (or, with ``reuse``, read back a finished one / resume a stopped one); returns its row and
     whether it was read back. The reversed-correlation validation metrics are kept in ``val_reversed.json``."""
-    from mtlkit.runs import finished_run, resumable_run
     from mtlkit.evaluation import evaluate
-    from mtlkit.train import Trainer
+    from mtlkit.train import train_or_reuse
 
     names = [t.name for t in data.tasks]
     rev_path = run_dir / "val_reversed.json"
-    done = finished_run(run_dir, cfg) if reuse else None
-    if done is not None:
-        if rev_path.is_file():
-            rev = json.loads(rev_path.read_text())
-        else:  # stopped between results.json and val_reversed.json: evaluate the saved selection
-            from mtlkit.evaluation import load_run
+    results, net, trained = train_or_reuse(cfg, data, run_dir, reuse)
+    if trained or not rev_path.is_file():  # (a reused run stopped between results.json and val_reversed.json)
+        rev = evaluate(net, data.info["val_reversed"], data.tasks, device=next(net.parameters()).device)
+        rev_path.write_text(json.dumps(rev, indent=1))
+    else:
+        rev = json.loads(rev_path.read_text())
+    return _row(results, rev, names), not trained
 
-            _, _, net = load_run(run_dir, device=cfg.train.device, data=data)
-            rev = evaluate(net, data.info["val_reversed"], data.tasks, device=next(net.parameters()).device)
-            rev_path.write_text(json.dumps(rev, indent=1))
-        return _row(done, rev, names), True
-    trainer = Trainer(cfg, data=data, run_dir=run_dir)
-    trainer.fit(resume=reuse and resumable_run(run_dir, cfg))
-    rev = evaluate(trainer.model, data.info["val_reversed"], data.tasks, device=trainer.device)
-    rev_path.write_text(json.dumps(rev, indent=1))
-    torch.set_grad_enabled(True)
-    return _row(json.loads((run_dir / "results.json").read_text()), rev, names), False
 
 
 # --- report -----------------------------------------------------------------------------------------------------
@@ -444,14 +436,13 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     plans = _plan(args)
     if not plans:
-        print("error: nothing to run (no pair of the chosen datasets selected)", file=sys.stderr)
+        log.info("error: nothing to run (no pair of the chosen datasets selected)")
         return 2
     out = Path(args.out or "runs/reproduce-rrmtdl")
     out.mkdir(parents=True, exist_ok=True)
     total = sum(len(keys) for p in plans.values() for keys in p["jobs"].values()) * len(args.seeds)
-    print(f"[rrmtdl] {total} runs planned ({', '.join(plans)}; seeds {args.seeds}; device {device}); "
-          f"{'--reuse: finished runs are read back' if args.reuse else 'retraining every run'}",
-          file=sys.stderr, flush=True)
+    log.info(f"[rrmtdl] {total} runs planned ({', '.join(plans)}; seeds {args.seeds}; device {device}); "
+          f"{'--reuse: finished runs are read back' if args.reuse else 'retraining every run'}")
     t0 = time.time()
     done = trained = 0
     train_time = 0.0
@@ -491,10 +482,10 @@ def run(args: argparse.Namespace) -> int:
                         trained += 1
                         train_time += time.time() - t_run
                     eta = (train_time / trained) * (total - done) if trained else float("nan")
-                    print(f"[rrmtdl {time.time() - t0:.0f}s] {done}/{total} {name} {pair} agreement {rate:g} "
+                    log.info(f"[rrmtdl {time.time() - t0:.0f}s] {done}/{total} {name} {pair} agreement {rate:g} "
                           f"{_label(key)} seed {seed}: test mean acc {100 * row['test/mean_accuracy']:.2f}"
                           f"{' (read back)' if reused else f' ({time.time() - t_run:.0f}s)'}"
-                          f"{f'; ~{eta / 60:.0f} min left' if np.isfinite(eta) else ''}", file=sys.stderr, flush=True)
+                          f"{f'; ~{eta / 60:.0f} min left' if np.isfinite(eta) else ''}")
                 del data
         res_ds: dict[str, Any] = {"budget": budget, "pairs": {}, "sweep": {}}
         report += [f"## {name}", ""]
@@ -570,7 +561,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "report.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print(text)
-    print(f"[rrmtdl] wrote {out / 'report.md'} and {out / 'results.json'}", file=sys.stderr)
+    log.info(f"[rrmtdl] wrote {out / 'report.md'} and {out / 'results.json'}")
     return 0
 
 
