@@ -31,9 +31,16 @@ import sys
 import time
 from pathlib import Path
 
-ALL_METHODS = ["ew", "uw", "dwa", "gradnorm", "rlw", "gls", "imtl_l", "famo", "dbmtl", "mgda", "pcgrad", "cagrad",
-               "gradvac", "imtl_g", "nash_mtl", "graddrop", "upgrad", "aligned_mtl", "dualproj", "mamg"]
 TASKS = {"conv": [2, 4, 10], "mlp": [4, 40]}
+
+
+def all_methods() -> list[str]:
+    """The methods timed without ``--methods``: the registry's benchmark list (:func:`mtlkit.methods.zoo_methods`:
+    every registered method but those registered with ``zoo=False``) without STL, which trains one model per task
+    (there is no shared step to time)."""
+    from mtlkit.methods import method_parts, zoo_methods
+
+    return [m for m in zoo_methods() if not method_parts(m)[2]]
 
 
 def _rss_mb() -> float:
@@ -203,7 +210,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", nargs="+", default=["conv", "mlp"], choices=["conv", "mlp"])
     p.add_argument("--tasks", nargs="+", type=int, help="override the T values of every workload")
-    p.add_argument("--methods", nargs="+", default=ALL_METHODS)
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="method names (default: every registered method a benchmark trains, see all_methods)")
     p.add_argument("--levels", nargs="+", default=["parameter", "representation"])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -230,10 +238,11 @@ def main() -> int:
         print(json.dumps(run_one(**spec)))
         return 0
     rows = []
+    methods = args.methods or all_methods()
     for wl in args.workloads:
         for T in args.tasks or TASKS[wl]:
             base = None
-            for method in ["ew"] + [m for m in args.methods if m != "ew"]:
+            for method in ["ew"] + [m for m in methods if m != "ew"]:
                 for level in args.levels:
                     impls = ["mtlkit"] + (["torchjd"] if args.torchjd else []) + (["libmtl"] if args.libmtl else [])
                     if method == "ew" and args.retained_floor and level == "parameter":

@@ -21,14 +21,45 @@ import numpy as np
 from mtlkit.config import RunConfig
 from mtlkit.metrics import delta_m
 
-DEFAULT_ZOO = ["stl", "ew", "uw", "dwa", "gradnorm", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "upgrad", "mamg"]
+
+def default_zoo(scale: str = "native") -> list[str]:
+    """The methods ``mtlkit bench zoo`` trains without ``--methods``: every registered method but those registered
+    with ``zoo=False`` (:func:`mtlkit.methods.zoo_methods`); with ``scale="sum"`` also without those whose update
+    cannot be put on the sum scale (a footnote of the table names them).
+
+    Example:
+        >>> zoo = default_zoo()
+        >>> zoo[:2], {"mgda", "nash_mtl", "uw"} <= set(zoo), "nash_mtl" in default_zoo("sum")
+        (['stl', 'ew'], True, False)
+    """
+    from mtlkit.aggregation._base import SUM_SCALE_FACTOR
+    from mtlkit.methods import method_scale, zoo_methods
+
+    names = zoo_methods()
+    if scale == "sum":
+        names = [n for n in names if SUM_SCALE_FACTOR.get(method_scale(n) or "") is not None]
+    return names
+
+
+def __getattr__(name: str) -> Any:
+    # DEFAULT_ZOO is read from the method registry when first asked for (importing this module imports no method).
+    if name == "DEFAULT_ZOO":
+        return default_zoo()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def add_zoo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="multimnist",
                    help="dataset name (`mtlkit methods` lists them); the table shows each task's first metric")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_ZOO,
-                   help="method names (`mtlkit methods`); STL is always added as the Δm baseline")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="method names (`mtlkit methods`; default: every registered method but those marked "
+                        "zoo=False, e.g. ones that need options or a model of their own); STL is always added as "
+                        "the Δm baseline")
+    p.add_argument("--scale", choices=["native", "sum"], default="native",
+                   help="native: each method's own output scale (`mtlkit methods` shows it); sum: mean-, convex- and "
+                        "affine-scale updates multiplied by T, so that every method steps on EW's scale with the same "
+                        "learning rate (methods whose scale cannot be put there are left out of the default list, and "
+                        "refused when named)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per method and seed")
     p.add_argument("--epochs", type=int, default=10, help="training epochs, the same for every method")
     p.add_argument("--n-train", type=int, default=120_000, help="training+validation images (full: 120000)")
@@ -157,9 +188,9 @@ _DATA_CACHE: dict[Any, Any] = {}
 
 def _builtin_dataset(name: str) -> bool:
     """Whether ``name`` is one of mtlkit's own datasets (all built from real data), not one registered by a user."""
-    from mtlkit.data import _DATASETS, available_datasets
+    from mtlkit._registry import DATASETS
 
-    return name in available_datasets() and _DATASETS[name].__module__.startswith("mtlkit.")
+    return name in DATASETS and DATASETS.get(name).module.startswith("mtlkit.")
 
 
 def _train(cfg_dict: dict[str, Any], resume: bool = False) -> dict[str, float]:
@@ -172,14 +203,17 @@ def _train(cfg_dict: dict[str, Any], resume: bool = False) -> dict[str, float]:
 
 
 def _registering_modules() -> list[str]:
-    """Modules that registered a dataset, model or method in this process (a user's own ones included), so that a
-    spawned worker can import them and find the same names. ``__main__`` is skipped (spawn re-runs it itself)."""
-    from mtlkit.data import _DATASETS
-    from mtlkit.methods import _REGISTRY
-    from mtlkit.models.base import _MODELS
+    """Modules that registered a dataset, model, method or metric in this process (a user's own ones included), so
+    that a spawned worker can import them and find the same names. ``__main__`` is skipped (spawn re-runs it itself).
 
-    fns = [*_DATASETS.values(), *_MODELS.values(), *_REGISTRY.values()]
-    return sorted({fn.__module__ for fn in fns} - {"__main__", "__mp_main__"})
+    Example:
+        >>> {"mtlkit.data", "mtlkit.aggregation.cagrad", "mtlkit.methods"} <= set(_registering_modules())
+        True
+    """
+    from mtlkit._registry import DATASETS, METHODS, METRICS, MODELS
+
+    modules = {e.module for registry in (DATASETS, MODELS, METHODS, METRICS) for e in registry}
+    return sorted(modules - {"__main__", "__mp_main__"})
 
 
 def _import_all(modules: list[str]) -> None:
@@ -273,7 +307,12 @@ def run_zoo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--overwrite retrains every run, {'--reuse' if args.reuse else '--no-train'} keeps them: "
                           f"pass one of the two")
     out = Path(args.out)
-    methods = list(dict.fromkeys(["stl"] + list(args.methods)))
+    scale = getattr(args, "scale", "native")
+    if scale not in ("native", "sum"):
+        raise ConfigError(f"--scale must be native or sum, got {scale!r}")
+    chosen = list(args.methods) if args.methods else default_zoo(scale)
+    left_out = [] if args.methods else [m for m in default_zoo() if m not in chosen]
+    methods = list(dict.fromkeys(["stl"] + chosen))
     # Every run's config is built and checked (names, options, model/method/level) before any data is loaded or
     # anything trained: a typo in the last method must not surface after hours of training the first ones.
     plan: list[tuple[int, str, Path, RunConfig]] = []
@@ -282,7 +321,7 @@ def run_zoo(args: argparse.Namespace) -> int:
             run_dir = out / f"{args.dataset}-{m}-s{seed}"
             cfg = RunConfig.from_dict({
                 "dataset": {"name": args.dataset, "options": {"n_train": args.n_train, "n_test": args.n_test}},
-                "method": {"name": m},
+                "method": {"name": m, "scale": scale},
                 "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "optimizer": "adam",
                           "seed": seed, "num_threads": args.threads, "progress": False},
                 "output": {"dir": str(run_dir), "overwrite": True, "tensorboard": False}})
@@ -307,11 +346,15 @@ def run_zoo(args: argparse.Namespace) -> int:
             f.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
+    scale_text = ("scale native (each method's own output scale, `mtlkit methods`)" if scale == "native" else
+                  "scale sum (mean-, convex- and affine-scale updates x T: every method on EW's scale)")
+
     def header(partial: bool) -> str:
         return (f"Method zoo on {args.dataset} ({origin}{len(data.train)} train / {len(data.val)} val / "
                 f"{len(data.test)} test images), HPS encoder, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, "
-                f"Adam lr {args.lr}, batch {args.batch_size}, {'partial; ' if partial else ''}seeds {args.seeds}; test "
-                f"accuracy (%) of the validation-selected epoch, mean ± std; Δm vs STL, lower is better.\n\n")
+                f"Adam lr {args.lr}, batch {args.batch_size}, {'partial; ' if partial else ''}seeds {args.seeds}, "
+                f"{scale_text}; test accuracy (%) of the validation-selected epoch, mean ± std; Δm vs STL, lower is "
+                f"better.\n\n")
 
     def results() -> dict[str, list[dict[str, float]]]:
         """Finished runs by method, in the zoo's method order and seed order."""
@@ -326,6 +369,9 @@ def run_zoo(args: argparse.Namespace) -> int:
         """The table's markdown page (header, table, footnotes, missing runs) and the numbers behind it."""
         table, numbers = zoo_table(results(), task_metrics)
         table += budget_notes(methods, args.epochs)
+        if left_out:
+            table += ("\n\nLeft out of the default list at scale sum (their update cannot be put on the sum scale): "
+                      + ", ".join(left_out) + ".")
         if missing:
             table += "\n\nNot trained yet: " + ", ".join(missing) + "."
         return header(partial) + table + "\n", numbers
@@ -365,7 +411,8 @@ def run_zoo(args: argparse.Namespace) -> int:
     text, numbers = page(partial=bool(missing), missing=missing)
     (out / f"zoo_{args.dataset}.md").write_text(text)
     (out / f"zoo_{args.dataset}.json").write_text(json.dumps(numbers, indent=2))
-    plot_zoo(numbers, [k for k, _ in task_metrics], out / f"zoo_{args.dataset}.png", f"{args.dataset}")
+    plot_zoo(numbers, [k for k, _ in task_metrics], out / f"zoo_{args.dataset}.png",
+             f"{args.dataset} (scale {scale})")
     if not missing:
         (out / f"zoo_{args.dataset}_partial.md").unlink(missing_ok=True)
     print(text)

@@ -33,6 +33,7 @@ class ModelConfig:
 class MethodConfig:
     name: str = "ew"
     level: str | None = None
+    scale: str = "native"  # native (the method's own output scale) | sum (mean/convex/affine updates x T)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -274,26 +275,18 @@ def _factory_class(factory: Any) -> type | None:
     return ret if isinstance(ret, type) else None
 
 
-def _check_options(kind: str, name: str, factory: Any, options: dict[str, Any], origins: dict[str, str],
-                   section: str, positional: tuple[str, ...] = ()) -> None:
-    """Like :func:`mtlkit._registry.check_options`, naming where each rejected option was set."""
-    from mtlkit._registry import check_options
-
+def _check_options(registry: Any, name: str, options: dict[str, Any], origins: dict[str, str], section: str) -> None:
+    """``registry.check(name, options)`` (:class:`mtlkit._registry.Registry`), naming where each rejected option was
+    set."""
     try:
-        check_options(kind, name, factory, options, positional)
+        registry.check(name, options)
     except ConfigError as e:
+        takes = registry.get(name).options
         where = sorted({origins[f"{section}.options.{k}"] for k in options
-                        if f"{section}.options.{k}" in origins and not _takes(factory, k, positional)})
+                        if f"{section}.options.{k}" in origins and k not in takes})
         if not where:
             raise
         raise ConfigError(f"{e} (set {' and '.join(where)})") from None
-
-
-def _takes(factory: Any, option: str, positional: tuple[str, ...]) -> bool:
-    import inspect
-
-    params = inspect.signature(factory).parameters
-    return option in params and option not in positional
 
 
 def check_run_config(cfg: RunConfig, origins: dict[str, str] | None = None) -> None:
@@ -314,10 +307,9 @@ level 'representation' cannot apply; use level 'parameter' (the default) or a mo
     """
     import math
 
-    from mtlkit.data import _DATASETS, available_datasets
+    from mtlkit._registry import DATASETS, MODELS
     from mtlkit.errors import unknown_name
-    from mtlkit.methods import build_method
-    from mtlkit.models.base import _MODELS, available_models
+    from mtlkit.methods import SCALE_CHOICES, build_method
 
     origins = origins or {}
     tc = cfg.train
@@ -336,18 +328,18 @@ level 'representation' cannot apply; use level 'parameter' (the default) or a mo
                           f"{tc.checkpoint_minutes}")
     if tc.engine_mode not in ("auto", "loop", "batched"):
         raise unknown_name("train.engine_mode", tc.engine_mode, ["auto", "loop", "batched"])
-    if cfg.dataset.name not in available_datasets():
-        raise unknown_name("dataset", cfg.dataset.name, list(_DATASETS))
-    _check_options("dataset", cfg.dataset.name, _DATASETS[cfg.dataset.name], cfg.dataset.options, origins, "dataset")
-    if cfg.model.name not in available_models():
-        raise unknown_name("model", cfg.model.name, list(_MODELS))
-    model_factory = _MODELS[cfg.model.name]
-    _check_options("model", cfg.model.name, model_factory, cfg.model.options, origins, "model", ("data",))
+    _check_options(DATASETS, cfg.dataset.name, cfg.dataset.options, origins, "dataset")
+    _check_options(MODELS, cfg.model.name, cfg.model.options, origins, "model")
+    model_factory = MODELS.get(cfg.model.name).obj
     level = cfg.method.level
     if level is not None and level not in ("parameter", "representation"):
         raise ConfigError(f"unknown method.level {level!r}; valid levels are: parameter, representation")
+    if cfg.method.scale not in SCALE_CHOICES:
+        raise ConfigError(f"unknown method.scale {cfg.method.scale!r}; valid scales are: {', '.join(SCALE_CHOICES)} "
+                          f"(sum: mean-, convex- and affine-scale updates multiplied by T)")
     try:
-        method = build_method(cfg.method.name, level=level, **cfg.method.options)
+        method = build_method(cfg.method.name, level=level, scale=cfg.method.scale,  # type: ignore[arg-type]
+                              **cfg.method.options)
     except ConfigError as e:
         where = sorted({v for k, v in origins.items() if k.startswith("method.options.")})
         raise ConfigError(f"{e}" + (f" (method options set {' and '.join(where)})" if where and "option" in str(e)
@@ -359,6 +351,7 @@ level 'representation' cannot apply; use level 'parameter' (the default) or a mo
 
 def _check_combination(cfg: RunConfig, method: Any, model_cls: type | None) -> None:
     """Model, method and level that cannot train together (each message names both sides)."""
+    from mtlkit.models.base import MTLModel
     from mtlkit.models.stl import SingleTaskModels
 
     explicit = cfg.method.level is not None
@@ -378,7 +371,7 @@ def _check_combination(cfg: RunConfig, method: Any, model_cls: type | None) -> N
                               f"weighted loss), so level 'representation' does not apply to it; drop the level or "
                               f"use a gradient-aggregation method (e.g. mgda, pcgrad; `mtlkit methods`)")
     if getattr(method.weighting, "grad_at", None) == "task_first_layer" and model_cls is not None \
-            and not callable(getattr(model_cls, "task_first_layers", None)):
+            and getattr(model_cls, "task_first_layers", None) in (None, MTLModel.task_first_layers):
         raise ConfigError(f"method {cfg.method.name!r} (grad_at='task_first_layer') takes gradient norms at each "
                           f"task's first task-specific layer, which model {cfg.model.name!r} does not expose; use "
                           f"model mtmlan or --set method.options.grad_at=last_shared_layer")

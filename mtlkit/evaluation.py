@@ -16,8 +16,9 @@ Example:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -25,13 +26,16 @@ from torch import Tensor, nn
 from mtlkit import runs
 from mtlkit.config import RunConfig
 from mtlkit.data import MTLData, Split, build_dataset
+from mtlkit.devices import resolve_device
 from mtlkit.errors import ConfigError
 from mtlkit.methods import build_method
-from mtlkit.devices import resolve_device
 from mtlkit.metrics import evaluate_outputs
 from mtlkit.models import MTLModel, build_for
 from mtlkit.robustness import _check_eps, eval_mode, fgsm, fgsm_step, input_gradient, pgd
 from mtlkit.tasks import Task
+
+if TYPE_CHECKING:
+    from mtlkit.aggregation._base import Level
 
 ATTACK_NAMES = ("none", "fgsm", "pgd")
 
@@ -124,7 +128,9 @@ def load_run(run_dir: str | Path, device: str = "cpu", data: MTLData | None = No
                                   hint=f"retrain it (mtlkit train --run-dir {run} --overwrite)")
     if data is None:
         data = build_dataset(cfg.dataset.name, **cfg.dataset.options)
-    method = build_method(cfg.method.name, level=cfg.method.level, **cfg.method.options)
+    # cfg.method.level is the config's string: build_method checks it (ConfigError for an unknown level)
+    method = build_method(cfg.method.name, level=cast("Level | None", cfg.method.level), scale=cfg.method.scale,
+                          **cfg.method.options)
     model = build_for(cfg.model.name, data, cfg.model.options, single_task=method.single_task).to(dev)
     load_selected(model, states)
     model.eval()
@@ -211,7 +217,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", attack: str = "none",
     if split not in splits:
         raise ConfigError(f"unknown split {split!r}; valid splits are: {', '.join(splits)}")
     check_attack_args(attack, eps, pgd_steps)
-    cfg, data, model = load_run(run_dir, device)
+    _cfg, data, model = load_run(run_dir, device)
     if target_task is not None and target_task not in {t.name for t in data.tasks}:
         raise ConfigError(f"unknown target task {target_task!r}; the run's tasks are: "
                           f"{', '.join(t.name for t in data.tasks)}")

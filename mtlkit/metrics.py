@@ -14,15 +14,18 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from torch import Tensor
 
-#: Direction of each metric known to mtlkit.
+from mtlkit._registry import METRICS
+
+#: Direction of each metric known to mtlkit: the summary metrics below, and every per-task metric registered with
+#: :func:`register_metric` (which adds its direction here).
 HIGHER_IS_BETTER: dict[str, bool] = {
-    "accuracy": True, "joint_accuracy": True, "micro_f1": True, "map": True, "hamming_loss": False,
-    "mae": False, "mse": False, "rmse": False, "loss": False,
+    "joint_accuracy": True, "micro_f1": True, "map": True, "hamming_loss": False, "rmse": False, "loss": False,
 }
 
 Convention = Literal["lower_is_better", "higher_is_better"]
@@ -85,20 +88,40 @@ def win_rate(metrics: Sequence[float], baseline: Sequence[float], higher_is_bett
 
 
 def _acc(output: Tensor, target: Tensor, task) -> float:
+    """Fraction of correct predictions (``task.predict`` of the head output)."""
     pred = task.predict(output)
     return float((pred.reshape(target.shape) == target).float().mean())
 
 
 def _mae(output: Tensor, target: Tensor, task) -> float:
+    """Mean absolute error of a regression head."""
     return float((output.reshape(target.shape) - target).abs().mean())
 
 
 def _mse(output: Tensor, target: Tensor, task) -> float:
+    """Mean squared error of a regression head."""
     return float((output.reshape(target.shape) - target).pow(2).mean())
 
 
-#: name -> fn(raw head output, target, task) -> float, used by :func:`evaluate_outputs`.
-TASK_METRICS: dict = {"accuracy": _acc, "mae": _mae, "mse": _mse}
+def register_metric(name: str, fn: Callable[[Tensor, Tensor, Any], float], /, *, higher_is_better: bool,
+                    **meta: Any) -> Callable[[Tensor, Tensor, Any], float]:
+    """Register the per-task metric ``fn(raw head output, target, task) -> float`` under ``name`` in
+    :data:`mtlkit._registry.METRICS` (a task lists it in ``Task.metrics``; :func:`evaluate_outputs` computes it) and
+    its direction in :data:`HIGHER_IS_BETTER`. Returns ``fn``.
+
+    Example:
+        >>> from mtlkit._registry import METRICS
+        >>> METRICS.get("mae").meta["higher_is_better"], HIGHER_IS_BETTER["accuracy"]
+        (False, True)
+    """
+    METRICS.register(name, fn, higher_is_better=bool(higher_is_better), **meta)
+    HIGHER_IS_BETTER[name] = bool(higher_is_better)
+    return fn
+
+
+register_metric("accuracy", _acc, higher_is_better=True)
+register_metric("mae", _mae, higher_is_better=False)
+register_metric("mse", _mse, higher_is_better=False)
 
 
 def evaluate_outputs(tasks, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, float]:
@@ -112,10 +135,9 @@ def evaluate_outputs(tasks, outputs: dict[str, Tensor], targets: dict[str, Tenso
     tasks = [t for t in tasks if not getattr(t, "auxiliary", False)]  # auxiliary tasks are never reported
     for t in tasks:
         for m in t.metrics:
-            if m not in TASK_METRICS:
-                raise ValueError(f"task {t.name!r}: unknown metric {m!r}; "
-                                 f"known metrics: {', '.join(sorted(TASK_METRICS))}")
-            res[f"{t.name}/{m}"] = TASK_METRICS[m](outputs[t.name], targets[t.name], t)
+            if m not in METRICS:
+                raise ValueError(f"task {t.name!r}: unknown metric {m!r}; known metrics: {', '.join(METRICS.names())}")
+            res[f"{t.name}/{m}"] = METRICS[m](outputs[t.name], targets[t.name], t)
         if t.kind != "regression":
             preds[t.name] = t.predict(outputs[t.name]).reshape(targets[t.name].shape)
     if len(preds) == len(tasks) and len(tasks) > 1:

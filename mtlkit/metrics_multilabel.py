@@ -13,9 +13,9 @@ Conventions (choices, stated because papers differ):
   * micro-F1 pools true/false positives/negatives over all labels; it is 0 when there are no positives at all
     (neither predicted nor true) — the usual ``zero_division=0``.
 
-Importing this module also adds per-task metrics to :data:`mtlkit.metrics.TASK_METRICS`: ``average_precision``
-(threshold-free, used for model selection on imbalanced labels) and ``label_accuracy`` (accuracy at the task's
-``extra["threshold"]``, default 0.5).
+This module also registers per-task metrics in :data:`mtlkit._registry.METRICS` (loaded with it):
+``average_precision`` (threshold-free, used for model selection on imbalanced labels) and ``label_accuracy``
+(accuracy at the task's ``extra["threshold"]``, default 0.5).
 
 Example:
     >>> import torch
@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mtlkit.metrics import HIGHER_IS_BETTER, TASK_METRICS
+from mtlkit.metrics import register_metric
 
 
 def _check(scores: Tensor, target: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
@@ -130,19 +130,19 @@ def multilabel_report(tasks, outputs: dict[str, Tensor], targets: dict[str, Tens
 # --- per-task metrics for the trainer ---------------------------------------------------------------------------
 
 def _task_ap(output: Tensor, target: Tensor, task) -> float:
+    """Average precision of one binary task (0 when the evaluated set has no positive)."""
     ap = average_precision_per_label(output.reshape(-1, 1), target.reshape(-1, 1))[0]
     return 0.0 if math.isnan(ap) else ap
 
 
 def _task_label_accuracy(output: Tensor, target: Tensor, task) -> float:
+    """Accuracy of one binary task at its ``extra["threshold"]`` (default 0.5)."""
     thr = float(getattr(task, "extra", {}).get("threshold", 0.5))
     return per_label_accuracy(output.reshape(-1, 1), target.reshape(-1, 1), thr)[0]
 
 
-TASK_METRICS.setdefault("average_precision", _task_ap)
-TASK_METRICS.setdefault("label_accuracy", _task_label_accuracy)
-HIGHER_IS_BETTER.setdefault("average_precision", True)
-HIGHER_IS_BETTER.setdefault("label_accuracy", True)
+register_metric("average_precision", _task_ap, higher_is_better=True)
+register_metric("label_accuracy", _task_label_accuracy, higher_is_better=True)
 
 __all__ = ["average_precision_per_label", "hamming_loss", "mean_average_precision", "micro_f1", "multilabel_metrics",
            "multilabel_report", "per_label_accuracy", "predict_labels", "stack_tasks"]

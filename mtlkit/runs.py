@@ -38,13 +38,13 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import shutil
 import socket
 import sys
 import zipfile
 from pathlib import Path
-import random
 from typing import Any
 
 import numpy as np
@@ -401,7 +401,7 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None or not self.primary
 
-    def __enter__(self) -> RunLock:  # noqa: PYI034 (acquire() returns self)
+    def __enter__(self) -> RunLock:  # acquire() returns self
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
@@ -589,6 +589,7 @@ def resumable_run(run_dir: str | Path, cfg: Any) -> bool:
     replaces, a run of another budget.
 
     Example:
+        >>> from mtlkit.config import RunConfig
         >>> resumable_run("/nonexistent-run-dir", RunConfig())
         False
     """
@@ -622,9 +623,23 @@ def _lookup(d: dict[str, Any], dotted: str) -> Any:
     return (d.get(section) or {}).get(key)
 
 
+def _with_defaults(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with every key it lacks at its default (a run saved before a key existed trained with its default), or
+    ``d`` itself if it is not a valid config."""
+    from mtlkit.config import RunConfig
+
+    try:
+        full = RunConfig.from_dict(d).to_dict()
+    except Exception:  # an old or damaged config is compared as it is
+        return d
+    return {s: {**full.get(s, {}), **(d.get(s) or {})} if isinstance(d.get(s, {}), dict) else d[s]
+            for s in full.keys() | d.keys()}
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any], allowed: set[str]) -> list[str]:
     """Dotted keys (``section.key``) whose values differ between two config dicts, except ``allowed`` and
     ``output.*``."""
+    old, new = _with_defaults(old), _with_defaults(new)
     out = []
     for section in old.keys() | new.keys():
         if section == "output":

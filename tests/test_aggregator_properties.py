@@ -692,3 +692,247 @@ def test_sweep_permutation_scaling_non_conflict(family, T, seed, dtype):
         v = aa.non_conflict_violation(J, d, w, D)
         fails.check(v <= 1.0, f"{name}/{label}", f"conflict {v:.3g} x the allowed slack")
     fails.raise_if_any("sweep")
+
+
+# ------------------------------------------------------------------------------------------ declared output scale
+# Every aggregator declares ``scale`` (mtlkit.aggregation._base.Scale); these tests hold each class to it on the two
+# inputs where the scales are defined exactly: T identical rows g, and T rows c_t·g with c_t > 0 (one direction, no
+# conflict). Expected updates, derived from each method's equations:
+#   sum          T·g               Σ_t c_t·g
+#   mean         k·g               k·mean(c)·g          (k = 1; CAGrad: d* = (1+c)·g_0 on aligned rows, so
+#                                                         k = (1+c)/(1+c²) for rescale=1, 1+c for rescale=0, 1 for 2)
+#   convex       g                 λ·g, λ ∈ [min c, max c], weights >= 0 summing to 1 (Gramian-based)
+#   affine       g                 λ·g, weights summing to 1 (IMTL-G: λ = Σc²/Σc)
+#   fixed_norm   √T·g/||g||        √T·g/||g||           (Nash-MTL: G α = 1/α with G = ||g||²·c cᵀ)
+from mtlkit._registry import METHODS  # noqa: E402
+from mtlkit.aggregation._base import SUM_SCALE_FACTOR, Aggregator, Mean, Sum, SumScale, on_sum_scale  # noqa: E402
+from mtlkit.aggregation._random import PairwiseSurgery, SeededAggregator  # noqa: E402
+from mtlkit.autodiff import backward  # noqa: E402
+from mtlkit.errors import ConfigError  # noqa: E402
+from mtlkit.methods import Composite  # noqa: E402
+from mtlkit.weighting.dbmtl import DBMTLAggregator  # noqa: E402
+
+_C = 0.4  # CAGrad's default c
+
+
+def _registered_aggregators() -> list[type]:
+    """Every aggregator class ``build_method`` can build: the registered classes, the composites' aggregators."""
+    classes: set[type] = {Sum}
+    for e in METHODS:
+        if isinstance(e.obj, type) and issubclass(e.obj, Aggregator):
+            classes.add(e.obj)
+        elif isinstance(e.obj, Composite):
+            classes.add(e.obj.aggregator)
+    return sorted(classes, key=lambda c: c.__name__)
+
+
+#: The configurations each class's scale is tested in, with the gain k of a mean-scale update (see above). Default:
+#: the class with its defaults, k = 1.
+SCALE_CASES: dict[type, list[tuple[str, Callable[[], Aggregator], float]]] = {
+    CAGrad: [("CAGrad()", CAGrad, (1 + _C) / (1 + _C ** 2)), ("CAGrad(rescale=2)", lambda: CAGrad(rescale=2), 1.0),
+             ("CAGrad(rescale=0)", lambda: CAGrad(rescale=0), 1 + _C), ("CAGrad(c=0)", lambda: CAGrad(c=0.0), 1.0)],
+    # The EMA of a constant input reaches it only in the limit; beta=0 is that limit (no EMA).
+    DBMTLAggregator: [("DBMTLAggregator(beta=0)", lambda: DBMTLAggregator(beta=0.0), 1.0)],
+    NashMTL: [("NashMTL()", NashMTL, 1.0), ("NashMTL(max_iter=300)", lambda: NashMTL(max_iter=300), 1.0)],
+}
+#: Classes whose update on positive multiples is not the one their scale names, and why.
+MULTIPLES_EXEMPT = {DBMTLAggregator: "every row is rescaled to the largest norm: T·max(c)·g, the sum only when the "
+                                     "norms are equal (its docstring: 'stays on EW's scale')"}
+#: Abstract bases (no method of their own).
+ABSTRACT = {SeededAggregator, PairwiseSurgery}
+
+
+def _cases(cls: type) -> list[tuple[str, Callable[[], Aggregator], float]]:
+    return SCALE_CASES.get(cls, [(f"{cls.__name__}()", cls, 1.0)])
+
+
+def _scale_tol(cls: type, J: torch.Tensor) -> float:
+    """update_tol of the aggregation asserts (solver 1e-8, rounding (P+T)·eps·κ^k, κ = 1 for one direction); Nash-MTL
+    adds its ridge (1e-8·||G||_F on G, which moves α by ~½·1e-8 relative, see its docstring)."""
+    tol = aa.update_tol(J, 2 if cls in (IMTLG, AlignedMTL) else 1)
+    return tol + (1e-8 if cls is NashMTL else 0.0)
+
+
+def _direction(T: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(aa.n_params(T), generator=gen, dtype=torch.float64)
+    c = 0.5 + 1.5 * torch.rand(T, generator=gen, dtype=torch.float64)
+    return g.to(dtype), c.to(dtype)
+
+
+def _check_scale(fails: Failures, cls: type, label: str, agg: Aggregator, J: torch.Tensor, g: torch.Tensor,
+                 c: torch.Tensor, gain: float) -> None:
+    scale, T = cls.scale, J.shape[0]
+    d = agg(J).to(torch.float64)
+    g64, c64 = g.to(torch.float64), c.to(torch.float64)
+    tol = _scale_tol(cls, J)
+    if scale in ("convex", "affine"):  # parallel to g, weights summing to 1 (and >= 0 for convex)
+        lam = float(d @ g64 / (g64 @ g64))
+        ref = lam * g64
+        lo, hi = float(c64.min()), float(c64.max())
+        if scale == "convex":
+            fails.check(lo * (1 - tol) <= lam <= hi * (1 + tol), label, f"λ = {lam:.6g} outside [{lo:.6g}, {hi:.6g}]")
+        if cls.gramian_based:
+            w = agg.weights(J @ J.T).to(torch.float64) if not isinstance(agg, SumScale) else None
+            if w is not None:
+                fails.check(abs(float(w.sum()) - 1) <= tol, label, f"weights sum to {float(w.sum()):.10g}, not 1")
+                if scale == "convex":
+                    fails.check(float(w.min()) >= -tol, label, f"negative weight {float(w.min()):.3g}")
+    else:
+        ref = {"sum": c64.sum() * g64, "mean": gain * c64.mean() * g64,
+               "fixed_norm": T ** 0.5 * g64 / g64.norm()}[scale]
+    err = float((d - ref).norm() / ref.norm())
+    fails.check(err <= tol, label, f"relative error {err:.3g} > tol {tol:.3g} ({scale} scale)")
+
+
+@pytest.mark.parametrize("cls", _registered_aggregators(), ids=lambda c: c.__name__)
+def test_declared_scale_holds_on_aligned_gradients(cls):
+    """T identical rows g, and T positive multiples c_t·g: the update each declared scale names (table above)."""
+    assert cls.scale in SUM_SCALE_FACTOR, f"{cls.__name__} declares unknown scale {cls.scale!r}"
+    fails = Failures()
+    for label, make, gain in _cases(cls):
+        for T in (2, 3, 5, 10):
+            for dtype in DTYPES:
+                g, c = _direction(T, dtype, seed=T)
+                where = f"{label}/T={T}/{str(dtype)[6:]}"
+                _check_scale(fails, cls, f"{where}/identical", make(), g.repeat(T, 1), g, torch.ones_like(c), gain)
+                if cls not in MULTIPLES_EXEMPT:
+                    _check_scale(fails, cls, f"{where}/multiples", make(), c[:, None] * g[None, :], g, c, gain)
+    fails.raise_if_any(f"{cls.__name__}: declared scale {cls.scale!r}")
+
+
+def test_convex_and_affine_declarations_are_tight():
+    """"convex" weights are >= 0 and sum to 1 on every family; an "affine" method does give negative weights
+    somewhere (else it should declare "convex"): IMTL-G on conflicting rows (T = 3) and random ones (T = 5)."""
+    fails = Failures()
+    for cls in _registered_aggregators():
+        if cls.scale not in ("convex", "affine"):
+            continue
+        negative = False
+        for _fam, _T, _dtype, label, J in _grid(aa.FAMILIES, dtypes=(torch.float64,), task_counts=(2, 3, 5)):
+            w = cls().weights(J @ J.T)
+            fails.check(abs(float(w.sum()) - 1) <= 1e-8 or float(w.abs().sum()) == 0, f"{cls.__name__}/{label}",
+                        f"weights sum to {float(w.sum()):.10g}")
+            negative |= bool((w < -1e-12).any())
+            if cls.scale == "convex":
+                fails.check(float(w.min()) >= -1e-12, f"{cls.__name__}/{label}", f"weight {float(w.min()):.3g} < 0")
+        if cls.scale == "affine":
+            fails.check(negative, cls.__name__, "declared affine but no weight was ever negative: declare convex")
+    fails.raise_if_any("convex/affine declarations")
+
+
+def test_every_aggregator_class_declares_a_known_scale():
+    """Every Aggregator subclass of mtlkit (registered or not, abstract bases aside) declares a scale of the list."""
+    seen, todo = set(), list(Aggregator.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        if cls not in seen:
+            seen.add(cls)
+            todo.extend(cls.__subclasses__())
+    ours = [c for c in seen if c.__module__.startswith("mtlkit.") and c not in ABSTRACT]
+    assert set(_registered_aggregators()) <= set(ours)
+    bad = [c.__name__ for c in ours if getattr(c, "scale", None) not in SUM_SCALE_FACTOR]
+    assert not bad, f"aggregators without a (known) declared scale: {bad}"
+
+
+def test_every_registered_aggregator_is_in_the_property_suite():
+    """A new aggregator file is held to this module's properties: each registered class has a factory in
+    ``aggregation_asserts.AGGREGATORS`` (or an explicit reason here)."""
+    elsewhere = {DBMTLAggregator: "stateful EMA of the gradients (DB-MTL); tested in test_weighting.py"}
+    covered = {type(factory()) for factory in aa.AGGREGATORS.values()}
+    missing = [c.__name__ for c in _registered_aggregators() if c not in covered and c not in elsewhere]
+    assert not missing, f"add these to aggregation_asserts.AGGREGATORS: {missing}"
+
+
+# ------------------------------------------------------------------------------------------ the sum-scale wrapper
+_WRAPPABLE = [c for c in _registered_aggregators() if SUM_SCALE_FACTOR[c.scale] == "T"]
+
+
+@pytest.mark.parametrize("cls", _WRAPPABLE, ids=lambda c: c.__name__)
+def test_sum_scale_wrapper_multiplies_by_T_and_keeps_the_flags(cls):
+    """on_sum_scale: T·(the update) on random and aligned inputs; Gramian-based stays Gramian-based (weights x T);
+    the engine's flags are the wrapped class's."""
+    fails = Failures()
+    for label, make, gain in _cases(cls):
+        wrapped = on_sum_scale(make())
+        for flag in ("gramian_based", "needs_per_task_grads", "permutation_equivariant", "default_level"):
+            fails.check(getattr(wrapped, flag) == getattr(cls, flag), label, f"{flag} differs")
+        fails.check(wrapped.scale == "sum", label, f"scale {wrapped.scale!r}")
+        for _fam, T, _dtype, where, J in _grid(("random", "conflicting"), task_counts=(2, 5)):
+            ref = make()(J)
+            out = on_sum_scale(make())(J)
+            tol = aa.update_tol(J)
+            fails.check(bool(torch.allclose(out, T * ref, rtol=tol, atol=tol * float(T * ref.norm()))),
+                        f"{label}/{where}", "wrapped update is not T x the update")
+            if cls.gramian_based:
+                G = J @ J.T
+                fails.check(bool(torch.equal(on_sum_scale(make()).weights(G), T * make().weights(G))),
+                            f"{label}/{where}", "weights are not T x the weights")
+        g, _ = _direction(4, torch.float64, seed=0)
+        d = on_sum_scale(make())(g.repeat(4, 1))
+        err = float((d - 4 * gain * g).norm() / (4 * gain * g).norm())
+        fails.check(err <= 1e-8, f"{label}/identical", f"relative error {err:.3g} from T·g")
+    fails.raise_if_any(f"{cls.__name__} on the sum scale")
+
+
+def test_sum_scale_wrapper_returns_sum_scale_aggregators_themselves_and_refuses_the_others():
+    pc = PCGrad(seed=1)
+    assert on_sum_scale(pc) is pc and on_sum_scale(Sum()).scale == "sum"
+    with pytest.raises(ConfigError, match=r"'nash_mtl'.*cannot be put on the sum scale.*norm set by T"):
+        on_sum_scale(NashMTL(), "nash_mtl")
+
+    class Undeclared(Aggregator):
+        def aggregate(self, J):
+            return J.mean(dim=0)
+
+    with pytest.raises(ConfigError, match="declares no output scale"):
+        on_sum_scale(Undeclared())
+
+
+def test_sum_scale_wrapper_delegates_state_and_attributes():
+    class CountingMean(Mean):
+        """Mean that counts its calls (a stateful mean-scale aggregator)."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def weights_from_gramian(self, G):
+            self.calls += 1
+            return super().weights_from_gramian(G)
+
+        def state_dict(self):
+            return {"calls": self.calls}
+
+        def load_state_dict(self, state):
+            self.calls = int(state["calls"])
+
+    wrapped = on_sum_scale(CountingMean())
+    J = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    assert torch.equal(wrapped(J), J.sum(0)) and wrapped(J) is not None
+    assert wrapped.state_dict() == {"calls": 2} and wrapped.calls == 2          # the inner aggregator's
+    fresh = on_sum_scale(CountingMean())
+    fresh.load_state_dict(wrapped.state_dict())
+    assert fresh.inner.calls == 2
+    assert on_sum_scale(CAGrad(c=0.7)).c == 0.7                                   # attributes read through
+
+
+@pytest.mark.parametrize("level", ["parameter", "representation"])
+def test_sum_scale_wrapper_through_the_engine(level):
+    """The engine calls ``weights(G)`` of a Gramian-based aggregator (it never forms J at representation level):
+    the wrapped MGDA's gradients are T x MGDA's."""
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh())
+    heads = torch.nn.ModuleList(torch.nn.Linear(6, 1) for _ in range(3))
+    x, y = torch.randn(8, 4), torch.randn(3, 8)
+
+    def grads(agg):
+        for p in enc.parameters():
+            p.grad = None
+        z = enc(x)
+        losses = torch.stack([((h(z).squeeze(-1) - y[t]) ** 2).mean() for t, h in enumerate(heads)])
+        backward(losses, list(enc.parameters()), agg, representation=z, level=level)
+        return [p.grad.clone() for p in enc.parameters()]
+
+    ref, out = grads(MGDA()), grads(on_sum_scale(MGDA()))
+    for r, o in zip(ref, out, strict=True):
+        torch.testing.assert_close(o, 3 * r, rtol=1e-5, atol=1e-7)  # float32 engine, same weights up to the factor

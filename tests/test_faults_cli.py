@@ -243,9 +243,9 @@ def test_a_config_files_option_that_the_chosen_dataset_lacks_names_the_file(tmp_
 
 
 def test_every_listed_dataset_brings_defaults_that_pass_validation():
-    from mtlkit.data import _DATASETS, available_datasets
+    from mtlkit._registry import DATASETS
 
-    builtin = [n for n in available_datasets() if _DATASETS[n].__module__.startswith("mtlkit.")]
+    builtin = [e.name for e in DATASETS if e.module.startswith("mtlkit.")]
     assert {"multimnist", "yeast", "clips", "entangled_census"} <= set(builtin)
     for name in builtin:
         assert dataset_defaults_for(name), f"configs/datasets.yaml has no entry for {name}"

@@ -219,14 +219,14 @@ def test_cli_methods_lists_registries(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "hps" in out and "multimnist" in out
-    # every method on its own line, with its options' defaults (the factory's) and, for aggregators, the level
-    assert "  cagrad (c=0.4, rescale=1) [parameter level]: CAGrad" in out
-    assert "  graddrop (leak=0.0, seed=0) [representation level]: GradDrop" in out
-    assert "  ew: Equal weighting" in out
+    # every method on its own line, with its options' defaults, for aggregators the level, and the output scale
+    assert "  cagrad (c=0.4, rescale=1) [parameter level, mean scale]: CAGrad" in out
+    assert "  graddrop (leak=0.0, seed=0) [representation level, sum scale]: GradDrop" in out
+    assert "  ew [sum scale]: Equal weighting" in out
     assert main(["methods", "mamg", "uw"]) == 0
     doc = capsys.readouterr().out
     assert "aggregator: mtlkit.aggregation.mamg.MAMG" in doc and "weighting: mtlkit.weighting.uw.UW" in doc
-    assert "uw (form='regression', init_log_var=0.0): Uncertainty weighting" in doc
+    assert "uw (form='regression', init_log_var=0.0) [sum scale]: Uncertainty weighting" in doc
     assert main(["methods", "nope"]) == 2
     assert "valid methods are" in capsys.readouterr().err
 

@@ -7,11 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlkit.errors import ConfigError
-from mtlkit.methods import build_method
+from mtlkit.methods import available_methods, build_method, method_parts
 from mtlkit.weighting import (DBMTLAggregator, DWA, EW, FAMO, GLS, IMTLL, MTMLANTDB, RLW, UW, GradNorm, LogLoss,
                               StepContext, Weighting)
 
-OURS = ["uw", "dwa", "gradnorm", "mtmlan_tdb", "rlw", "gls", "imtl_l", "famo", "dbmtl"]
+#: Every registered method with a weighting of its own (a Weighting class, or a composite with one).
+OURS = [n for n in available_methods() if method_parts(n)[0] not in (None, EW)]
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -491,6 +492,7 @@ def test_dbmtl_method_state_round_trip():
 # ---------------------------------------------------------------------------------------------------------- registry
 @pytest.mark.parametrize("name", OURS)
 def test_every_method_builds_and_runs(name):
+    assert {"uw", "dwa", "gradnorm", "mtmlan_tdb", "rlw", "gls", "imtl_l", "famo", "dbmtl"} <= set(OURS)
     m = build_method(name)
     assert m.name == name
     if name == "mtmlan_tdb":

@@ -1,12 +1,14 @@
 """Gradient-space multi-task methods: each turns the T x P matrix of per-task gradients into one update.
 
-Importing this package registers every method with :mod:`mtlkit.methods` (one file per method).
+One file per method; each registers its class with :data:`mtlkit._registry.METHODS` (``mtlkit.methods`` builds
+them). This package only re-exports the classes.
+
+Example:
+    >>> from mtlkit.aggregation import MGDA
+    >>> MGDA.scale
+    'convex'
 """
-# Import order matters: mtlkit.methods imports mtlkit.weighting._base, and the weighting package's method files import
-# mtlkit.methods. Loading the weighting package first lets mtlkit.methods finish before any method file here needs it,
-# whichever of mtlkit.aggregation / mtlkit.weighting / mtlkit.methods is imported first.
-import mtlkit.weighting  # noqa: F401  (must precede the method files below)
-from mtlkit.aggregation._base import Aggregator, Mean, Sum
+from mtlkit.aggregation._base import Aggregator, Mean, Sum, SumScale, on_sum_scale
 from mtlkit.aggregation.aligned_mtl import AlignedMTL
 from mtlkit.aggregation.cagrad import CAGrad
 from mtlkit.aggregation.dualproj import DualProj
@@ -20,18 +22,20 @@ from mtlkit.aggregation.pcgrad import PCGrad
 from mtlkit.aggregation.upgrad import UPGrad
 
 __all__ = [
+    "IMTLG",
+    "MAMG",
+    "MGDA",
     "Aggregator",
     "AlignedMTL",
     "CAGrad",
     "DualProj",
     "GradDrop",
     "GradVac",
-    "IMTLG",
-    "MAMG",
-    "MGDA",
     "Mean",
     "NashMTL",
     "PCGrad",
     "Sum",
+    "SumScale",
     "UPGrad",
+    "on_sum_scale",
 ]

@@ -1,11 +1,29 @@
-"""Base class of gradient-space methods (aggregators)."""
+"""Base class of gradient-space methods (aggregators), the trivial ones (Sum, Mean) and the sum-scale wrapper."""
 from __future__ import annotations
 
+import functools
 from abc import ABC
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
+
+from mtlkit.errors import ConfigError
+
+#: Where an aggregator works: on the gradients of the shared parameters or of the shared representation.
+Level = Literal["parameter", "representation"]
+#: How an aggregator's update relates to the task gradients it is given (:attr:`Aggregator.scale`).
+Scale = Literal["sum", "mean", "convex", "affine", "fixed_norm"]
+#: The factor that puts an update of each scale on the sum scale (T = number of tasks); None: no factor can.
+SUM_SCALE_FACTOR: dict[str, str | None] = {"sum": "1", "mean": "T", "convex": "T", "affine": "T", "fixed_norm": None}
+#: What each scale means, for listings and errors.
+SCALE_MEANING: dict[str, str] = {
+    "sum": "on the scale of the sum of the task gradients (T identical rows g give T·g)",
+    "mean": "on the scale of their mean (T identical rows g give g)",
+    "convex": "a convex combination of them (weights >= 0 summing to 1; T identical rows g give g)",
+    "affine": "an affine combination of them (weights summing to 1, some may be negative; T identical rows g give g)",
+    "fixed_norm": "of a norm set by T, not by the gradients (T identical rows g give √T·g/||g||)",
+}
 
 
 def _check_matrix(J: Tensor) -> None:
@@ -39,9 +57,12 @@ class Aggregator(ABC):
     * ``aggregate(J)`` for methods that need the gradients themselves (PCGrad, MAMG, GradDrop, ...).
 
     Conventions: the returned update is a *descent direction to be applied like a gradient* (the optimizer steps along
-    its negative) and is on the scale of the *sum* of the task gradients (EW = sum), so that swapping an aggregator
-    into a loop written for ``sum(losses).backward()`` keeps the learning rate meaningful. Stateful aggregators keep
-    their state in ``state_dict``/``load_state_dict`` so that checkpoints resume exactly.
+    its negative). Its scale is the one of the method's paper and reference code, and every subclass declares it in
+    :attr:`scale` (one of :data:`Scale`): ``"sum"`` (like EW's ``Σ_t g_t``), ``"mean"``, ``"convex"`` or
+    ``"affine"`` (like one task gradient: ``build_method(..., scale="sum")`` multiplies them by T, see
+    :class:`SumScale`) or ``"fixed_norm"`` (Nash-MTL: the norm does not follow the gradients). Stateful aggregators
+    keep their state in ``state_dict``/``load_state_dict`` so that checkpoints resume exactly. A default level other
+    than ``"parameter"`` is the class attribute :attr:`default_level` (GradDrop: ``"representation"``).
 
     Example:
         >>> import torch
@@ -56,6 +77,11 @@ class Aggregator(ABC):
     needs_per_task_grads: ClassVar[bool] = True
     #: False for methods whose output depends on task order (e.g. random projection order); documented per method.
     permutation_equivariant: ClassVar[bool] = True
+    #: The level ``build_method`` gives the method unless the user chooses one.
+    default_level: ClassVar[Level] = "parameter"
+    #: The scale of the update (see the class docstring). Declared by every concrete subclass: no default here, so
+    #: that a new method cannot inherit a claim about its update it does not make.
+    scale: ClassVar[Scale]
 
     def __call__(self, J: Tensor) -> Tensor:
         _check_matrix(J)
@@ -112,6 +138,7 @@ class Sum(Aggregator):
     """
 
     needs_per_task_grads = False
+    scale = "sum"
 
     def aggregate(self, J: Tensor) -> Tensor:
         return J.sum(dim=0)
@@ -127,7 +154,103 @@ class Mean(Aggregator):
     """
 
     gramian_based = True
+    scale = "mean"
 
     def weights_from_gramian(self, G: Tensor) -> Tensor:
         T = G.shape[0]
         return torch.full((T,), 1.0 / T, dtype=G.dtype, device=G.device)
+
+
+def scale_of(aggregator: Aggregator | type[Aggregator]) -> str | None:
+    """The declared :attr:`~Aggregator.scale` of an aggregator (instance or class), None if it declares none.
+
+    Example:
+        >>> scale_of(Sum), scale_of(Mean()), scale_of(on_sum_scale(Mean()))
+        ('sum', 'mean', 'sum')
+    """
+    return getattr(aggregator, "scale", None)
+
+
+class SumScale(Aggregator):
+    """An aggregator of mean, convex or affine scale, its update multiplied by T: on the sum scale.
+
+    Built by :func:`on_sum_scale` (``build_method(..., scale="sum")``), as a subclass made for the wrapped class
+    that copies its flags (``gramian_based``, ``needs_per_task_grads``, ``permutation_equivariant``,
+    ``default_level``), so that the engine treats it as it treats the wrapped aggregator. A Gramian-based one stays
+    Gramian-based: its *weights* are multiplied by T (the engine never forms J for it). The state
+    (``state_dict``/``load_state_dict``) is the wrapped aggregator's, and so are its other attributes
+    (``wrapped.c`` reads ``inner.c``).
+
+    Example:
+        >>> import torch
+        >>> agg = on_sum_scale(Mean())
+        >>> agg(torch.tensor([[2.0, 0.0], [0.0, 4.0]])), agg.gramian_based, type(agg).__name__
+        (tensor([2., 4.]), True, 'MeanOnSumScale')
+    """
+
+    scale = "sum"
+
+    def __init__(self, inner: Aggregator) -> None:
+        self.inner = inner
+
+    def weights_from_gramian(self, G: Tensor) -> Tensor:
+        return self.inner.weights_from_gramian(G) * G.shape[0]
+
+    def aggregate(self, J: Tensor) -> Tensor:
+        return self.inner.aggregate(J) * J.shape[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes the wrapper lacks; "inner" itself missing (e.g. during copy) must not recurse.
+        if name == "inner" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"
+
+
+@functools.cache
+def _sum_scale_class(cls: type[Aggregator]) -> type[SumScale]:
+    flags = {k: getattr(cls, k) for k in ("gramian_based", "needs_per_task_grads", "permutation_equivariant",
+                                            "default_level")}
+    return type(f"{cls.__name__}OnSumScale", (SumScale,), {**flags, "__module__": __name__,
+                                                            "__qualname__": f"{cls.__name__}OnSumScale",
+                                                            "__doc__": f"{cls.__name__} on the sum scale (x T)."})
+
+
+def on_sum_scale(aggregator: Aggregator, name: str | None = None) -> Aggregator:
+    """``aggregator`` with its update on the sum scale: itself if it is already, else a :class:`SumScale` (x T).
+
+    Args:
+        aggregator: the aggregator to put on the sum scale.
+        name: the method's name, for the error message.
+
+    Raises:
+        ConfigError: its scale cannot be put on the sum scale (``"fixed_norm"``: no constant factor does) or it
+            declares none.
+
+    Example:
+        >>> type(on_sum_scale(Sum())).__name__
+        'Sum'
+    """
+    what = f"method {name!r} ({type(aggregator).__name__})" if name else type(aggregator).__name__
+    scale = scale_of(aggregator)
+    if scale is None:
+        raise ConfigError(f"{what} declares no output scale (class attribute `scale`), so it cannot be put on the "
+                          f"sum scale; use scale 'native'")
+    if scale not in SUM_SCALE_FACTOR:
+        raise ConfigError(f"{what} declares the unknown scale {scale!r}; known scales are: "
+                          f"{', '.join(SUM_SCALE_FACTOR)}")
+    factor = SUM_SCALE_FACTOR[scale]
+    if factor is None:
+        raise ConfigError(f"{what} cannot be put on the sum scale: its update is {SCALE_MEANING[scale]}, so no "
+                          f"factor makes it follow the sum of the task gradients; use scale 'native'")
+    if factor == "1":
+        return aggregator
+    return _sum_scale_class(type(aggregator))(aggregator)

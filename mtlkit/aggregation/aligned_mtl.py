@@ -4,14 +4,16 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
+from mtlkit._registry import METHODS
 from mtlkit.aggregation._base import Aggregator
 from mtlkit.aggregation._solvers import eigh, rank_cutoff, to_numpy, to_weights
-from mtlkit.methods import Method, register
-from mtlkit.weighting._base import EW
 
 
+@METHODS.register("aligned_mtl")
 class AlignedMTL(Aggregator):
-    """Aligned-MTL (independent component alignment).
+    """Aligned-MTL (Senushkin et al. 2023): gradients aligned to a common smallest singular value.
+
+    Aligned-MTL (independent component alignment).
 
     Senushkin et al., "Independent Component Alignment for Multi-Task Learning", CVPR 2023,
     doi:10.48550/arXiv.2305.19000, Algorithm 1: eigendecompose ``G = V Λ Vᵀ``; keep the ``r`` eigenvalues above a
@@ -42,6 +44,7 @@ class AlignedMTL(Aggregator):
     """
 
     gramian_based = True
+    scale = "sum"
 
     def weights_from_gramian(self, G: Tensor) -> Tensor:
         A = to_numpy(G)
@@ -54,9 +57,3 @@ class AlignedMTL(Aggregator):
         lam, V = lam[keep], V[:, keep]
         B = np.sqrt(lam.min()) * (V / np.sqrt(lam)) @ V.T
         return to_weights(B @ np.ones(T), G)
-
-
-@register("aligned_mtl")
-def _aligned_mtl() -> Method:
-    """Aligned-MTL (Senushkin et al. 2023): gradients aligned to a common smallest singular value."""
-    return Method(EW(), AlignedMTL())

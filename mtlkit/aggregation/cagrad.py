@@ -8,16 +8,18 @@ import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
+from mtlkit._registry import METHODS
 from mtlkit.aggregation._base import Aggregator
 from mtlkit.aggregation._solvers import (check_nonneg, factor, kkt_tol, min_norm_simplex_factor, project_dual_cone,
                                          project_simplex, to_numpy, to_weights, trace_normalize)
 from mtlkit.errors import ConfigError
-from mtlkit.methods import Method, register
-from mtlkit.weighting._base import EW
 
 
+@METHODS.register("cagrad")
 class CAGrad(Aggregator):
-    """Conflict-Averse Gradient descent.
+    """CAGrad (Liu et al. 2021); update on the mean-gradient scale (c = 0 gives the mean).
+
+    Conflict-Averse Gradient descent.
 
     Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021. With ``g_0`` the *mean*
     task gradient and ``φ = c² ||g_0||²``, the primal problem ``max_d min_i ⟨g_i, d⟩`` s.t.
@@ -56,6 +58,7 @@ class CAGrad(Aggregator):
     """
 
     gramian_based = True
+    scale = "mean"
 
     def __init__(self, c: float = 0.4, rescale: int = 1) -> None:
         self.c = check_nonneg("c", c)
@@ -232,9 +235,3 @@ def _slsqp(A: np.ndarray, b: np.ndarray, sqrt_phi: float, start: np.ndarray) -> 
                    constraints=({"type": "eq", "fun": lambda x: 1.0 - x.sum(), "jac": lambda x: -np.ones_like(x)},),
                    options={"maxiter": 200, "ftol": 1e-12})
     return project_simplex(res.x)
-
-
-@register("cagrad")
-def _cagrad(c: float = 0.4, rescale: int = 1) -> Method:
-    """CAGrad (Liu et al. 2021); update on the mean-gradient scale (c = 0 gives the mean)."""
-    return Method(EW(), CAGrad(c=c, rescale=rescale))

@@ -4,14 +4,16 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
+from mtlkit._registry import METHODS
 from mtlkit.aggregation._base import Aggregator
 from mtlkit.aggregation._solvers import check_nonneg, dual_cone_on_gramian, to_weights
-from mtlkit.methods import Method, register
-from mtlkit.weighting._base import EW
 
 
+@METHODS.register("dualproj")
 class DualProj(Aggregator):
-    """Projection of the mean gradient onto the dual cone ``{x : J x ≥ 0}`` of the task gradients.
+    """DualProj (torchjd): the mean gradient projected onto the dual cone of the task gradients.
+
+    Projection of the mean gradient onto the dual cone ``{x : J x ≥ 0}`` of the task gradients.
 
     The rule of GEM (Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017, Eq.
     (10)-(11)) applied to the mean of the task gradients, as torchjd's ``DualProj`` (Quinton & Rey 2024). By their
@@ -34,6 +36,7 @@ class DualProj(Aggregator):
     """
 
     gramian_based = True
+    scale = "mean"
 
     def __init__(self, norm_eps: float = 0.0, reg_eps: float = 0.0) -> None:
         self.norm_eps = check_nonneg("norm_eps", norm_eps)
@@ -42,9 +45,3 @@ class DualProj(Aggregator):
     def weights_from_gramian(self, G: Tensor) -> Tensor:
         T = G.shape[0]
         return to_weights(dual_cone_on_gramian(G, np.full((1, T), 1.0 / T), self.norm_eps, self.reg_eps)[0], G)
-
-
-@register("dualproj")
-def _dualproj(norm_eps: float = 0.0, reg_eps: float = 0.0) -> Method:
-    """DualProj (torchjd): the mean gradient projected onto the dual cone of the task gradients."""
-    return Method(EW(), DualProj(norm_eps=norm_eps, reg_eps=reg_eps))

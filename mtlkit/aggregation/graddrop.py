@@ -6,14 +6,16 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from mtlkit._registry import METHODS
 from mtlkit.aggregation._random import SeededAggregator
 from mtlkit.errors import ConfigError
-from mtlkit.methods import Method, register
-from mtlkit.weighting._base import EW
 
 
+@METHODS.register("graddrop")
 class GradDrop(SeededAggregator):
-    """Gradient Sign Dropout.
+    """GradDrop (Chen et al. 2020) at the shared representation (override with level=...).
+
+    Gradient Sign Dropout.
 
     Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout", NeurIPS 2020,
     Algorithm 1 (lines 10-15, as cited by torchjd): per coordinate, the positive sign purity
@@ -42,6 +44,9 @@ class GradDrop(SeededAggregator):
         tensor([4., 6.])
     """
 
+    scale = "sum"
+    default_level = "representation"
+
     def __init__(self, leak: float | Sequence[float] = 0.0, seed: int = 0) -> None:
         super().__init__(seed)
         try:
@@ -64,9 +69,3 @@ class GradDrop(SeededAggregator):
         U = self._uniform((J.shape[1],), J)
         M = (P > U) & (J > 0) | (P < U) & (J < 0)
         return ((leak + (1.0 - leak) * M.to(J.dtype)) * J).sum(dim=0)
-
-
-@register("graddrop")
-def _graddrop(leak: float = 0.0, seed: int = 0) -> Method:
-    """GradDrop (Chen et al. 2020) at the shared representation (override with level=...)."""
-    return Method(EW(), GradDrop(leak=leak, seed=seed), level="representation")

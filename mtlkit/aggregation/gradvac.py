@@ -7,14 +7,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtlkit._registry import METHODS
 from mtlkit.aggregation._random import PairwiseSurgery, row_products
 from mtlkit.errors import ConfigError
-from mtlkit.methods import Method, register
-from mtlkit.weighting._base import EW
 
 
+@METHODS.register("gradvac")
 class GradVac(PairwiseSurgery):
-    """Gradient Vaccine.
+    """GradVac (Wang et al. 2021): EMA cosine targets per task pair.
+
+    Gradient Vaccine.
 
     Wang et al., "Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively Multilingual
     Models", ICLR 2021, doi:10.48550/arXiv.2010.05874, Algorithm 1. For each task i (copy ``g_i'``) and every other
@@ -48,6 +50,8 @@ class GradVac(PairwiseSurgery):
         >>> GradVac()(torch.tensor([[1.0, 0.0], [-1.0, 1.0]]))  # first step: targets are 0, so this is PCGrad
         tensor([0.5000, 1.5000])
     """
+
+    scale = "sum"
 
     def __init__(self, beta: float = 0.01, seed: int = 0) -> None:
         super().__init__(seed)
@@ -95,9 +99,3 @@ class GradVac(PairwiseSurgery):
 
     def _state_keys(self) -> set[str]:
         return {"generator", "targets"}
-
-
-@register("gradvac")
-def _gradvac(beta: float = 0.01, seed: int = 0) -> Method:
-    """GradVac (Wang et al. 2021): EMA cosine targets per task pair."""
-    return Method(EW(), GradVac(beta=beta, seed=seed))

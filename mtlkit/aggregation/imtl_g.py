@@ -4,14 +4,16 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
+from mtlkit._registry import METHODS
 from mtlkit.aggregation._base import Aggregator
 from mtlkit.aggregation._solvers import pinvh, to_numpy, to_weights
-from mtlkit.methods import Method, register
-from mtlkit.weighting._base import EW
 
 
+@METHODS.register("imtl_g")
 class IMTLG(Aggregator):
-    """Impartial MTL, gradient balance (IMTL-G).
+    """IMTL-G (Liu et al. 2021): equal projections of the update on every unit task gradient.
+
+    Impartial MTL, gradient balance (IMTL-G).
 
     Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021 (OpenReview IMPnRXEWpvr; no DOI), the
     gradient-balance part (IMTL-G): find ``g = Σ_t α_t g_t`` with ``Σ_t α_t = 1`` whose projections on the unit
@@ -36,6 +38,7 @@ class IMTLG(Aggregator):
     """
 
     gramian_based = True
+    scale = "affine"
 
     def weights_from_gramian(self, G: Tensor) -> Tensor:
         A = to_numpy(G)
@@ -44,9 +47,3 @@ class IMTLG(Aggregator):
         s = v.sum()
         w = np.zeros_like(v) if abs(s) < 1e-12 * max(1.0, np.abs(v).max()) else v / s
         return to_weights(w, G)
-
-
-@register("imtl_g")
-def _imtl_g() -> Method:
-    """IMTL-G (Liu et al. 2021): equal projections of the update on every unit task gradient."""
-    return Method(EW(), IMTLG())

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from mtlkit._registry import METHODS
 from mtlkit.aggregation._random import PairwiseSurgery, row_products
 from mtlkit.errors import ConfigError
-from mtlkit.methods import Method, register
-from mtlkit.weighting._base import EW
 
 
+@METHODS.register("mamg")
 class MAMG(PairwiseSurgery):
-    """Model-Agnostic Mitigation of Gradient interference.
+    """MAMG (Chai et al. 2022): interfering gradients moved along g_i - g_j onto their bisector (shrink or grow).
+
+    Model-Agnostic Mitigation of Gradient interference.
 
     Chai et al., "A Model-Agnostic Approach to Mitigate Gradient Interference for Multi-Task Learning", IEEE
     Transactions on Cybernetics 53(12), 2023 (early access 2022), doi 10.1109/TCYB.2022.3223377. Only the abstract is
@@ -52,6 +54,8 @@ class MAMG(PairwiseSurgery):
         tensor([0.3529, 1.4118])
     """
 
+    scale = "sum"
+
     def __init__(self, seed: int = 0, rule: str = "shrink") -> None:
         super().__init__(seed)
         if rule not in ("shrink", "grow"):
@@ -68,9 +72,3 @@ class MAMG(PairwiseSurgery):
         step = delta[i] / np.sqrt(n2[i])
         C[i] *= (1.0 - step)[:, None]
         C[i, j[i]] += step
-
-
-@register("mamg")
-def _mamg(seed: int = 0, rule: str = "shrink") -> Method:
-    """MAMG (Chai et al. 2022): interfering gradients moved along g_i - g_j onto their bisector (shrink or grow)."""
-    return Method(EW(), MAMG(seed=seed, rule=rule))

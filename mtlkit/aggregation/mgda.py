@@ -3,16 +3,18 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from mtlkit._registry import METHODS
 from mtlkit.aggregation._base import Aggregator
 from mtlkit.aggregation._solvers import (check_int, check_nonneg, min_norm_simplex, min_norm_simplex_exact, to_numpy,
                                         to_weights)
 from mtlkit.errors import ConfigError
-from mtlkit.methods import Method, register
-from mtlkit.weighting._base import EW
 
 
+@METHODS.register("mgda")
 class MGDA(Aggregator):
-    """Multiple-gradient descent: the update is the minimum-norm element of the convex hull of the task gradients.
+    """MGDA (Sener & Koltun 2018): min-norm convex combination of the task gradients.
+
+    Multiple-gradient descent: the update is the minimum-norm element of the convex hull of the task gradients.
 
     Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018: Eq. (3) (the min-norm
     problem ``min_{w ∈ Δ} ||Σ_t w_t g_t||²``), Algorithm 1 (exact solution for T = 2) and Algorithm 2 (Frank-Wolfe
@@ -43,6 +45,7 @@ class MGDA(Aggregator):
     """
 
     gramian_based = True
+    scale = "convex"
 
     def __init__(self, max_iter: int = 250, tol: float = 1e-7, solver: str = "exact") -> None:
         self.max_iter = check_int("max_iter", max_iter)
@@ -56,9 +59,3 @@ class MGDA(Aggregator):
         if self.solver == "exact" and A.shape[0] > 2:
             return to_weights(min_norm_simplex_exact(A, G.dtype), G)
         return to_weights(min_norm_simplex(A, self.max_iter, self.tol), G)
-
-
-@register("mgda")
-def _mgda(max_iter: int = 250, tol: float = 1e-7, solver: str = "exact") -> Method:
-    """MGDA (Sener & Koltun 2018): min-norm convex combination of the task gradients."""
-    return Method(EW(), MGDA(max_iter=max_iter, tol=tol, solver=solver))

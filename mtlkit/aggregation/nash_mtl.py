@@ -7,11 +7,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtlkit._registry import METHODS
 from mtlkit.aggregation._base import Aggregator
 from mtlkit.aggregation._solvers import check_int, check_nonneg, to_numpy, to_weights
 from mtlkit.errors import ConfigError
-from mtlkit.methods import Method, register
-from mtlkit.weighting._base import EW
 
 #: Ridge added to the (normalised) Gramian so that G α = 1/α always has a solution (see :func:`solve_nash`).
 _RIDGE = 1e-8
@@ -67,8 +66,11 @@ def solve_nash(G: np.ndarray, alpha0: np.ndarray | None = None, max_iter: int = 
     return alpha
 
 
+@METHODS.register("nash_mtl")
 class NashMTL(Aggregator):
-    """Nash-MTL: the update ``Σ_t α_t g_t`` with ``α`` the Nash bargaining solution ``G α = 1/α``, ``α > 0``.
+    """Nash-MTL (Navon et al. 2022): bargaining weights G α = 1/α (Newton solver, no cvxpy).
+
+    Nash-MTL: the update ``Σ_t α_t g_t`` with ``α`` the Nash bargaining solution ``G α = 1/α``, ``α > 0``.
 
     Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022 (PMLR 162), doi:10.48550/arXiv.2202.01017,
     Section 3: the Nash bargaining solution ``argmax_{Δθ ∈ B_ε} Σ_i log(Δθᵀ g_i)`` is ``Δθ ∝ Σ_i α_i g_i`` with
@@ -114,6 +116,7 @@ class NashMTL(Aggregator):
     """
 
     gramian_based = True
+    scale = "fixed_norm"
 
     def __init__(self, update_weights_every: int = 1, max_norm: float = 0.0, normalize: bool = False,
                  max_iter: int = 100, tol: float = 1e-9) -> None:
@@ -158,11 +161,3 @@ class NashMTL(Aggregator):
         self._step = int(state["step"])
         a = state["alpha"]
         self._alpha = None if a is None else a.detach().to(torch.float64).numpy().copy()
-
-
-@register("nash_mtl")
-def _nash_mtl(update_weights_every: int = 1, max_norm: float = 0.0, normalize: bool = False,
-              max_iter: int = 100, tol: float = 1e-9) -> Method:
-    """Nash-MTL (Navon et al. 2022): bargaining weights G α = 1/α (Newton solver, no cvxpy)."""
-    return Method(EW(), NashMTL(update_weights_every=update_weights_every, max_norm=max_norm, normalize=normalize,
-                                max_iter=max_iter, tol=tol))

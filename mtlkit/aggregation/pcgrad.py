@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from mtlkit._registry import METHODS
 from mtlkit.aggregation._random import PairwiseSurgery, row_products
-from mtlkit.methods import Method, register
-from mtlkit.weighting._base import EW
 
 
+@METHODS.register("pcgrad")
 class PCGrad(PairwiseSurgery):
-    """Projecting Conflicting Gradients.
+    """PCGrad (Yu et al. 2020): gradient surgery, random projection order from a seeded generator.
+
+    Projecting Conflicting Gradients.
 
     Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Algorithm 1: for each task i, work on
     a copy ``g_i'``; for every other task j in random order, if ``⟨g_i', g_j⟩ < 0`` set
@@ -30,13 +32,9 @@ class PCGrad(PairwiseSurgery):
         tensor([0.5000, 1.5000])
     """
 
+    scale = "sum"
+
     def _edit(self, C: np.ndarray, j: np.ndarray, G: np.ndarray) -> None:
         dot, _, nj2 = row_products(C, j, G)    # ⟨g_i', g_j⟩, ||g_j||²
         i = np.flatnonzero((dot < 0) & (nj2 > 0))
         C[i, j[i]] -= dot[i] / nj2[i]
-
-
-@register("pcgrad")
-def _pcgrad(seed: int = 0) -> Method:
-    """PCGrad (Yu et al. 2020): gradient surgery, random projection order from a seeded generator."""
-    return Method(EW(), PCGrad(seed=seed))

@@ -4,14 +4,16 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
+from mtlkit._registry import METHODS
 from mtlkit.aggregation._base import Aggregator
 from mtlkit.aggregation._solvers import check_nonneg, dual_cone_on_gramian, to_weights
-from mtlkit.methods import Method, register
-from mtlkit.weighting._base import EW
 
 
+@METHODS.register("upgrad")
 class UPGrad(Aggregator):
-    """Unconflicting Projection of Gradients.
+    """UPGrad (Quinton & Rey 2024): mean of the task gradients projected onto the dual cone.
+
+    Unconflicting Projection of Gradients.
 
     Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024, Sec. 5 (Eq. (5)) and Proposition 1:
     ``update = (1/T) Σ_i π_J(g_i)`` where ``π_J`` is the projection onto the dual cone ``{x : J x ≥ 0}``; by
@@ -41,6 +43,7 @@ class UPGrad(Aggregator):
     """
 
     gramian_based = True
+    scale = "mean"
 
     def __init__(self, norm_eps: float = 0.0, reg_eps: float = 0.0) -> None:
         self.norm_eps = check_nonneg("norm_eps", norm_eps)
@@ -50,9 +53,3 @@ class UPGrad(Aggregator):
         T = G.shape[0]
         V = dual_cone_on_gramian(G, np.eye(T) / T, self.norm_eps, self.reg_eps)
         return to_weights(V.sum(axis=0), G)
-
-
-@register("upgrad")
-def _upgrad(norm_eps: float = 0.0, reg_eps: float = 0.0) -> Method:
-    """UPGrad (Quinton & Rey 2024): mean of the task gradients projected onto the dual cone."""
-    return Method(EW(), UPGrad(norm_eps=norm_eps, reg_eps=reg_eps))

@@ -7,16 +7,16 @@ Example:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mtlkit._registry import check_options, import_submodules
+from mtlkit._registry import DATASETS
 from mtlkit.data.multimnist import VARIANTS, MultiSpec, build
-from mtlkit.errors import unknown_name
 from mtlkit.tasks import Task
 
 
@@ -50,37 +50,28 @@ class MTLData:
         return tuple(self.train.x.shape[1:])
 
 
-_DATASETS: dict[str, Callable[..., MTLData]] = {}
+def register_dataset(name: str, **meta: Any) -> Callable[[Callable[..., MTLData]], Callable[..., MTLData]]:
+    """Decorator: register a builder ``(**options) -> MTLData`` in :data:`mtlkit._registry.DATASETS` (``meta``: free-form
+    metadata of the entry).
 
+    Its options are its keyword arguments (``mtlkit train --set dataset.options.KEY=VALUE``).
 
-def register_dataset(name: str) -> Callable[[Callable[..., MTLData]], Callable[..., MTLData]]:
-    """Decorator: register a builder ``(**options) -> MTLData``."""
-
-    def deco(fn: Callable[..., MTLData]) -> Callable[..., MTLData]:
-        _DATASETS[name] = fn
-        return fn
-
-    return deco
-
-
-def _load_all() -> None:
-    """Import every dataset module of this package (each registers its builders)."""
-    import_submodules(__name__, __path__, skip=("sources", "multimnist"))
+    Example:
+        >>> from mtlkit._registry import DATASETS
+        >>> DATASETS.get("multimnist").module, list(DATASETS.get("multimnist").options)
+        ('mtlkit.data', ['n_train', 'n_test', 'val_fraction', 'seed'])
+    """
+    return DATASETS.register(name, **meta)
 
 
 def available_datasets() -> list[str]:
-    _load_all()
-    return sorted(_DATASETS)
+    """Names accepted by :func:`build_dataset`."""
+    return DATASETS.names()
 
 
 def build_dataset(name: str, **options: Any) -> MTLData:
     """Build dataset ``name``; unknown names/options raise :class:`ConfigError` listing the valid ones."""
-    _load_all()
-    if name not in _DATASETS:
-        raise unknown_name("dataset", name, list(_DATASETS))
-    fn = _DATASETS[name]
-    check_options("dataset", name, fn, options)
-    return fn(**options)
+    return DATASETS.build(name, **options)
 
 
 def images_to_tensor(x: np.ndarray) -> Tensor:

@@ -1,12 +1,12 @@
 """Base class of multi-task architectures and the model registry."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from mtlkit._registry import check_options, import_submodules
-from mtlkit.errors import unknown_name
+from mtlkit._registry import MODELS
 from mtlkit.tasks import Task
 
 if TYPE_CHECKING:
@@ -115,36 +115,23 @@ def check_auxiliary_loss(model: MTLModel) -> Tensor | None:
     return None if aux is None else aux.reshape(())
 
 
-_MODELS: dict[str, Callable[..., MTLModel]] = {}
+def register_model(name: str, **meta: Any) -> Callable[[Callable[..., MTLModel]], Callable[..., MTLModel]]:
+    """Decorator: register a factory ``(data: MTLData, **options) -> MTLModel`` in :data:`mtlkit._registry.MODELS`
+    (its options are its keyword arguments but ``data``; ``meta``: free-form metadata of the entry).
 
-
-def register_model(name: str) -> Callable[[Callable[..., MTLModel]], Callable[..., MTLModel]]:
-    """Decorator: register a factory ``(data: MTLData, **options) -> MTLModel``."""
-
-    def deco(fn: Callable[..., MTLModel]) -> Callable[..., MTLModel]:
-        _MODELS[name] = fn
-        return fn
-
-    return deco
-
-
-def _load_all() -> None:
-    """Import every model module of the package (each registers its factories)."""
-    import mtlkit.models as pkg
-
-    import_submodules(pkg.__name__, pkg.__path__, skip=("base",))
+    Example:
+        >>> from mtlkit._registry import MODELS
+        >>> "data" in MODELS.get("hps").options, "hps" in available_models()
+        (False, True)
+    """
+    return MODELS.register(name, **meta)
 
 
 def available_models() -> list[str]:
-    _load_all()
-    return sorted(_MODELS)
+    """Names accepted by :func:`build_model`."""
+    return MODELS.names()
 
 
 def build_model(name: str, data: Any, **options: Any) -> MTLModel:
     """Build model ``name`` for ``data``; unknown names/options raise :class:`ConfigError` listing the valid ones."""
-    _load_all()
-    if name not in _MODELS:
-        raise unknown_name("model", name, list(_MODELS))
-    fn = _MODELS[name]
-    check_options("model", name, fn, options, positional=("data",))
-    return fn(data, **options)
+    return MODELS.build(name, data, **options)

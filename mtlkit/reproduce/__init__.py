@@ -5,48 +5,47 @@ A runner is ``fn(args: argparse.Namespace) -> int`` plus a function that adds it
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+
+from mtlkit._registry import REPRODUCTIONS
 
 
 @dataclass(frozen=True)
 class Reproduction:
+    """A paper reproduction: ``mtlkit reproduce NAME`` adds its options with ``add_arguments`` and calls ``run``.
+
+    Example:
+        >>> rep = Reproduction("demo", "a demo", lambda p: None, lambda args: 0)
+        >>> rep.run(argparse.Namespace())
+        0
+    """
+
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
 
 
-REPRODUCTIONS: dict[str, Reproduction] = {}
-
-
 def register_reproduction(rep: Reproduction) -> Reproduction:
-    REPRODUCTIONS[rep.name] = rep
-    return rep
+    """Register ``rep`` in :data:`mtlkit._registry.REPRODUCTIONS` under ``rep.name`` (its ``help`` is the entry's
+    summary); returns it."""
+    return REPRODUCTIONS.register(rep.name, rep, summary=rep.help)
 
 
 def load_all() -> dict[str, Reproduction]:
-    """Import every reproduction module (each registers itself) and return the registry."""
-    from mtlkit._registry import import_submodules
+    """Import every reproduction module (each registers itself) and return the reproductions by name.
 
-    import_submodules(__name__, __path__)
-    return REPRODUCTIONS
+    Example:
+        >>> "mtvib" in load_all()
+        True
+    """
+    return {e.name: e.obj for e in REPRODUCTIONS}
 
 
 def train_or_reuse(cfg, data, run_dir, reuse: bool) -> tuple[dict, bool]:
-    """Train the run ``cfg`` into ``run_dir``; return its ``results.json`` and whether it trained now. With
-    ``reuse``, a finished run of the same config is read back instead and a stopped one continues from its checkpoint
-    (a run of another config is an error, :func:`mtlkit.runs.finished_run`)."""
-    import json
+    """:func:`mtlkit.train.train_or_reuse` without the model: the run's ``results.json`` and whether it trained now."""
+    from mtlkit.train import train_or_reuse as train
 
-    import torch
-
-    from mtlkit.runs import finished_run, resumable_run
-    from mtlkit.train import Trainer
-
-    done = finished_run(run_dir, cfg) if reuse else None
-    if done is None:
-        Trainer(cfg, data=data, run_dir=run_dir).fit(resume=reuse and resumable_run(run_dir, cfg))
-        torch.set_grad_enabled(True)
-        return json.loads((run_dir / "results.json").read_text()), True
-    return done, False
+    results, _, trained = train(cfg, data, run_dir, reuse)
+    return results, trained

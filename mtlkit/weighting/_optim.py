@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from mtlkit.errors import ConfigError
+
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -18,9 +20,9 @@ def check_optimizer(name: str, lr: float) -> str:
     """Validate an optimiser name and learning rate; return the lower-case name."""
     key = str(name).lower()
     if key not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid optimizers are: {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"unknown optimizer {name!r}; valid optimizers are: {', '.join(OPTIMIZERS)}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
     return key
 
 

@@ -15,13 +15,17 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mtlkit.aggregation._base import Sum
-from mtlkit.methods import Method, register
+from mtlkit._registry import METHODS
+from mtlkit.errors import ConfigError
 from mtlkit.weighting._base import StepContext, Weighting
 
 
+@METHODS.register("constant", zoo=False,
+                  zoo_reason="without weights it is EW; its weights are chosen per problem (a grid search, as MTVIB's GS baseline)")
 class Constant(Weighting):
-    """Fixed weights ``w`` (one per task, finite and >= 0, not all zero); ``None`` = all ones."""
+    """Constant task weights (one per task); MTVIB's GS baseline once they are grid-searched.
+
+    Fixed weights ``w`` (one per task, finite and >= 0, not all zero); ``None`` = all ones."""
 
     def __init__(self, weights: Sequence[float] | None = None) -> None:
         super().__init__()
@@ -31,7 +35,7 @@ class Constant(Weighting):
         w = torch.as_tensor(list(weights), dtype=torch.float32)
         if w.dim() != 1 or w.numel() == 0 or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) \
                 or float(w.sum()) <= 0:
-            raise ValueError(f"constant weights must be a non-empty list of finite numbers >= 0, not all 0; got "
+            raise ConfigError(f"constant weights must be a non-empty list of finite numbers >= 0, not all 0; got "
                              f"{list(weights)}")
         self.task_weights = w
 
@@ -39,7 +43,7 @@ class Constant(Weighting):
         if self.task_weights.numel() == 0:
             self.task_weights = torch.ones(num_tasks)
         elif self.task_weights.numel() != num_tasks:
-            raise ValueError(f"Constant has {self.task_weights.numel()} weights but there are {num_tasks} tasks")
+            raise ConfigError(f"Constant has {self.task_weights.numel()} weights but there are {num_tasks} tasks")
 
     def forward(self, losses: Tensor, ctx: StepContext | None = None) -> Tensor:
         self._prepare(losses)
@@ -47,9 +51,3 @@ class Constant(Weighting):
 
     def weights(self) -> Tensor | None:
         return self.task_weights.detach().clone()
-
-
-@register("constant")
-def _constant(weights: Sequence[float] | None = None) -> Method:
-    """Constant task weights ``weights`` (one per task); MTVIB's GS baseline once they are grid-searched."""
-    return Method(Constant(weights), Sum())

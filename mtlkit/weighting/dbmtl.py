@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.aggregation._base import Aggregator
-from mtlkit.methods import Method, register
+from mtlkit.errors import ConfigError
 from mtlkit.weighting._base import StepContext, Weighting
 
 
@@ -32,7 +32,7 @@ class LogLoss(Weighting):
     def __init__(self, eps: float = 1e-8) -> None:
         super().__init__()
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+            raise ConfigError(f"eps must be a finite number >= 0, got {eps!r}")
         self.eps = float(eps)
 
     def forward(self, losses: Tensor, ctx: StepContext | None = None) -> Tensor:
@@ -64,11 +64,13 @@ class DBMTLAggregator(Aggregator):
         tensor([3., 3.])
     """
 
+    scale = "sum"
+
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8) -> None:
         if not (isinstance(beta, (int, float)) and 0 <= beta < 1):
-            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+            raise ConfigError(f"beta must be in [0, 1), got {beta!r}")
         if not (isinstance(beta_sigma, (int, float)) and math.isfinite(beta_sigma) and beta_sigma >= 0):
-            raise ValueError(f"beta_sigma must be a finite number >= 0, got {beta_sigma!r}")
+            raise ConfigError(f"beta_sigma must be a finite number >= 0, got {beta_sigma!r}")
         self.beta, self.beta_sigma, self.eps = float(beta), float(beta_sigma), float(eps)
         self._buffer: Tensor | None = None
         self._step = 0
@@ -98,9 +100,3 @@ class DBMTLAggregator(Aggregator):
         buf = state["grad_buffer"]
         self._buffer = None if buf is None else buf.clone()
         self._step = int(state["step"])
-
-
-@register("dbmtl")
-def _dbmtl(beta: float = 0.9, beta_sigma: float = 0.0) -> Method:
-    """DB-MTL (Lin et al. 2023): log losses + EMA gradients rescaled to the largest norm (parameter level)."""
-    return Method(LogLoss(), DBMTLAggregator(beta=beta, beta_sigma=beta_sigma))

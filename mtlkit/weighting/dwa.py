@@ -9,13 +9,16 @@ import math
 import torch
 from torch import Tensor
 
-from mtlkit.aggregation._base import Sum
-from mtlkit.methods import Method, register
+from mtlkit._registry import METHODS
+from mtlkit.errors import ConfigError
 from mtlkit.weighting._base import StepContext, Weighting, _check_losses
 
 
+@METHODS.register("dwa")
 class DWA(Weighting):
-    r"""Dynamic Weight Average: weights from the rate at which each task's loss went down over the last epochs.
+    r"""Dynamic Weight Average (Liu et al. 2019), temperature 2 by default.
+
+    Dynamic Weight Average: weights from the rate at which each task's loss went down over the last epochs.
 
     Eq. 7: ``w_t(e) = T·exp(r_t(e−1)/τ) / Σ_k exp(r_k(e−1)/τ)`` with ``r_t(e−1) = L_t(e−1)/L_t(e−2)``, where
     ``L_t(e)`` is task t's mean training loss over epoch e and τ the temperature (2 in the paper). The weights sum
@@ -41,7 +44,7 @@ class DWA(Weighting):
         super().__init__()
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(
                 temperature) or temperature <= 0:
-            raise ValueError(f"DWA temperature must be a positive finite number, got {temperature!r}")
+            raise ConfigError(f"DWA temperature must be a positive finite number, got {temperature!r}")
         self.temperature = float(temperature)
 
     def _build(self, num_tasks: int) -> None:
@@ -71,9 +74,3 @@ class DWA(Weighting):
         self.history[0] = self.history[1]
         self.history[1] = m
         self.epochs_seen += 1
-
-
-@register("dwa")
-def _dwa(temperature: float = 2.0) -> Method:
-    """Dynamic Weight Average (Liu et al. 2019), temperature 2 by default."""
-    return Method(DWA(temperature=temperature), Sum())

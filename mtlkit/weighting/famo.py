@@ -11,14 +11,17 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mtlkit.aggregation._base import Sum
-from mtlkit.methods import Method, register
+from mtlkit._registry import METHODS
+from mtlkit.errors import ConfigError
 from mtlkit.weighting._base import StepContext, Weighting, _check_losses
 from mtlkit.weighting._optim import adam_step
 
 
+@METHODS.register("famo")
 class FAMO(Weighting):
-    r"""FAMO: task logits ξ, weights ``z = softmax(ξ)``, updated so that all losses decrease at the same log-rate.
+    r"""FAMO (Liu et al. 2023): softmax task logits updated after each step from the losses' log-decrease.
+
+    FAMO: task logits ξ, weights ``z = softmax(ξ)``, updated so that all losses decrease at the same log-rate.
 
     Per step (Algorithm 1; ``m`` = ``min_losses``, ``ε = 1e-8``):
 
@@ -55,16 +58,16 @@ class FAMO(Weighting):
                  betas: tuple[float, float] = (0.9, 0.999)) -> None:
         super().__init__()
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"FAMO lr must be a positive finite number, got {lr!r}")
+            raise ConfigError(f"FAMO lr must be a positive finite number, got {lr!r}")
         if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"FAMO weight_decay must be a finite number >= 0, got {weight_decay!r}")
+            raise ConfigError(f"FAMO weight_decay must be a finite number >= 0, got {weight_decay!r}")
         self.lr, self.weight_decay, self.eps = float(lr), float(weight_decay), float(eps)
         self.betas = (float(betas[0]), float(betas[1]))
         self._min = None if min_losses is None else torch.as_tensor(min_losses, dtype=torch.float32).flatten()
 
     def _build(self, num_tasks: int) -> None:
         if self._min is not None and self._min.numel() != num_tasks:
-            raise ValueError(f"FAMO got {self._min.numel()} min_losses but T={num_tasks} tasks")
+            raise ConfigError(f"FAMO got {self._min.numel()} min_losses but T={num_tasks} tasks")
         self.register_buffer("logits", torch.zeros(num_tasks))
         self.register_buffer("min_losses", self._min.clone() if self._min is not None else torch.zeros(num_tasks))
         self.register_buffer("prev_losses", torch.zeros(num_tasks))
@@ -103,9 +106,3 @@ class FAMO(Weighting):
         adam_step(self.logits, grad, self.exp_avg, self.exp_avg_sq, self.step, self.lr, self.betas, 1e-8,
                   self.weight_decay)
         self.has_prev.fill_(False)
-
-
-@register("famo")
-def _famo(lr: float = 0.025, weight_decay: float = 1e-5) -> Method:
-    """FAMO (Liu et al. 2023): softmax task logits updated after each step from the losses' log-decrease."""
-    return Method(FAMO(lr=lr, weight_decay=weight_decay), Sum())

@@ -8,13 +8,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtlkit.aggregation._base import Sum
-from mtlkit.methods import Method, register
+from mtlkit._registry import METHODS
 from mtlkit.weighting._base import StepContext, Weighting
 
 
+@METHODS.register("gls")
 class GLS(Weighting):
-    r"""Geometric-mean loss, written as per-task weighted losses with the same value and gradient.
+    r"""Geometric loss strategy (Chennupati et al. 2019): the geometric mean of the task losses.
+
+    Geometric-mean loss, written as per-task weighted losses with the same value and gradient.
 
     The GLS objective ``G = (Π_t L_t)^{1/T}`` couples all tasks, but a Weighting's entry t may depend on task t's
     loss only (so that gradient-space aggregators still see per-task gradients). Because
@@ -50,9 +52,3 @@ class GLS(Weighting):
 
     def weights(self) -> Tensor | None:
         return self._last_weights.clone() if self._last_weights.numel() else None
-
-
-@register("gls")
-def _gls() -> Method:
-    """Geometric loss strategy (Chennupati et al. 2019): the geometric mean of the task losses."""
-    return Method(GLS(), Sum())

@@ -9,9 +9,9 @@ import math
 import torch
 from torch import Tensor
 
-from mtlkit.aggregation._base import Sum
+from mtlkit._registry import METHODS
 from mtlkit.autodiff import per_task_grads
-from mtlkit.methods import Method, register
+from mtlkit.errors import ConfigError
 from mtlkit.weighting._base import StepContext, Weighting
 from mtlkit.weighting._optim import adam_step, check_optimizer, sgd_step
 
@@ -28,8 +28,11 @@ def _last_shared_layer(ctx: StepContext | None) -> list[Tensor]:
                      "StepContext(last_shared_layer=[W]) or StepContext(shared_params=...) to forward")
 
 
+@METHODS.register("gradnorm")
 class GradNorm(Weighting):
-    r"""GradNorm: learn task weights that equalise the tasks' gradient norms, scaled by their training rates.
+    r"""GradNorm (Chen et al. 2018) at the last shared layer; weights updated by their own Adam/SGD.
+
+    GradNorm: learn task weights that equalise the tasks' gradient norms, scaled by their training rates.
 
     At each training step t (Algorithm 1), with ``W`` the chosen shared layer and ``w`` the current weights:
 
@@ -72,9 +75,9 @@ class GradNorm(Weighting):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, min_weight: float = 1e-3) -> None:
         super().__init__()
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"alpha (restoring-force exponent) must be a finite number >= 0, got {alpha!r}")
+            raise ConfigError(f"alpha (restoring-force exponent) must be a finite number >= 0, got {alpha!r}")
         if not (isinstance(min_weight, (int, float)) and 0 < min_weight < 1):
-            raise ValueError(f"min_weight must be in (0, 1), got {min_weight!r}")
+            raise ConfigError(f"min_weight must be in (0, 1), got {min_weight!r}")
         self.alpha = float(alpha)
         self.lr = float(lr)
         self.optimizer = check_optimizer(optimizer, lr)
@@ -140,9 +143,3 @@ class GradNorm(Weighting):
                 sgd_step(w, grad, self.lr)
             w.clamp_(min=self.min_weight)
             w.mul_(w.numel() / w.sum())                       # renormalise: Σ w = T
-
-
-@register("gradnorm")
-def _gradnorm(alpha: float = 1.5, lr: float = 0.025, optimizer: str = "adam") -> Method:
-    """GradNorm (Chen et al. 2018) at the last shared layer; weights updated by their own Adam/SGD."""
-    return Method(GradNorm(alpha=alpha, lr=lr, optimizer=optimizer), Sum())

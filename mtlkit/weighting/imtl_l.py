@@ -8,13 +8,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mtlkit.aggregation._base import Sum
-from mtlkit.methods import Method, register
+from mtlkit._registry import METHODS
 from mtlkit.weighting._base import StepContext, Weighting
 
 
+@METHODS.register("imtl_l")
 class IMTLL(Weighting):
-    r"""IMTL-L: each task's loss becomes ``e^{s_t}·L_t − s_t`` with a learnable scale ``s_t`` (initially 0).
+    r"""IMTL-L (Liu et al. 2021): learnable scale-invariant loss e^s·L − s.
+
+    IMTL-L: each task's loss becomes ``e^{s_t}·L_t − s_t`` with a learnable scale ``s_t`` (initially 0).
 
     Minimising over ``s_t`` gives ``e^{s_t} L_t = 1``: every task's *scaled* loss is driven to the same value 1,
     whatever its raw scale (the paper's "impartial" loss balance). ``s`` is trained by the model's optimiser (the
@@ -47,9 +49,3 @@ class IMTLL(Weighting):
 
     def weights(self) -> Tensor | None:
         return None if self.num_tasks is None else torch.exp(self.log_scale).detach()
-
-
-@register("imtl_l")
-def _imtl_l(init_log_scale: float = 0.0) -> Method:
-    """IMTL-L (Liu et al. 2021): learnable scale-invariant loss e^s·L − s."""
-    return Method(IMTLL(init_log_scale=init_log_scale), Sum())

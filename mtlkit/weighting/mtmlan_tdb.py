@@ -12,17 +12,21 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mtlkit.aggregation._base import Sum
+from mtlkit._registry import METHODS
 from mtlkit.autodiff import per_task_grads
-from mtlkit.methods import Method, register
+from mtlkit.errors import ConfigError
 from mtlkit.weighting._base import StepContext
 from mtlkit.weighting.gradnorm import GradNorm
 
 GRAD_AT = ("task_first_layer", "last_shared_layer")
 
 
+@METHODS.register("mtmlan_tdb", zoo=False,
+                  zoo_reason="its default grad_at='task_first_layer' needs a model that exposes each task's first layer (model mtmlan); the zoo trains HPS")
 class MTMLANTDB(GradNorm):
-    r"""Task-level dynamic balancing: GradNorm's gradient loss with each task's term multiplied by ``N/n_j``.
+    r"""MTMLAN task-level dynamic balancing: GradNorm + N/n_j task-imbalance penalty (Eq. 10-16).
+
+    Task-level dynamic balancing: GradNorm's gradient loss with each task's term multiplied by ``N/n_j``.
 
     Eq. 10: ``TL(t) = Σ_j (N/n_j)·|G_W^{(j)}(t) − Ḡ_W(t)·r_j(t)^θ|₁`` with ``G_W^{(j)} = ||∇_W w_j L_j||₂``
     (Eq. 11), ``Ḡ_W = E_T[G_W^{(j)}]`` (Eq. 12), ``r_j = L̂_j / E_T[L̂_j]`` (Eq. 13), ``L̂_j = L_j(t)/L_j(0)``
@@ -71,14 +75,14 @@ class MTMLANTDB(GradNorm):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, min_weight: float = 1e-3) -> None:
         super().__init__(alpha=alpha, lr=lr, optimizer=optimizer, betas=betas, eps=eps, min_weight=min_weight)
         if grad_at not in GRAD_AT:
-            raise ValueError(f"unknown grad_at {grad_at!r}; valid values are: {', '.join(GRAD_AT)}")
+            raise ConfigError(f"unknown grad_at {grad_at!r}; valid values are: {', '.join(GRAD_AT)}")
         self.grad_at = grad_at
         self._counts: Tensor | None = None
         self._num_samples: float | None = None
         if counts is not None:
             self._store_counts(counts, num_samples)
         elif num_samples is not None:
-            raise ValueError("num_samples (N) was given without counts (n_j)")
+            raise ConfigError("num_samples (N) was given without counts (n_j)")
 
     # ---------------------------------------------------------------- counts / penalty
     @property
@@ -89,12 +93,12 @@ class MTMLANTDB(GradNorm):
     def _store_counts(self, counts: Sequence[int] | Tensor, num_samples: int | None) -> None:
         c = torch.as_tensor(counts, dtype=torch.float64).flatten()
         if c.numel() == 0 or not bool(torch.isfinite(c).all()) or bool((c <= 0).any()):
-            raise ValueError(f"counts must be positive per-task instance counts n_j, got {c.tolist()}")
+            raise ConfigError(f"counts must be positive per-task instance counts n_j, got {c.tolist()}")
         N = float(c.sum()) if num_samples is None else float(num_samples)
         if not N > 0:
-            raise ValueError(f"num_samples (N) must be positive, got {num_samples!r}")
+            raise ConfigError(f"num_samples (N) must be positive, got {num_samples!r}")
         if self.num_tasks is not None and c.numel() != self.num_tasks:
-            raise ValueError(f"got {c.numel()} counts but T={self.num_tasks} tasks")
+            raise ConfigError(f"got {c.numel()} counts but T={self.num_tasks} tasks")
         self._counts, self._num_samples = c, N
         if self.num_tasks is not None:
             self.penalty.copy_((N / c).to(self.penalty))
@@ -109,7 +113,7 @@ class MTMLANTDB(GradNorm):
 
     def _build(self, num_tasks: int) -> None:
         if self._counts is not None and self._counts.numel() != num_tasks:
-            raise ValueError(f"MTMLANTDB got {self._counts.numel()} counts but T={num_tasks} tasks")
+            raise ConfigError(f"MTMLANTDB got {self._counts.numel()} counts but T={num_tasks} tasks")
         super()._build(num_tasks)
         known = self._counts is not None
         pen = (self._num_samples / self._counts).float() if known else torch.ones(num_tasks)
@@ -135,11 +139,3 @@ class MTMLANTDB(GradNorm):
         # Task j's row: ∇_{W_j} L_j, at its own head's first layer only.
         return torch.stack([per_task_grads(losses[j:j + 1], list(layers[j]), retain_graph=True).norm()
                             for j in range(losses.shape[0])])
-
-
-@register("mtmlan_tdb")
-def _mtmlan_tdb(counts: Sequence[int] | None = None, num_samples: int | None = None, alpha: float = 1.0,
-                grad_at: str = "task_first_layer", lr: float = 1e-3, optimizer: str = "sgd") -> Method:
-    """MTMLAN task-level dynamic balancing: GradNorm + N/n_j task-imbalance penalty (Eq. 10-16)."""
-    return Method(MTMLANTDB(counts=counts, num_samples=num_samples, alpha=alpha, grad_at=grad_at, lr=lr,
-                            optimizer=optimizer), Sum())

@@ -11,21 +11,12 @@ The two parts live where they belong:
   forward pass and exposes it through the generic ``auxiliary_loss()`` hook that the trainer adds to the backward
   (β is the model option ``beta``, 1e-3 by default as in the paper).
 
-So ``--model mtvib --method mtvib`` trains Eq. 23; ``--model hps --method mtvib`` is the paper's UWL baseline.
+So ``--model mtvib --method mtvib`` trains Eq. 23; ``--model hps --method mtvib`` is the paper's UWL baseline. The
+method is registered in the composite table of :mod:`mtlkit.methods` (``UW`` with ``form`` fixed to
+``"classification"``); this module holds its documentation.
 
 Example:
     >>> from mtlkit.methods import build_method
     >>> m = build_method("mtvib"); type(m.weighting).__name__, m.weighting.form
     ('UW', 'classification')
 """
-from __future__ import annotations
-
-from mtlkit.aggregation._base import Sum
-from mtlkit.methods import Method, register
-from mtlkit.weighting.uw import UW
-
-
-@register("mtvib")
-def _mtvib(init_log_var: float = 0.0) -> Method:
-    """MTVIB Eq. 23 task part: UW, classification form (Eq. 22); β·KL comes from the MTVIB model's hook."""
-    return Method(UW(form="classification", init_log_var=init_log_var), Sum())

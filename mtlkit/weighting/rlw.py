@@ -8,15 +8,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtlkit.aggregation._base import Sum
-from mtlkit.methods import Method, register
+from mtlkit._registry import METHODS
+from mtlkit.errors import ConfigError
 from mtlkit.weighting._base import StepContext, Weighting
 
 TOTALS = ("one", "tasks")
 
 
+@METHODS.register("rlw")
 class RLW(Weighting):
-    r"""Random loss weights: at each training step ``w = c·softmax(z)`` with ``z ~ N(0, I_T)``.
+    r"""Random loss weighting (Lin et al. 2022): softmax of standard normal samples, new every step.
+
+    Random loss weights: at each training step ``w = c·softmax(z)`` with ``z ~ N(0, I_T)``.
 
     ``total="one"`` (default, the paper's Eq. 3 and LibMTL): weights sum to 1, ``c = 1``; ``total="tasks"``:
     weights sum to T, ``c = T``, so the update is on EW's (sum-of-losses) scale and learning rates tuned for EW
@@ -38,9 +41,9 @@ class RLW(Weighting):
     def __init__(self, seed: int | None = None, total: str = "one") -> None:
         super().__init__()
         if total not in TOTALS:
-            raise ValueError(f"unknown RLW total {total!r}; valid totals are: {', '.join(TOTALS)}")
+            raise ConfigError(f"unknown RLW total {total!r}; valid totals are: {', '.join(TOTALS)}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
+            raise ConfigError(f"seed must be an int or None, got {seed!r}")
         self.seed = seed
         self.total = total
 
@@ -69,9 +72,3 @@ class RLW(Weighting):
 
     def weights(self) -> Tensor | None:
         return None if self.num_tasks is None else self.last_weights.clone()
-
-
-@register("rlw")
-def _rlw(seed: int | None = None, total: str = "one") -> Method:
-    """Random loss weighting (Lin et al. 2022): softmax of standard normal samples, new every step."""
-    return Method(RLW(seed=seed, total=total), Sum())

@@ -11,15 +11,18 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from mtlkit.aggregation._base import Sum
-from mtlkit.methods import Method, register
+from mtlkit._registry import METHODS
+from mtlkit.errors import ConfigError
 from mtlkit.weighting._base import StepContext, Weighting
 
 FORMS = ("regression", "classification")
 
 
+@METHODS.register("uw")
 class UW(Weighting):
-    r"""Uncertainty weighting with one learnable log-variance per task.
+    r"""Uncertainty weighting (Kendall et al. 2018); ``form`` regression/classification (MTVIB Eq. 22).
+
+    Uncertainty weighting with one learnable log-variance per task.
 
     Weighted loss of task t, with the learned ``s_t = log σ_t²``:
 
@@ -55,17 +58,17 @@ class UW(Weighting):
         super().__init__()
         forms = [form] if isinstance(form, str) else list(form)
         if not forms:
-            raise ValueError("form must be a string or a non-empty sequence of strings")
+            raise ConfigError("form must be a string or a non-empty sequence of strings")
         bad = [f for f in forms if f not in FORMS]
         if bad:
-            raise ValueError(f"unknown UW form(s) {bad}; valid forms are: {', '.join(FORMS)}")
+            raise ConfigError(f"unknown UW form(s) {bad}; valid forms are: {', '.join(FORMS)}")
         self.form = form if isinstance(form, str) else tuple(forms)
         self.init_log_var = float(init_log_var)
 
     def _build(self, num_tasks: int) -> None:
         forms = [self.form] * num_tasks if isinstance(self.form, str) else list(self.form)
         if len(forms) != num_tasks:
-            raise ValueError(f"UW got {len(forms)} forms but T={num_tasks} tasks")
+            raise ConfigError(f"UW got {len(forms)} forms but T={num_tasks} tasks")
         # 1/σ² multiplier: ½ for the regression form, 1 for the classification form.
         self.register_buffer("_scale", torch.tensor([0.5 if f == "regression" else 1.0 for f in forms]))
         self.log_var = nn.Parameter(torch.full((num_tasks,), self.init_log_var))
@@ -79,9 +82,3 @@ class UW(Weighting):
         if self.num_tasks is None:
             return None
         return (self._scale * torch.exp(-self.log_var)).detach()
-
-
-@register("uw")
-def _uw(form: str | Sequence[str] = "regression", init_log_var: float = 0.0) -> Method:
-    """Uncertainty weighting (Kendall et al. 2018); ``form`` regression/classification (MTVIB Eq. 22)."""
-    return Method(UW(form=form, init_log_var=init_log_var), Sum())
