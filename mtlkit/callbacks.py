@@ -21,7 +21,7 @@ continues bit for bit.
 Events, in the order of one epoch (``epoch`` and ``batch`` count from 0 here, as in the checkpoint; users read
 epochs from 1):
 
-``on_train_start`` → per epoch: ``on_epoch_start`` → per batch: ``wants_jacobian`` → ``on_losses`` (the losses
+``check`` (when the trainer is built) → ``on_train_start`` → per epoch: ``on_epoch_start`` → per batch: ``wants_jacobian`` → ``on_losses`` (the losses
 still carry their graph) → the engine's backward → ``on_backward`` (with the engine's :class:`BackwardInfo`) → the
 optimizer step → ``on_batch_end`` → after validation and model selection: ``on_epoch_end`` (before the epoch's
 checkpoint is written, so what it changed is in that checkpoint) → ``on_train_end``.
@@ -82,6 +82,10 @@ class Callback:
 
     def key(self) -> str:
         return self.name or type(self).__name__
+
+    def check(self, trainer: Trainer) -> None:
+        """Called when the trainer is built, before anything is written or trained: raise
+        :class:`~mtlkit.errors.ConfigError` for a configuration this callback cannot run."""
 
     def on_train_start(self, trainer: Trainer) -> None:
         """Before the first step of this process (after a resume has restored everything)."""

@@ -331,8 +331,8 @@ class ArchitectureSearch(Callback):
         return build_method(m.name, level=m.level, **m.options)  # type: ignore[arg-type]
 
     # -- set-up and growth --------------------------------------------------------------------------------------
-    def _set_up(self, trainer: Trainer) -> None:
-        """Checks, the detector, and the pre-training method (what a fresh run and a resumed one both do first)."""
+    def check(self, trainer: Trainer) -> None:
+        """The schedule and the levels, when the trainer is built (before its run directory is touched)."""
         model, o, tc = trainer.model, self.options, trainer.cfg.train
         if not isinstance(model, MAMO):
             raise ConfigError(f"MAMO's search runs on a MAMO model, not {type(model).__name__}")
@@ -350,6 +350,15 @@ class ArchitectureSearch(Callback):
             raise ConfigError(f"a representation-level method cannot give {model.module_kind!r} modules their task's "
                               f"gradient (they lie below the representation): use parameter level (--level "
                               f"parameter)")
+
+    def _set_up(self, trainer: Trainer) -> None:
+        """The detector and the pre-training method (what a fresh run and a resumed one both do first)."""
+        model, o, tc = trainer.model, self.options, trainer.cfg.train
+        assert isinstance(model, MAMO)  # check() refused anything else
+        pre = o.pretrain_epochs(tc.epochs)
+        methods = [trainer.method]
+        if o.pretrain_method is not None and self._switches(trainer):
+            methods.append(build_method(o.pretrain_method))
         self._model, self._epochs, self._pretrain = model, tc.epochs, pre
         self.detector = ConflictDetector(model.num_layers, len(model.task_names), o.threshold, o.k, o.scope)  # type: ignore[arg-type]
         if len(methods) > 1:

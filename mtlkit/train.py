@@ -34,34 +34,36 @@ import io
 import json
 import logging
 import math
-import random
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
 import torch
 import yaml
 from torch import Tensor, nn
 
-from mtlkit import runs
-from mtlkit.devices import resolve_device
-from mtlkit.evaluation import evaluate, load_selected, predict
-from mtlkit.autodiff import backward
+from mtlkit import models, runs
+from mtlkit.autodiff import Level, Mode, backward
 from mtlkit.callbacks import Callback, StepInfo
 from mtlkit.config import RunConfig
 from mtlkit.data import MTLData, Split, build_dataset
+from mtlkit.devices import resolve_device
 from mtlkit.errors import ConfigError, MTLKitError, NonFiniteLossError, unknown_name
+from mtlkit.evaluation import evaluate, load_selected
+from mtlkit.evaluation import predict as predict  # re-exported: mtlkit.train.predict, where it was defined before
 from mtlkit.methods import Method, build_method
 from mtlkit.metrics import selection_score
-from mtlkit import models
 from mtlkit.models import MTLModel
 from mtlkit.models.base import check_auxiliary_loss
 from mtlkit.tasks import Task, stack_losses, task_names
 from mtlkit.weighting import StepContext
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger("mtlkit")
 MARKER = runs.MARKER
@@ -114,7 +116,10 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> runs.RunLock:
     """Create the run directory and lock it (:func:`mtlkit.runs.open_run_dir`); returns the held lock."""
-    return runs.open_run_dir(path, overwrite=overwrite, resume=resume)
+    lock = runs.open_run_dir(path, overwrite=overwrite, resume=resume)
+    if lock is None:  # open_run_dir returns no lock only with check_only=True
+        raise RuntimeError(f"open_run_dir returned no lock for {path}")
+    return lock
 
 
 @dataclass
@@ -148,7 +153,9 @@ class Trainer:
             raise ConfigError(f"train.checkpoint_minutes must be a finite number >= 0 (0: only at epoch ends), got "
                               f"{tc.checkpoint_minutes}")
         self.device = resolve_device(tc.device)
-        self.method = build_method(cfg.method.name, level=cfg.method.level, **cfg.method.options)
+        # cfg.method.level is the config's string: build_method checks it (ConfigError for an unknown level)
+        self.method = build_method(cfg.method.name, level=cast("Level | None", cfg.method.level),
+                                   scale=cfg.method.scale, **cfg.method.options)
         self.data = data if data is not None else build_dataset(cfg.dataset.name, **cfg.dataset.options)
         self.tasks = self.data.tasks
         self.names = task_names(self.tasks)
@@ -164,7 +171,7 @@ class Trainer:
         if tc.epochs <= n_equal:
             warnings.warn(f"method {cfg.method.name!r} keeps every task weight at 1 for its first {n_equal} epochs: "
                           f"with train.epochs={tc.epochs} it trains exactly as EW", UserWarning, stacklevel=2)
-        groups = [{"params": list(self.model.parameters())}]
+        groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
         extra = [p for p in self.method.weighting.parameters() if p.requires_grad]
         if extra:
             groups.append({"params": extra, "weight_decay": 0.0})
@@ -176,6 +183,8 @@ class Trainer:
         if len(set(keys)) != len(keys):
             raise ConfigError(f"two callbacks of this run have the same name ({keys}); give each its own `name`")
         self.model_changed()
+        for cb in self.callbacks:  # configuration errors now, before a run directory is touched
+            cb.check(self)
         self._steps_per_epoch = -(-len(self.data.train) // tc.batch_size)
         self._committed: str | None = None  # what checkpoint.pt holds, for messages ("the end of epoch 2")
         self._best_state: Any = None  # the selected model (per task for one-model-per-task methods)
@@ -199,23 +208,34 @@ class Trainer:
     def add_parameters(self, params: Sequence[nn.Parameter]) -> None:
         """Add ``params`` (e.g. modules a callback grew) to the optimizer as a new parameter group, at the current
         learning rate and following the learning-rate schedule from now on; then :meth:`model_changed`."""
-        params = list(params)
-        if params:
-            group = {"params": params, "lr": self.optimizer.param_groups[0]["lr"],
-                     "initial_lr": self.optimizer.param_groups[0].get("initial_lr", self.cfg.train.lr)}
-            self.optimizer.add_param_group(group)
-            sched = self.scheduler
-            sched.base_lrs.append(group["initial_lr"])
-            if hasattr(sched, "lr_lambdas"):
-                sched.lr_lambdas.append(sched.lr_lambdas[0])
-            sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
+        self._add_group({"params": list(params)})
         self.model_changed()
+
+    def _add_group(self, group: dict[str, Any]) -> None:
+        """A new optimizer parameter group at the current learning rate, which the schedule follows from now on."""
+        if not group["params"]:
+            return
+        group = {**group, "lr": self.optimizer.param_groups[0]["lr"],
+                 "initial_lr": self.optimizer.param_groups[0].get("initial_lr", self.cfg.train.lr)}
+        self.optimizer.add_param_group(group)
+        sched = self.scheduler
+        sched.base_lrs.append(group["initial_lr"])
+        if hasattr(sched, "lr_lambdas"):
+            sched.lr_lambdas.append(sched.lr_lambdas[0])
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
 
     def selected_state(self) -> Any:
         """The model state selected on validation since the run (or the last :meth:`restart_selection`) began:
         ``model.state_dict()`` on the CPU (for models with selection groups, one state per group); None before
         the first epoch."""
         return self._best_state
+
+    def selected_epoch(self) -> int | dict[str, int] | None:
+        """The epoch (from 0) of :meth:`selected_state` (per group for models with selection groups); None before
+        the first selection."""
+        if self._selection_groups:
+            return dict(self._best["member_epoch"]) or None
+        return None if self._best["epoch"] < 0 else int(self._best["epoch"])
 
     def restart_selection(self) -> None:
         """Forget the selection so far: the next epochs alone compete (the final model is selected among them)."""
@@ -227,9 +247,8 @@ class Trainer:
         """Train with ``method`` from the next step on (its learnable weighting parameters join the optimizer)."""
         self._set_up_method(method)
         self.method = method
-        extra = [p for p in method.weighting.parameters() if p.requires_grad]
-        if extra:
-            self.optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+        self._add_group({"params": [p for p in method.weighting.parameters() if p.requires_grad],
+                         "weight_decay": 0.0})
         self.model_changed()
 
     def _set_up_method(self, method: Method) -> None:
@@ -336,12 +355,15 @@ class Trainer:
         info.losses = losses
         for cb in self.callbacks:
             cb.on_losses(self, info)
-        keep = any([cb.wants_jacobian(self, info) for cb in self.callbacks])
+        wants = [cb.wants_jacobian(self, info) for cb in self.callbacks]  # every callback is asked: no short-circuit
+        keep = any(wants)
         try:
             aux = check_auxiliary_loss(self.model)  # non-task losses of the model's modules (e.g. MTVIB's β·KL), if any
             self.optimizer.zero_grad(set_to_none=True)
             info.info = backward(weighted, self._shared, self.method.aggregator, representation=z,
-                                 level=self.method.level, mode=self.cfg.train.engine_mode,
+                                 level=self.method.level,
+                                 # the config's string: backward checks it (ValueError for an unknown mode)
+                                 mode=cast(Mode, self.cfg.train.engine_mode),
                                  chunk_size=self.cfg.train.chunk_size, task_names=self.train_names, extra=aux,
                                  keep_jacobian=keep)
         except NonFiniteLossError:
@@ -457,7 +479,7 @@ class Trainer:
                 self.method.weighting.on_epoch_end(mean_losses.to(self.device))
                 val = evaluate(self.model, self.data.val, self.tasks, tc.eval_batch_size, self.device)
                 row = {"epoch": epoch + 1, "seconds": time.time() - e0, "lr": self.optimizer.param_groups[0]["lr"],
-                       **{f"train/{k}/loss": float(v) for k, v in zip(self.train_names, mean_losses)},
+                       **{f"train/{k}/loss": float(v) for k, v in zip(self.train_names, mean_losses, strict=True)},
                        **{f"val/{k}": v for k, v in val.items()}}
                 w = self.method.weighting.weights()
                 if w is not None:
@@ -677,12 +699,12 @@ class _Progress:
     def __init__(self, desc: str, first: int, total: int, enabled: bool, every: float = 30.0):
         self.desc, self.first, self.total, self.every = desc, first, total, every
         self.mode = "none" if not enabled else ("bar" if _isatty(sys.stderr) else "lines")
-        self._bar = None
+        self._bar: tqdm[int] | None = None
         self._t0 = self._last = time.time()
         self._b = first
 
     def __iter__(self):
-        it = range(self.first, self.total)
+        it: Iterable[int] = range(self.first, self.total)
         if self.mode == "bar":
             from tqdm.auto import tqdm
 

@@ -1,19 +1,26 @@
-"""MAMO (Tan, Hu & Zhang, ECAI 2024): search space, conflict indicator (Eqs. 9-13, TopK), Alg. 1 driver."""
+"""MAMO (Tan, Hu & Zhang, ECAI 2024): search space, conflict indicator (Eqs. 9-13, TopK), Alg. 1 in the training
+loop (the search callback of model mamo: growth, Q accounting, KKT gradient routing, options, resume bit for bit,
+``mtlkit train``), ``mtlkit reproduce mamo``."""
 import copy
+import json
 
 import pytest
 import torch
 from torch import nn
 
 from mtlkit.autodiff import backward, per_task_grads
+from mtlkit.callbacks import Callback
+from mtlkit.config import RunConfig
 from mtlkit.data import build_dataset
 from mtlkit.errors import ConfigError
-from mtlkit.mamo import (ConflictDetector, MAMOConfig, average_indicator, conflicts, cosine_matrix, layer_gradients,
-                         learn_mamo, proxy_indicator, topk_indicator)
+from mtlkit.evaluation import evaluate
+from mtlkit.mamo import (ConflictDetector, average_indicator, conflicts, cosine_matrix, layer_gradients,
+                         proxy_indicator, topk_indicator)
 from mtlkit.methods import build_method
 from mtlkit.models.hps import HPS
 from mtlkit.models.mamo import MAMO, build_mamo, split_layers
 from mtlkit.tasks import Task, stack_losses
+from mtlkit.train import RunResult, Trainer
 
 
 def _tiny(m: int = 3, module: str = "gmk", seed: int = 0) -> MAMO:
@@ -199,6 +206,24 @@ def test_new_modules_keep_the_function_and_parameter_roles():
     assert {id(p) for p in model.shared_parameters()} == shared | mediated
 
 
+@pytest.mark.parametrize("module", ["gmk", "exclusive", "conal"])
+def test_a_grown_state_loads_into_a_fresh_model(module):
+    """load_state_dict generates the modules a state holds, in their order of creation (mtlkit eval, --reuse)."""
+    model = _tiny(module=module)
+    model.grow(1, (0, 2))
+    model.grow(0, (1, 2))
+    _perturb(model)
+    fresh = _tiny(module=module)
+    fresh.load_state_dict(model.state_dict())
+    assert list(fresh.active.items()) == list(model.active.items())
+    assert [id(p) for p in fresh.shared_parameters()] != [] and len(fresh.shared_parameters()) == \
+        len(model.shared_parameters())
+    x = torch.randn(4, 5)
+    assert all(torch.equal(a, b) for a, b in zip(fresh(x).values(), model(x).values()))
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # a module of another kind is not made up
+        _tiny(module="gmk" if module != "gmk" else "exclusive").load_state_dict(model.state_dict())
+
+
 def test_split_layers_and_bad_input():
     enc = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3), nn.ReLU())
     blocks = split_layers(enc)
@@ -211,7 +236,22 @@ def test_split_layers_and_bad_input():
         MAMO([nn.Linear(2, 2)], {"a": nn.Linear(2, 1), "b": nn.Linear(2, 1)}, module="soft")
 
 
-# ---- Alg. 1 ----------------------------------------------------------------------------------------------------------
+# ---- Alg. 1 in the training loop (the search callback of model mamo) -------------------------------------------------
+_MODEL = {"encoder": "mlp", "hidden": [12, 10], "head_hidden": 6}
+_STEPS = 4  # 64 training samples, batch 16
+
+
+def _mamo_cfg(tmp_path, epochs: int = 3, method: str = "mgda", level: str | None = None,
+              checkpoint_minutes: float = 10.0, **model) -> RunConfig:
+    """Model mamo (MLP backbone) on ``_toy`` (64/16/16 samples, batch 16: 4 steps an epoch), Adam lr 0.01, seed 0."""
+    return RunConfig.from_dict({
+        "dataset": {"name": "_toy", "options": {"n_train": 64, "n_val": 16, "n_test": 16}},
+        "model": {"name": "mamo", "options": {**_MODEL, **model}}, "method": {"name": method, "level": level},
+        "train": {"epochs": epochs, "batch_size": 16, "lr": 0.01, "seed": 0, "progress": False,
+                  "checkpoint_minutes": checkpoint_minutes},
+        "output": {"dir": str(tmp_path / "run"), "tensorboard": False}})
+
+
 def _toy_data(identical: bool = False):
     data = build_dataset("_toy", n_train=64, n_val=16, n_test=16)
     if identical:  # the same labels for both tasks
@@ -220,30 +260,32 @@ def _toy_data(identical: bool = False):
     return data
 
 
-def _toy_model(data, identical_heads: bool = False) -> MAMO:
-    torch.manual_seed(0)
-    m = build_mamo(data, encoder="mlp", hidden=(12, 10), head_hidden=6)
-    if identical_heads:
-        m.heads["b"].load_state_dict(m.heads["a"].state_dict())
-    return m
+def _search(tmp_path, data=None, callbacks=(), **kw) -> tuple[Trainer, RunResult, dict]:
+    """Train ``_mamo_cfg(tmp_path, **kw)``; returns the trainer, its result and results.json's ``mamo`` entry."""
+    t = Trainer(_mamo_cfg(tmp_path, **kw), data=data, callbacks=callbacks)
+    res = t.fit()
+    return t, res, json.loads((t.run_dir / "results.json").read_text())["mamo"]
 
 
-def test_no_conflict_mamo_equals_hps():
+def test_no_conflict_mamo_equals_hps(tmp_path):
     data = _toy_data(identical=True)
-    model = _toy_model(data, identical_heads=True)  # identical tasks: identical task gradients, cos = 1
+    t = Trainer(_mamo_cfg(tmp_path, rounds=2, detect_batches=2, selection="last"), data=data)
+    model = t.model
+    assert isinstance(model, MAMO)
+    model.heads["b"].load_state_dict(model.heads["a"].state_dict())  # identical tasks: identical gradients, cos = 1
     hps = HPS(nn.Sequential(*copy.deepcopy(list(model.layers))), copy.deepcopy(dict(model.heads)))
-    cfg = MAMOConfig(method="mgda", rounds=2, pretrain_epochs=1, epochs_per_round=1, detect_batches=2,
-                     batch_size=16, lr=0.01, selection="last")
-    res = learn_mamo(model, data, cfg)
-    assert model.active == {} and [len(r.activated) for r in res.rounds] == [0, 0, 0]
+    t.fit()
+    rounds = json.loads((t.run_dir / "results.json").read_text())["mamo"]["rounds"]
+    assert model.active == {} and [len(r["activated"]) for r in rounds] == [0, 0, 0]
+    assert [r["q_batches"] for r in rounds] == [0, 2, 2]
     # Plain HPS through the engine, same batches, same optimiser.
     agg = build_method("mgda").aggregator
-    opt = torch.optim.Adam(list(hps.parameters()) + [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)], lr=0.01)
+    opt = torch.optim.Adam(list(hps.parameters()), lr=0.01)
     n = len(data.train)
     for epoch in range(3):
         hps.train()
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
-        for b in range(4):
+        for b in range(_STEPS):
             idx = perm[b * 16:(b + 1) * 16]
             z = hps.encode(data.train.x[idx])
             losses = stack_losses(data.tasks, hps.decode(z), {k: v[idx] for k, v in data.train.y.items()})
@@ -259,47 +301,78 @@ def test_no_conflict_mamo_equals_hps():
     model.eval(), hps.eval()
     x = data.test.x
     assert all(torch.allclose(model(x)[k], hps(x)[k], atol=1e-5) for k in ("a", "b"))
-    assert res.rounds[-1].parameters == sum(p.numel() for p in hps.parameters()) + 2 * 2  # + the β logits
+    assert rounds[-1]["parameters"] == sum(p.numel() for p in hps.parameters()) + 2 * 2  # + the β logits
 
 
-def test_learning_grows_modules_and_records_rounds():
-    data = _toy_data()
-    model = _toy_model(data)
-    cfg = MAMOConfig(method="ew", rounds=2, pretrain_epochs=1, epochs_per_round=1, threshold="topk", k=1,
-                     detect_batches=4, batch_size=16, lr=0.01)
-    res = learn_mamo(model, data, cfg)
-    grown = [r for r in res.rounds[1:] if r.activated]
-    sizes = [r.parameters for r in res.rounds]
-    assert sizes == sorted(sizes) and len(model.active) == sum(len(r.activated) for r in res.rounds)
-    for r0, r1 in zip(res.rounds, res.rounds[1:]):
-        assert r1.parameters - r0.parameters == sum(model.module_parameters(l) for l, _ in r1.activated)
-    assert res.rounds[0].Q is None and all(r.Q is not None for r in res.rounds[1:])
-    # TopK with k = 1 activates at most one new module per round (when any conflict was counted).
-    assert all(len(r.activated) <= 1 for r in grown)
+class _AfterGrowth(Callback):
+    """Evaluates the model at the start of every epoch (the search grew it at the end of the epoch before)."""
+
+    name = "after_growth"
+
+    def __init__(self):
+        self.val: dict[int, dict] = {}
+
+    def on_epoch_start(self, trainer, epoch):
+        self.val[epoch] = evaluate(trainer.model, trainer.data.val, trainer.tasks, 1024, trainer.device)
+        trainer.model.train()  # evaluate() leaves the model in eval mode; the epoch trains
+
+
+def test_learning_grows_modules_and_records_rounds(tmp_path):
+    spy = _AfterGrowth()
+    t, res, found = _search(tmp_path, method="ew", callbacks=[spy], rounds=2, threshold="topk", k=1,
+                            detect_batches=4)
+    model = t.model
+    assert isinstance(model, MAMO)
+    rounds = found["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and all(r["method"] == "ew" for r in rounds)
+    sizes = [r["parameters"] for r in rounds]
+    assert sizes == sorted(sizes) and len(model.active) == sum(len(r["activated"]) for r in rounds) > 0
+    assert found["architecture"] == [[layer, list(g)] for layer, g in model.architecture()]
+    for r0, r1 in zip(rounds, rounds[1:]):
+        assert r1["parameters"] - r0["parameters"] == sum(model.module_parameters(l) for l, _ in r1["activated"])
+    assert rounds[0]["Q"] is None and all(r["Q"] is not None for r in rounds[1:])
+    assert [r["q_batches"] for r in rounds] == [0, 4, 4]
+    # The Q accounting: each round's modules are the indicator of its Q (TopK, k = 1: at most one a round).
+    for r in rounds[1:]:
+        det = ConflictDetector(model.num_layers, 2, threshold="topk", k=1)
+        det.Q = torch.tensor(r["Q"])
+        assert int(det.Q.max()) <= 4 and bool((det.Q == det.Q.transpose(1, 2)).all())
+        expect = [[layer, [model.task_names[i], model.task_names[j]]] for layer, i, j in conflicts(det.indicator())]
+        assert [a for a in expect if a not in [x for q in rounds[:r["round"]] for x in q["activated"]]] == \
+            r["activated"]
+    # Rolled back and grown at a phase's end: the next epoch starts from the function of the phase's record.
+    for r, epoch in ((0, 1), (1, 2)):
+        for k, v in rounds[r]["val"].items():
+            assert spy.val[epoch][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (r, k)
+    # The final model: the best epoch of the last phase (a phase of one epoch), i.e. the last round's record.
+    assert res.best_epoch == 3 and res.val == rounds[-1]["val"] and res.test == rounds[-1]["test"]
     assert set(res.test) >= {"a/accuracy", "b/accuracy"}
 
 
-def test_learn_mamo_rejects_bad_config():
-    data = _toy_data()
-    with pytest.raises(ConfigError, match="threshold"):
-        learn_mamo(_toy_model(data), data, MAMOConfig(threshold="median"))  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="unknown method"):
-        learn_mamo(_toy_model(data), data, MAMOConfig(method="nope", rounds=0, pretrain_epochs=0))
-    with pytest.raises(ConfigError, match="detect_batches"):
-        learn_mamo(_toy_model(data), data, MAMOConfig(detect_batches=0))
+def test_search_options_are_checked(tmp_path):
+    for bad, match in (({"threshold": "median"}, "threshold"), ({"detect_batches": 0}, "detect_batches"),
+                       ({"epochs_per_round": 0}, "epochs_per_round"), ({"conflict_window": "all"}, "conflict window"),
+                       ({"selection": "worst"}, "selection"), ({"pretrain_method": "nope"}, "unknown method"),
+                       ({"pretrain_method": "stl"}, "one model per task"), ({"nope": 1}, "no option")):
+        with pytest.raises(ConfigError, match=match):
+            Trainer(_mamo_cfg(tmp_path, **bad))
+    with pytest.raises(ConfigError, match=r"pre-training epochs.*train\.epochs >= 5"):  # 4 - 2 x 2 = 0
+        Trainer(_mamo_cfg(tmp_path / "a", epochs=4, rounds=2, epochs_per_round=2)).fit()
+    _, _, found = _search(tmp_path / "b", epochs=2, rounds=0)  # rounds=0: HPS, never grown
+    assert [r["round"] for r in found["rounds"]] == [0] and found["architecture"] == []
 
 
-def test_detection_without_training_changes_nothing_but_the_architecture():
-    data = _toy_data()
-    model = _toy_model(data)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    res = learn_mamo(model, data, MAMOConfig(method="ew", rounds=1, pretrain_epochs=0, epochs_per_round=0,
-                                             threshold="topk", k=1, detect_batches=3, batch_size=16))
-    after = model.state_dict()
-    assert all(torch.equal(state[k], after[k]) for k in state)  # BatchNorm statistics included
-    Q = torch.tensor(res.rounds[1].Q)
-    assert Q.shape == (model.num_layers, 2, 2) and int(Q.max()) <= 3
-    assert len(model.active) == (1 if int(Q.sum()) > 0 else 0)
+def test_task_modules_refuse_representation_level_and_leave_the_representation_path(tmp_path):
+    t, _, found = _search(tmp_path / "a", rounds=1, epochs=2, module="conal", threshold="topk", k=1,
+                          detect_batches=4)
+    model = t.model
+    assert isinstance(model, MAMO)
+    r0, r1 = found["rounds"]
+    assert r1["parameters"] - r0["parameters"] == sum(model.module_parameters(l) for l, _ in r1["activated"])
+    assert r1["q_batches"] == 4 and r1["activated"] and model.has_task_modules()
+    assert not model.representation_is_shared_path()
+    with pytest.raises(ConfigError, match="representation-level"):
+        Trainer(_mamo_cfg(tmp_path / "b", rounds=1, epochs=2, module="conal", level="representation")).fit()
 
 
 def test_exclusive_modules_get_only_their_tasks_gradient():
@@ -459,86 +532,98 @@ def test_conal_parameter_counts_and_roles():
         model.grow_group(0, ("t0", "t1"))
 
 
+class _Stop(Exception):
+    pass
+
+
+class _Routing(Callback):
+    """At the first step: the per-task gradients before the backward, and the ``.grad`` the engine wrote."""
+
+    name = "routing"
+
+    def on_losses(self, trainer, step):
+        model = trainer.model
+        self.shared, self.own = model.shared_parameters(), model.task_exclusive_parameters()
+        self.J = per_task_grads(step.losses, self.shared, retain_graph=True)
+        self.expect_own = {n: per_task_grads(step.losses[t].reshape(1), self.own[n], retain_graph=True)[0]
+                           for t, n in enumerate(model.task_names)}
+
+    def on_backward(self, trainer, step):
+        def grads(ps):
+            return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+
+        self.got_shared = grads(self.shared)
+        self.got_own = {n: grads(ps) for n, ps in self.own.items()}
+        raise _Stop
+
+
+def _three_tasks():
+    data = _toy_data()
+    for s in (data.train, data.val, data.test):
+        s.y["c"] = (s.y["a"] + s.y["b"]) % 3
+    data.tasks = [*data.tasks, Task("c", "multiclass", 3)]
+    return data
+
+
 @pytest.mark.parametrize("module", ["conal", "exclusive"])
 @pytest.mark.parametrize("method", ["mgda", "pcgrad"])
-def test_task_owned_modules_take_their_tasks_full_gradient(module, method):
-    """KKT of Eq. 14: a module one task owns gets that task's gradient (weight 1), not a^t of it; the shared
-    parameters get the aggregator's combination of the per-task gradients over the shared parameters only."""
-    from mtlkit.mamo import engine_backward
-
-    model = _tiny(m=3, module=module, seed=2)
-    model.grow(1, (0, 2))
+def test_task_owned_modules_take_their_tasks_full_gradient(tmp_path, module, method):
+    """KKT of Eq. 14, in the training loop: a module one task owns gets that task's gradient (weight 1), not a^t of
+    it; the shared parameters get the aggregator's combination of the per-task gradients over the shared parameters
+    only (the loop calls the engine without a representation once the model has task-owned modules)."""
+    probe = _Routing()
+    t = Trainer(_mamo_cfg(tmp_path, method=method, module=module, rounds=0, epochs=1), data=_three_tasks(),
+                callbacks=[probe])
+    model = t.model
+    assert isinstance(model, MAMO) and model.representation_is_shared_path()
+    torch.manual_seed(2)
+    t.add_parameters([p for k in model.grow(1, (0, 2)) for p in model.gmks[k].parameters()])
     _perturb(model)
-    x = torch.randn(9, 5)
-    y = {f"t{k}": torch.randint(0, 2, (9,)) for k in range(3)}
-    tasks = [Task(f"t{k}", "multiclass", 2) for k in range(3)]
-    m = build_method(method)
-    z = model.encode(x)
-    losses = stack_losses(tasks, model.decode(z), y)
-    shared = model.shared_parameters()
-    own = model.task_exclusive_parameters()
-    J = per_task_grads(losses, shared)
-    expect_shared = build_method(method).aggregator(J)  # a fresh copy: PCGrad's random order starts the same
-    expect_own = {n: per_task_grads(losses[t].reshape(1), own[n])[0] for t, n in enumerate(model.task_names)}
-    model.zero_grad(set_to_none=True)
-    engine_backward(model, m, losses, z)
-    got_shared = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in shared])
-    assert torch.allclose(got_shared, expect_shared, atol=1e-6)
-    for n, ps in own.items():
-        got = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
-        assert torch.allclose(got, expect_own[n], atol=1e-6), n
+    assert not model.representation_is_shared_path()
+    with pytest.raises(_Stop):
+        t.fit()
+    expect_shared = build_method(method).aggregator(probe.J)  # a fresh copy: PCGrad's random order starts the same
+    assert torch.allclose(probe.got_shared, expect_shared, atol=1e-6)
+    for n, expect in probe.expect_own.items():
+        assert torch.allclose(probe.got_own[n], expect, atol=1e-6), n
+        assert float(expect.abs().sum()) > 0, n
     if method == "mgda":  # the test means something: the owners' MGDA weights are not 1
-        w = m.aggregator.weights(J @ J.T)
+        w = build_method("mgda").aggregator.weights(probe.J @ probe.J.T)
         assert float((1 - w[[0, 2]]).abs().min()) > 1e-3
 
 
-def test_learn_mamo_with_conal_branches_and_representation_level_refused():
-    data = _toy_data()
-    model = build_mamo(data, encoder="mlp", hidden=(12, 10), head_hidden=6, module="conal")
-    res = learn_mamo(model, data, MAMOConfig(method="mgda", rounds=1, pretrain_epochs=1, epochs_per_round=1,
-                                             threshold="topk", k=1, detect_batches=4, batch_size=16, lr=0.01))
-    r0, r1 = res.rounds
-    assert r1.parameters - r0.parameters == sum(model.module_parameters(l) for l, _ in r1.activated)
-    assert r1.q_batches == 4 and (not r1.activated or model.has_task_modules())
-    with pytest.raises(ConfigError, match="representation-level"):
-        learn_mamo(build_mamo(data, encoder="mlp", hidden=(12, 10), head_hidden=6, module="conal"), data,
-                   MAMOConfig(method="mgda", method_options={"level": "representation"}, rounds=0, pretrain_epochs=0))
-
-
 # ---- search-schedule options (conflict window, pre-training method, optimizer rollback) -----------------------------
-def _params(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def _weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-def test_pretrain_method_ew_is_plain_hps():
-    data = _toy_data()
-    base = {"rounds": 0, "pretrain_epochs": 2, "batch_size": 16, "lr": 0.01, "selection": "last"}
+def test_pretrain_method_ew_is_plain_hps(tmp_path):
     runs = {}
-    for name, cfg in {"ew": MAMOConfig(method="ew", **base),
-                      "mgda<-ew": MAMOConfig(method="mgda", pretrain_method="ew", **base),
-                      "mgda": MAMOConfig(method="mgda", **base)}.items():
-        model = _toy_model(data)
-        res = learn_mamo(model, data, cfg)
-        runs[name] = (_params(model), res.rounds[0].method)
+    for name, (method, pre) in {"ew": ("ew", None), "mgda<-ew": ("mgda", "ew"), "mgda": ("mgda", None)}.items():
+        t, _, found = _search(tmp_path / name.replace("<-", "_"), method=method, rounds=0, epochs=2,
+                              pretrain_method=pre, selection="last")
+        runs[name] = (_weights(t), found["rounds"][0]["method"])
     assert runs["mgda<-ew"][1] == "ew" and runs["mgda"][1] == "mgda"
     assert all(torch.equal(v, runs["ew"][0][k]) for k, v in runs["mgda<-ew"][0].items())  # pre-training = HPS (EW)
     assert any(not torch.equal(v, runs["ew"][0][k]) for k, v in runs["mgda"][0].items())  # default: HPS + MGDA
 
 
-def test_conflict_window_counts_the_phase_or_its_last_batches():
-    data = _toy_data()  # 64 training samples, batch 16: 4 batches per epoch
-    for window, batches in (("last_batches", 3), ("phase", 2 * 4)):
-        res = learn_mamo(_toy_model(data), data, MAMOConfig(
-            method="ew", rounds=1, pretrain_epochs=2, epochs_per_round=0, conflict_window=window, detect_batches=3,
-            batch_size=16, lr=0.01))
-        assert res.rounds[1].q_batches == batches, window
-        assert int(torch.tensor(res.rounds[1].Q).max()) <= batches
-    with pytest.raises(ConfigError, match="conflict_window"):
-        learn_mamo(_toy_model(data), data, MAMOConfig(conflict_window="all"))  # type: ignore[arg-type]
+def test_pretrain_method_hands_over_to_the_runs_method_at_the_first_detection(tmp_path):
+    t, _, found = _search(tmp_path, method="mgda", rounds=2, epochs=3, pretrain_method="ew", detect_batches=2)
+    assert [r["method"] for r in found["rounds"]] == ["ew", "mgda", "mgda"]
+    assert t.method.name == "mgda" and json.loads((t.run_dir / "results.json").read_text())["method"] == "mgda"
+
+
+def test_conflict_window_counts_the_phase_or_its_last_batches(tmp_path):
+    for window, batches in (("last_batches", 3), ("phase", 2 * _STEPS)):
+        _, _, found = _search(tmp_path / window, method="ew", rounds=1, epochs=3, conflict_window=window,
+                              detect_batches=3)  # 2 pre-training epochs, then one round
+        assert found["rounds"][1]["q_batches"] == batches, window
+        assert int(torch.tensor(found["rounds"][1]["Q"]).max()) <= batches
 
 
 @pytest.mark.parametrize("restore", [False, True])
-def test_rollback_restores_the_optimizer_only_when_asked(monkeypatch, restore):
+def test_rollback_restores_the_optimizer_only_when_asked(tmp_path, monkeypatch, restore):
     loaded = []
     orig = torch.optim.Adam.load_state_dict
 
@@ -547,13 +632,106 @@ def test_rollback_restores_the_optimizer_only_when_asked(monkeypatch, restore):
         return orig(self, state)
 
     monkeypatch.setattr(torch.optim.Adam, "load_state_dict", spy)
-    data = _toy_data()
-    learn_mamo(_toy_model(data), data, MAMOConfig(method="ew", rounds=1, pretrain_epochs=3, epochs_per_round=2,
-                                                  batch_size=16, lr=0.01, restore_optimizer=restore))
+    t, _, _ = _search(tmp_path, method="ew", rounds=1, epochs=5, epochs_per_round=2, restore_optimizer=restore)
     assert len(loaded) == (2 if restore else 0)  # one per phase (pre-training, round 1)
     for state in loaded:  # Adam's step count of a selected epoch: a whole number of epochs of 4 steps
         steps = {int(s["step"]) for s in state["state"].values()}
-        assert len(steps) <= 2 and all(s % 4 == 0 and s > 0 for s in steps)
+        assert len(steps) <= 2 and all(s % _STEPS == 0 and s > 0 for s in steps)
+    assert all(g["lr"] == 0.01 for g in t.optimizer.param_groups)
+
+
+# ---- checkpoints: a search stopped midway resumes bit for bit --------------------------------------------------------
+def _stop_at(monkeypatch, calls: int) -> None:
+    """Make the trainer's ``calls``-th training step raise KeyboardInterrupt (a killed run)."""
+    real, count = Trainer._step, [0]
+
+    def step(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] == calls:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_step", step)
+
+
+_RESUME_CASES = {
+    # the 4th step: inside pre-training's conflict window (its last 2 batches), after one batch of Q
+    "in the conflict window": (_STEPS, 1e-9, {}, (-1, 3)),
+    # inside round 1, after the first growth and the switch from the pre-training method
+    "inside a round": (_STEPS + 2, 1e-9, {"pretrain_method": "ew", "restore_optimizer": True,
+                                          "conflict_window": "phase"}, (0, 1)),
+    # no mid-epoch checkpoints: the last one is the end of pre-training, with the growth; the epoch is redone
+    "after a growth": (_STEPS + 3, 0.0, {"restore_optimizer": True}, (0, None)),
+}
+
+
+@pytest.mark.parametrize("case", list(_RESUME_CASES))
+def test_a_search_stopped_midway_resumes_bit_for_bit(tmp_path, monkeypatch, case):
+    stop, minutes, options, (epoch, batch) = _RESUME_CASES[case]
+    model = {"rounds": 2, "threshold": "topk", "k": 1, "detect_batches": 2, **options}
+    _, full, found = _search(tmp_path / "a", **model)
+    assert found["architecture"], "the test needs a search that grows"
+    cfg = _mamo_cfg(tmp_path / "b", checkpoint_minutes=minutes, **model)
+    _stop_at(monkeypatch, stop)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg).fit()
+    monkeypatch.undo()
+    ck = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)
+    assert (ck["epoch"], (ck["in_epoch"] or {}).get("batch")) == (epoch, batch)
+    state = ck["callbacks"]["mamo"]
+    assert len(state["grown"]) == epoch + 1 and len(state["records"]) == epoch + 1
+    if case == "in the conflict window":
+        assert state["batches"] == 1  # the Q of a partly counted window is in the checkpoint
+    with pytest.raises(ConfigError, match="schedule"):
+        Trainer(cfg.override(["train.epochs=4"])).fit(resume=True)
+    resumed = Trainer(cfg).fit(resume=True)
+    assert resumed.test == full.test and resumed.val == full.val and resumed.best_epoch == full.best_epoch
+    drop = {"seconds"}
+    assert [{k: v for k, v in h.items() if k not in drop} for h in resumed.history] == \
+        [{k: v for k, v in h.items() if k not in drop} for h in full.history]
+    assert json.loads((tmp_path / "b" / "run" / "results.json").read_text())["mamo"] == found
+    a, b = (torch.load(tmp_path / d / "run" / "checkpoint.pt", weights_only=False) for d in ("a", "b"))
+    assert a["model"].keys() == b["model"].keys()
+    for k, v in a["model"].items():  # the last epoch's weights, bit for bit
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0)
+    for k, v in a["best_state"].items():  # and the selected model
+        torch.testing.assert_close(b["best_state"][k], v, rtol=0, atol=0)
+    assert len(a["optimizer"]["param_groups"]) == len(b["optimizer"]["param_groups"])
+    for i, s in a["optimizer"]["state"].items():
+        for k, v in s.items():
+            torch.testing.assert_close(b["optimizer"]["state"][i][k], v, rtol=0, atol=0)
+
+
+# ---- mtlkit train --model mamo -------------------------------------------------------------------------------------
+def test_cli_train_runs_the_search(tmp_path, capsys):
+    from mtlkit.cli import main
+
+    argv = ["train", "--dataset", "_toy", "--model", "mamo", "--method", "mgda", "--batch-size", "16", "--lr", "0.01",
+            "--no-progress", "--set", "dataset.options.n_train=64", "--set", "dataset.options.n_val=16",
+            "--set", "dataset.options.n_test=16", "--set", "model.options.encoder=mlp",
+            "--set", "model.options.hidden=[12,10]", "--set", "model.options.head_hidden=6",
+            "--set", "model.options.threshold=topk", "--set", "model.options.detect_batches=2",
+            "--set", "output.tensorboard=false"]
+    assert main(argv + ["--epochs", "3", "--run-dir", str(tmp_path / "cli")]) == 0
+    found = json.loads((tmp_path / "cli" / "results.json").read_text())["mamo"]
+    assert [r["round"] for r in found["rounds"]] == [0, 1, 2] and found["pretrain_epochs"] == 1
+    assert found["architecture"] and all(r["method"] == "mgda" for r in found["rounds"])
+    # The same run as a Trainer (the CLI adds nothing to the search).
+    _, _, direct = _search(tmp_path, rounds=2, threshold="topk", detect_batches=2)
+    assert direct == found
+    # The grown model loads from the run directory (built from its config, then best.pt: mtlkit eval, --reuse).
+    from mtlkit.evaluation import load_run
+
+    _, data, model = load_run(tmp_path / "cli")
+    assert [[layer, list(g)] for layer, g in model.architecture()] == found["architecture"]
+    results = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert evaluate(model, data.test, data.tasks) == results["test"]
+    capsys.readouterr()
+    assert main(argv + ["--epochs", "2", "--run-dir", str(tmp_path / "short")]) == 2
+    assert "pre-training" in capsys.readouterr().err
+    assert main(argv + ["--epochs", "3", "--run-dir", str(tmp_path / "rep"), "--level", "representation",
+                        "--set", "model.options.module=conal"]) == 2
+    assert "representation-level" in capsys.readouterr().err
 
 
 # ---- mtlkit reproduce mamo ---------------------------------------------------------------------------------------
@@ -592,5 +770,5 @@ def test_reproduce_mamo_end_to_end_verdicts_and_reuse(tmp_path, monkeypatch):
     stamp = {q: q.stat().st_mtime_ns for q in tmp_path.glob("runs/*/*.json")}
     assert rep.run(p.parse_args(argv + ["--reuse"])) == 0
     assert {q: q.stat().st_mtime_ns for q in tmp_path.glob("runs/*/*.json")} == stamp
-    with pytest.raises(ConfigError, match="another configuration"):
+    with pytest.raises(ConfigError, match="another config"):
         rep.run(p.parse_args(argv[:-2] + ["--out", str(tmp_path), "--reuse", "--rows", "mamo", "--k", "2"]))

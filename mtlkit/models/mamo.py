@@ -77,15 +77,22 @@ Parameter roles (so the engine/aggregators treat them right, KKT conditions of E
 * :meth:`MAMO.shared_parameters` — what a gradient-space method combines: all-shared *and* GMK parameters, the
   ``θ^{sh}, θ^{h_{i,j}}`` of condition 1 of Eq. 14 (MGDA over both jointly). A task's row of the per-task gradient
   matrix is zero on the GMKs of pairs it is not in, so any aggregator's update of ``h_{i,j}`` is a combination of
-  tasks i's and j's gradients only. Task-exclusive modules are *not* in it: :func:`mtlkit.mamo.learn_mamo` then calls
-  the engine without a ``representation`` (their parameters lie below :meth:`encode`'s output, where the engine's
-  representation path would give them no gradient), so the engine finds them as task-specific parameters and gives
-  each its own task's gradient (:meth:`has_task_modules` tells when).
+  tasks i's and j's gradients only. Task-exclusive modules are *not* in it: once one exists,
+  :meth:`MAMO.representation_is_shared_path` says False and the training loop calls the engine without a
+  ``representation`` (their parameters lie below :meth:`encode`'s output, where the engine's representation path would
+  give them no gradient), so the engine finds them as task-specific parameters and gives each its own task's gradient
+  (:meth:`has_task_modules` tells when).
 
 :meth:`MAMO.encode` returns the layer-L streams stacked on dim 1, ``[B, 1 + #groups, ...]`` (index 0 = ``o_f^L``), so
-MAMO is an ordinary :class:`~mtlkit.models.base.MTLModel`: the engine's ``representation=`` path and
-``mtlkit train --model mamo`` work with it (a fixed architecture without modules, i.e. HPS; :mod:`mtlkit.mamo` grows
-it).
+MAMO is an ordinary :class:`~mtlkit.models.base.MTLModel`: the engine's ``representation=`` path works with it.
+
+**The search** (Alg. 1) runs in the one training loop, :class:`mtlkit.train.Trainer`: a MAMO built by the registered
+factory :func:`build_mamo` carries its :class:`SearchOptions` and brings, through the hook :meth:`MAMO.callbacks`, the
+callback :class:`mtlkit.mamo.ArchitectureSearch`, which detects conflicts and grows the model at the phase ends
+(``mtlkit train --model mamo --method mgda`` is MAMO; see :mod:`mtlkit.mamo` for the options and the choices). A MAMO
+built without search options (``MAMO(layers, heads)``) brings no callback: a fixed architecture. A grown model's
+state loads into a freshly built one (:meth:`MAMO.load_state_dict` first generates the modules the state holds), so
+a finished run's ``best.pt`` loads where the model is rebuilt from the run's config (``mtlkit eval``, reuse).
 
 Example:
     >>> import torch
@@ -103,7 +110,9 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Literal, Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -111,9 +120,78 @@ from torch import Tensor, nn
 from mtlkit.errors import ConfigError
 from mtlkit.models.base import MTLModel, register_model
 
+if TYPE_CHECKING:
+    from mtlkit.callbacks import Callback
+
 ModuleKind = Literal["gmk", "exclusive", "conal"]
 MODULE_KINDS = ("conal", "exclusive", "gmk")
 Group = tuple[int, ...]
+THRESHOLDS = ("average", "topk")
+SCOPES = ("all_layers", "per_layer")
+CONFLICT_WINDOWS = ("last_batches", "phase")
+SELECTIONS = ("best_val", "last")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """The options of MAMO's search (Alg. 1), as :func:`build_mamo` takes them; :mod:`mtlkit.mamo` documents each
+    and the choices behind them. Pre-training lasts ``train.epochs - rounds * epochs_per_round`` epochs
+    (:meth:`pretrain_epochs`).
+
+    Example:
+        >>> SearchOptions(rounds=2).pretrain_epochs(5)
+        3
+        >>> SearchOptions(threshold="median")
+        Traceback (most recent call last):
+        ...
+        mtlkit.errors.ConfigError: model mamo: unknown threshold 'median'; valid thresholds are: average, topk
+    """
+
+    rounds: int = 2
+    epochs_per_round: int = 1
+    threshold: str = "average"
+    k: int = 1
+    scope: str = "all_layers"
+    conflict_window: str = "last_batches"
+    detect_batches: int = 20
+    pretrain_method: str | None = None
+    selection: str = "best_val"
+    restore_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        def whole(name: str, low: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"model mamo: option {name} must be an integer >= {low}, got {v!r}")
+
+        whole("rounds", 0)
+        whole("k", 0)
+        whole("detect_batches", 1)
+        whole("epochs_per_round", 1)  # a round of 0 epochs would detect without training (not supported)
+        for name, valid in (("threshold", THRESHOLDS), ("scope", SCOPES), ("conflict_window", CONFLICT_WINDOWS),
+                            ("selection", SELECTIONS)):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"model mamo: unknown {name.replace('_', ' ')} {getattr(self, name)!r}; valid "
+                                  f"{name.replace('_', ' ')}s are: {', '.join(valid)}")
+        if not isinstance(self.restore_optimizer, bool):
+            raise ConfigError(f"model mamo: option restore_optimizer must be true or false, got "
+                              f"{self.restore_optimizer!r}")
+        if self.pretrain_method is not None:
+            from mtlkit.methods import build_method
+
+            if not isinstance(self.pretrain_method, str):
+                raise ConfigError(f"model mamo: option pretrain_method must be a method name or null, got "
+                                  f"{self.pretrain_method!r}")
+            if build_method(self.pretrain_method).single_task:
+                raise ConfigError(f"model mamo: pretrain_method {self.pretrain_method!r} trains one model per task; "
+                                  f"MAMO pre-trains one shared model")
+
+    def pretrain_epochs(self, epochs: int) -> int:
+        """Alg. 1 line 1's epochs in a run of ``epochs`` epochs (may be < 1: the search refuses it)."""
+        return epochs - self.rounds * self.epochs_per_round
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def split_layers(encoder: nn.Sequential) -> list[nn.Module]:
@@ -153,9 +231,12 @@ class MAMO(MTLModel):
         heads: the task decoders ``g_m`` by task name (task order = dict order), reading ``o_f^L``-shaped inputs.
         module: ``"gmk"`` (pair modules, MAMO), ``"conal"`` (CoNAL-faithful task branches: the w/o-GMK ablation and
             the CoNAL baseline) or ``"exclusive"`` (task-exclusive modules fused like GMKs); see the module docstring.
+        search: the options of Alg. 1; the model then brings the search callback (:meth:`callbacks`). None: a fixed
+            architecture (no callback).
     """
 
-    def __init__(self, layers: Sequence[nn.Module], heads: dict[str, nn.Module], module: ModuleKind = "gmk"):
+    def __init__(self, layers: Sequence[nn.Module], heads: dict[str, nn.Module], module: ModuleKind = "gmk",
+                 search: SearchOptions | None = None):
         super().__init__()
         if len(layers) == 0:
             raise ConfigError("MAMO needs at least one shared layer")
@@ -175,6 +256,23 @@ class MAMO(MTLModel):
         self.gmks = nn.ModuleDict()
         #: (layer, group) -> key in ``self.gmks``, in order of creation.
         self.active: dict[tuple[int, Group], str] = {}
+        if search is not None and not isinstance(search, SearchOptions):
+            raise ConfigError(f"MAMO's search options must be SearchOptions, got {type(search).__name__}")
+        self.search = search
+
+    # -- hooks of the training loop ----------------------------------------------------------------------------
+    def representation_is_shared_path(self) -> bool:
+        """False once a module belongs to a single task: it lies below :meth:`encode`'s output, so the engine must
+        walk the whole graph (no ``representation``) to give it its task's gradient (KKT condition 2 of Eq. 14)."""
+        return not self.has_task_modules()
+
+    def callbacks(self) -> list[Callback]:
+        """The search of Alg. 1 (:class:`mtlkit.mamo.ArchitectureSearch`) when the model has search options."""
+        if self.search is None:
+            return []
+        from mtlkit.mamo import ArchitectureSearch
+
+        return [ArchitectureSearch(self.search)]
 
     # -- structure -------------------------------------------------------------------------------------------
     @property
@@ -240,10 +338,31 @@ class MAMO(MTLModel):
         self.active[(layer, g)] = key
         return key
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, after generating the modules ``state_dict`` holds that this model lacks
+        (in the state's order, which is their order of creation), so that the state of a grown MAMO loads into a
+        freshly built one: ``mtlkit eval`` and reuse of a finished run rebuild the model from its config, then load
+        ``best.pt``. Modules are created as copies of the shared layers (the state then overwrites them), without
+        touching the fusion logits (the state holds them)."""
+        known = {self._key(layer, g): (layer, g) for layer in range(self.num_layers) for g in self._all_groups()}
+        for name in state_dict:
+            parts = name.split(".")
+            if len(parts) > 2 and parts[0] == "gmks" and parts[1] not in self.gmks and parts[1] in known:
+                self._copy_layer(*known[parts[1]])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _all_groups(self) -> list[Group]:
+        """Every group a module of this kind can belong to: the task pairs for GMKs, the single tasks otherwise."""
+        m = len(self.task_names)
+        if self.module_kind == "gmk":
+            return [(i, j) for i in range(m) for j in range(i + 1, m)]
+        return [(i,) for i in range(m)]
+
     def has_task_modules(self) -> bool:
         """Whether some module belongs to a single task (exclusive or CoNAL kinds, once grown): its parameters are
         task-exclusive, not in :meth:`shared_parameters`, and below :meth:`encode`'s output, so the engine must be
-        called without a ``representation`` to give them their task's gradient (:func:`mtlkit.mamo.learn_mamo`)."""
+        called without a ``representation`` to give them their task's gradient
+        (:meth:`representation_is_shared_path`)."""
         return any(len(g) == 1 for (_, g) in self.active)
 
     def branch_points(self) -> dict[str, int]:
@@ -383,22 +502,66 @@ class MAMO(MTLModel):
 
 
 def mamo_from(layers: Iterable[nn.Module] | nn.Sequential, heads: dict[str, nn.Module],
-              module: ModuleKind = "gmk") -> MAMO:
+              module: ModuleKind = "gmk", search: SearchOptions | None = None) -> MAMO:
     """Build MAMO from an encoder (split with :func:`split_layers` when it is one ``nn.Sequential``) and heads."""
     blocks = split_layers(layers) if isinstance(layers, nn.Sequential) else list(layers)
-    return MAMO(blocks, heads, module)
+    return MAMO(blocks, heads, module, search)
 
 
 @register_model("mamo")
 def build_mamo(data, encoder: str = "conv", width: int = 384, hidden: Sequence[int] = (1024, 1024, 1024),
-               head_hidden: int = 192, module: str = "gmk") -> MAMO:
-    """MAMO with no module yet (= HPS) on the HPS backbone of ``data``; built from
-    :func:`~mtlkit.models.hps.build_hps` so that, with the same seed, its initial parameters are HPS's. ``module``:
-    ``gmk`` (MAMO), ``conal`` (CoNAL-faithful branches) or ``exclusive`` (see :class:`MAMO`)."""
+               head_hidden: int = 192, module: str = "gmk", rounds: int = 2, epochs_per_round: int = 1,
+               threshold: str = "average", k: int = 1, scope: str = "all_layers",
+               conflict_window: str = "last_batches", detect_batches: int = 20, pretrain_method: str | None = None,
+               selection: str = "best_val", restore_optimizer: bool = False) -> MAMO:
+    """MAMO with no module yet (= HPS) on the HPS backbone of ``data``, and its search (Alg. 1), which the training
+    loop runs (``mtlkit train --model mamo --method mgda``; :mod:`mtlkit.mamo`).
+
+    The network is built from :func:`~mtlkit.models.hps.build_hps` so that, with the same seed, its initial
+    parameters are HPS's.
+
+    Architecture options:
+        encoder, width, hidden, head_hidden: the HPS backbone (:func:`~mtlkit.models.hps.build_hps`).
+        module: ``gmk`` (MAMO), ``conal`` (CoNAL-faithful task branches: the w/o-GMK ablation) or ``exclusive``
+            (task-exclusive modules fused like GMKs); see :class:`MAMO`.
+
+    Search options (Alg. 1; the rounds train with the run's method: ``mgda`` = MAMO, ``ew`` = w/o MO,
+    ``pcgrad``/``cagrad`` = MAMO+PCGrad/CAGrad; the choices are numbered as in :mod:`mtlkit.mamo`):
+        rounds: Z, the number of conflict detections (0: train HPS, never grow). Pre-training (Alg. 1 line 1) lasts
+            ``train.epochs - rounds * epochs_per_round`` epochs, which must be >= 1.
+        epochs_per_round: epochs trained after each detection (>= 1).
+        threshold: the indicator: ``average`` (Eqs. 12-13) or ``topk`` (Sec. 4.4.4, the ``k`` most conflicting
+            layer-pairs).
+        k: K of ``topk``.
+        scope: where ``Q_average`` (or TopK) is taken: ``all_layers`` (default, choice 1) or ``per_layer``.
+        conflict_window: where Eq. 11's Q is accumulated (choice 2): ``last_batches`` (the last ``detect_batches``
+            mini-batches of the phase before each detection) or ``phase`` (every mini-batch of that phase).
+        detect_batches: see ``conflict_window`` (Alg. 1 line 3's single mini-batch is 1).
+        pretrain_method: the method of pre-training (choice 4): null (default) = the run's method; a method name
+            (e.g. ``ew``: plain HPS) pre-trains with it (default options) and the run's method takes over at the
+            first detection.
+        selection: ``best_val`` (default, choice 5): each phase ends by rolling the model back to its best epoch on
+            validation, the next phase grows from it, and the run's final model is the best epoch of the last
+            phase; ``last``: the last epoch of each phase.
+        restore_optimizer: with ``best_val``, also roll the optimizer's state back to that epoch's (choice 5).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> from mtlkit.tasks import Task
+        >>> data = SimpleNamespace(input_shape=(4,), tasks=[Task("a", "multiclass", 2), Task("b", "multiclass", 2)])
+        >>> m = build_mamo(data, encoder="mlp", hidden=(8,), head_hidden=4, rounds=1)
+        >>> m.search.rounds, [cb.key() for cb in m.callbacks()], m.representation_is_shared_path()
+        (1, ['mamo'], True)
+    """
     from mtlkit.models.hps import build_hps
 
     hps = build_hps(data, encoder=encoder, width=width, hidden=hidden, head_hidden=head_hidden)
-    return mamo_from(hps.encoder, dict(hps.heads), module)  # type: ignore[arg-type]
+    # after the network (its initialisation draws from the seeded global RNG first, as HPS's does)
+    search = SearchOptions(rounds=rounds, epochs_per_round=epochs_per_round, threshold=threshold, k=k, scope=scope,
+                           conflict_window=conflict_window, detect_batches=detect_batches,
+                           pretrain_method=pretrain_method, selection=selection, restore_optimizer=restore_optimizer)
+    return mamo_from(hps.encoder, dict(hps.heads), module, search)  # type: ignore[arg-type]
 
 
-__all__ = ["MAMO", "MODULE_KINDS", "build_mamo", "mamo_from", "split_layers"]
+__all__ = ["CONFLICT_WINDOWS", "MAMO", "MODULE_KINDS", "SCOPES", "SELECTIONS", "THRESHOLDS", "SearchOptions",
+           "build_mamo", "mamo_from", "split_layers"]

@@ -15,10 +15,14 @@ What is run, per seed (every row on the same data split, conv backbone (MTVIB Ta
 and total epoch count; the seeds are *paired*: seed s of every row starts from the same HPS initialisation and sees
 the same mini-batch order):
 
-* Trainer rows (:class:`mtlkit.train.Trainer`): ``stl`` (one network per task), ``hps`` (HPS, equal weights: plain
-  HPS), ``hps_mgda`` (HPS + MGDA, the paper's "MGDA" row); optional ``gradnorm``, ``pcgrad``, ``cagrad``;
-* Alg. 1 rows (:func:`mtlkit.mamo.learn_mamo`, ``pretrain_epochs + rounds * epochs_per_round`` epochs): ``mamo`` (GMKs +
-  MGDA) and ``wo_gmk`` (the w/o-GMK ablation: **CoNAL-faithful** task branches, :class:`mtlkit.models.mamo.MAMO`
+every row is a run of the one training loop, :class:`mtlkit.train.Trainer` (``mtlkit train``, the same engine
+options, checkpoints and resume for all):
+
+* HPS rows (model ``hps``): ``stl`` (one network per task), ``hps`` (HPS, equal weights: plain HPS), ``hps_mgda``
+  (HPS + MGDA, the paper's "MGDA" row); optional ``gradnorm``, ``pcgrad``, ``cagrad``;
+* Alg. 1 rows (model ``mamo``, whose search callback :class:`mtlkit.mamo.ArchitectureSearch` runs Alg. 1 in the
+  loop: ``pretrain_epochs + rounds * epochs_per_round`` epochs, the rows' method from the first detection on):
+  ``mamo`` (GMKs + MGDA) and ``wo_gmk`` (the w/o-GMK ablation: **CoNAL-faithful** task branches, :class:`mtlkit.models.mamo.MAMO`
   ``module="conal"``, + MGDA); optional ``conal`` (CoNAL-faithful branches + linear scalarisation, the CoNAL
   baseline's architecture), ``wo_mo`` (GMKs + linear scalarisation), ``wo_gmk_fused`` (the earlier mtlkit reading:
   task-exclusive modules fused with the shared output, + MGDA), ``mamo_pcgrad``, ``mamo_cagrad``.
@@ -40,9 +44,10 @@ Default budget: ``four_task`` with 1500 training / 500 validation / 2000 test im
 epoch; the Alg. 1 rows cost most, as their modules multiply the encoder). ``--seeds 0`` takes about a third of it, and
 ``--seeds 0 1 2 --reuse`` afterwards trains only the other seeds. ``--full``: the paper's schedule (Z = 5).
 
-Resuming: ``--reuse`` keeps every finished run in ``--out`` whose configuration equals the requested one (Trainer runs
-through :func:`mtlkit.runs.finished_run`, which also resumes a stopped Trainer run from its checkpoint; Alg. 1 runs
-through the configuration stored beside their result) and refuses, naming the keys, one trained with another.
+Resuming: ``--reuse`` keeps every finished run in ``--out`` whose configuration equals the requested one
+(:func:`mtlkit.runs.finished_run`), resumes a stopped one from its checkpoint (an Alg. 1 run mid-search too, bit for
+bit) and refuses, naming the keys, one trained with another. Phases of zero epochs (``--pretrain-epochs 0`` or
+``--epochs-per-round 0``, which would detect without training) are refused.
 
 Example:
     >>> "mamo" in PAPER and PAPER["mamo"]["table2_nyuv2"]["MAMO"]["delta"] == 3.00
@@ -338,44 +343,34 @@ def _trainer_run(rid: str, seed: int, data, args, out: Path, model_opts: dict[st
             "parameters": int(done["parameters"])}
 
 
-def _alg1_run(rid: str, seed: int, data, args, out: Path, model_opts: dict[str, Any]) -> dict:
-    from mtlkit.errors import ConfigError
-    from mtlkit.mamo import MAMOConfig, learn_mamo
-    from mtlkit.models.mamo import build_mamo
-    from mtlkit.runs import seed_everything
+def _alg1_run(rid: str, seed: int, data, args, out: Path, model_opts: dict[str, Any], epochs: int) -> dict:
+    """One Alg. 1 row: the Trainer on model ``mamo`` (its search callback grows the model), seed ``seed``."""
+    from mtlkit.config import RunConfig
 
     label, module, method = ALG1_ROWS[rid]
-    cfg = MAMOConfig(
-        method=method, rounds=args.rounds, pretrain_epochs=args.pretrain_epochs,
-        epochs_per_round=args.epochs_per_round, threshold=args.threshold, k=args.k, scope=args.scope,
-        conflict_window=args.conflict_window, detect_batches=args.detect_batches,
-        pretrain_method="ew" if args.pretrain_method == "ew" else None, restore_optimizer=args.restore_optimizer,
-        batch_size=args.batch_size, lr=args.lr, seed=seed, device=args.device)
     name, opts = _data_options(args)
-    key = {"dataset": {"name": name, "options": opts, "metrics": {t.name: list(t.metrics) for t in data.tasks}},
-           "model": {"name": "mamo", "module": module, "options": model_opts},
-           "mamo": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "verbose",
-                                                                                  "eval_batch_size")}}
-    key = json.loads(json.dumps(key))  # tuples -> lists, as stored
-    path = out / "runs" / f"{rid}-s{seed}" / "mamo.json"
-    if args.reuse and path.is_file():
-        saved = json.loads(path.read_text())
-        diff = config_differences(saved.get("config"), key)
-        if diff:
-            raise ConfigError(f"refusing to reuse {path.parent}: it was trained with another configuration (keys "
-                              f"{', '.join(diff)}); use another --out, or drop --reuse to retrain it")
-        return saved["result"]
-    seed_everything(seed)  # the Trainer's order: seed, then build (MAMO starts from the HPS row's initialisation)
-    model = build_mamo(data, module=module, **model_opts)
-    res = learn_mamo(model, data, cfg)
-    result = {"test": res.test, "val": res.val, "seconds": res.seconds, "parameters": res.rounds[-1].parameters,
-              "rounds": [{"round": rr.round, "method": rr.method, "activated": [[l, list(g)] for l, g in rr.activated],
-                          "parameters": rr.parameters, "test": rr.test, "Q": rr.Q, "q_batches": rr.q_batches}
-                         for rr in res.rounds],
-              "architecture": [[l, list(g)] for l, g in model.architecture()]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"config": key, "result": result}, indent=1))
-    print(f"[mamo] seed {seed} {label}: modules {len(model.active)} ({res.seconds:.0f}s)", file=sys.stderr)
+    run_dir = out / "runs" / f"{rid}-s{seed}"
+    search = {"module": module, "rounds": args.rounds, "epochs_per_round": args.epochs_per_round,
+              "threshold": args.threshold, "k": args.k, "scope": args.scope, "conflict_window": args.conflict_window,
+              "detect_batches": args.detect_batches,
+              "pretrain_method": "ew" if args.pretrain_method == "ew" else None,
+              "restore_optimizer": bool(args.restore_optimizer)}
+    cfg = RunConfig.from_dict({
+        "dataset": {"name": name, "options": opts}, "model": {"name": "mamo", "options": {**model_opts, **search}},
+        "method": {"name": method},
+        "train": {"epochs": epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": seed, "progress": False,
+                  "device": args.device, "num_threads": args.threads},
+        "output": {"dir": str(run_dir), "tensorboard": False, "overwrite": True}})
+    done, trained = train_or_reuse(cfg, data, run_dir, args.reuse)
+    search_out = done["mamo"]
+    result = {"test": done["test"], "val": done["val"], "seconds": float(done["train_seconds"]),
+              "parameters": int(done["parameters"]),
+              "rounds": [{k: rr[k] for k in ("round", "method", "activated", "parameters", "test", "Q", "q_batches")}
+                         for rr in search_out["rounds"]],
+              "architecture": search_out["architecture"]}
+    if trained:
+        print(f"[mamo] seed {seed} {label}: modules {len(result['architecture'])} ({result['seconds']:.0f}s)",
+              file=sys.stderr)
     return result
 
 
@@ -387,6 +382,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = ["stl"] + [r for r in (args.rows or DEFAULT_ROWS) if r != "stl"]
+    if any(r in ALG1_ROWS for r in rows) and (args.pretrain_epochs < 1 or args.epochs_per_round < 1 or args.rounds < 0):
+        from mtlkit.errors import ConfigError
+
+        raise ConfigError(f"Alg. 1 needs --pretrain-epochs >= 1, --epochs-per-round >= 1 and --rounds >= 0 (got "
+                          f"{args.pretrain_epochs}, {args.epochs_per_round}, {args.rounds}): phases of zero epochs "
+                          f"(detection without training) are not supported")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     epochs = args.pretrain_epochs + args.rounds * args.epochs_per_round
@@ -404,7 +405,7 @@ def _run(args: argparse.Namespace) -> int:
             if rid in TRAINER_ROWS:
                 results.setdefault(rid, {})[seed] = _trainer_run(rid, seed, data, args, out, model_opts, epochs)
             else:
-                results.setdefault(rid, {})[seed] = _alg1_run(rid, seed, data, args, out, model_opts)
+                results.setdefault(rid, {})[seed] = _alg1_run(rid, seed, data, args, out, model_opts, epochs)
     hib = [h for _, h in keys]
     for rid, per_seed in results.items():
         for seed, r in per_seed.items():
