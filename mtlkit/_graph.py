@@ -1,10 +1,14 @@
 """Walking an autograd graph (private): shared by the engine (:mod:`mtlkit.autodiff`) and :mod:`mtlkit.gramian`."""
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch.autograd.graph import Node
 
 
-def walk(roots, stop: Callable[[object], bool]) -> Iterator[object]:
+def walk(roots: Iterable[Node | None], stop: Callable[[Node], bool]) -> Iterator[Node]:
     """Each autograd node reachable from ``roots`` once (depth first), not entering nodes for which ``stop`` is true."""
     seen: set[int] = set()
     todo = list(roots)

@@ -46,14 +46,16 @@ Example:
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import Node
 
-from mtlkit.aggregation._base import Aggregator, Sum
 from mtlkit._graph import walk as _walk
+from mtlkit.aggregation._base import Aggregator, Sum
 from mtlkit.errors import ConfigError
 from mtlkit.gramian import EncoderGramian
 
@@ -89,11 +91,11 @@ class _TaskStack(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, *losses: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, *losses: Tensor) -> Tensor:
         return torch.stack(losses)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         return tuple(g if bool(g.any()) else None for g in grad.unbind())
 
 
@@ -111,7 +113,7 @@ def stack(losses: Sequence[Tensor]) -> Tensor:
         (tensor(4.), None)
     """
     losses = list(losses)
-    if not losses or any(not isinstance(l, Tensor) or l.dim() != 0 for l in losses):
+    if not losses or any(not isinstance(loss, Tensor) or loss.dim() != 0 for loss in losses):
         raise ValueError("stack takes a non-empty sequence of scalar loss tensors")
     return _TaskStack.apply(*losses)
 
@@ -249,7 +251,7 @@ def per_task_grads(losses: Tensor, params: Sequence[Tensor], retain_graph: bool 
     return torch.stack(rows)
 
 
-def _resolve_mode(mode: Mode, z: Tensor) -> str:
+def _resolve_mode(mode: Mode, z: Tensor) -> Literal["loop", "batched"]:
     """``"auto"``: the per-task loop on CPU (faster there in our measurements), vectorised elsewhere."""
     return ("loop" if z.device.type == "cpu" else "batched") if mode == "auto" else mode
 
@@ -278,16 +280,16 @@ def _encoder_jacobian(z: Tensor, dz: Tensor, params: list[Tensor], mode: Mode, c
     return torch.cat(blocks)
 
 
-def _split_node(losses: Tensor, z: Tensor):
+def _split_node(losses: Tensor, z: Tensor) -> Node | None:
     """The autograd node that builds the (T,) loss vector from T per-task scalars (``stack`` or ``torch.stack``).
 
     Returns None when there is none, or when z can be reached from ``losses`` without going through it (then the
     per-task parts of the graph cannot be told apart by structure).
     """
     T, target = losses.shape[0], z.grad_fn
-    boundary: dict[int, object] = {}
+    boundary: dict[int, Node] = {}
 
-    def at_boundary(fn) -> bool:
+    def at_boundary(fn: Node) -> bool:
         if fn is target or (type(fn).__name__ in ("_TaskStackBackward", "StackBackward0")
                             and len(fn.next_functions) == T):
             boundary[id(fn)] = fn
@@ -300,15 +302,16 @@ def _split_node(losses: Tensor, z: Tensor):
     return splits[0] if len(splits) == 1 and len(boundary) == 1 else None
 
 
-def _consumers(split, z: Tensor) -> list[list[tuple[object, int]]] | None:
+def _consumers(split: Node, z: Tensor) -> list[list[tuple[Node, int]]] | None:
     """For each task, the graph edges (node, input index) through which that task's loss reads z.
 
     None when one node reads z for two tasks (a shared layer after z): then no single pass can separate them.
     """
-    target, owner = z.grad_fn, {}
-    per_task: list[list[tuple[object, int]]] = []
+    target = z.grad_fn
+    owner: dict[int, int] = {}
+    per_task: list[list[tuple[Node, int]]] = []
     for t, (root, _) in enumerate(split.next_functions):
-        edges = []
+        edges: list[tuple[Node, int]] = []
         for fn in _walk([root], lambda fn: fn is target):
             for i, (nxt, _) in enumerate(fn.next_functions):
                 if nxt is target:
@@ -319,7 +322,7 @@ def _consumers(split, z: Tensor) -> list[list[tuple[object, int]]] | None:
     return per_task
 
 
-def _is_elementwise(losses: Tensor, split) -> bool:
+def _is_elementwise(losses: Tensor, split: Node) -> bool:
     """True when ``losses[t]`` depends on task t's raw loss only (a per-task weighting, not a mixing one)."""
     if losses.grad_fn is split:
         return True
@@ -348,7 +351,7 @@ def _head_phase(losses: Tensor, z: Tensor, task_leaves: list[Tensor]) -> tuple[l
     T = losses.shape[0]
     split = _split_node(losses, z) if z.grad_fn is not None else None
     per_task = _consumers(split, z) if split is not None else None
-    if per_task is not None and _is_elementwise(losses, split):
+    if split is not None and per_task is not None and _is_elementwise(losses, split):
         dzs: list[Tensor | None] = [None] * T
 
         def record(t: int, i: int):
@@ -520,8 +523,8 @@ def backward(
         return BackwardInfo(jacobian=J, update=update)
 
     # With a representation: heads first (each task through its own head only), then the encoder.
-    dzs, task_grads = _head_phase(losses, z, task_leaves)
-    _accumulate_fresh(task_leaves, task_grads)
+    dzs, head_grads = _head_phase(losses, z, task_leaves)
+    _accumulate_fresh(task_leaves, head_grads)
     without_J = agg.gramian_based and reduce is None and not keep_jacobian
     if level == "representation":
         if without_J:
@@ -547,8 +550,8 @@ def backward(
         held = EncoderGramian(z, stacked, shared, _resolve_mode(mode, z), chunk_size)
         del stacked
         w = agg.weights(held.gramian)
-        for p, g in zip(shared, held.combine(w)):
-            _accumulate(p, g, owned=True)
+        for p, combined in zip(shared, held.combine(w)):
+            _accumulate(p, combined, owned=True)
         return BackwardInfo(gramian=held.gramian, weights=w)
     J = _encoder_jacobian(z, stacked, shared, mode, chunk_size)
     if reduce is not None:

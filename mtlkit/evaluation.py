@@ -36,6 +36,7 @@ from mtlkit.tasks import Task
 
 if TYPE_CHECKING:
     from mtlkit.aggregation._base import Level
+    from mtlkit.methods import ScaleChoice
 
 ATTACK_NAMES = ("none", "fgsm", "pgd")
 
@@ -128,9 +129,9 @@ def load_run(run_dir: str | Path, device: str = "cpu", data: MTLData | None = No
                                   hint=f"retrain it (mtlkit train --run-dir {run} --overwrite)")
     if data is None:
         data = build_dataset(cfg.dataset.name, **cfg.dataset.options)
-    # cfg.method.level is the config's string: build_method checks it (ConfigError for an unknown level)
-    method = build_method(cfg.method.name, level=cast("Level | None", cfg.method.level), scale=cfg.method.scale,
-                          **cfg.method.options)
+    # cfg.method.level and .scale are the config's strings: build_method checks them (ConfigError)
+    method = build_method(cfg.method.name, level=cast("Level | None", cfg.method.level),
+                          scale=cast("ScaleChoice", cfg.method.scale), **cfg.method.options)
     model = build_for(cfg.model.name, data, cfg.model.options, single_task=method.single_task).to(dev)
     load_selected(model, states)
     model.eval()

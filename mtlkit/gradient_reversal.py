@@ -38,12 +38,12 @@ class _GradReverse(torch.autograd.Function):
     """Identity forward; backward multiplies the gradient by ``−λ`` (no gradient w.r.t. ``λ``)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, lam: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, lam: float) -> Tensor:
         ctx.lam = lam
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         if ctx.lam == 0.0:  # exactly zero, whatever the incoming gradient holds
             return torch.zeros_like(grad), None
         return grad.neg() * ctx.lam, None

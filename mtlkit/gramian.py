@@ -35,11 +35,11 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import GradientEdge, Node
 
 from mtlkit._graph import walk
 
@@ -51,7 +51,7 @@ _BLOCK = 8
 class LinearSite:
     """A linear layer found in the graph: ``node`` computes ``x Wᵀ (+ b)`` with ``x`` saved for its backward."""
 
-    node: object
+    node: Node
     x: Tensor
     weight: Tensor
     bias: Tensor | None
@@ -72,7 +72,7 @@ def linear_sites(z: Tensor, shared: list[Tensor]) -> list[LinearSite]:
             if nxt is not None:
                 uses[id(nxt)] = uses.get(id(nxt), 0) + 1
 
-    def param_of(fn) -> Tensor | None:
+    def param_of(fn: Node | None) -> Tensor | None:
         var = getattr(fn, "variable", None)
         return var if var is not None and id(var) in ids and uses.get(id(fn)) == 1 else None
 
@@ -88,16 +88,19 @@ def linear_sites(z: Tensor, shared: list[Tensor]) -> list[LinearSite]:
         weight = param_of(tnode.next_functions[0][0])
         if weight is None or weight.dim() != 2:
             continue
+        # The generated node classes (AddmmBackward0, MmBackward0) expose their saved values as attributes that the
+        # stubs of Node do not declare.
+        saved: Any = fn
         bias = None
         if kind == "AddmmBackward0":
-            if fn._saved_alpha != 1 or fn._saved_beta != 1:
+            if saved._saved_alpha != 1 or saved._saved_beta != 1:
                 continue
             if nf[0][0] is not None:
                 bias = param_of(nf[0][0])
                 if bias is None or bias.dim() != 1:
                     continue
         try:  # a saved-tensor hook (checkpointing, offloading) may refuse to unpack: then explicit rows
-            x = fn._saved_mat1 if kind == "AddmmBackward0" else fn._saved_self
+            x = saved._saved_mat1 if kind == "AddmmBackward0" else saved._saved_self
         except RuntimeError:
             continue
         if x is None or x.dim() != 2 or x.shape[0] >= x.shape[1]:
@@ -127,6 +130,8 @@ class EncoderGramian:
         self.sites = linear_sites(z, self.shared)
         in_site = {id(p) for s in self.sites for p in (s.weight, s.bias) if p is not None}
         self.explicit = [p for p in self.shared if id(p) not in in_site]
+        # Edges and tensors mixed: autograd.grad takes them (each input is handled on its own), but its stubs only
+        # allow a sequence of one kind, hence the two ignores below.
         inputs = [GradientEdge(s.node, 0) for s in self.sites] + self.explicit
         self.deltas = [torch.zeros(T, s.x.shape[0], s.weight.shape[0], dtype=dz.dtype, device=dz.device)
                        for s in self.sites]
@@ -135,11 +140,12 @@ class EncoderGramian:
         n = len(self.sites)
         for s in range(0, T, step):
             if mode == "loop":
-                g = torch.autograd.grad(z, inputs, grad_outputs=dz[s], retain_graph=True, allow_unused=True)
+                g = torch.autograd.grad(z, inputs, grad_outputs=dz[s], retain_graph=True,  # type: ignore[arg-type]
+                                        allow_unused=True)
                 g = tuple(gi.unsqueeze(0) if gi is not None else None for gi in g)
             else:
-                g = torch.autograd.grad(z, inputs, grad_outputs=dz[s:s + step], retain_graph=True,
-                                        allow_unused=True, is_grads_batched=True)
+                g = torch.autograd.grad(z, inputs, grad_outputs=dz[s:s + step],  # type: ignore[arg-type]
+                                        retain_graph=True, allow_unused=True, is_grads_batched=True)
             for k in range(n):
                 if g[k] is not None:
                     self.deltas[k][s:s + step] = g[k]

@@ -27,7 +27,7 @@ class _CurrentStderr(logging.Handler):
         try:
             sys.stderr.write(self.format(record) + "\n")
             sys.stderr.flush()
-        except Exception:  # noqa: BLE001 - logging must never raise into the caller (logging.Handler's contract)
+        except Exception:  # logging must never raise into the caller (logging.Handler's contract)
             self.handleError(record)
 
 

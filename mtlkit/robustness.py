@@ -22,8 +22,8 @@ Example:
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -99,9 +99,14 @@ def fgsm(model: Model, tasks: list[Task], x: Tensor, y: dict[str, Tensor], eps: 
     return fgsm_step(x, g.sign(), eps, clip)
 
 
-def fgsm_step(x: Tensor, direction: Tensor, eps: float, clip: tuple[float, float] = (0.0, 1.0)) -> Tensor:
-    """Eq. 25 given the sign of the input gradient: ``clip(x + η·direction)``; ``x`` itself (a copy) for η = 0."""
-    return x.detach().clone() if eps == 0 else (x.detach() + eps * direction).clamp(*clip)
+def fgsm_step(x: Tensor, direction: Tensor | None, eps: float, clip: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+    """Eq. 25 given the sign of the input gradient: ``clip(x + η·direction)``; ``x`` itself (a copy) for η = 0,
+    where ``direction`` is not read (None allowed)."""
+    if eps == 0:
+        return x.detach().clone()
+    if direction is None:
+        raise ValueError(f"fgsm_step needs the direction (the input gradient's sign) for eps={eps} > 0")
+    return (x.detach() + eps * direction).clamp(*clip)
 
 
 def pgd(model: Model, tasks: list[Task], x: Tensor, y: dict[str, Tensor], eps: float, steps: int = 10,

@@ -65,6 +65,8 @@ from mtlkit.weighting import StepContext
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from mtlkit.methods import ScaleChoice
+
 log = logging.getLogger("mtlkit")
 MARKER = runs.MARKER
 CHECKPOINT_FORMAT = 2  # 2: history rows number epochs from 1 and the checkpoint holds the selected model
@@ -153,9 +155,9 @@ class Trainer:
             raise ConfigError(f"train.checkpoint_minutes must be a finite number >= 0 (0: only at epoch ends), got "
                               f"{tc.checkpoint_minutes}")
         self.device = resolve_device(tc.device)
-        # cfg.method.level is the config's string: build_method checks it (ConfigError for an unknown level)
+        # cfg.method.level and .scale are the config's strings: build_method checks them (ConfigError)
         self.method = build_method(cfg.method.name, level=cast("Level | None", cfg.method.level),
-                                   scale=cfg.method.scale, **cfg.method.options)
+                                   scale=cast("ScaleChoice", cfg.method.scale), **cfg.method.options)
         self.data = data if data is not None else build_dataset(cfg.dataset.name, **cfg.dataset.options)
         self.tasks = self.data.tasks
         self.names = task_names(self.tasks)

@@ -33,15 +33,28 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from scipy.optimize import lsq_linear, minimize, nnls
 from torch import Tensor
 
-from mtlkit.aggregation import (MAMG, MGDA, AlignedMTL, CAGrad, DualProj, GradDrop, GradVac, IMTLG, Mean, NashMTL,
-                                PCGrad, Sum, UPGrad)
+from mtlkit.aggregation import (
+    IMTLG,
+    MAMG,
+    MGDA,
+    AlignedMTL,
+    CAGrad,
+    DualProj,
+    GradDrop,
+    GradVac,
+    Mean,
+    NashMTL,
+    PCGrad,
+    Sum,
+    UPGrad,
+)
 from mtlkit.aggregation._solvers import KKT_TOL, dual_cone_kkt_residual, simplex_kkt_residual  # noqa: F401 (re-export)
 
 Factory = Callable[[], object]
@@ -341,7 +354,7 @@ def dual_cone_residual(G: np.ndarray, U: np.ndarray, V: np.ndarray) -> float:
         return float("inf")
     lam = float(np.linalg.norm(G, 2))
     worst = 0.0
-    for u, v in zip(U, V):
+    for u, v in zip(U, V, strict=True):
         su = float(np.abs(u).max())
         x = v - u
         grad = G @ v / lam if lam > 0 else np.zeros_like(v)

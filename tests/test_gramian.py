@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtlkit.aggregation import MAMG, CAGrad, DualProj, GradDrop, GradVac, IMTLG, MGDA, Mean, NashMTL, PCGrad, UPGrad
+from mtlkit.aggregation import IMTLG, MAMG, MGDA, CAGrad, DualProj, GradDrop, GradVac, Mean, NashMTL, PCGrad, UPGrad
 from mtlkit.autodiff import backward, stack
 from mtlkit.gramian import EncoderGramian, encoder_gramian, linear_sites
 from mtlkit.models.hps import ChannelsLast
@@ -15,13 +15,13 @@ from mtlkit.models.hps import ChannelsLast
 # typically. Weights chosen from G move by at most cond(G) times G's relative change: cond(G) < 500 for the _Net
 # problems below (255 and 461), i.e. ~1e-13, plus whatever the aggregator's solver leaves (exact active-set /
 # closed-form solvers: nothing; Nash-MTL's Newton solver: its own tolerance, see _nash_update_bound).
-F64 = dict(atol=1e-10, rtol=1e-10)  # ~1e-12 worst case: a 100x margin for kernel-dependent summation orders
-F64_SMALL = dict(atol=1e-12, rtol=1e-12)  # sums of <= 72 terms of O(1) (z-gradients, 35-entry rows): ~1e-14
+F64 = {"atol": 1e-10, "rtol": 1e-10}  # ~1e-12 worst case: a 100x margin for kernel-dependent summation orders
+F64_SMALL = {"atol": 1e-12, "rtol": 1e-12}  # sums of <= 72 terms of O(1) (z-gradients, 35-entry rows): ~1e-14
 
 
 def _jacobian(z, dz, params):
     return torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(
-        torch.autograd.grad(z, params, d, retain_graph=True, allow_unused=True), params)]) for d in dz])
+        torch.autograd.grad(z, params, d, retain_graph=True, allow_unused=True), params, strict=True)]) for d in dz])
 
 
 class _Tied(nn.Module):
@@ -188,7 +188,7 @@ def test_engine_without_J_writes_the_same_grads_as_with_J(make, mode):
     _assert_updates_close(agg, torch.cat([g.reshape(-1) for g in grads[False][:n_enc]]),
                           torch.cat([g.reshape(-1) for g in grads[True][:n_enc]]), w, J)
     # ... each head its own task's gradient, whatever the weights
-    for a, b in zip(grads[True][n_enc:], grads[False][n_enc:]):
+    for a, b in zip(grads[True][n_enc:], grads[False][n_enc:], strict=True):
         torch.testing.assert_close(a, b, **F64)
 
 
@@ -218,7 +218,7 @@ def test_representation_level_without_J_writes_the_same_grads_as_with_J(make):
     n_enc = len(list(net.enc.parameters()))
     _assert_updates_close(agg, torch.cat([g.reshape(-1) for g in grads[False][:n_enc]]),
                           torch.cat([g.reshape(-1) for g in grads[True][:n_enc]]), w, J_theta)
-    for a, b in zip(grads[True][n_enc:], grads[False][n_enc:]):
+    for a, b in zip(grads[True][n_enc:], grads[False][n_enc:], strict=True):
         torch.testing.assert_close(a, b, **F64)
 
 

@@ -20,5 +20,5 @@ def test_channels_last_trunk_computes_the_same_function_as_nchw():
     assert torch.allclose(out, out_ref, atol=1e-12)
     out.square().sum().backward()
     out_ref.square().sum().backward()
-    for p, q in zip(enc.parameters(), ref.parameters()):
+    for p, q in zip(enc.parameters(), ref.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-10)

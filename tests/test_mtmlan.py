@@ -9,15 +9,29 @@ import torch
 import torch.nn.functional as F
 
 from mtlkit.data import MTLData, Split
-from mtlkit.data.clips import (BACKGROUND_CLASSES, CONCEPT_CLASSES, CONCEPTS, PAPER_COUNTS, ClipSpec, assign_labels,
-                               label_tasks, make_layout)
+from mtlkit.data.clips import (
+    BACKGROUND_CLASSES,
+    CONCEPT_CLASSES,
+    CONCEPTS,
+    PAPER_COUNTS,
+    ClipSpec,
+    assign_labels,
+    label_tasks,
+    make_layout,
+)
 from mtlkit.data.yeast import parse_yeast_csv
 from mtlkit.errors import ConfigError, DataError
 from mtlkit.losses import focal_bce, sample_level_loss
-from mtlkit.metrics_multilabel import (average_precision_per_label, hamming_loss, mean_average_precision, micro_f1,
-                                       multilabel_report, per_label_accuracy)
+from mtlkit.metrics_multilabel import (
+    average_precision_per_label,
+    hamming_loss,
+    mean_average_precision,
+    micro_f1,
+    multilabel_report,
+    per_label_accuracy,
+)
 from mtlkit.models import build_model
-from mtlkit.models.mtmlan import CMLC, MTMLAN, SelfAttention, SharedFrameNet, TaskNet
+from mtlkit.models.mtmlan import SelfAttention, SharedFrameNet
 
 skm = pytest.importorskip("sklearn.metrics")
 
@@ -227,7 +241,7 @@ def test_clip_spec_errors():
 # --- yeast parsing --------------------------------------------------------------------------------------------------
 
 def test_yeast_csv_parser():
-    X, Y, names = parse_yeast_csv("Att1,Att2,Class1,Class2\n0.5,-1,1,0\n0.25,2,0,1\n")
+    X, _, names = parse_yeast_csv("Att1,Att2,Class1,Class2\n0.5,-1,1,0\n0.25,2,0,1\n")
     assert X.dtype == np.float32 and X.tolist() == [[0.5, -1.0], [0.25, 2.0]] and names == ["Class1", "Class2"]
     with pytest.raises(DataError, match="labels other than"):
         parse_yeast_csv("Att1,Class1\n0.5,2\n")

@@ -3,6 +3,7 @@ Table I architecture, the auxiliary-loss hook that brings β·KL into the traine
 reproduction's paper data and table."""
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ TINY = {"hidden": 16, "latent": 4, "channels": 4, "decoder_widths": [8, 6]}
 class _Data:
     def __init__(self, shape=(1, 12, 12), kinds=("multiclass", "multiclass")):
         self.input_shape = shape
-        self.tasks = [Task(n, k, 3 if k == "multiclass" else 1) for n, k in zip("ab", kinds)]
+        self.tasks = [Task(n, k, 3 if k == "multiclass" else 1) for n, k in zip("ab", kinds, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------------ KL (Eq. 10)
@@ -106,7 +107,7 @@ def test_trainer_backpropagates_eq23_including_beta_kl(tmp_path):
     total = (torch.exp(-s) * ce + 0.5 * s).sum() + 0.5 * gaussian_kl(mu, std)
     ref.zero_grad()
     total.backward()
-    for (name, p), q in zip(ref.named_parameters(), tr.model.parameters()):
+    for (name, p), q in zip(ref.named_parameters(), tr.model.parameters(), strict=True):
         assert q.grad is not None, name
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
     # and the KL really is in there: without it the scale branch's gradient differs
@@ -339,5 +340,5 @@ def test_merge_puts_models_from_several_runs_side_by_side_and_refuses_conflicts(
         merge([a, write("d", {"GS": [curve(0.5)]}, [0], epochs=200)], tmp_path / "m3")
     with pytest.raises(ConfigError, match="refusing to overwrite"):
         merge([b], a)
-    with pytest.raises(ConfigError, match="no results.json"):
+    with pytest.raises(ConfigError, match=re.escape("no results.json")):
         merge([tmp_path / "nowhere"], tmp_path / "m4")

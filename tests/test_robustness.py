@@ -11,12 +11,11 @@ from mtlkit.cli import main
 from mtlkit.config import RunConfig
 from mtlkit.data import Split
 from mtlkit.errors import ConfigError
-from mtlkit.evaluation import robust_metrics, robustness_curve
+from mtlkit.evaluation import evaluate, robust_metrics, robustness_curve
 from mtlkit.models import HPS
 from mtlkit.models.mtvib import build_mtvib
 from mtlkit.robustness import fgsm, input_gradient, pgd
 from mtlkit.tasks import Task
-from mtlkit.evaluation import evaluate
 from mtlkit.train import Trainer
 
 TASKS = [Task("a", "multiclass", 3), Task("b", "multiclass", 3)]

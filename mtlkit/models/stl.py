@@ -16,13 +16,13 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
 from torch import Tensor, nn
 
 from mtlkit.models.base import MTLModel, build_model, check_auxiliary_loss, register_model
-from mtlkit.models.hps import _encoder, _out, head
-from mtlkit.models.hps import HPS
+from mtlkit.models.hps import HPS, _encoder, _out, head
 
 
 class SingleTaskModels(MTLModel):
@@ -50,7 +50,8 @@ class SingleTaskModels(MTLModel):
         return dict(self.members.items())
 
     def auxiliary_loss(self) -> Tensor | None:
-        parts = [a for a in (check_auxiliary_loss(m) for m in self.members.values()) if a is not None]
+        # the members are MTLModels (see __init__); ModuleDict hands them back as Modules
+        parts = [a for a in (check_auxiliary_loss(cast(MTLModel, m)) for m in self.members.values()) if a is not None]
         return sum(parts[1:], parts[0]) if parts else None
 
 

@@ -36,9 +36,9 @@ Example:
 """
 from __future__ import annotations
 
-import logging
 import argparse
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ SETUPS: dict[str, dict[str, Any]] = {
               "model": {"encoder": "mlp", "hidden": [256], "head_hidden": 64}, "epochs": 6, "batch_size": 64},
 }
 #: --full: the four-task images at the entangled protocol's full sizes; longer schedules; five seeds
-FULL: dict[str, dict[str, Any]] = {
+FULL: dict[str, Any] = {  # per dataset its overrides, and "seeds"
     "four_task": {"options": {"n_train": 8000, "n_val": 2000, "n_test": 8000}, "epochs": 20},
     "yeast": {"epochs": 30},
     "seeds": [0, 1, 2, 3, 4],

@@ -1,8 +1,9 @@
 """``mtlkit reproduce mtmlan --dataset clips|yeast``: MTMLAN's Table III (micro-F1, HL, mAP) and Table II
 (per-label accuracy) on the data we have.
 
-Paper: Wang & Chen, "Multi-label multi-task learning with dynamic task weight balancing" (MTMLAN),
-/work/shared/papers/mtmlan-multilabel-dynamic-task-balancing.md, Tables II and III, on a disaster-video set that
+Paper: T. Wang & S.-C. Chen, "Multi-Label Multi-Task Learning with Dynamic Task Weight Balancing" (MTMLAN), IEEE IRI 2020,
+doi 10.1109/IRI49571.2020.00042,
+Tables II and III, on a disaster-video set that
 cannot be obtained here. We run the seven rows of Table III on
 
 * ``clips``: 1,540 multi-label clips of Fashion-MNIST frames with the paper's Table I concept counts
@@ -38,11 +39,12 @@ Example:
 """
 from __future__ import annotations
 
-import logging
 import argparse
 import json
+import logging
 import math
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +149,8 @@ def run_one(args: argparse.Namespace, budget: dict[str, Any], row: str, seed: in
 
     from mtlkit.config import RunConfig
     from mtlkit.data import build_dataset
-    from mtlkit.metrics_multilabel import multilabel_report
     from mtlkit.evaluation import predict
+    from mtlkit.metrics_multilabel import multilabel_report
     from mtlkit.train import Trainer
 
     run_dir = out / "runs" / f"{row.replace(' ', '_').replace('/', '')}-s{seed}"
@@ -198,11 +200,11 @@ def tables(results: dict[str, list[dict[str, Any]]], dataset: str, budget_line: 
     any_rs = next(iter(results.values()))
     labels, counts = any_rs[0]["labels"], any_rs[0]["train_counts"]
     lines += ["", "## Table II: per-label test accuracy (ours, mean ± std)", "",
-              "| approach | " + " | ".join(f"{n} (n={c})" for n, c in zip(labels, counts)) + " |",
+              "| approach | " + " | ".join(f"{n} (n={c})" for n, c in zip(labels, counts, strict=True)) + " |",
               "|---|" + "---|" * len(labels)]
     for row, rs in results.items():
         acc = np.array([r["per_label_accuracy"] for r in rs])
-        lines.append(f"| {row} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(acc.mean(0), acc.std(0))) + " |")
+        lines.append(f"| {row} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(acc.mean(0), acc.std(0), strict=True)) + " |")
     if dataset == "clips":
         lines += ["", "Paper's Table II (same concept order):", "",
                   "| approach | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
@@ -221,7 +223,7 @@ def ordering_checks(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     for k, h in METRICS:
         sign = -1 if k == "hamming_loss" else 1
         order = sorted(mean, key=lambda r: -sign * mean[r][k])
-        steps = [(a, b, sign * (mean[a][k] - mean[b][k]), max(std[a][k], std[b][k])) for a, b in zip(chain, chain[1:])]
+        steps = [(a, b, sign * (mean[a][k] - mean[b][k]), max(std[a][k], std[b][k])) for a, b in pairwise(chain)]
         holds = all(d > 0 for _, _, d, _ in steps)
         clear = all(d > sd for _, _, d, sd in steps)
         detail = "; ".join(f"{a} − {b}: {d:+.4f} (larger std {sd:.4f})" for a, b, d, sd in steps)
@@ -261,7 +263,7 @@ def plots(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     weighted = [row for row, rs in results.items() if rs[0]["weights"] and not math.isnan(rs[0]["weights"][0][0])]
     if weighted:
         fig, axes = plt.subplots(1, len(weighted), figsize=(4 * len(weighted), 3.5), squeeze=False)
-        for ax, row in zip(axes[0], weighted):
+        for ax, row in zip(axes[0], weighted, strict=True):
             w = np.array(results[row][0]["weights"])
             epochs = np.arange(0, len(w) + 1)
             w = np.vstack([np.ones(w.shape[1]), w])  # all weights start at 1

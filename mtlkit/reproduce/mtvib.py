@@ -22,9 +22,9 @@ Example:
 """
 from __future__ import annotations
 
-import logging
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ MTL_MODELS = ("GS", "UWL", "MTVIB")
 
 
 def _rows(*cols: list[float]) -> dict[str, dict[float, float]]:
-    return {m: dict(zip(ETAS, c)) for m, c in zip(MODELS, cols)}
+    return {m: dict(zip(ETAS, c, strict=True)) for m, c in zip(MODELS, cols, strict=True)}
 
 
 def _paper_table(t1: list[list[float]], t2: list[list[float]]) -> dict[str, dict[str, dict[float, float]]]:
@@ -49,7 +49,7 @@ def _paper_table(t1: list[list[float]], t2: list[list[float]]) -> dict[str, dict
     out: dict[str, dict[str, dict[float, float]]] = {m: {} for m in MODELS}
     for task, rows in (("left", t1), ("right", t2)):
         for j, m in enumerate(MODELS):
-            out[m][task] = {eta: row[j] for eta, row in zip(ETAS, rows)}
+            out[m][task] = {eta: row[j] for eta, row in zip(ETAS, rows, strict=True)}
     return out
 
 
@@ -212,9 +212,13 @@ def run(args: argparse.Namespace) -> int:
         for m in args.models:
             if m == "GS" and seed == args.seeds[0]:
                 continue
-            net, _ = _train(m, seed, data, budget, out, args.reuse, args.threads, gs_weights,
-                            tag=f"GS-w{gs_weights[0]:g}" if m == "GS" else None)
-            tag = f"GS-w{gs_weights[0]:g}" if m == "GS" else m
+            gs_tag = None
+            if m == "GS":
+                if gs_weights is None:  # chosen by the grid search above whenever GS is among the models
+                    raise RuntimeError("GS weights were not chosen before training GS")
+                gs_tag = f"GS-w{gs_weights[0]:g}"
+            net, _ = _train(m, seed, data, budget, out, args.reuse, args.threads, gs_weights, tag=gs_tag)
+            tag = gs_tag if gs_tag is not None else m
             curves[m].append(_curve(net, data, etas, args, out / "runs" / f"{tag}-s{seed}"))
             # partial results after every model, so that an interrupted run still leaves its numbers
             (out / "curves_partial.json").write_text(json.dumps({"budget": budget, "curves": curves, **extra}))
@@ -323,7 +327,7 @@ def report(dataset: str, curves: dict[str, list[dict[str, dict[str, float]]]], e
         True
     """
     table_no = {"multimnist": "III", "multifashion": "IV"}[dataset]
-    models = [m for m in MODELS if m in curves and curves[m]]
+    models = [m for m in MODELS if curves.get(m)]
     paper = PAPER[dataset]
     lines = [f"## MTVIB Table {table_no} ({dataset}): test accuracy % under FGSM, ours mean ± std over seeds "
              f"(paper's number in parentheses)", "",
@@ -355,11 +359,11 @@ def report(dataset: str, curves: dict[str, list[dict[str, dict[str, float]]]], e
             drops = [100 * np.mean([c[str(lo)][f"{n}/accuracy"] - c[str(hi)][f"{n}/accuracy"] for n in names])
                      for c in curves[m]]
             kept = [100 * np.mean([c[str(hi)][f"{n}/accuracy"] for n in names])
-                    / max(1e-12, np.mean([c[str(lo)][f"{n}/accuracy"] for n in names])) for c in curves[m]]
-            n = len(drops)
-            lines.append(f"- {m}: {_pm(np.mean(drops), np.std(drops), n)} points lost; "
-                         f"{_pm(np.mean(kept), np.std(kept), n)} % of the clean accuracy kept "
-                         f"(η {lo:g} → {hi:g}, {n} seed(s))")
+                    / max(1e-12, float(np.mean([c[str(lo)][f"{n}/accuracy"] for n in names]))) for c in curves[m]]
+            n_seeds = len(drops)
+            lines.append(f"- {m}: {_pm(np.mean(drops), np.std(drops), n_seeds)} points lost; "
+                         f"{_pm(np.mean(kept), np.std(kept), n_seeds)} % of the clean accuracy kept "
+                         f"(η {lo:g} → {hi:g}, {n_seeds} seed(s))")
     return "\n".join(lines) + "\n"
 
 
@@ -371,7 +375,7 @@ def plot(curves: dict[str, list[dict[str, dict[str, float]]]], etas: list[float]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = [m for m in MODELS if m in curves and curves[m]]
+    models = [m for m in MODELS if curves.get(m)]
 
     def draw(ax, key: str, title: str) -> None:
         for m in models:
@@ -385,7 +389,7 @@ def plot(curves: dict[str, list[dict[str, dict[str, float]]]], etas: list[float]
         ax.legend()
 
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-    for ax, n in zip(axes[0], names):
+    for ax, n in zip(axes[0], names, strict=True):  # one panel per task
         draw(ax, f"{n}/accuracy", f"{dataset}: task {n}")
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_eta.png", dpi=120)

@@ -43,14 +43,15 @@ Example:
 """
 from __future__ import annotations
 
-import logging
 import argparse
 import json
+import logging
 import shlex
 import textwrap
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -347,7 +348,7 @@ def _plot(sweep: Mapping[str, Mapping[str, Mapping[float, Mapping[int, Mapping[s
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(sweep), figsize=(5 * len(sweep), 4), squeeze=False)
-    for ax, (pair, by_method) in zip(axes[0], sweep.items()):
+    for ax, (pair, by_method) in zip(axes[0], sweep.items(), strict=True):
         for key, by_rate in by_method.items():
             rates = sorted(by_rate)
             vals = [[r["test/mean_accuracy"] for r in by_rate[x].values()] for x in rates]
@@ -523,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
                     report.append(f"| {pair} | {_label(key)} | " + " | ".join(
                         _fmt([v["test/mean_accuracy"] for v in by_rate[x].values()]) for x in rates) + " |")
                 per_rate = {x: _comparisons(rows[(pair, x)], SWEEP_COMPARISONS) for x in rates}
-                for i, (a, b, _, _) in enumerate(SWEEP_COMPARISONS):
+                for _i, (a, b, _, _) in enumerate(SWEEP_COMPARISONS):
                     if a not in by_m or b not in by_m:
                         continue
                     cells = []

@@ -1,8 +1,8 @@
 """MTMLAN's task-level dynamic balancing (TDB): GradNorm with an inverse task-frequency penalty.
 
-Pouyanfar, Tao, Tian, Chen & Shyu (MTMLAN), "Multi-label multi-task learning with dynamic task weight balancing",
-Sec. III-B-2, Eq. 10-16 and the ten-step procedure that follows them (/work/shared/papers/
-mtmlan-multilabel-dynamic-task-balancing.md). The sample-level half (focal-style loss, Eq. 8-9) is a loss, not a
+T. Wang & S.-C. Chen, "Multi-Label Multi-Task Learning with Dynamic Task Weight Balancing" (MTMLAN), IEEE 21st
+International Conference on Information Reuse and Integration for Data Science (IRI 2020), pp. 245-252, doi
+10.1109/IRI49571.2020.00042; Sec. III-B-2, Eq. 10-16 and the ten-step procedure that follows them. The sample-level half (focal-style loss, Eq. 8-9) is a loss, not a
 weighting.
 """
 from __future__ import annotations
