@@ -42,7 +42,7 @@ def main() -> int:
 
     import torch
 
-    from mtlkit.autodiff import backward, stack
+    from mtlkit.engine.autodiff import backward, stack
     from mtlkit.data import build_dataset
     from mtlkit.methods import build_method
     from mtlkit.models import HPS, ConvEncoder, MLPEncoder, head

@@ -289,7 +289,7 @@ MAMO_SEARCH = {"method": "mgda", "rounds": 2, "pretrain_epochs": 1, "epochs_per_
 def mamo_entry() -> dict[str, Any] | None:
     """MAMO's search (Alg. 1) on a 600/200 MultiMNIST subset, MLP backbone, method mgda, 2 rounds.
 
-    How the OLD code (63833c5, ``mtlkit.mamo.learn_mamo``; as ``mtlkit reproduce mamo``'s ``_alg1_run`` calls it)
+    How the OLD code (63833c5, ``mtlkit.models.mamo_search.learn_mamo``; as ``mtlkit reproduce mamo``'s ``_alg1_run`` calls it)
     seeds and builds, in this order -- the new Trainer-based code must do the same to give the same bits:
 
     1. ``data = build_dataset("multimnist", n_train=600, n_test=200, val_fraction=0.1, seed=0)``: the builder's own
@@ -325,11 +325,11 @@ def mamo_entry() -> dict[str, Any] | None:
     torch RNG state after step 3 only matters for methods/models that draw from it (e.g. rlw, dropout).
     """
     try:
-        import mtlkit.mamo as mm
+        import mtlkit.models.mamo_search as mm
     except ImportError:
         mm = None
     if mm is None:
-        print("MAMO: mtlkit.mamo does not import")
+        print("MAMO: mtlkit.models.mamo_search does not import")
         return None
     from mtlkit.data import build_dataset
 

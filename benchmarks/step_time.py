@@ -56,7 +56,7 @@ def run_one(workload: str, T: int, method: str, level: str, impl: str, steps: in
             threads: int) -> dict:
     import torch
 
-    from mtlkit.autodiff import backward, stack
+    from mtlkit.engine.autodiff import backward, stack
     from mtlkit.data import build_dataset
     from mtlkit.methods import build_method
     from mtlkit.models import HPS, ConvEncoder, MLPEncoder, head

@@ -4,6 +4,6 @@ from mtlkit._version import __version__
 
 with cli_start_guard():  # Ctrl-C while the `mtlkit` command imports torch: one line, status 130 (mtlkit/_startup.py)
     from mtlkit import aggregation, weighting
-    from mtlkit.autodiff import BackwardInfo, backward, per_task_grads, stack
+    from mtlkit.engine.autodiff import BackwardInfo, backward, per_task_grads, stack
 
 __all__ = ["BackwardInfo", "aggregation", "backward", "per_task_grads", "stack", "weighting", "__version__"]

@@ -340,7 +340,7 @@ MODELS: Registry[Any] = Registry("model", packages=("mtlkit.models",), skip=("ba
 #: Datasets (:mod:`mtlkit.data`): builders ``(**options) -> MTLData``.
 DATASETS: Registry[Any] = Registry("dataset", packages=("mtlkit.data",), skip=("sources", "multimnist"))
 #: Per-task metrics (:mod:`mtlkit.metrics`): ``fn(head output, target, task) -> float``, meta ``higher_is_better``.
-METRICS: Registry[Any] = Registry("metric", packages=("mtlkit.metrics", "mtlkit.metrics_multilabel"),
+METRICS: Registry[Any] = Registry("metric", packages=("mtlkit.metrics", "mtlkit.metrics.multilabel"),
                                   positional=("output", "target", "task"))
 #: Paper reproductions (:mod:`mtlkit.reproduce`), run by ``mtlkit reproduce NAME``.
 REPRODUCTIONS: Registry[Any] = Registry("reproduction", packages=("mtlkit.reproduce",))

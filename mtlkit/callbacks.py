@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 if TYPE_CHECKING:  # only for annotations: the loop imports this module, not the other way round
-    from mtlkit.autodiff import BackwardInfo
+    from mtlkit.engine.autodiff import BackwardInfo
     from mtlkit.train import Trainer
 
 

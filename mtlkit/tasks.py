@@ -117,8 +117,8 @@ def task_names(tasks: list[Task]) -> list[str]:
 
 
 def stack_losses(tasks: list[Task], outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
-    """The (T,) vector of per-task losses in task order (:func:`mtlkit.autodiff.stack`: per-task backward passes
+    """The (T,) vector of per-task losses in task order (:func:`mtlkit.engine.autodiff.stack`: per-task backward passes
     never run through other tasks' heads)."""
-    from mtlkit.autodiff import stack
+    from mtlkit.engine.autodiff import stack
 
     return stack([t.compute_loss(outputs[t.name], targets[t.target_key]) for t in tasks])

@@ -47,7 +47,7 @@ import yaml
 from torch import Tensor, nn
 
 from mtlkit import models, runs
-from mtlkit.autodiff import Level, Mode, backward
+from mtlkit.engine.autodiff import Level, Mode, backward
 from mtlkit.callbacks import Callback, StepInfo
 from mtlkit.config import RunConfig
 from mtlkit.data import MTLData, Split, build_dataset

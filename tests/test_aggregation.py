@@ -11,7 +11,7 @@ from torch import nn
 from mtlkit.aggregation import (MAMG, MGDA, AlignedMTL, CAGrad, DualProj, GradDrop, GradVac, IMTLG, NashMTL, PCGrad,
                                 UPGrad)
 from mtlkit.aggregation._solvers import min_norm_simplex_exact
-from mtlkit.autodiff import backward
+from mtlkit.engine.autodiff import backward
 from mtlkit.errors import ConfigError
 from mtlkit._registry import METHODS
 from mtlkit.aggregation._base import Aggregator

@@ -707,7 +707,7 @@ def test_sweep_permutation_scaling_non_conflict(family, T, seed, dtype):
 from mtlkit._registry import METHODS  # noqa: E402
 from mtlkit.aggregation._base import SUM_SCALE_FACTOR, Aggregator, Mean, Sum, SumScale, on_sum_scale  # noqa: E402
 from mtlkit.aggregation._random import PairwiseSurgery, SeededAggregator  # noqa: E402
-from mtlkit.autodiff import backward  # noqa: E402
+from mtlkit.engine.autodiff import backward  # noqa: E402
 from mtlkit.errors import ConfigError  # noqa: E402
 from mtlkit.methods import Composite  # noqa: E402
 from mtlkit.weighting.dbmtl import DBMTLAggregator  # noqa: E402

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from mtlkit.aggregation import Aggregator, Mean, Sum
-from mtlkit.autodiff import backward, per_task_grads, split_flat
+from mtlkit.engine.autodiff import backward, per_task_grads, split_flat
 
 
 class _Net(nn.Module):
@@ -137,7 +137,7 @@ def _matmuls_in(fn) -> int:
 
 
 def test_stack_keeps_each_task_backward_inside_its_own_head():
-    from mtlkit.autodiff import stack
+    from mtlkit.engine.autodiff import stack
 
     torch.manual_seed(3)
     net = _Net(T=6)
@@ -169,7 +169,7 @@ def _rep_reference(losses_fn, z_fn, T):
 
 @pytest.mark.parametrize("case", ["heads", "shared_layer_after_z", "mixing_weighting", "task_without_z"])
 def test_head_phase_matches_separate_passes_and_falls_back_when_it_must(case):
-    from mtlkit.autodiff import _head_phase, stack
+    from mtlkit.engine.autodiff import _head_phase, stack
 
     torch.manual_seed(4)
     net = _Net(T=3).double()
@@ -195,7 +195,7 @@ def test_head_phase_matches_separate_passes_and_falls_back_when_it_must(case):
 
 
 def test_head_phase_runs_each_head_once():
-    from mtlkit.autodiff import _head_phase, stack
+    from mtlkit.engine.autodiff import _head_phase, stack
 
     torch.manual_seed(5)
     net = _Net(T=6)
@@ -245,7 +245,7 @@ def _rep_case(case, net, x, skip=None, post=None):
     """(losses, representation, shared params) for one way of passing the wrong representation.
 
     ``skip``: a layer from the input (5 features) to one output; ``post``: a layer on z (6 features)."""
-    from mtlkit.autodiff import stack
+    from mtlkit.engine.autodiff import stack
 
     z = net.enc(x)
     rep, shared, outs = z, list(net.enc.parameters()), [h(z) for h in net.heads]
@@ -333,7 +333,7 @@ def test_plain_sum_does_not_use_the_representation():
 def test_a_task_reading_neither_z_nor_a_shared_parameter_has_a_zero_row(path):
     # Supported (as with representation=None, and _head_phase's "task_without_z" case): that task's gradient w.r.t.
     # the shared parameters and z is zero, and the engine gives exactly that.
-    from mtlkit.autodiff import stack
+    from mtlkit.engine.autodiff import stack
 
     agg, level, mode, keep = path
     torch.manual_seed(10)
@@ -366,7 +366,7 @@ def test_a_task_reading_neither_z_nor_a_shared_parameter_has_a_zero_row(path):
 def test_a_shared_parameter_read_directly_is_a_valid_representation():
     # A leaf z is an error unless it is itself a shared parameter (e.g. an embedding table the heads read).
     from mtlkit.aggregation import MGDA
-    from mtlkit.autodiff import stack
+    from mtlkit.engine.autodiff import stack
 
     torch.manual_seed(11)
     emb = nn.Parameter(torch.randn(4, 6, dtype=torch.float64))

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from mtlkit.aggregation import IMTLG, MAMG, MGDA, CAGrad, DualProj, GradDrop, GradVac, Mean, NashMTL, PCGrad, UPGrad
-from mtlkit.autodiff import backward, stack
-from mtlkit.gramian import EncoderGramian, encoder_gramian, linear_sites
+from mtlkit.engine.autodiff import backward, stack
+from mtlkit.engine.gramian import EncoderGramian, encoder_gramian, linear_sites
 from mtlkit.models.hps import ChannelsLast
 
 # Tolerances. Both sides of every comparison below are float64 and mathematically equal; they differ only in the
@@ -224,7 +224,7 @@ def test_representation_level_without_J_writes_the_same_grads_as_with_J(make):
 
 @pytest.mark.parametrize("block_bytes", [8, 8 * 40, 1 << 20])  # one column per block, several, a single block
 def test_gramian_of_rows_by_column_blocks(block_bytes):
-    from mtlkit.autodiff import _combine_rows, _gramian_of_rows
+    from mtlkit.engine.autodiff import _combine_rows, _gramian_of_rows
 
     torch.manual_seed(0)
     a = torch.randn(7, 5, dtype=torch.float64)

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from mtlkit.autodiff import backward, per_task_grads
+from mtlkit.engine.autodiff import backward, per_task_grads
 from mtlkit.callbacks import Callback
 from mtlkit.config import RunConfig
 from mtlkit.data import build_dataset
 from mtlkit.errors import ConfigError
 from mtlkit.evaluation import evaluate
-from mtlkit.mamo import (ConflictDetector, average_indicator, conflicts, cosine_matrix, layer_gradients,
+from mtlkit.models.mamo_search import (ConflictDetector, average_indicator, conflicts, cosine_matrix, layer_gradients,
                          proxy_indicator, topk_indicator)
 from mtlkit.methods import build_method
 from mtlkit.models.hps import HPS

@@ -21,8 +21,8 @@ from mtlkit.data.clips import (
 )
 from mtlkit.data.yeast import parse_yeast_csv
 from mtlkit.errors import ConfigError, DataError
-from mtlkit.losses import focal_bce, sample_level_loss
-from mtlkit.metrics_multilabel import (
+from mtlkit.nn.losses import focal_bce, sample_level_loss
+from mtlkit.metrics.multilabel import (
     average_precision_per_label,
     hamming_loss,
     mean_average_precision,

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from mtlkit.aggregation import Mean
-from mtlkit.autodiff import backward
+from mtlkit.engine.autodiff import backward
 from mtlkit.config import RunConfig
 from mtlkit.errors import ConfigError
-from mtlkit.losses import gaussian_kl
+from mtlkit.nn.losses import gaussian_kl
 from mtlkit.methods import build_method
 from mtlkit.models import SingleTaskModels, build_model
 from mtlkit.models.base import MTLModel, check_auxiliary_loss

@@ -16,7 +16,7 @@ from mtlkit.config import RunConfig
 from mtlkit.data import MTLData, Split
 from mtlkit.data.entangled import EntangledSpec, agreement_rate, entangle, sample_cells
 from mtlkit.errors import ConfigError, DataError
-from mtlkit.gradient_reversal import GradientReversal, dann_lambda, grad_reverse
+from mtlkit.nn.gradient_reversal import GradientReversal, dann_lambda, grad_reverse
 from mtlkit.metrics import evaluate_outputs, selection_score
 from mtlkit.models.base import MTLModel, register_model
 from mtlkit.models.hps import MLPEncoder

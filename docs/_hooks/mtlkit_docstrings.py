@@ -10,7 +10,7 @@ Two rewrites, applied to every docstring of the package before it is parsed (the
   to the last, the others point to it.
 
 mtlkit's docstrings are Google style but cross-reference with Sphinx roles: :func:`backward`,
-:class:`~mtlkit.methods.Method`, :mod:`mtlkit.gramian`, :meth:`Trainer.fit`, :data:`VERDICT_RULE`. Markdown knows no
+:class:`~mtlkit.methods.Method`, :mod:`mtlkit.engine.gramian`, :meth:`Trainer.fit`, :data:`VERDICT_RULE`. Markdown knows no
 roles, so this rewrites each one, before the docstring is parsed, into an *optional* autorefs link: a link to the
 target's entry where the site renders that object, plain code where it does not (no warning either way, so a role to
 a private helper is fine). A relative target is resolved the way a reader would read it: in the scope of the object

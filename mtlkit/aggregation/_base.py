@@ -93,7 +93,7 @@ class Aggregator(ABC):
     def weights(self, G: Tensor) -> Tensor:
         """Task weights ``w`` from the Gramian ``G = J Jᵀ`` (checked: square, finite diagonal); update = ``wᵀ J``.
 
-        The engine calls this directly when it forms G without J (:mod:`mtlkit.gramian`).
+        The engine calls this directly when it forms G without J (:mod:`mtlkit.engine.gramian`).
 
         Raises:
             ValueError: the method is not Gramian-based, or G is not a square matrix.

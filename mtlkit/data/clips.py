@@ -231,8 +231,8 @@ def label_tasks(names: Sequence[str], loss: str = "bce", beta: float = 2.0, thre
         >>> [t.name for t in label_tasks(["a", "b"], loss="sample_level")]
         ['a', 'b']
     """
-    import mtlkit.metrics_multilabel  # noqa: F401  (registers average_precision / label_accuracy)
-    from mtlkit.losses import sample_level_loss
+    import mtlkit.metrics.multilabel  # noqa: F401  (registers average_precision / label_accuracy)
+    from mtlkit.nn.losses import sample_level_loss
 
     if loss not in LOSSES:
         raise ConfigError(f"unknown label loss {loss!r}; valid losses are: {', '.join(LOSSES)}")

@@ -88,8 +88,8 @@ MAMO is an ordinary :class:`~mtlkit.models.base.MTLModel`: the engine's ``repres
 
 **The search** (Alg. 1) runs in the one training loop, :class:`mtlkit.train.Trainer`: a MAMO built by the registered
 factory :func:`build_mamo` carries its :class:`SearchOptions` and brings, through the hook :meth:`MAMO.callbacks`, the
-callback :class:`mtlkit.mamo.ArchitectureSearch`, which detects conflicts and grows the model at the phase ends
-(``mtlkit train --model mamo --method mgda`` is MAMO; see :mod:`mtlkit.mamo` for the options and the choices). A MAMO
+callback :class:`mtlkit.models.mamo_search.ArchitectureSearch`, which detects conflicts and grows the model at the phase ends
+(``mtlkit train --model mamo --method mgda`` is MAMO; see :mod:`mtlkit.models.mamo_search` for the options and the choices). A MAMO
 built without search options (``MAMO(layers, heads)``) brings no callback: a fixed architecture. A grown model's
 state loads into a freshly built one (:meth:`MAMO.load_state_dict` first generates the modules the state holds), so
 a finished run's ``best.pt`` loads where the model is rebuilt from the run's config (``mtlkit eval``, reuse).
@@ -134,7 +134,7 @@ SELECTIONS = ("best_val", "last")
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """The options of MAMO's search (Alg. 1), as :func:`build_mamo` takes them; :mod:`mtlkit.mamo` documents each
+    """The options of MAMO's search (Alg. 1), as :func:`build_mamo` takes them; :mod:`mtlkit.models.mamo_search` documents each
     and the choices behind them. Pre-training lasts ``train.epochs - rounds * epochs_per_round`` epochs
     (:meth:`pretrain_epochs`).
 
@@ -267,10 +267,10 @@ class MAMO(MTLModel):
         return not self.has_task_modules()
 
     def callbacks(self) -> list[Callback]:
-        """The search of Alg. 1 (:class:`mtlkit.mamo.ArchitectureSearch`) when the model has search options."""
+        """The search of Alg. 1 (:class:`mtlkit.models.mamo_search.ArchitectureSearch`) when the model has search options."""
         if self.search is None:
             return []
-        from mtlkit.mamo import ArchitectureSearch
+        from mtlkit.models.mamo_search import ArchitectureSearch
 
         return [ArchitectureSearch(self.search)]
 
@@ -515,7 +515,7 @@ def build_mamo(data, encoder: str = "conv", width: int = 384, hidden: Sequence[i
                conflict_window: str = "last_batches", detect_batches: int = 20, pretrain_method: str | None = None,
                selection: str = "best_val", restore_optimizer: bool = False) -> MAMO:
     """MAMO with no module yet (= HPS) on the HPS backbone of ``data``, and its search (Alg. 1), which the training
-    loop runs (``mtlkit train --model mamo --method mgda``; :mod:`mtlkit.mamo`).
+    loop runs (``mtlkit train --model mamo --method mgda``; :mod:`mtlkit.models.mamo_search`).
 
     The network is built from :func:`~mtlkit.models.hps.build_hps` so that, with the same seed, its initial
     parameters are HPS's.
@@ -526,7 +526,7 @@ def build_mamo(data, encoder: str = "conv", width: int = 384, hidden: Sequence[i
             (task-exclusive modules fused like GMKs); see :class:`MAMO`.
 
     Search options (Alg. 1; the rounds train with the run's method: ``mgda`` = MAMO, ``ew`` = w/o MO,
-    ``pcgrad``/``cagrad`` = MAMO+PCGrad/CAGrad; the choices are numbered as in :mod:`mtlkit.mamo`):
+    ``pcgrad``/``cagrad`` = MAMO+PCGrad/CAGrad; the choices are numbered as in :mod:`mtlkit.models.mamo_search`):
         rounds: Z, the number of conflict detections (0: train HPS, never grow). Pre-training (Alg. 1 line 1) lasts
             ``train.epochs - rounds * epochs_per_round`` epochs, which must be >= 1.
         epochs_per_round: epochs trained after each detection (>= 1).

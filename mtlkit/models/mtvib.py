@@ -8,7 +8,7 @@ Qian, Chen & Lin, "Multi-task variational information bottleneck" (MTVIB). Imple
 * the reparameterised sample ``z = μ_z(x) + σ_z(x) ⊙ ε``, ``ε ~ N(0, I)`` (Eq. 9);
 * one decoder per task; MTVIB (Table I(d)): FC 256x384 + BN + ReLU, FC 384x192, FC 192xC; STVIB (Table I(c)):
   FC 256x384 + BN + ReLU, FC 384x192 + BN + ReLU, FC 192xC;
-* the KL term ``KL(p_φ(z|x) || N(0, I))`` of Eq. 8/10 (:func:`mtlkit.losses.gaussian_kl`), exposed, multiplied by β
+* the KL term ``KL(p_φ(z|x) || N(0, I))`` of Eq. 8/10 (:func:`mtlkit.nn.losses.gaussian_kl`), exposed, multiplied by β
   (``beta``, 1e-3 in the paper), through the generic auxiliary-loss hook (:meth:`MTVIB.auxiliary_loss`): the
   trainer adds ``β·KL`` of the latest forward pass to the backward, outside any task weighting or gradient
   aggregation. The uncertainty-weighted task part of Eq. 23 is the method ``mtvib`` (= :class:`mtlkit.weighting.UW`
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlkit.errors import ConfigError
-from mtlkit.losses import gaussian_kl
+from mtlkit.nn.losses import gaussian_kl
 from mtlkit.models.base import MTLModel, register_model
 from mtlkit.models.hps import conv_trunk
 

@@ -8,7 +8,7 @@ has no numbered equations; the architecture below follows the authors' released 
 - per group ``g`` (a set of *target* tasks and a set of *misleading* tasks) a private branch ``h_g = B_g(T(x))``;
 - target path: ``z_g = Linear(h_g)`` (no activation), one head per target task on ``z_g``;
 - adversarial path: ``r_g = Linear(R_λ(h_g))`` with ``R_λ`` the gradient-reversal layer (identity forward, ``−λ``
-  backward, :mod:`mtlkit.gradient_reversal`), one head per misleading task on ``r_g``, trained on that task's labels.
+  backward, :mod:`mtlkit.nn.gradient_reversal`), one head per misleading task on ``r_g``, trained on that task's labels.
   The heads learn to predict the misleading task from ``h_g``; the reversed gradient drives the branch (and the
   trunk) to remove that information from ``h_g``;
 - ``λ`` follows the DANN schedule ``λ(p) = 2/(1+exp(−10 p)) − 1`` in the training progress ``p`` (the trainer calls
@@ -70,7 +70,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from mtlkit.errors import ConfigError
-from mtlkit.gradient_reversal import GradientReversal, dann_lambda
+from mtlkit.nn.gradient_reversal import GradientReversal, dann_lambda
 from mtlkit.models.base import MTLModel, register_model
 from mtlkit.tasks import Task
 

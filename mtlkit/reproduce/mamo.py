@@ -20,7 +20,7 @@ options, checkpoints and resume for all):
 
 * HPS rows (model ``hps``): ``stl`` (one network per task), ``hps`` (HPS, equal weights: plain HPS), ``hps_mgda``
   (HPS + MGDA, the paper's "MGDA" row); optional ``gradnorm``, ``pcgrad``, ``cagrad``;
-* Alg. 1 rows (model ``mamo``, whose search callback :class:`mtlkit.mamo.ArchitectureSearch` runs Alg. 1 in the
+* Alg. 1 rows (model ``mamo``, whose search callback :class:`mtlkit.models.mamo_search.ArchitectureSearch` runs Alg. 1 in the
   loop: ``pretrain_epochs + rounds * epochs_per_round`` epochs, the rows' method from the first detection on):
   ``mamo`` (GMKs + MGDA) and ``wo_gmk`` (the w/o-GMK ablation: **CoNAL-faithful** task branches, :class:`mtlkit.models.mamo.MAMO`
   ``module="conal"``, + MGDA); optional ``conal`` (CoNAL-faithful branches + linear scalarisation, the CoNAL
@@ -33,7 +33,7 @@ mean validation accuracy. Δ is MAMO's Eq. 15 (**higher is better**: ``(1/K) Σ_
 over all K task metrics) against the *same seed's* STL; Win is the share of metrics on which the row beats that STL.
 Paired differences are taken seed by seed; each claim gets a verdict computed from them (:data:`VERDICT_RULE`).
 
-Search-schedule choices, each an option (see :mod:`mtlkit.mamo`): ``--pretrain-method`` (default ``ew``: Alg. 1
+Search-schedule choices, each an option (see :mod:`mtlkit.models.mamo_search`): ``--pretrain-method`` (default ``ew``: Alg. 1
 pre-trains plain HPS, so the "0 detections" point of Fig. 4 is plain HPS; ``same`` pre-trains with the rows' own
 method, e.g. HPS+MGDA), ``--conflict-window`` / ``--detect-batches`` (where Eq. 11's Q is counted),
 ``--restore-optimizer`` (roll Adam's state back with the best-validation epoch), ``--scope``, ``--threshold``.
@@ -234,7 +234,7 @@ def command_line(name: str, add_arguments, args: argparse.Namespace, skip: Seque
 def with_second_metric(data):
     """The tasks with a second metric each: average precision for binary tasks, NLL (``loss``) for the others (the
     Trainer's ``evaluate`` reports ``task/loss`` for every task). Returns the metric keys ``[(key, higher)]``."""
-    import mtlkit.metrics_multilabel  # noqa: F401  (registers average_precision)
+    import mtlkit.metrics.multilabel  # noqa: F401  (registers average_precision)
 
     tasks, keys = [], []
     for t in data.tasks:

@@ -150,7 +150,7 @@ def run_one(args: argparse.Namespace, budget: dict[str, Any], row: str, seed: in
     from mtlkit.config import RunConfig
     from mtlkit.data import build_dataset
     from mtlkit.evaluation import predict
-    from mtlkit.metrics_multilabel import multilabel_report
+    from mtlkit.metrics.multilabel import multilabel_report
     from mtlkit.train import Trainer
 
     run_dir = out / "runs" / f"{row.replace(' ', '_').replace('/', '')}-s{seed}"

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mtlkit._registry import METHODS
-from mtlkit.autodiff import per_task_grads
+from mtlkit.engine.autodiff import per_task_grads
 from mtlkit.errors import ConfigError
 from mtlkit.weighting._base import StepContext, Weighting
 from mtlkit.weighting._optim import adam_step, check_optimizer, sgd_step

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
-from mtlkit._graph import walk
+from mtlkit.engine._graph import walk
 
 #: Tasks per block when forming ``(X Xᵀ) Δ``: bounds that temporary to this many copies of one task's Δ.
 _BLOCK = 8

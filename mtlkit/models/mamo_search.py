@@ -9,8 +9,8 @@ Tan, Hu & Zhang, "MAMO: Multi-Task Architecture Learning via Multi-Objective and
   accumulation ``Q`` over mini-batches (Eq. 11), and the zero-one indicator ``I = [Q ≥ Q_average]`` with
   ``Q_average`` = the mean of the non-zero entries of Q (Eqs. 12-13) — :func:`average_indicator`; or the TopK
   alternative of Sec. 4.4.4 — :func:`topk_indicator`. The per-task gradients come from the engine
-  (:class:`mtlkit.autodiff.BackwardInfo` ``.jacobian`` cut per layer with :func:`layer_gradients`, when the method's
-  aggregator computes them at parameter level) or from :func:`mtlkit.autodiff.per_task_grads` on the step's losses
+  (:class:`mtlkit.engine.autodiff.BackwardInfo` ``.jacobian`` cut per layer with :func:`layer_gradients`, when the method's
+  aggregator computes them at parameter level) or from :func:`mtlkit.engine.autodiff.per_task_grads` on the step's losses
   (every other method).
 * **Alg. 1** — :class:`ArchitectureSearch`, a :class:`mtlkit.callbacks.Callback` of the one training loop
   (:class:`mtlkit.train.Trainer`), which a MAMO built by the registered factory brings itself
@@ -98,7 +98,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from mtlkit.autodiff import per_task_grads, split_flat
+from mtlkit.engine.autodiff import per_task_grads, split_flat
 from mtlkit.callbacks import Callback, StepInfo
 from mtlkit.errors import ConfigError
 from mtlkit.evaluation import evaluate
@@ -272,7 +272,7 @@ class ArchitectureSearch(Callback):
 
     Per step, on the mini-batches of the conflict window, the per-task gradients of the all-shared layers are added
     to Q (the engine's Jacobian in :meth:`on_backward` when the aggregator computes it at parameter level, else
-    :func:`~mtlkit.autodiff.per_task_grads` of the step's losses in :meth:`on_losses`). At the end of each phase
+    :func:`~mtlkit.engine.autodiff.per_task_grads` of the step's losses in :meth:`on_losses`). At the end of each phase
     (:meth:`on_epoch_end`, before that epoch's checkpoint): roll back to the phase's selected epoch, record the
     phase, and — unless it was the last — grow the indicated modules, add their parameters to the optimizer, reset Q
     and restart the selection.

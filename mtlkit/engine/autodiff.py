@@ -20,7 +20,7 @@ How the per-task gradients are obtained (``mode``):
 
 Gramian-based aggregators (``gramian_based``: MGDA, CAGrad, IMTL-G, Nash-MTL, UPGrad, DualProj, Aligned-MTL, PCGrad,
 GradVac, MAMG, ...) at parameter level with a ``representation`` never hold the T x P matrix J:
-:class:`mtlkit.gramian.EncoderGramian` forms ``G = J Jᵀ`` from each linear layer's per-task output gradients and its
+:class:`mtlkit.engine.gramian.EncoderGramian` forms ``G = J Jᵀ`` from each linear layer's per-task output gradients and its
 input (``<Δ_iᵀX, Δ_jᵀX> = <Δ_i, X Xᵀ Δ_j>``), with explicit rows only for the other parameters, and writes ``wᵀ J``
 from the same pieces. At representation level they get G from the per-task ``∂L_t/∂z`` by column blocks and the
 update as ``Σ_t w_t ∂L_t/∂z``, without stacking J either. Pass ``keep_jacobian=True`` to get J (and
@@ -54,10 +54,10 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
-from mtlkit._graph import walk as _walk
+from mtlkit.engine._graph import walk as _walk
 from mtlkit.aggregation._base import Aggregator, Sum
 from mtlkit.errors import ConfigError
-from mtlkit.gramian import EncoderGramian
+from mtlkit.engine.gramian import EncoderGramian
 
 Mode = Literal["auto", "loop", "batched"]
 Level = Literal["parameter", "representation"]
@@ -444,7 +444,7 @@ def backward(
             added to every parameter it reaches, outside the aggregation.
         keep_jacobian: form the T x K matrix J even for a Gramian-based method (for callers that inspect per-task
             gradients, e.g. MAMO's conflict detector). Otherwise, with a ``representation`` and no ``reduce``, such
-            methods get ``G = J Jᵀ`` without holding J: from :func:`mtlkit.gramian.encoder_gramian` at parameter
+            methods get ``G = J Jᵀ`` without holding J: from :func:`mtlkit.engine.gramian.encoder_gramian` at parameter
             level, from the per-task ``∂L_t/∂z`` at representation level.
 
     Returns:
@@ -546,7 +546,7 @@ def backward(
     stacked = torch.stack(dzs)
     del dzs
     if without_J:
-        # G and the update wᵀJ without ever holding J (mtlkit.gramian).
+        # G and the update wᵀJ without ever holding J (mtlkit.engine.gramian).
         held = EncoderGramian(z, stacked, shared, _resolve_mode(mode, z), chunk_size)
         del stacked
         w = agg.weights(held.gramian)
