@@ -10,6 +10,7 @@ Usage:
     python benchmarks/ab_step.py --workload conv --tasks 10 --method upgrad --against torchjd --threads 2
     python benchmarks/ab_step.py --workload mlp --tasks 40 --method mgda --against jacobian   # J-free vs J
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,13 +30,20 @@ def main() -> int:
     p.add_argument("--tasks", type=int, default=40)
     p.add_argument("--method", default="mgda")
     p.add_argument("--level", choices=["parameter", "representation"], default="parameter")
-    p.add_argument("--against", choices=["libmtl", "torchjd", "jacobian", "none"], default="libmtl",
-                   help="jacobian: mtlkit forming the T x P matrix J (keep_jacobian=True) instead of the Gramian only")
+    p.add_argument(
+        "--against",
+        choices=["libmtl", "torchjd", "jacobian", "none"],
+        default="libmtl",
+        help="jacobian: mtlkit forming the T x P matrix J (keep_jacobian=True) instead of the Gramian only",
+    )
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tune-malloc", action="store_true",
-                   help="raise glibc's malloc thresholds first, as mtlkit commands do (mtlkit.malloc)")
+    p.add_argument(
+        "--tune-malloc",
+        action="store_true",
+        help="raise glibc's malloc thresholds first, as mtlkit commands do (mtlkit.malloc)",
+    )
     args = p.parse_args()
     if args.tune_malloc:
         step_time.tune_malloc()
@@ -51,8 +59,8 @@ def main() -> int:
     torch.manual_seed(0)
     T = args.tasks
     data = build_dataset("multimnist", n_train=max(2 * args.batch, 1000), n_test=100)
-    x = data.train.x[:args.batch]
-    ys = [data.train.y["left" if t % 2 == 0 else "right"][:args.batch] for t in range(T)]
+    x = data.train.x[: args.batch]
+    ys = [data.train.y["left" if t % 2 == 0 else "right"][: args.batch] for t in range(T)]
     enc = ConvEncoder((1, 36, 36)) if args.workload == "conv" else MLPEncoder((1, 36, 36), (1024, 1024, 1024))
     model = HPS(enc, {f"t{t}": head(enc.out_features, 10) for t in range(T)})
     names = [f"t{t}" for t in range(T)]
@@ -78,12 +86,13 @@ def main() -> int:
 
     steps = {"ew": ew, "mtlkit": ours}
     if args.against == "jacobian":
+
         def theirs() -> None:
             z = model.encode(x)
             opt.zero_grad(set_to_none=True)
-            backward(losses(z)[0], shared, method.aggregator, representation=z, level=method.level,
-                     keep_jacobian=True)
+            backward(losses(z)[0], shared, method.aggregator, representation=z, level=method.level, keep_jacobian=True)
             opt.step()
+
         steps["jacobian"] = theirs
     elif args.against == "libmtl":
         lib = step_time._libmtl_weighting(args.method, args.level, model, names)
@@ -93,6 +102,7 @@ def main() -> int:
         def theirs() -> None:
             step_time._libmtl_step(lib, model, model.encode(x), x, ys, names, ce, opt)
             opt.step()
+
         steps["libmtl"] = theirs
     elif args.against == "torchjd":
         from torchjd import aggregation as A
@@ -109,6 +119,7 @@ def main() -> int:
             autojac.mtl_backward(losses(z)[1], features=z, shared_params=shared)
             autojac.jac_to_grad(shared, tj_agg)
             opt.step()
+
         steps["torchjd"] = theirs
 
     for f in steps.values():  # warm-up

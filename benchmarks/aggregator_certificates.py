@@ -25,6 +25,7 @@ Usage:
     python benchmarks/aggregator_certificates.py --tasks 2 5 50 --seeds 0 --methods upgrad dualproj
     python benchmarks/aggregator_certificates.py --out benchmarks/results/aggregator_certificates.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,14 +56,24 @@ def _kkt(name: str, agg: object, J: torch.Tensor, w: np.ndarray) -> tuple[float,
     if name == "dualproj":
         U = np.full((1, T), 1.0 / T)
         V_ref = aa.dual_cone_reference(J, U)
-        dev = aa.deviation(J, torch.from_numpy(w) @ Jt, aa.term_scale(J, torch.from_numpy(w)),
-                           torch.from_numpy(V_ref[0]) @ Jt, aa.term_scale(J, torch.from_numpy(V_ref[0])))
+        dev = aa.deviation(
+            J,
+            torch.from_numpy(w) @ Jt,
+            aa.term_scale(J, torch.from_numpy(w)),
+            torch.from_numpy(V_ref[0]) @ Jt,
+            aa.term_scale(J, torch.from_numpy(V_ref[0])),
+        )
         return (_solvers.dual_cone_kkt_residual(G, U, w[None]), aa.dual_cone_residual(G, U, w[None]), dev.relative)
     if name == "upgrad":
         U = np.eye(T) / T
         V_ref = aa.dual_cone_reference(J, U).sum(0)
-        dev = aa.deviation(J, torch.from_numpy(w) @ Jt, aa.term_scale(J, torch.from_numpy(w)),
-                           torch.from_numpy(V_ref) @ Jt, aa.term_scale(J, torch.from_numpy(V_ref)))
+        dev = aa.deviation(
+            J,
+            torch.from_numpy(w) @ Jt,
+            aa.term_scale(J, torch.from_numpy(w)),
+            torch.from_numpy(V_ref) @ Jt,
+            aa.term_scale(J, torch.from_numpy(V_ref)),
+        )
         try:  # UPGrad's own T projections, as UPGrad computes them (it returns only their sum)
             V = _solvers.dual_cone_on_gramian(J @ J.T, U, agg.norm_eps, agg.reg_eps)
             if not np.allclose(V.sum(0), w, rtol=1e-12, atol=0.0):
@@ -72,12 +83,17 @@ def _kkt(name: str, agg: object, J: torch.Tensor, w: np.ndarray) -> tuple[float,
             return nan, nan, dev.relative
     if name in ("mgda", "mgda_exact"):
         w_ref = aa.simplex_reference(J)
-        dev = aa.deviation(J, torch.from_numpy(w) @ Jt, aa.term_scale(J, torch.from_numpy(w)),
-                           torch.from_numpy(w_ref) @ Jt, aa.term_scale(J, torch.from_numpy(w_ref)))
+        dev = aa.deviation(
+            J,
+            torch.from_numpy(w) @ Jt,
+            aa.term_scale(J, torch.from_numpy(w)),
+            torch.from_numpy(w_ref) @ Jt,
+            aa.term_scale(J, torch.from_numpy(w_ref)),
+        )
         return _solvers.simplex_kkt_residual(G, w), aa.simplex_residual(G, w), dev.relative
     if name == "cagrad":
         c = agg.c
-        d_w = w * {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[agg.rescale]        # weights of d*
+        d_w = w * {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[agg.rescale]  # weights of d*
         d = torch.from_numpy(d_w) @ Jt
         r = aa.cagrad_radius(J, c)
         excess = max(0.0, float((d - Jt.mean(0)).norm()) - r) / max(r, 1e-300)
@@ -145,19 +161,20 @@ def table(name: str, rows: dict[str, dict[str, tuple[float, str]]]) -> str:
     if name == "upgrad":
         notes.append("KKT columns: UPGrad's T projections as computed by `_solvers.dual_cone_on_gramian`")
     head = f"### {name}\n\n" + "".join(f"*{n}.*\n" for n in notes) + ("\n" if notes else "")
-    lines = ["| family | KKT (mtlkit) | KKT (indep.) | ref. dev. | perm. diff | min cos |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| family | KKT (mtlkit) | KKT (indep.) | ref. dev. | perm. diff | min cos |", "|---|---|---|---|---|---|"]
     for fam, row in rows.items():
-        lines.append(f"| {fam} | " + " | ".join(_fmt(row[k]) for k in ("kkt_lib", "kkt_ind", "ref", "perm", "cos"))
-                     + " |")
+        lines.append(
+            f"| {fam} | " + " | ".join(_fmt(row[k]) for k in ("kkt_lib", "kkt_ind", "ref", "perm", "cos")) + " |"
+        )
     overall = {}
     for k in ("kkt_lib", "kkt_ind", "ref", "perm"):
         vals = [(r[k][0], f"{fam}, {r[k][1]}") for fam, r in rows.items() if not math.isnan(r[k][0])]
         overall[k] = max(vals) if vals else (float("nan"), "")
     cos_vals = [(r["cos"][0], f"{fam}, {r['cos'][1]}") for fam, r in rows.items() if not math.isnan(r["cos"][0])]
     overall["cos"] = min(cos_vals) if cos_vals else (float("nan"), "")
-    lines.append("| **all** | " + " | ".join(_fmt(overall[k]) for k in ("kkt_lib", "kkt_ind", "ref", "perm", "cos"))
-                 + " |")
+    lines.append(
+        "| **all** | " + " | ".join(_fmt(overall[k]) for k in ("kkt_lib", "kkt_ind", "ref", "perm", "cos")) + " |"
+    )
     return head + "\n".join(lines) + "\n"
 
 
@@ -171,12 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    parts = ["# Aggregator certificates (float64)\n",
-             f"`python benchmarks/aggregator_certificates.py --tasks {' '.join(map(str, args.tasks))} "
-             f"--seeds {' '.join(map(str, args.seeds))}`; torch {torch.__version__}, numpy {np.__version__}, "
-             f"scipy {scipy.__version__}; KKT_TOL = {aa.KKT_TOL:g}; P = 2T + 3. Each cell: the worst value over T "
-             f"and seeds, and where. Relative numbers are over the term scale Σ|w_t|·||g_t|| (see "
-             f"`tests/aggregation_asserts.py`).\n"]
+    parts = [
+        "# Aggregator certificates (float64)\n",
+        f"`python benchmarks/aggregator_certificates.py --tasks {' '.join(map(str, args.tasks))} "
+        f"--seeds {' '.join(map(str, args.seeds))}`; torch {torch.__version__}, numpy {np.__version__}, "
+        f"scipy {scipy.__version__}; KKT_TOL = {aa.KKT_TOL:g}; P = 2T + 3. Each cell: the worst value over T "
+        f"and seeds, and where. Relative numbers are over the term scale Σ|w_t|·||g_t|| (see "
+        f"`tests/aggregation_asserts.py`).\n",
+    ]
     print(parts[0] + "\n" + parts[1], flush=True)
     for name in args.methods:
         parts.append(table(name, measure(name, args.tasks, args.seeds)))

@@ -46,6 +46,7 @@ Floats are stored with Python's round-trip ``repr`` (json), so equality is bit e
 the number of torch threads (reduction order): ``meta.torch_num_threads`` is recorded, and ``--compare`` warns when
 the two files differ in it. The script leaves the thread count at torch's default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,18 +80,99 @@ SOURCE_CACHE_FILES = ("mnist.npz", "fashion.npz", "yeast.npz", "census.npz", "do
 TIME_KEYS = {"seconds", "train_seconds", "speed", "wall", "wall_s", "elapsed", "time", "wall_seconds"}
 #: the tiny budget of each reproduction (arguments after ``reproduce NAME``; ``--out <OUT>`` is appended)
 REPRODUCE_ARGS: dict[str, list[str]] = {
-    "mamg": ["--datasets", "yeast", "four_task", "--seeds", "0", "--epochs", "1", "--n-train", "128",
-             "--device", "cpu"],
-    "mamo": ["--dataset", "four_task", "--seeds", "0", "--n-train", "128", "--n-val", "64", "--n-test", "128",
-             "--pretrain-epochs", "1", "--rounds", "2", "--epochs-per-round", "1", "--batch-size", "64",
-             "--encoder", "mlp", "--hidden", "32", "16", "--head-hidden", "16", "--detect-batches", "2",
-             "--device", "cpu"],
+    "mamg": [
+        "--datasets",
+        "yeast",
+        "four_task",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--n-train",
+        "128",
+        "--device",
+        "cpu",
+    ],
+    "mamo": [
+        "--dataset",
+        "four_task",
+        "--seeds",
+        "0",
+        "--n-train",
+        "128",
+        "--n-val",
+        "64",
+        "--n-test",
+        "128",
+        "--pretrain-epochs",
+        "1",
+        "--rounds",
+        "2",
+        "--epochs-per-round",
+        "1",
+        "--batch-size",
+        "64",
+        "--encoder",
+        "mlp",
+        "--hidden",
+        "32",
+        "16",
+        "--head-hidden",
+        "16",
+        "--detect-batches",
+        "2",
+        "--device",
+        "cpu",
+    ],
     "mtmlan": ["--dataset", "yeast", "--seeds", "0", "--epochs", "1"],
-    "mtvib": ["--dataset", "multimnist", "--n-train", "300", "--n-test", "100", "--epochs", "1", "--seeds", "0",
-              "--batch-size", "64", "--gs-grid", "0.5", "--eta", "0", "0.1", "--attack-batch", "100"],
-    "rrmtdl": ["--dataset", "images", "census", "--pairs", "ge5_footwear", "bachelor_income", "--seeds", "0",
-               "--epochs", "1", "--n-train", "200", "--n-val", "100", "--n-test", "200", "--trunk", "mlp",
-               "--rates", "0.5", "1.0", "--batch-size", "64", "--device", "cpu"],
+    "mtvib": [
+        "--dataset",
+        "multimnist",
+        "--n-train",
+        "300",
+        "--n-test",
+        "100",
+        "--epochs",
+        "1",
+        "--seeds",
+        "0",
+        "--batch-size",
+        "64",
+        "--gs-grid",
+        "0.5",
+        "--eta",
+        "0",
+        "0.1",
+        "--attack-batch",
+        "100",
+    ],
+    "rrmtdl": [
+        "--dataset",
+        "images",
+        "census",
+        "--pairs",
+        "ge5_footwear",
+        "bachelor_income",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--n-train",
+        "200",
+        "--n-val",
+        "100",
+        "--n-test",
+        "200",
+        "--trunk",
+        "mlp",
+        "--rates",
+        "0.5",
+        "1.0",
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+    ],
 }
 REPRODUCE_TIMEOUT_S = 300
 
@@ -108,8 +190,12 @@ def state_hashes(module) -> dict[str, Any]:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
         hk.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
         numel += t.numel()
-    return {"state_sha256": h.hexdigest(), "state_keys_sha256": hk.hexdigest(), "state_tensors": len(sd),
-            "state_numel": numel}
+    return {
+        "state_sha256": h.hexdigest(),
+        "state_keys_sha256": hk.hexdigest(),
+        "state_tensors": len(sd),
+        "state_numel": numel,
+    }
 
 
 def split_hashes(data) -> dict[str, Any]:
@@ -120,8 +206,12 @@ def split_hashes(data) -> dict[str, Any]:
         for k in sorted(split.y):
             h.update(k.encode())
             h.update(split.y[k].detach().cpu().contiguous().numpy().tobytes())
-        out[s] = {"n": len(split), "x_shape": list(split.x.shape), "x_dtype": str(split.x.dtype),
-                  "sha256": h.hexdigest()}
+        out[s] = {
+            "n": len(split),
+            "x_shape": list(split.x.shape),
+            "x_dtype": str(split.x.dtype),
+            "sha256": h.hexdigest(),
+        }
     return out
 
 
@@ -149,8 +239,11 @@ def jsonable(v: Any) -> Any:
 
 def strip_times(v: Any) -> Any:
     if isinstance(v, dict):
-        return {k: strip_times(x) for k, x in v.items()
-                if not (k in TIME_KEYS or k.endswith("_seconds") or k.endswith("_time"))}
+        return {
+            k: strip_times(x)
+            for k, x in v.items()
+            if not (k in TIME_KEYS or k.endswith("_seconds") or k.endswith("_time"))
+        }
     if isinstance(v, list):
         return [strip_times(x) for x in v]
     return v
@@ -219,13 +312,13 @@ class Snapshot:
     def run_dir(self, tag: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=tag.replace("/", "_") + "-", dir=self.root))
 
-    def trainer_entry(self, dataset: dict[str, Any], model: dict[str, Any], method: dict[str, Any],
-                      train: dict[str, Any], tag: str) -> dict[str, Any]:
+    def trainer_entry(
+        self, dataset: dict[str, Any], model: dict[str, Any], method: dict[str, Any], train: dict[str, Any], tag: str
+    ) -> dict[str, Any]:
         from mtlkit.config import RunConfig
         from mtlkit.train import Trainer
 
-        d = {"dataset": dataset, "model": model, "method": method, "train": train,
-             "output": {"tensorboard": False}}
+        d = {"dataset": dataset, "model": model, "method": method, "train": train, "output": {"tensorboard": False}}
         cfg = RunConfig.from_dict(json.loads(json.dumps(d)))
         with warnings.catch_warnings(record=True) as caught, quiet():
             warnings.simplefilter("always")
@@ -236,11 +329,17 @@ class Snapshot:
             self.data_hashes[key] = (dataset["name"], split_hashes(trainer.data))
         history = [strip_times(jsonable(r)) for r in res.history]
         train_losses = [{k: v for k, v in r.items() if k.startswith("train/")} for r in history]
-        out = {"config": d, "test": jsonable(res.test), "val": jsonable(res.val), "best_epoch": jsonable(res.best_epoch),
-               "train_losses": train_losses, "history": history,
-               "parameters": sum(p.numel() for p in trainer.model.parameters()),
-               "warnings": sorted({f"{w.category.__name__}: {w.message}" for w in caught}),
-               **state_hashes(trainer.model)}
+        out = {
+            "config": d,
+            "test": jsonable(res.test),
+            "val": jsonable(res.val),
+            "best_epoch": jsonable(res.best_epoch),
+            "train_losses": train_losses,
+            "history": history,
+            "parameters": sum(p.numel() for p in trainer.model.parameters()),
+            "warnings": sorted({f"{w.category.__name__}: {w.message}" for w in caught}),
+            **state_hashes(trainer.model),
+        }
         return out
 
     def data_entries(self) -> None:
@@ -256,25 +355,65 @@ def method_cfg(name: str) -> dict[str, Any]:
 
 
 def paper_entries(s: Snapshot) -> None:
-    s.add("paper/mtvib", lambda: s.trainer_entry(
-        MULTI, {"name": "mtvib", "options": {"hidden": 128, "latent": 32, "depth": 2, "channels": 16,
-                                             "decoder_widths": [64, 32], "num_samples": 4}},
-        {"name": "mtvib"}, {**TRAIN, "epochs": 1}, "paper-mtvib"))
+    s.add(
+        "paper/mtvib",
+        lambda: s.trainer_entry(
+            MULTI,
+            {
+                "name": "mtvib",
+                "options": {
+                    "hidden": 128,
+                    "latent": 32,
+                    "depth": 2,
+                    "channels": 16,
+                    "decoder_widths": [64, 32],
+                    "num_samples": 4,
+                },
+            },
+            {"name": "mtvib"},
+            {**TRAIN, "epochs": 1},
+            "paper-mtvib",
+        ),
+    )
     ent = {"n_train": 300, "n_val": 100, "n_test": 200, "seed": SEED}
-    rr_model = {"name": "rrmtdl", "options": {"encoder": "mlp", "hidden": [64, 32], "branch_width": 32,
-                                              "proj_width": 16}}
-    s.add("paper/rrmtdl_census", lambda: s.trainer_entry(
-        {"name": "entangled_census", "options": {"pair": "bachelor_income", **ent}}, rr_model, {"name": "ew"},
-        {**TRAIN, "epochs": 2}, "paper-rrmtdl-census"))
-    s.add("paper/rrmtdl_images", lambda: s.trainer_entry(
-        {"name": "entangled_images", "options": {"pair": "ge5_footwear", **ent}}, rr_model, {"name": "ew"},
-        {**TRAIN, "epochs": 2}, "paper-rrmtdl-images"))
+    rr_model = {
+        "name": "rrmtdl",
+        "options": {"encoder": "mlp", "hidden": [64, 32], "branch_width": 32, "proj_width": 16},
+    }
+    s.add(
+        "paper/rrmtdl_census",
+        lambda: s.trainer_entry(
+            {"name": "entangled_census", "options": {"pair": "bachelor_income", **ent}},
+            rr_model,
+            {"name": "ew"},
+            {**TRAIN, "epochs": 2},
+            "paper-rrmtdl-census",
+        ),
+    )
+    s.add(
+        "paper/rrmtdl_images",
+        lambda: s.trainer_entry(
+            {"name": "entangled_images", "options": {"pair": "ge5_footwear", **ent}},
+            rr_model,
+            {"name": "ew"},
+            {**TRAIN, "epochs": 2},
+            "paper-rrmtdl-images",
+        ),
+    )
     for loss in ("bce", "sample_level"):
-        s.add(f"paper/mtmlan_yeast_{loss}", lambda loss=loss: s.trainer_entry(
-            {"name": "yeast", "options": {"seed": SEED, "loss": loss}},
-            {"name": "mtmlan", "options": {"mlp_hidden": [64], "head_hidden": 16, "hidden": 16, "attention_dim": 16}},
-            {"name": "mtmlan_tdb", "options": {"grad_at": "task_first_layer", "optimizer": "sgd", "lr": 0.01}},
-            {**TRAIN, "epochs": 2}, f"paper-mtmlan-{loss}"))
+        s.add(
+            f"paper/mtmlan_yeast_{loss}",
+            lambda loss=loss: s.trainer_entry(
+                {"name": "yeast", "options": {"seed": SEED, "loss": loss}},
+                {
+                    "name": "mtmlan",
+                    "options": {"mlp_hidden": [64], "head_hidden": 16, "hidden": 16, "attention_dim": 16},
+                },
+                {"name": "mtmlan_tdb", "options": {"grad_at": "task_first_layer", "optimizer": "sgd", "lr": 0.01}},
+                {**TRAIN, "epochs": 2},
+                f"paper-mtmlan-{loss}",
+            ),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,8 +421,16 @@ def paper_entries(s: Snapshot) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 MAMO_DATA = {"n_train": 600, "n_test": 200, "val_fraction": 0.1, "seed": SEED}
 MAMO_MODEL = {"encoder": "mlp", "hidden": [128, 64], "head_hidden": 32, "module": "gmk"}
-MAMO_SEARCH = {"method": "mgda", "rounds": 2, "pretrain_epochs": 1, "epochs_per_round": 1, "detect_batches": 2,
-               "batch_size": 64, "seed": SEED, "device": "cpu"}
+MAMO_SEARCH = {
+    "method": "mgda",
+    "rounds": 2,
+    "pretrain_epochs": 1,
+    "epochs_per_round": 1,
+    "detect_batches": 2,
+    "batch_size": 64,
+    "seed": SEED,
+    "device": "cpu",
+}
 
 
 def mamo_entry() -> dict[str, Any] | None:
@@ -347,21 +494,35 @@ def mamo_entry() -> dict[str, Any] | None:
         epochs = search["pretrain_epochs"] + search["rounds"] * search["epochs_per_round"]
         options = {**MAMO_MODEL, **{k: search[k] for k in ("rounds", "epochs_per_round", "detect_batches")}}
         with tempfile.TemporaryDirectory(prefix="mamo-") as tmp:
-            cfg = RunConfig.from_dict({
-                "dataset": {"name": "multimnist", "options": MAMO_DATA},
-                "model": {"name": "mamo", "options": options}, "method": {"name": search["method"]},
-                "train": {"epochs": epochs, "batch_size": search["batch_size"], "seed": search["seed"],
-                          "progress": False, "device": search["device"]},
-                "output": {"dir": tmp, "tensorboard": False, "overwrite": True}})
+            cfg = RunConfig.from_dict(
+                {
+                    "dataset": {"name": "multimnist", "options": MAMO_DATA},
+                    "model": {"name": "mamo", "options": options},
+                    "method": {"name": search["method"]},
+                    "train": {
+                        "epochs": epochs,
+                        "batch_size": search["batch_size"],
+                        "seed": search["seed"],
+                        "progress": False,
+                        "device": search["device"],
+                    },
+                    "output": {"dir": tmp, "tensorboard": False, "overwrite": True},
+                }
+            )
             trainer = Trainer(cfg, data=data, run_dir=tmp)
             with quiet():
                 fit = trainer.fit()
             found = json.loads((Path(tmp) / "results.json").read_text())["mamo"]
         keys = ("round", "method", "activated", "parameters", "val", "test", "Q", "q_batches")
-        return {"config": {"data": MAMO_DATA, "model": MAMO_MODEL, "search": MAMO_SEARCH},
-                "rounds": [{k: jsonable(r[k]) for k in keys} for r in found["rounds"]],
-                "architecture": jsonable(found["architecture"]), "num_parameters": trainer.model.num_parameters(),
-                "test": jsonable(fit.test), "val": jsonable(fit.val), **state_hashes(trainer.model)}
+        return {
+            "config": {"data": MAMO_DATA, "model": MAMO_MODEL, "search": MAMO_SEARCH},
+            "rounds": [{k: jsonable(r[k]) for k in keys} for r in found["rounds"]],
+            "architecture": jsonable(found["architecture"]),
+            "num_parameters": trainer.model.num_parameters(),
+            "test": jsonable(fit.test),
+            "val": jsonable(fit.val),
+            **state_hashes(trainer.model),
+        }
     from mtlkit.models.mamo import build_mamo
     from mtlkit.train import seed_everything
 
@@ -372,12 +533,28 @@ def mamo_entry() -> dict[str, Any] | None:
     cfg = mm.MAMOConfig(**MAMO_SEARCH)
     with quiet():
         res = mm.learn_mamo(model, data, cfg)
-    rounds = [{"round": r.round, "method": r.method, "activated": jsonable(r.activated), "parameters": r.parameters,
-               "val": jsonable(r.val), "test": jsonable(r.test), "Q": jsonable(r.Q), "q_batches": r.q_batches}
-              for r in res.rounds]
-    return {"config": {"data": MAMO_DATA, "model": MAMO_MODEL, "search": MAMO_SEARCH}, "rounds": rounds,
-            "architecture": jsonable(res.model.architecture()), "num_parameters": res.model.num_parameters(),
-            "test": jsonable(res.test), "val": jsonable(res.val), **state_hashes(res.model)}
+    rounds = [
+        {
+            "round": r.round,
+            "method": r.method,
+            "activated": jsonable(r.activated),
+            "parameters": r.parameters,
+            "val": jsonable(r.val),
+            "test": jsonable(r.test),
+            "Q": jsonable(r.Q),
+            "q_batches": r.q_batches,
+        }
+        for r in res.rounds
+    ]
+    return {
+        "config": {"data": MAMO_DATA, "model": MAMO_MODEL, "search": MAMO_SEARCH},
+        "rounds": rounds,
+        "architecture": jsonable(res.model.architecture()),
+        "num_parameters": res.model.num_parameters(),
+        "test": jsonable(res.test),
+        "val": jsonable(res.val),
+        **state_hashes(res.model),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -399,8 +576,7 @@ def reproduce_entry(s: Snapshot, name: str, env: dict[str, str]) -> dict[str, An
     res = out / "results.json"
     if res.is_file():
         entry["results"] = replace_paths(strip_times(json.loads(res.read_text())), roots)
-        entry["files"] = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()
-                                and f.parent == out)
+        entry["files"] = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file() and f.parent == out)
     else:
         entry["stdout"] = replace_paths(p.stdout, roots)
     if p.returncode != 0:
@@ -437,13 +613,16 @@ def record(out_path: Path, only: list[str] | None, keep: bool) -> int:
     cache, user_cache = fresh_cache(root)
     os.environ["MTLKIT_CACHE_DIR"] = str(cache)
     env = dict(os.environ)
-    print(f"mtlkit from {mtlkit.__file__}; temp root {root}; torch threads {torch.get_num_threads()}",
-          file=sys.stderr)
-    child = subprocess.run([sys.executable, "-c", "import mtlkit; print(mtlkit.__file__)"], cwd=str(root), env=env,
-                           capture_output=True, text=True).stdout.strip()
+    print(f"mtlkit from {mtlkit.__file__}; temp root {root}; torch threads {torch.get_num_threads()}", file=sys.stderr)
+    child = subprocess.run(
+        [sys.executable, "-c", "import mtlkit; print(mtlkit.__file__)"],
+        cwd=str(root),
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     if Path(child).resolve() != Path(mtlkit.__file__).resolve():
-        print(f"error: a subprocess imports mtlkit from {child}, this process from {mtlkit.__file__}",
-              file=sys.stderr)
+        print(f"error: a subprocess imports mtlkit from {child}, this process from {mtlkit.__file__}", file=sys.stderr)
         return 2
     s = Snapshot(root, only)
     try:
@@ -451,16 +630,30 @@ def record(out_path: Path, only: list[str] | None, keep: bool) -> int:
 
         methods = available_methods()
         for m in methods:
-            s.add(f"method/{m}", lambda m=m: s.trainer_entry(MULTI, {"name": "hps", "options": HPS_MLP},
-                                                             method_cfg(m), TRAIN, f"method-{m}"))
+            s.add(
+                f"method/{m}",
+                lambda m=m: s.trainer_entry(
+                    MULTI, {"name": "hps", "options": HPS_MLP}, method_cfg(m), TRAIN, f"method-{m}"
+                ),
+            )
         for m, opts in FALLBACK_OPTIONS.items():  # methods whose defaults cannot train HPS: also with options
             if m in methods:
                 tag = ",".join(f"{k}={v}" for k, v in opts.items())
-                s.add(f"method/{m}[{tag}]", lambda m=m, opts=opts: s.trainer_entry(
-                    MULTI, {"name": "hps", "options": HPS_MLP}, {"name": m, "options": opts}, TRAIN, f"method-{m}-opt"))
+                s.add(
+                    f"method/{m}[{tag}]",
+                    lambda m=m, opts=opts: s.trainer_entry(
+                        MULTI,
+                        {"name": "hps", "options": HPS_MLP},
+                        {"name": m, "options": opts},
+                        TRAIN,
+                        f"method-{m}-opt",
+                    ),
+                )
         for m in ("ew", "mgda", "stl"):
-            s.add(f"method_conv/{m}", lambda m=m: s.trainer_entry(MULTI, {"name": "hps"}, method_cfg(m), TRAIN,
-                                                                  f"method-conv-{m}"))
+            s.add(
+                f"method_conv/{m}",
+                lambda m=m: s.trainer_entry(MULTI, {"name": "hps"}, method_cfg(m), TRAIN, f"method-conv-{m}"),
+            )
         paper_entries(s)
         s.add("mamo/learn_mamo", mamo_entry)
         from mtlkit.reproduce import load_all
@@ -473,10 +666,10 @@ def record(out_path: Path, only: list[str] | None, keep: bool) -> int:
             for m in ("ew", "mgda"):
                 first = s.entries.get(f"method/{m}")
                 if first is None:
-                    first = s.trainer_entry(MULTI, {"name": "hps", "options": HPS_MLP}, method_cfg(m), TRAIN,
-                                            f"det-a-{m}")
-                again = s.trainer_entry(MULTI, {"name": "hps", "options": HPS_MLP}, method_cfg(m), TRAIN,
-                                        f"det-b-{m}")
+                    first = s.trainer_entry(
+                        MULTI, {"name": "hps", "options": HPS_MLP}, method_cfg(m), TRAIN, f"det-a-{m}"
+                    )
+                again = s.trainer_entry(MULTI, {"name": "hps", "options": HPS_MLP}, method_cfg(m), TRAIN, f"det-b-{m}")
                 diff = [p for p, _a, _b in diff_values(first, again)]
                 det[f"method/{m}"] = {"repeat_identical": not diff, "differing": diff}
                 print(f"  determinism method/{m}: {'identical' if not diff else diff}", file=sys.stderr)
@@ -485,19 +678,28 @@ def record(out_path: Path, only: list[str] | None, keep: bool) -> int:
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
-    meta = {"mtlkit_file": mtlkit.__file__, "torch_version": torch.__version__,
-            "torch_num_threads": torch.get_num_threads(), "python": sys.version.split()[0],
-            "platform": platform.platform(), "user_cache": user_cache,
-            "command": " ".join(shlex.quote(a) for a in sys.argv),
-            "pythonpath": os.environ.get("PYTHONPATH", ""), "only": only,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "total_seconds": round(time.time() - t_all, 1),
-            "entry_seconds": s.seconds}
+    meta = {
+        "mtlkit_file": mtlkit.__file__,
+        "torch_version": torch.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "user_cache": user_cache,
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "pythonpath": os.environ.get("PYTHONPATH", ""),
+        "only": only,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "total_seconds": round(time.time() - t_all, 1),
+        "entry_seconds": s.seconds,
+    }
     snap = {"format": 1, "meta": meta, "entries": jsonable(s.entries)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(snap, indent=1, sort_keys=True) + "\n")
     errors = sorted(k for k, v in s.entries.items() if isinstance(v, dict) and ("error" in v or "skipped" in v))
-    print(f"wrote {out_path} ({len(s.entries)} entries, {meta['total_seconds']:.0f}s); "
-          f"errors/skips: {errors or 'none'}", file=sys.stderr)
+    print(
+        f"wrote {out_path} ({len(s.entries)} entries, {meta['total_seconds']:.0f}s); errors/skips: {errors or 'none'}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -510,8 +712,17 @@ _MISSING = object()
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
-    return type(a) is type(b) and a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float))
-                                            and not isinstance(a, bool) and not isinstance(b, bool) and a == b)
+    return (
+        type(a) is type(b)
+        and a == b
+        or (
+            isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and not isinstance(a, bool)
+            and not isinstance(b, bool)
+            and a == b
+        )
+    )
 
 
 def diff_values(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
@@ -533,7 +744,7 @@ def _show(v: Any, width: int = 60) -> str:
     if v is _MISSING:
         return "(missing)"
     s = json.dumps(v) if not isinstance(v, str) else v
-    return s if len(s) <= width else s[:width - 3] + "..."
+    return s if len(s) <= width else s[: width - 3] + "..."
 
 
 def compare(old_path: Path, new_path: Path, ignore: list[str]) -> int:
@@ -541,8 +752,10 @@ def compare(old_path: Path, new_path: Path, ignore: list[str]) -> int:
     om, nm = old.get("meta", {}), new.get("meta", {})
     for k in ("torch_num_threads", "torch_version", "python"):
         if om.get(k) != nm.get(k):
-            print(f"warning: meta.{k} differs ({om.get(k)} vs {nm.get(k)}): float results may differ for that "
-                  f"reason alone")
+            print(
+                f"warning: meta.{k} differs ({om.get(k)} vs {nm.get(k)}): float results may differ for that "
+                f"reason alone"
+            )
     oe, ne = old.get("entries", {}), new.get("entries", {})
     rows: list[tuple[str, str, str, str]] = []
     for name in sorted(set(oe) | set(ne)):
@@ -550,8 +763,14 @@ def compare(old_path: Path, new_path: Path, ignore: list[str]) -> int:
             continue
         a, b = oe.get(name, _MISSING), ne.get(name, _MISSING)
         if a is _MISSING or b is _MISSING:
-            rows.append((name, "(whole entry)", _show(a if a is _MISSING else "present"),
-                         _show(b if b is _MISSING else "present")))
+            rows.append(
+                (
+                    name,
+                    "(whole entry)",
+                    _show(a if a is _MISSING else "present"),
+                    _show(b if b is _MISSING else "present"),
+                )
+            )
             continue
         for p, x, y in diff_values(a, b):
             rows.append((name, p, _show(x), _show(y)))
@@ -571,12 +790,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--out", type=Path, help="record a snapshot into this JSON file")
-    g.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"),
-                   help="print every entry that differs; exit 1 if any does")
-    p.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
-                   help="record only entries matching these fnmatch patterns (e.g. 'method/*')")
-    p.add_argument("--ignore", nargs="+", default=[], metavar="PATTERN",
-                   help="with --compare: leave entries matching these patterns out")
+    g.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("OLD", "NEW"),
+        help="print every entry that differs; exit 1 if any does",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="record only entries matching these fnmatch patterns (e.g. 'method/*')",
+    )
+    p.add_argument(
+        "--ignore",
+        nargs="+",
+        default=[],
+        metavar="PATTERN",
+        help="with --compare: leave entries matching these patterns out",
+    )
     p.add_argument("--keep-temp", action="store_true", help="keep the temporary run directories")
     a = p.parse_args(argv)
     if a.compare:

@@ -19,6 +19,7 @@ Usage:
     python benchmarks/step_time.py --workloads conv --tasks 2 4 --methods ew mgda pcgrad
     python benchmarks/step_time.py --out benchmarks/results/step_time.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,11 +50,12 @@ def _rss_mb() -> float:
 
 def _current_rss_mb() -> float:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_one(workload: str, T: int, method: str, level: str, impl: str, steps: int, warmup: int, batch: int,
-            threads: int) -> dict:
+def run_one(
+    workload: str, T: int, method: str, level: str, impl: str, steps: int, warmup: int, batch: int, threads: int
+) -> dict:
     import torch
 
     from mtlkit.engine.autodiff import backward, stack
@@ -81,14 +83,25 @@ def run_one(workload: str, T: int, method: str, level: str, impl: str, steps: in
         from torchjd import aggregation as A
         from torchjd import autojac
 
-        tj_aggs = {"mgda": A.MGDA, "upgrad": A.UPGrad, "pcgrad": A.PCGrad, "dualproj": A.DualProj,
-                   "imtl_g": A.IMTLG, "cagrad": getattr(A, "CAGrad", None), "nash_mtl": getattr(A, "NashMTL", None),
-                   "aligned_mtl": getattr(A, "AlignedMTL", None), "graddrop": getattr(A, "GradDrop", None),
-                   "ew": A.Sum}
+        tj_aggs = {
+            "mgda": A.MGDA,
+            "upgrad": A.UPGrad,
+            "pcgrad": A.PCGrad,
+            "dualproj": A.DualProj,
+            "imtl_g": A.IMTLG,
+            "cagrad": getattr(A, "CAGrad", None),
+            "nash_mtl": getattr(A, "NashMTL", None),
+            "aligned_mtl": getattr(A, "AlignedMTL", None),
+            "graddrop": getattr(A, "GradDrop", None),
+            "ew": A.Sum,
+        }
         if tj_aggs.get(method) is None:
             return {"skipped": f"torchjd has no {method}"}
-        agg = tj_aggs[method](0.5) if method == "cagrad" else (
-            tj_aggs[method](n_tasks=T) if method == "nash_mtl" else tj_aggs[method]())
+        agg = (
+            tj_aggs[method](0.5)
+            if method == "cagrad"
+            else (tj_aggs[method](n_tasks=T) if method == "nash_mtl" else tj_aggs[method]())
+        )
         tj = (autojac, agg)
     lib = _libmtl_weighting(method, level, model, names) if impl == "libmtl" else None
     if isinstance(lib, dict):
@@ -118,8 +131,9 @@ def run_one(workload: str, T: int, method: str, level: str, impl: str, steps: in
             for t, loss in enumerate(loss_list):
                 loss.backward(retain_graph=t < T - 1)
         else:
-            ctx = StepContext(step=i, epoch=0, shared_params=shared, last_shared_layer=model.last_shared_layer(),
-                              task_names=names)
+            ctx = StepContext(
+                step=i, epoch=0, shared_params=shared, last_shared_layer=model.last_shared_layer(), task_names=names
+            )
             weighted = m.weighting(losses, ctx)
             backward(weighted, shared, m.aggregator, representation=z if need_rep else None, level=m.level)
         opt.step()
@@ -132,8 +146,13 @@ def run_one(workload: str, T: int, method: str, level: str, impl: str, steps: in
     return {"ms": 1000 * statistics.median(times), "peak_mb": _rss_mb() - base_rss}
 
 
-LIBMTL_NAMES = {"ew": ("EW", {}), "mgda": ("MGDA", {"mgda_gn": "none"}), "pcgrad": ("PCGrad", {}),
-                "cagrad": ("CAGrad", {"calpha": 0.5, "rescale": 1}), "upgrad": ("UPGrad", {})}
+LIBMTL_NAMES = {
+    "ew": ("EW", {}),
+    "mgda": ("MGDA", {"mgda_gn": "none"}),
+    "pcgrad": ("PCGrad", {}),
+    "cagrad": ("CAGrad", {"calpha": 0.5, "rescale": 1}),
+    "upgrad": ("UPGrad", {}),
+}
 
 
 def _libmtl_weighting(method: str, level: str, model, names: list[str]):
@@ -210,25 +229,41 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", nargs="+", default=["conv", "mlp"], choices=["conv", "mlp"])
     p.add_argument("--tasks", nargs="+", type=int, help="override the T values of every workload")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="method names (default: every registered method a benchmark trains, see all_methods)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="method names (default: every registered method a benchmark trains, see all_methods)",
+    )
     p.add_argument("--levels", nargs="+", default=["parameter", "representation"])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--torchjd", action="store_true", help="also time torchjd's implementation (if importable)")
-    p.add_argument("--libmtl", action="store_true",
-                   help="also time LibMTL's implementation (GitHub version, if importable: put it on PYTHONPATH)")
-    p.add_argument("--retained-floor", action="store_true",
-                   help="also measure EW with retain_graph=True: one backward that frees nothing, the memory floor "
-                        "of any method that runs more than one backward pass over the same forward graph")
-    p.add_argument("--loop-floor", action="store_true",
-                   help="also measure EW as a plain loop of T backward passes (impl 'loop'), the time floor that "
-                        "exact parameter-level methods are held to")
+    p.add_argument(
+        "--libmtl",
+        action="store_true",
+        help="also time LibMTL's implementation (GitHub version, if importable: put it on PYTHONPATH)",
+    )
+    p.add_argument(
+        "--retained-floor",
+        action="store_true",
+        help="also measure EW with retain_graph=True: one backward that frees nothing, the memory floor "
+        "of any method that runs more than one backward pass over the same forward graph",
+    )
+    p.add_argument(
+        "--loop-floor",
+        action="store_true",
+        help="also measure EW as a plain loop of T backward passes (impl 'loop'), the time floor that "
+        "exact parameter-level methods are held to",
+    )
     p.add_argument("--out", help="write the markdown table here (and a .json beside it)")
-    p.add_argument("--tune-malloc", action="store_true",
-                   help="raise glibc's malloc thresholds in each subprocess, as mtlkit commands do (mtlkit.malloc)")
+    p.add_argument(
+        "--tune-malloc",
+        action="store_true",
+        help="raise glibc's malloc thresholds in each subprocess, as mtlkit commands do (mtlkit.malloc)",
+    )
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._one:
@@ -252,11 +287,21 @@ def main() -> int:
                     for impl in impls:
                         if level == "representation" and not _aggregates(method):
                             continue  # loss-space methods ignore the level
-                        spec = dict(workload=wl, T=T, method=method, level=level, impl=impl, steps=args.steps,
-                                    warmup=args.warmup, batch=args.batch, threads=args.threads)
+                        spec = dict(
+                            workload=wl,
+                            T=T,
+                            method=method,
+                            level=level,
+                            impl=impl,
+                            steps=args.steps,
+                            warmup=args.warmup,
+                            batch=args.batch,
+                            threads=args.threads,
+                        )
                         one = {**spec, "tune_malloc": True} if args.tune_malloc else spec
-                        proc = subprocess.run([sys.executable, __file__, "--_one", json.dumps(one)],
-                                              capture_output=True, text=True)
+                        proc = subprocess.run(
+                            [sys.executable, __file__, "--_one", json.dumps(one)], capture_output=True, text=True
+                        )
                         if proc.returncode != 0:
                             res = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
                         else:
@@ -268,20 +313,28 @@ def main() -> int:
                             row["ratio"] = res["ms"] / base["ms"]
                             row["mem_ratio"] = res["peak_mb"] / max(base["peak_mb"], 1.0)
                         rows.append(row)
-                        msg = (f"{wl} T={T} {method:12s} {level:14s} {impl:8s} " +
-                               (f"{res['ms']:8.1f} ms  x{row.get('ratio', 1):5.2f}  peak +{res['peak_mb']:7.1f} MB"
-                                if "ms" in res else str(res)))
+                        msg = f"{wl} T={T} {method:12s} {level:14s} {impl:8s} " + (
+                            f"{res['ms']:8.1f} ms  x{row.get('ratio', 1):5.2f}  peak +{res['peak_mb']:7.1f} MB"
+                            if "ms" in res
+                            else str(res)
+                        )
                         print(msg, flush=True)
-    lines = ["| workload | T | method | level | impl | ms/step | × EW | peak MB | mem × EW |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| workload | T | method | level | impl | ms/step | × EW | peak MB | mem × EW |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "ms" in r:
-            lines.append(f"| {r['workload']} | {r['T']} | {r['method']} | {r['level']} | {r['impl']} | "
-                         f"{r['ms']:.1f} | {r.get('ratio', 1):.2f} | {r['peak_mb']:.0f} | "
-                         f"{r.get('mem_ratio', 1):.2f} |")
+            lines.append(
+                f"| {r['workload']} | {r['T']} | {r['method']} | {r['level']} | {r['impl']} | "
+                f"{r['ms']:.1f} | {r.get('ratio', 1):.2f} | {r['peak_mb']:.0f} | "
+                f"{r.get('mem_ratio', 1):.2f} |"
+            )
         else:
-            lines.append(f"| {r['workload']} | {r['T']} | {r['method']} | {r['level']} | {r['impl']} | "
-                         f"{r.get('error') or r.get('skipped')} | | | |")
+            lines.append(
+                f"| {r['workload']} | {r['T']} | {r['method']} | {r['level']} | {r['impl']} | "
+                f"{r.get('error') or r.get('skipped')} | | | |"
+            )
     table = "\n".join(lines)
     print(table)
     if args.out:

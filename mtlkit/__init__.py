@@ -1,4 +1,5 @@
 """mtlkit: multi-task deep learning methods, architectures and benchmarks on real data."""
+
 from mtlkit._startup import cli_start_guard
 from mtlkit._version import __version__
 

@@ -24,6 +24,7 @@ Example:
     ...
     mtlkit.errors.ConfigError: colour 'teal' has no option(s) ['alpa']; its options are: alpha
 """
+
 from __future__ import annotations
 
 import importlib
@@ -125,8 +126,11 @@ def signature_options(obj: Any, positional: Sequence[str] = ()) -> tuple[dict[st
         if p.kind is p.VAR_KEYWORD:
             open_ended = True
         elif p.kind is not p.VAR_POSITIONAL and p.name not in reserved:
-            options[p.name] = Option(p.name, REQUIRED if p.default is p.empty else p.default,
-                                     None if p.annotation is p.empty else p.annotation)
+            options[p.name] = Option(
+                p.name,
+                REQUIRED if p.default is p.empty else p.default,
+                None if p.annotation is p.empty else p.annotation,
+            )
     return options, open_ended
 
 
@@ -197,8 +201,9 @@ class Registry(Generic[T]):
         mtlkit.errors.ConfigError: unknown shape 'circle'; valid shapes are: square
     """
 
-    def __init__(self, kind: str, packages: Sequence[str] = (), skip: Sequence[str] = (),
-                 positional: Sequence[str] = ()) -> None:
+    def __init__(
+        self, kind: str, packages: Sequence[str] = (), skip: Sequence[str] = (), positional: Sequence[str] = ()
+    ) -> None:
         self.kind = kind
         self.packages = tuple(packages)
         self.skip = tuple(skip)
@@ -234,6 +239,7 @@ class Registry(Generic[T]):
             ValueError: thing 'f' is registered twice (builtins.len, then builtins.max)
         """
         if obj is None:
+
             def deco(o: T) -> T:
                 self.register(name, o, **meta)
                 return o
@@ -318,8 +324,9 @@ class Registry(Generic[T]):
             return
         bad = [k for k in options if k not in entry.options]
         if bad:
-            raise ConfigError(f"{self.kind} {name!r} has no option(s) {bad}; its options are: "
-                              f"{', '.join(entry.options) or '(none)'}")
+            raise ConfigError(
+                f"{self.kind} {name!r} has no option(s) {bad}; its options are: {', '.join(entry.options) or '(none)'}"
+            )
 
     def build(self, name: str, *args: Any, **options: Any) -> Any:
         """:meth:`check` ``options``, then call the object: ``obj(*args, **options)`` (``args``: the positional
@@ -329,8 +336,10 @@ class Registry(Generic[T]):
 
 
 def _where(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', None) or type(obj).__module__}." \
-           f"{getattr(obj, '__qualname__', None) or type(obj).__qualname__}"
+    return (
+        f"{getattr(obj, '__module__', None) or type(obj).__module__}."
+        f"{getattr(obj, '__qualname__', None) or type(obj).__qualname__}"
+    )
 
 
 #: Multi-task methods (:mod:`mtlkit.methods`): Aggregator and Weighting classes, composites, user factories.
@@ -340,10 +349,22 @@ MODELS: Registry[Any] = Registry("model", packages=("mtlkit.models",), skip=("ba
 #: Datasets (:mod:`mtlkit.data`): builders ``(**options) -> MTLData``.
 DATASETS: Registry[Any] = Registry("dataset", packages=("mtlkit.data",), skip=("sources", "multimnist"))
 #: Per-task metrics (:mod:`mtlkit.metrics`): ``fn(head output, target, task) -> float``, meta ``higher_is_better``.
-METRICS: Registry[Any] = Registry("metric", packages=("mtlkit.metrics", "mtlkit.metrics.multilabel"),
-                                  positional=("output", "target", "task"))
+METRICS: Registry[Any] = Registry(
+    "metric", packages=("mtlkit.metrics", "mtlkit.metrics.multilabel"), positional=("output", "target", "task")
+)
 #: Paper reproductions (:mod:`mtlkit.reproduce`), run by ``mtlkit reproduce NAME``.
 REPRODUCTIONS: Registry[Any] = Registry("reproduction", packages=("mtlkit.reproduce",))
 
-__all__ = ["DATASETS", "METHODS", "METRICS", "MODELS", "REPRODUCTIONS", "REQUIRED", "Entry", "Option", "Registry",
-           "import_submodules", "signature_options"]
+__all__ = [
+    "DATASETS",
+    "METHODS",
+    "METRICS",
+    "MODELS",
+    "REPRODUCTIONS",
+    "REQUIRED",
+    "Entry",
+    "Option",
+    "Registry",
+    "import_submodules",
+    "signature_options",
+]

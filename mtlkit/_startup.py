@@ -6,6 +6,7 @@ and inside a C extension's initialisation it can even surface as an unrelated Im
 SIGINT ends the process at once with one line and status 130 (nothing has been written yet); a library import of
 ``mtlkit`` is left alone, as is ``MTLKIT_DEBUG=1`` / ``--debug``.
 """
+
 from __future__ import annotations
 
 import contextlib

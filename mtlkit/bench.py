@@ -9,6 +9,7 @@ Example:
     >>> round(m, 6), round(s, 6)
     (0.85, 0.05)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,49 +50,76 @@ def __getattr__(name: str) -> Any:
 
 
 def add_zoo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="multimnist",
-                   help="dataset name (`mtlkit methods` lists them); the table shows each task's first metric")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="method names (`mtlkit methods`; default: every registered method but those marked "
-                        "zoo=False, e.g. ones that need options or a model of their own); STL is always added as "
-                        "the Δm baseline")
-    p.add_argument("--scale", choices=["native", "sum"], default="native",
-                   help="native: each method's own output scale (`mtlkit methods` shows it); sum: mean-, convex- and "
-                        "affine-scale updates multiplied by T, so that every method steps on EW's scale with the same "
-                        "learning rate (methods whose scale cannot be put there are left out of the default list, and "
-                        "refused when named)")
+    p.add_argument(
+        "--dataset",
+        default="multimnist",
+        help="dataset name (`mtlkit methods` lists them); the table shows each task's first metric",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="method names (`mtlkit methods`; default: every registered method but those marked "
+        "zoo=False, e.g. ones that need options or a model of their own); STL is always added as "
+        "the Δm baseline",
+    )
+    p.add_argument(
+        "--scale",
+        choices=["native", "sum"],
+        default="native",
+        help="native: each method's own output scale (`mtlkit methods` shows it); sum: mean-, convex- and "
+        "affine-scale updates multiplied by T, so that every method steps on EW's scale with the same "
+        "learning rate (methods whose scale cannot be put there are left out of the default list, and "
+        "refused when named)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per method and seed")
     p.add_argument("--epochs", type=int, default=10, help="training epochs, the same for every method")
     p.add_argument("--n-train", type=int, default=120_000, help="training+validation images (full: 120000)")
     p.add_argument("--n-test", type=int, default=10_000, help="test images (full: 10000)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's choice)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs trained at once, each in its own process (use with --threads: jobs x threads <= cores; "
-                        "on 2 cores, 2 jobs of 1 thread ran 1.07x the training steps per second of 1 job of 2 threads "
-                        "on the conv model)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each in its own process (use with --threads: jobs x threads <= cores; "
+        "on 2 cores, 2 jobs of 1 thread ran 1.07x the training steps per second of 1 job of 2 threads "
+        "on the conv model)",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--batch-size", type=int, default=256, help="training batch size")
     p.add_argument("--out", default="runs/zoo", help="output directory (tables, PNG, one run dir per method/seed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
-    p.add_argument("--no-train", action="store_true",
-                   help="train nothing: tabulate the finished runs found in --out (implies --reuse) and list the "
-                        "missing ones, e.g. to look at a zoo that is still running elsewhere")
-    p.add_argument("--reuse", action="store_true",
-                   help="reuse finished runs found in --out instead of retraining, and resume stopped ones from their "
-                        "checkpoint (only runs of the same config: another budget is an error, not a silent mix)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="retrain every run of this zoo found in --out and replace its table (without --reuse or "
-                        "--overwrite, an --out that already holds any of them is refused before anything is trained)")
+    p.add_argument(
+        "--no-train",
+        action="store_true",
+        help="train nothing: tabulate the finished runs found in --out (implies --reuse) and list the "
+        "missing ones, e.g. to look at a zoo that is still running elsewhere",
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse finished runs found in --out instead of retraining, and resume stopped ones from their "
+        "checkpoint (only runs of the same config: another budget is an error, not a silent mix)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain every run of this zoo found in --out and replace its table (without --reuse or "
+        "--overwrite, an --out that already holds any of them is refused before anything is trained)",
+    )
 
 
 def summarize(results: dict[str, list[dict[str, float]]], keys: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
     """``{method: {key: (mean, std)}}`` over seeds (population std)."""
-    return {m: {k: (float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs]))) for k in keys}
-            for m, rs in results.items()}
+    return {
+        m: {k: (float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs]))) for k in keys}
+        for m, rs in results.items()
+    }
 
 
-def zoo_table(results: dict[str, list[dict[str, float]]], task_metrics: list[tuple[str, bool]],
-              baseline: str = "stl") -> tuple[str, dict[str, Any]]:
+def zoo_table(
+    results: dict[str, list[dict[str, float]]], task_metrics: list[tuple[str, bool]], baseline: str = "stl"
+) -> tuple[str, dict[str, Any]]:
     """Markdown table (accuracies in %) and the numbers behind it; Δm per seed against the mean STL row."""
     keys = [k for k, _ in task_metrics]
     summary = summarize(results, keys)
@@ -101,8 +129,7 @@ def zoo_table(results: dict[str, list[dict[str, float]]], task_metrics: list[tup
     for m, rs in results.items():
         # A standard deviation needs two seeds: one seed shows the value alone (a partial table can mix both).
         spread = len(rs) > 1
-        cells = [f"{100 * summary[m][k][0]:.2f}" + (f" ± {100 * summary[m][k][1]:.2f}" if spread else "")
-                 for k in keys]
+        cells = [f"{100 * summary[m][k][0]:.2f}" + (f" ± {100 * summary[m][k][1]:.2f}" if spread else "") for k in keys]
         if base is not None:
             dms = [delta_m([r[k] for k in keys], base, [h for _, h in task_metrics]) for r in rs]
             mean = round(float(np.mean(dms)), 2) + 0.0  # + 0.0 makes -0.0 plain 0.0: STL's row reads +0.00, not -0.00
@@ -127,8 +154,10 @@ def budget_notes(methods: list[str], epochs: int) -> str:
     for m in methods:
         n = build_method(m).weighting.equal_weight_epochs
         if epochs <= n:
-            notes.append(f"* {m}: every weight is 1 in its first {n} epochs, so with {epochs} epoch"
-                         f"{'s' if epochs != 1 else ''} it trained exactly as EW.")
+            notes.append(
+                f"* {m}: every weight is 1 in its first {n} epochs, so with {epochs} epoch"
+                f"{'s' if epochs != 1 else ''} it trained exactly as EW."
+            )
     return "\n\n" + "\n".join(notes) if notes else ""
 
 
@@ -142,8 +171,12 @@ def plot_zoo(numbers: dict[str, Any], keys: list[str], path: Path, title: str) -
     import matplotlib.pyplot as plt
 
     methods = list(numbers)
-    fig, (ax, axd) = plt.subplots(1, 2, figsize=(max(8, 0.7 * len(methods) * len(keys) + 0.35 * len(methods) + 2), 4),
-                                  gridspec_kw={"width_ratios": [len(keys), 1]})
+    fig, (ax, axd) = plt.subplots(
+        1,
+        2,
+        figsize=(max(8, 0.7 * len(methods) * len(keys) + 0.35 * len(methods) + 2), 4),
+        gridspec_kw={"width_ratios": [len(keys), 1]},
+    )
     width = 0.8 / len(keys)
     for i, k in enumerate(keys):
         means = [100 * numbers[m]["summary"][k][0] for m in methods]
@@ -159,8 +192,13 @@ def plot_zoo(numbers: dict[str, Any], keys: list[str], path: Path, title: str) -
     dm = [(m, numbers[m]["delta_m"]) for m in methods if numbers[m]["delta_m"]]
     if dm:
         y = np.arange(len(dm))
-        axd.barh(y, [np.mean(d) for _, d in dm], xerr=[np.std(d) for _, d in dm], capsize=2,
-                 color=["tab:green" if np.mean(d) < 0 else "tab:red" for _, d in dm])
+        axd.barh(
+            y,
+            [np.mean(d) for _, d in dm],
+            xerr=[np.std(d) for _, d in dm],
+            capsize=2,
+            color=["tab:green" if np.mean(d) < 0 else "tab:red" for _, d in dm],
+        )
         axd.set_yticks(y, [m for m, _ in dm])
         axd.invert_yaxis()
         axd.axvline(0, color="black", linewidth=0.8)
@@ -254,8 +292,9 @@ def _other_config(run_dir: Path, cfg: RunConfig) -> str | None:
     return ", ".join(f"{k}: {look(saved, k)!r} there, {look(requested, k)!r} requested" for k in diff) or None
 
 
-def _check_out_dir(out: Path, plan: list[tuple[int, str, Path, RunConfig]], dataset: str, reuse: bool,
-                   overwrite: bool) -> None:
+def _check_out_dir(
+    out: Path, plan: list[tuple[int, str, Path, RunConfig]], dataset: str, reuse: bool, overwrite: bool
+) -> None:
     """Refuse, before anything is trained, an ``--out`` whose contents this zoo would replace without being asked:
     its runs or table (unless ``--reuse``, which keeps runs of the same config, or ``--overwrite``) and any directory
     at a run's path that is not an mtlkit run (always)."""
@@ -267,8 +306,10 @@ def _check_out_dir(out: Path, plan: list[tuple[int, str, Path, RunConfig]], data
     present = [(run_dir, cfg) for _, _, run_dir, cfg in plan if run_dir.is_dir() and any(run_dir.iterdir())]
     foreign = [str(d) for d, _ in present if not ((d / MARKER).is_file() or (d / LOCK).is_file())]
     if foreign:
-        raise ConfigError(f"refusing to write into {', '.join(foreign)}: not an mtlkit run directory (no {MARKER} "
-                          f"file); move it away or use another --out")
+        raise ConfigError(
+            f"refusing to write into {', '.join(foreign)}: not an mtlkit run directory (no {MARKER} "
+            f"file); move it away or use another --out"
+        )
     if reuse or overwrite:
         return
     tables = [f.name for f in _zoo_files(out, dataset) if f.exists()]
@@ -276,18 +317,28 @@ def _check_out_dir(out: Path, plan: list[tuple[int, str, Path, RunConfig]], data
         return
     other = [(d, why) for d, cfg in present for why in [_other_config(d, cfg)] if why]
     names = [d.name for d, _ in present]
-    parts = [f"{len(names)} run{'s' if len(names) != 1 else ''} of this zoo ({', '.join(names[:3])}"
-             f"{', ...' if len(names) > 3 else ''})"] if names else []
+    parts = (
+        [
+            f"{len(names)} run{'s' if len(names) != 1 else ''} of this zoo ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''})"
+        ]
+        if names
+        else []
+    )
     held = " and ".join(parts + ([f"a zoo table ({tables[0]})"] if tables else []))
     if other:
         d, why = other[0]
         which = "the runs were" if len(other) == len(present) else f"{len(other)} of the runs were"
-        raise ConfigError(f"{out} already holds {held}; {which} trained with another config ({d.name}: {why}); "
-                          f"nothing was trained. Pass --overwrite to retrain them and replace the table, or use "
-                          f"another --out")
-    raise ConfigError(f"{out} already holds {held}; nothing was trained. Pass --reuse to keep the finished runs of "
-                      f"this config and continue the stopped ones, --overwrite to retrain them and replace the "
-                      f"table, or use another --out")
+        raise ConfigError(
+            f"{out} already holds {held}; {which} trained with another config ({d.name}: {why}); "
+            f"nothing was trained. Pass --overwrite to retrain them and replace the table, or use "
+            f"another --out"
+        )
+    raise ConfigError(
+        f"{out} already holds {held}; nothing was trained. Pass --reuse to keep the finished runs of "
+        f"this config and continue the stopped ones, --overwrite to retrain them and replace the "
+        f"table, or use another --out"
+    )
 
 
 def run_zoo(args: argparse.Namespace) -> int:
@@ -304,8 +355,10 @@ def run_zoo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     overwrite = bool(getattr(args, "overwrite", False))
     if overwrite and (args.reuse or args.no_train):
-        raise ConfigError(f"--overwrite retrains every run, {'--reuse' if args.reuse else '--no-train'} keeps them: "
-                          f"pass one of the two")
+        raise ConfigError(
+            f"--overwrite retrains every run, {'--reuse' if args.reuse else '--no-train'} keeps them: "
+            f"pass one of the two"
+        )
     out = Path(args.out)
     scale = getattr(args, "scale", "native")
     if scale not in ("native", "sum"):
@@ -319,12 +372,22 @@ def run_zoo(args: argparse.Namespace) -> int:
     for seed in args.seeds:  # seed-major order: an interrupted zoo leaves complete seeds (and a partial table)
         for m in methods:
             run_dir = out / f"{args.dataset}-{m}-s{seed}"
-            cfg = RunConfig.from_dict({
-                "dataset": {"name": args.dataset, "options": {"n_train": args.n_train, "n_test": args.n_test}},
-                "method": {"name": m, "scale": scale},
-                "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "optimizer": "adam",
-                          "seed": seed, "num_threads": args.threads, "progress": False},
-                "output": {"dir": str(run_dir), "overwrite": True, "tensorboard": False}})
+            cfg = RunConfig.from_dict(
+                {
+                    "dataset": {"name": args.dataset, "options": {"n_train": args.n_train, "n_test": args.n_test}},
+                    "method": {"name": m, "scale": scale},
+                    "train": {
+                        "epochs": args.epochs,
+                        "lr": args.lr,
+                        "batch_size": args.batch_size,
+                        "optimizer": "adam",
+                        "seed": seed,
+                        "num_threads": args.threads,
+                        "progress": False,
+                    },
+                    "output": {"dir": str(run_dir), "overwrite": True, "tensorboard": False},
+                }
+            )
             cfg = cfg.override(list(args.set))
             check_run_config(cfg)
             plan.append((seed, m, run_dir, cfg))
@@ -346,15 +409,20 @@ def run_zoo(args: argparse.Namespace) -> int:
             f.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    scale_text = ("scale native (each method's own output scale, `mtlkit methods`)" if scale == "native" else
-                  "scale sum (mean-, convex- and affine-scale updates x T: every method on EW's scale)")
+    scale_text = (
+        "scale native (each method's own output scale, `mtlkit methods`)"
+        if scale == "native"
+        else "scale sum (mean-, convex- and affine-scale updates x T: every method on EW's scale)"
+    )
 
     def header(partial: bool) -> str:
-        return (f"Method zoo on {args.dataset} ({origin}{len(data.train)} train / {len(data.val)} val / "
-                f"{len(data.test)} test images), HPS encoder, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, "
-                f"Adam lr {args.lr}, batch {args.batch_size}, {'partial; ' if partial else ''}seeds {args.seeds}, "
-                f"{scale_text}; test accuracy (%) of the validation-selected epoch, mean ± std; Δm vs STL, lower is "
-                f"better.\n\n")
+        return (
+            f"Method zoo on {args.dataset} ({origin}{len(data.train)} train / {len(data.val)} val / "
+            f"{len(data.test)} test images), HPS encoder, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, "
+            f"Adam lr {args.lr}, batch {args.batch_size}, {'partial; ' if partial else ''}seeds {args.seeds}, "
+            f"{scale_text}; test accuracy (%) of the validation-selected epoch, mean ± std; Δm vs STL, lower is "
+            f"better.\n\n"
+        )
 
     def results() -> dict[str, list[dict[str, float]]]:
         """Finished runs by method, in the zoo's method order and seed order."""
@@ -370,16 +438,21 @@ def run_zoo(args: argparse.Namespace) -> int:
         table, numbers = zoo_table(results(), task_metrics)
         table += budget_notes(methods, args.epochs)
         if left_out:
-            table += ("\n\nLeft out of the default list at scale sum (their update cannot be put on the sum scale): "
-                      + ", ".join(left_out) + ".")
+            table += (
+                "\n\nLeft out of the default list at scale sum (their update cannot be put on the sum scale): "
+                + ", ".join(left_out)
+                + "."
+            )
         if missing:
             table += "\n\nNot trained yet: " + ", ".join(missing) + "."
         return header(partial) + table + "\n", numbers
 
     def finish(seed: int, m: str, test: dict[str, float]) -> None:
         done[(seed, m)] = test
-        print(f"{m} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k.endswith("accuracy")),
-              flush=True)
+        print(
+            f"{m} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k.endswith("accuracy")),
+            flush=True,
+        )
         (out / f"zoo_{args.dataset}_partial.md").write_text(page(partial=True, missing=[])[0])
 
     missing: list[str] = []
@@ -393,8 +466,12 @@ def run_zoo(args: argparse.Namespace) -> int:
         for seed, m, cfg_dict, resume in todo:
             finish(seed, m, _train(cfg_dict, resume))
     elif todo:
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), initializer=_import_all,
-                                 initargs=(_registering_modules(),)) as pool:
+        with ProcessPoolExecutor(
+            max_workers=args.jobs,
+            mp_context=get_context("spawn"),
+            initializer=_import_all,
+            initargs=(_registering_modules(),),
+        ) as pool:
             # Submitted as workers free up (not all at once), so that a failed run stops the rest of the queue.
             pending: dict[Future, tuple[int, str]] = {}
             queue = list(todo)
@@ -411,8 +488,7 @@ def run_zoo(args: argparse.Namespace) -> int:
     text, numbers = page(partial=bool(missing), missing=missing)
     (out / f"zoo_{args.dataset}.md").write_text(text)
     (out / f"zoo_{args.dataset}.json").write_text(json.dumps(numbers, indent=2))
-    plot_zoo(numbers, [k for k, _ in task_metrics], out / f"zoo_{args.dataset}.png",
-             f"{args.dataset} (scale {scale})")
+    plot_zoo(numbers, [k for k, _ in task_metrics], out / f"zoo_{args.dataset}.png", f"{args.dataset} (scale {scale})")
     if not missing:
         (out / f"zoo_{args.dataset}_partial.md").unlink(missing_ok=True)
     print(text)

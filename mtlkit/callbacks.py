@@ -35,6 +35,7 @@ Example:
     >>> CountSteps().state_dict()
     {'steps': 0}
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -4,6 +4,7 @@ Example:
     >>> build_parser().parse_args(["train", "--method", "mgda"]).method
     'mgda'
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,21 +19,35 @@ from mtlkit.errors import ConfigError, MTLKitError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtlkit", description="Multi-task learning: methods, architectures, benchmarks.")
     p.add_argument("--cache-dir", help="dataset cache directory (sets MTLKIT_CACHE_DIR)")
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback of any error instead of one line (also MTLKIT_DEBUG=1)")
-    p.add_argument("--import", dest="imports", action="append", default=[], type=_import_module, metavar="MODULE",
-                   help="import this Python module (on sys.path, e.g. PYTHONPATH=.) before the command runs, so that "
-                        "the methods, models, datasets and metrics it registers can be used (repeatable)")
+    p.add_argument(
+        "--debug", action="store_true", help="show the traceback of any error instead of one line (also MTLKIT_DEBUG=1)"
+    )
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        type=_import_module,
+        metavar="MODULE",
+        help="import this Python module (on sys.path, e.g. PYTHONPATH=.) before the command runs, so that "
+        "the methods, models, datasets and metrics it registers can be used (repeatable)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model (no arguments: the embedded default on a reduced MultiMNIST)",
-                       description="Train with a YAML config; flags override it. With no config the embedded default "
-                                   "(MultiMNIST, 20k images, HPS + EW, 3 epochs) is used.")
+    t = sub.add_parser(
+        "train",
+        help="train a model (no arguments: the embedded default on a reduced MultiMNIST)",
+        description="Train with a YAML config; flags override it. With no config the embedded default "
+        "(MultiMNIST, 20k images, HPS + EW, 3 epochs) is used.",
+    )
     t.add_argument("--config", help="YAML run config (see configs/)")
     t.add_argument("--method", help="method name (see `mtlkit methods`)")
-    t.add_argument("--dataset", help="dataset name (`mtlkit methods` lists them); each brings its own defaults "
-                                     "(options, model, batch size, epochs: mtlkit/configs/datasets.yaml) beneath "
-                                     "--config and the other flags")
+    t.add_argument(
+        "--dataset",
+        help="dataset name (`mtlkit methods` lists them); each brings its own defaults "
+        "(options, model, batch size, epochs: mtlkit/configs/datasets.yaml) beneath "
+        "--config and the other flags",
+    )
     t.add_argument("--model", help="model name")
     t.add_argument("--seed", type=int)
     t.add_argument("--epochs", type=int)
@@ -40,30 +55,52 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     t.add_argument("--level", choices=["parameter", "representation"], help="where aggregators work")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set method.options.c=0.4 (repeatable)")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set method.options.c=0.4 (repeatable)",
+    )
     t.add_argument("--run-dir", help="output directory (default runs/<dataset>-<method>-s<seed>)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    t.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (without it: a bar on a terminal, a plain line every 30 s otherwise)")
+    t.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (without it: a bar on a terminal, a plain line every 30 s otherwise)",
+    )
 
     from mtlkit.robustness import DEFAULT_EPS
 
     grid = " ".join(f"{v:g}" for v in DEFAULT_EPS)
-    e = sub.add_parser("eval", help="evaluate a saved run on its test split (optionally under attack)",
-                       description="Evaluate a saved run's validation-selected model, clean or under FGSM/PGD. The "
-                                   "results are printed and written to RUN_DIR/eval_<split>_<attack>.json "
-                                   "(_<task> added with --target-task); an existing file is kept unless --overwrite.")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a saved run on its test split (optionally under attack)",
+        description="Evaluate a saved run's validation-selected model, clean or under FGSM/PGD. The "
+        "results are printed and written to RUN_DIR/eval_<split>_<attack>.json "
+        "(_<task> added with --target-task); an existing file is kept unless --overwrite.",
+    )
     e.add_argument("run_dir", help="a finished run directory (mtlkit train --run-dir)")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--attack", choices=["none", "fgsm", "pgd"], default="none")
-    e.add_argument("--eps", type=_attack_strength, nargs="+", default=None, metavar="ETA",
-                   help=f"attack strengths on [0,1] pixels, finite and >= 0 (fgsm/pgd only; default {grid}: the grid "
-                        f"of MTVIB's Tables III/IV, η = 0 being the clean input)")
+    e.add_argument(
+        "--eps",
+        type=_attack_strength,
+        nargs="+",
+        default=None,
+        metavar="ETA",
+        help=f"attack strengths on [0,1] pixels, finite and >= 0 (fgsm/pgd only; default {grid}: the grid "
+        f"of MTVIB's Tables III/IV, η = 0 being the clean input)",
+    )
     e.add_argument("--target-task", help="attack one task's loss instead of the summed loss (fgsm/pgd only)")
-    e.add_argument("--pgd-steps", type=_positive_int, default=None, metavar="N",
-                   help="signed-gradient steps of PGD, >= 1 (--attack pgd only; default 10)")
+    e.add_argument(
+        "--pgd-steps",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="signed-gradient steps of PGD, >= 1 (--attack pgd only; default 10)",
+    )
     e.add_argument("--overwrite", action="store_true", help="replace an existing results file of the same evaluation")
 
     d = sub.add_parser("data", help="fetch and inspect the cached datasets")
@@ -73,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--force", action="store_true", help="rebuild the cached arrays")
     dsub.add_parser("list", help="list cached files")
 
-    m = sub.add_parser("methods", help="list the methods (options, defaults, summary), models and datasets; or "
-                                       "document the named methods")
+    m = sub.add_parser(
+        "methods",
+        help="list the methods (options, defaults, summary), models and datasets; or document the named methods",
+    )
     m.add_argument("names", nargs="*", help="methods to document in full (paper, equations, choices, options)")
 
     r = sub.add_parser("reproduce", help="re-run a paper's experiments on the data we have")
@@ -113,12 +152,22 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume and not args.run_dir:
         raise MTLKitError("--resume needs --run-dir (the run to continue)")
     if args.resume and args.overwrite:
-        raise MTLKitError("--resume and --overwrite contradict each other: --resume continues the run in --run-dir, "
-                          "--overwrite deletes it and trains afresh; pass one of them")
+        raise MTLKitError(
+            "--resume and --overwrite contradict each other: --resume continues the run in --run-dir, "
+            "--overwrite deletes it and trains afresh; pass one of them"
+        )
     sets = list(args.set)
-    for flag, key in (("method", "method.name"), ("dataset", "dataset.name"), ("model", "model.name"),
-                      ("seed", "train.seed"), ("epochs", "train.epochs"), ("lr", "train.lr"),
-                      ("batch_size", "train.batch_size"), ("device", "train.device"), ("level", "method.level")):
+    for flag, key in (
+        ("method", "method.name"),
+        ("dataset", "dataset.name"),
+        ("model", "model.name"),
+        ("seed", "train.seed"),
+        ("epochs", "train.epochs"),
+        ("lr", "train.lr"),
+        ("batch_size", "train.batch_size"),
+        ("device", "train.device"),
+        ("level", "method.level"),
+    ):
         v = getattr(args, flag)
         if v is not None:
             sets.append(f"{key}={v}")
@@ -131,13 +180,17 @@ def _train(args: argparse.Namespace) -> int:
     # Layered and checked before any data is loaded (RunConfig.resolve): the chosen dataset's defaults beneath
     # --config and the flags; a run's own config.yaml is complete, so a resume gets no dataset defaults beneath it.
     resuming = args.resume and not args.config
-    cfg = RunConfig.resolve(Path(args.run_dir) / "config.yaml" if resuming else args.config, sets,
-                            dataset_defaults=not resuming)
+    cfg = RunConfig.resolve(
+        Path(args.run_dir) / "config.yaml" if resuming else args.config, sets, dataset_defaults=not resuming
+    )
     check_run_dir(cfg, resume=args.resume)  # run-directory errors before the (maybe long) dataset build
     trainer = Trainer(cfg)
-    print(f"mtlkit: {cfg.dataset.name} ({len(trainer.data.train)} train / {len(trainer.data.val)} val / "
-          f"{len(trainer.data.test)} test), model {cfg.model.name}, method {cfg.method.name}, device {trainer.device}, "
-          f"run dir {trainer.run_dir}", file=sys.stderr)
+    print(
+        f"mtlkit: {cfg.dataset.name} ({len(trainer.data.train)} train / {len(trainer.data.val)} val / "
+        f"{len(trainer.data.test)} test), model {cfg.model.name}, method {cfg.method.name}, device {trainer.device}, "
+        f"run dir {trainer.run_dir}",
+        file=sys.stderr,
+    )
     try:
         res = trainer.fit(resume=args.resume)
     except KeyboardInterrupt:  # Ctrl-C: say what was kept and how to go on, instead of a traceback
@@ -147,17 +200,27 @@ def _train(args: argparse.Namespace) -> int:
         ck = trainer.run_dir / "checkpoint.pt"
         done = checkpoint_meta(ck)  # what the (verified) checkpoint holds: {"epoch": finished, "batch": or None}
         if done:
-            at = (f"batch {done['batch']} of epoch {done['epoch'] + 1}" if done.get("batch")
-                  else f"the end of epoch {done['epoch']}")
-            print(f"\nmtlkit: interrupted; {ck} holds the run as of {at}. Continue it with:\n"
-                  f"  {resume_command(trainer.run_dir, cfg)}", file=sys.stderr)
+            at = (
+                f"batch {done['batch']} of epoch {done['epoch'] + 1}"
+                if done.get("batch")
+                else f"the end of epoch {done['epoch']}"
+            )
+            print(
+                f"\nmtlkit: interrupted; {ck} holds the run as of {at}. Continue it with:\n"
+                f"  {resume_command(trainer.run_dir, cfg)}",
+                file=sys.stderr,
+            )
         else:
-            print(f"\nmtlkit: interrupted before the first checkpoint; nothing to resume in {trainer.run_dir}",
-                  file=sys.stderr)
+            print(
+                f"\nmtlkit: interrupted before the first checkpoint; nothing to resume in {trainer.run_dir}",
+                file=sys.stderr,
+            )
         return 130
     per_task = " per task" if isinstance(res.best_epoch, dict) else ""
-    print(f"\nTest results ({cfg.dataset.name}, {cfg.method.name}, seed {cfg.train.seed}, {cfg.train.epochs} epochs; "
-          f"model selected on validation{per_task}; {res.seconds:.0f}s):")
+    print(
+        f"\nTest results ({cfg.dataset.name}, {cfg.method.name}, seed {cfg.train.seed}, {cfg.train.epochs} epochs; "
+        f"model selected on validation{per_task}; {res.seconds:.0f}s):"
+    )
     print(format_results(trainer.tasks, res.test, res.best_epoch))
     print(f"\nrun directory: {res.run_dir}")
     return 0
@@ -198,17 +261,23 @@ def _eval(args: argparse.Namespace) -> int:
     applies = {"none": (), "fgsm": ("--eps", "--target-task"), "pgd": ("--eps", "--target-task", "--pgd-steps")}
     bad = [f for f, v in ignored.items() if v is not None and f not in applies[args.attack]]
     if bad:
-        raise ConfigError(f"{' and '.join(bad)} {'does' if len(bad) == 1 else 'do'} not apply to --attack "
-                          f"{args.attack}" + (" (the inputs are clean)" if args.attack == "none" else "")
-                          + "; " + ("choose --attack fgsm or pgd" if args.attack == "none" else "use --attack pgd"))
+        raise ConfigError(
+            f"{' and '.join(bad)} {'does' if len(bad) == 1 else 'do'} not apply to --attack "
+            f"{args.attack}"
+            + (" (the inputs are clean)" if args.attack == "none" else "")
+            + "; "
+            + ("choose --attack fgsm or pgd" if args.attack == "none" else "use --attack pgd")
+        )
     eps = list(dict.fromkeys(args.eps)) if args.eps else [0.0] if args.attack == "none" else list(DEFAULT_EPS)
     run = check_run_dir(args.run_dir)
     path = eval_result_path(run, args.split, args.attack, args.target_task)
     if path.exists() and not args.overwrite:
-        raise ConfigError(f"{path} exists (an earlier mtlkit eval of this split and attack); pass --overwrite to "
-                          f"replace it")
-    out = evaluate_run(run, split=args.split, attack=args.attack, eps=eps, target_task=args.target_task,
-                       pgd_steps=args.pgd_steps or 10)
+        raise ConfigError(
+            f"{path} exists (an earlier mtlkit eval of this split and attack); pass --overwrite to replace it"
+        )
+    out = evaluate_run(
+        run, split=args.split, attack=args.attack, eps=eps, target_task=args.target_task, pgd_steps=args.pgd_steps or 10
+    )
     text = json.dumps(out, indent=2)
     atomic_write_text(path, text + "\n")  # written whole, then renamed: never a half-written results file
     print(text)
@@ -239,10 +308,12 @@ def _methods(args: argparse.Namespace) -> int:
     if args.names:
         print("\n\n".join(describe_method(n, detail=True) for n in args.names))
         return 0
-    print("methods (name (options with defaults) [level, output scale]: summary; `mtlkit methods NAME` documents one; "
-          "set options with --set method.options.KEY=VALUE; scale: sum = like EW's sum of the task gradients, "
-          "mean/convex/affine = like one gradient (--set method.scale=sum multiplies them by T), fixed_norm = a norm "
-          "set by T):")
+    print(
+        "methods (name (options with defaults) [level, output scale]: summary; `mtlkit methods NAME` documents one; "
+        "set options with --set method.options.KEY=VALUE; scale: sum = like EW's sum of the task gradients, "
+        "mean/convex/affine = like one gradient (--set method.scale=sum multiplies them by T), fixed_norm = a norm "
+        "set by T):"
+    )
     for n in METHODS.names():
         print("  " + describe_method(n))
     print("models: " + ", ".join(MODELS.names()))
@@ -261,8 +332,11 @@ def _run_command(args: argparse.Namespace) -> int:
         try:
             return run_zoo(args)
         except KeyboardInterrupt:  # finished runs and checkpoints stay; say how to go on
-            print(f"\nmtlkit: interrupted; the finished runs and the stopped runs' checkpoints are kept in "
-                  f"{args.out}: run the same command with --reuse to continue", file=sys.stderr)
+            print(
+                f"\nmtlkit: interrupted; the finished runs and the stopped runs' checkpoints are kept in "
+                f"{args.out}: run the same command with --reuse to continue",
+                file=sys.stderr,
+            )
             return 130
     handlers = {"train": _train, "eval": _eval, "data": _data, "methods": _methods}
     return handlers[args.command](args)
@@ -272,8 +346,9 @@ def _tune_allocator() -> None:
     """The CLI owns its process: keep freed CPU memory for reuse (mtlkit.malloc) unless MTLKIT_MALLOC_TUNING=0."""
     setting = os.environ.get("MTLKIT_MALLOC_TUNING", "1")
     if setting not in ("0", "1"):
-        raise ConfigError(f"MTLKIT_MALLOC_TUNING must be 0 (glibc's defaults) or 1 (tuned, the default), "
-                          f"got {setting!r}")
+        raise ConfigError(
+            f"MTLKIT_MALLOC_TUNING must be 0 (glibc's defaults) or 1 (tuned, the default), got {setting!r}"
+        )
     if setting == "1":
         from mtlkit.malloc import tune_cpu_allocator
 
@@ -286,8 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     ``MTLKIT_DEBUG=1`` shows the traceback of every error."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # Before parsing: Ctrl-C while the parser imports the methods (torch) is caught as well.
-    debug = os.environ.get("MTLKIT_DEBUG", "") not in ("", "0") or "--debug" in argv[:argv.index("--")
-                                                                                        if "--" in argv else None]
+    debug = (
+        os.environ.get("MTLKIT_DEBUG", "") not in ("", "0")
+        or "--debug" in argv[: argv.index("--") if "--" in argv else None]
+    )
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

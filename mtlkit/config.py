@@ -5,6 +5,7 @@ Example:
     >>> cfg.method.name, cfg.train.epochs, cfg.dataset.name
     ('mgda', 3, 'multimnist')
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -92,8 +93,12 @@ class RunConfig:
         return RunConfig.from_dict(d)
 
     @classmethod
-    def resolve(cls, config: str | Path | None = None, assignments: list[str] | tuple[str, ...] = (),
-                dataset_defaults: bool = True) -> "RunConfig":
+    def resolve(
+        cls,
+        config: str | Path | None = None,
+        assignments: list[str] | tuple[str, ...] = (),
+        dataset_defaults: bool = True,
+    ) -> "RunConfig":
         """The config of ``mtlkit train``: layers from the lowest to the highest, then :func:`check_run_config`.
 
         1. the dataclass defaults, then ``configs/default.yaml`` (dataset-independent defaults);
@@ -118,12 +123,19 @@ class RunConfig:
             origins.update({k: f"by --set {a}" for k in _leaf_keys(user) if k == key or k.startswith(key + ".")})
         layers = [_read_yaml(_CONFIG_DIR / "default.yaml")]
         if dataset_defaults:
-            name = (user.get("dataset") or {}).get("name") or (layers[0].get("dataset") or {}).get("name") \
+            name = (
+                (user.get("dataset") or {}).get("name")
+                or (layers[0].get("dataset") or {}).get("name")
                 or DatasetConfig.name
+            )
             ds = dataset_defaults_for(name)
             models = ds.pop("models", {}) or {}
-            model = (user.get("model") or {}).get("name") or (ds.get("model") or {}).get("name") \
-                or (layers[0].get("model") or {}).get("name") or ModelConfig.name
+            model = (
+                (user.get("model") or {}).get("name")
+                or (ds.get("model") or {}).get("name")
+                or (layers[0].get("model") or {}).get("name")
+                or ModelConfig.name
+            )
             ds.setdefault("model", {})["options"] = dict(models.get(model) or {})
             layers.append(ds)
         merged: dict[str, Any] = {}
@@ -143,8 +155,10 @@ def _build(cls: type, d: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in d if k not in fields]
     if unknown:
-        raise ConfigError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; valid keys in "
-                          f"{where.rstrip('.') or 'the top level'} are: {', '.join(fields)}")
+        raise ConfigError(
+            f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; valid keys in "
+            f"{where.rstrip('.') or 'the top level'} are: {', '.join(fields)}"
+        )
     kwargs = {}
     for k, v in d.items():
         f = fields[k]
@@ -188,8 +202,9 @@ _CONFIG_DIR = Path(__file__).parent / "configs"
 def _read_yaml(p: Path) -> dict[str, Any]:
     """A YAML config file as a mapping (empty file: ``{}``); every failure is a ConfigError naming the file."""
     if not p.is_file():
-        raise ConfigError(f"config file {p} is a directory, not a file" if p.is_dir() else
-                          f"config file {p} does not exist")
+        raise ConfigError(
+            f"config file {p} is a directory, not a file" if p.is_dir() else f"config file {p} does not exist"
+        )
     try:
         d = yaml.safe_load(p.read_text()) or {}
     except (OSError, UnicodeDecodeError) as e:
@@ -221,14 +236,16 @@ def _assign(d: dict[str, Any], assignment: str) -> str:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({problem}); quote a string value, "
-                          f"e.g. key='\"text\"'") from None
+        raise ConfigError(
+            f"override {assignment!r}: the value is not valid YAML ({problem}); quote a string value, "
+            f"e.g. key='\"text\"'"
+        ) from None
     cur = d
     for i, p in enumerate(parts[:-1]):
         if cur.get(p) is None:
             cur[p] = {}
         if not isinstance(cur[p], dict):
-            raise ConfigError(f"override {assignment!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
+            raise ConfigError(f"override {assignment!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
         cur = cur[p]
     cur[parts[-1]] = value
     return ".".join(parts)
@@ -240,8 +257,7 @@ def _merge(into: dict[str, Any], layer: dict[str, Any]) -> None:
         if isinstance(val, dict) and isinstance(into.get(section), dict):
             for k, v in val.items():
                 old = into[section].get(k)
-                into[section][k] = {**old, **v} if k in _FREE and isinstance(old, dict) and isinstance(v, dict) \
-                    else v
+                into[section][k] = {**old, **v} if k in _FREE and isinstance(old, dict) and isinstance(v, dict) else v
         else:
             into[section] = dict(val) if isinstance(val, dict) else val
 
@@ -282,8 +298,13 @@ def _check_options(registry: Any, name: str, options: dict[str, Any], origins: d
         registry.check(name, options)
     except ConfigError as e:
         takes = registry.get(name).options
-        where = sorted({origins[f"{section}.options.{k}"] for k in options
-                        if f"{section}.options.{k}" in origins and k not in takes})
+        where = sorted(
+            {
+                origins[f"{section}.options.{k}"]
+                for k in options
+                if f"{section}.options.{k}" in origins and k not in takes
+            }
+        )
         if not where:
             raise
         raise ConfigError(f"{e} (set {' and '.join(where)})") from None
@@ -313,8 +334,12 @@ level 'representation' cannot apply; use level 'parameter' (the default) or a mo
 
     origins = origins or {}
     tc = cfg.train
-    for key, v, low in (("epochs", tc.epochs, 1), ("batch_size", tc.batch_size, 1),
-                        ("eval_batch_size", tc.eval_batch_size, 1), ("step_size", tc.step_size, 1)):
+    for key, v, low in (
+        ("epochs", tc.epochs, 1),
+        ("batch_size", tc.batch_size, 1),
+        ("eval_batch_size", tc.eval_batch_size, 1),
+        ("step_size", tc.step_size, 1),
+    ):
         if v < low:
             raise ConfigError(f"train.{key} must be >= {low}, got {v}")
     if tc.num_threads is not None and tc.num_threads < 1:
@@ -324,8 +349,10 @@ level 'representation' cannot apply; use level 'parameter' (the default) or a mo
     if not (math.isfinite(tc.lr) and tc.lr > 0):
         raise ConfigError(f"train.lr must be a finite number > 0, got {tc.lr}")
     if not (math.isfinite(tc.checkpoint_minutes) and tc.checkpoint_minutes >= 0):
-        raise ConfigError(f"train.checkpoint_minutes must be a finite number >= 0 (0: only at epoch ends), got "
-                          f"{tc.checkpoint_minutes}")
+        raise ConfigError(
+            f"train.checkpoint_minutes must be a finite number >= 0 (0: only at epoch ends), got "
+            f"{tc.checkpoint_minutes}"
+        )
     if tc.engine_mode not in ("auto", "loop", "batched"):
         raise unknown_name("train.engine_mode", tc.engine_mode, ["auto", "loop", "batched"])
     _check_options(DATASETS, cfg.dataset.name, cfg.dataset.options, origins, "dataset")
@@ -335,15 +362,22 @@ level 'representation' cannot apply; use level 'parameter' (the default) or a mo
     if level is not None and level not in ("parameter", "representation"):
         raise ConfigError(f"unknown method.level {level!r}; valid levels are: parameter, representation")
     if cfg.method.scale not in SCALE_CHOICES:
-        raise ConfigError(f"unknown method.scale {cfg.method.scale!r}; valid scales are: {', '.join(SCALE_CHOICES)} "
-                          f"(sum: mean-, convex- and affine-scale updates multiplied by T)")
+        raise ConfigError(
+            f"unknown method.scale {cfg.method.scale!r}; valid scales are: {', '.join(SCALE_CHOICES)} "
+            f"(sum: mean-, convex- and affine-scale updates multiplied by T)"
+        )
     try:
-        method = build_method(cfg.method.name, level=level, scale=cfg.method.scale,  # type: ignore[arg-type]
-                              **cfg.method.options)
+        method = build_method(
+            cfg.method.name,
+            level=level,
+            scale=cfg.method.scale,  # type: ignore[arg-type]
+            **cfg.method.options,
+        )
     except ConfigError as e:
         where = sorted({v for k, v in origins.items() if k.startswith("method.options.")})
-        raise ConfigError(f"{e}" + (f" (method options set {' and '.join(where)})" if where and "option" in str(e)
-                                    else "")) from None
+        raise ConfigError(
+            f"{e}" + (f" (method options set {' and '.join(where)})" if where and "option" in str(e) else "")
+        ) from None
     except (TypeError, ValueError) as e:  # a factory rejecting an option's value
         raise ConfigError(f"method {cfg.method.name!r} rejects its options {cfg.method.options}: {e}") from None
     _check_combination(cfg, method, _factory_class(model_factory))
@@ -355,23 +389,37 @@ def _check_combination(cfg: RunConfig, method: Any, model_cls: type | None) -> N
     from mtlkit.models.stl import SingleTaskModels
 
     explicit = cfg.method.level is not None
-    where = "level 'representation'" if explicit else \
-        f"method {cfg.method.name!r}, which works at level 'representation' by default,"
+    where = (
+        "level 'representation'"
+        if explicit
+        else f"method {cfg.method.name!r}, which works at level 'representation' by default,"
+    )
     fix = "use level 'parameter' (the default)" if explicit else "use --level parameter"
     if method.level == "representation":
         if model_cls is not None and issubclass(model_cls, SingleTaskModels):
-            raise ConfigError(f"model {cfg.model.name!r} trains one network per task and has no shared "
-                              f"representation, so {where} cannot apply; {fix} or a model with a shared encoder "
-                              f"(e.g. hps)")
+            raise ConfigError(
+                f"model {cfg.model.name!r} trains one network per task and has no shared "
+                f"representation, so {where} cannot apply; {fix} or a model with a shared encoder "
+                f"(e.g. hps)"
+            )
         if method.single_task:
-            raise ConfigError(f"method {cfg.method.name!r} trains one model per task and has no shared "
-                              f"representation, so {where} cannot apply; {fix} or another method")
+            raise ConfigError(
+                f"method {cfg.method.name!r} trains one model per task and has no shared "
+                f"representation, so {where} cannot apply; {fix} or another method"
+            )
         if not method.aggregator.needs_per_task_grads:
-            raise ConfigError(f"method {cfg.method.name!r} aggregates no per-task gradients (it backpropagates one "
-                              f"weighted loss), so level 'representation' does not apply to it; drop the level or "
-                              f"use a gradient-aggregation method (e.g. mgda, pcgrad; `mtlkit methods`)")
-    if getattr(method.weighting, "grad_at", None) == "task_first_layer" and model_cls is not None \
-            and getattr(model_cls, "task_first_layers", None) in (None, MTLModel.task_first_layers):
-        raise ConfigError(f"method {cfg.method.name!r} (grad_at='task_first_layer') takes gradient norms at each "
-                          f"task's first task-specific layer, which model {cfg.model.name!r} does not expose; use "
-                          f"model mtmlan or --set method.options.grad_at=last_shared_layer")
+            raise ConfigError(
+                f"method {cfg.method.name!r} aggregates no per-task gradients (it backpropagates one "
+                f"weighted loss), so level 'representation' does not apply to it; drop the level or "
+                f"use a gradient-aggregation method (e.g. mgda, pcgrad; `mtlkit methods`)"
+            )
+    if (
+        getattr(method.weighting, "grad_at", None) == "task_first_layer"
+        and model_cls is not None
+        and getattr(model_cls, "task_first_layers", None) in (None, MTLModel.task_first_layers)
+    ):
+        raise ConfigError(
+            f"method {cfg.method.name!r} (grad_at='task_first_layer') takes gradient norms at each "
+            f"task's first task-specific layer, which model {cfg.model.name!r} does not expose; use "
+            f"model mtmlan or --set method.options.grad_at=last_shared_layer"
+        )

@@ -4,6 +4,7 @@ Example:
     >>> resolve_device("cpu")
     device(type='cpu')
 """
+
 from __future__ import annotations
 
 import torch

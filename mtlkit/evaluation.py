@@ -14,6 +14,7 @@ Example:
     >>> sorted(robustness_curve(model, [Task("t", "multiclass", 3)], split, [0.0, 0.1]))
     ['0.0', '0.1']
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -47,14 +48,15 @@ def predict(model: nn.Module, split: Split, batch_size: int, device: torch.devic
     model.eval()
     outs: dict[str, list[Tensor]] = {}
     for s in range(0, len(split), batch_size):
-        o = model(split.x[s:s + batch_size].to(device))
+        o = model(split.x[s : s + batch_size].to(device))
         for k, v in o.items():
             outs.setdefault(k, []).append(v.float().cpu())
     return {k: torch.cat(v) for k, v in outs.items()}
 
 
-def evaluate(model: nn.Module, split: Split, tasks: list[Task], batch_size: int = 1024,
-             device: torch.device | str = "cpu") -> dict[str, float]:
+def evaluate(
+    model: nn.Module, split: Split, tasks: list[Task], batch_size: int = 1024, device: torch.device | str = "cpu"
+) -> dict[str, float]:
     """Every task metric (``task/metric``), ``joint_accuracy`` and the mean loss per task (``task/loss``)."""
     device = torch.device(device)
     outputs = predict(model, split, batch_size, device)
@@ -76,7 +78,6 @@ def load_selected(model: MTLModel, state: Any) -> None:
         model.load_state_dict(state)
 
 
-
 def check_run_dir(run_dir: str | Path) -> Path:
     """``run_dir`` as a Path if it holds a finished run (``config.yaml`` and ``best.pt``); else a ConfigError that says
     what is missing."""
@@ -85,8 +86,10 @@ def check_run_dir(run_dir: str | Path) -> Path:
         raise ConfigError(f"run directory {run} does not exist" if not run.exists() else f"{run} is not a directory")
     missing = [n for n in ("config.yaml", "best.pt") if not (run / n).is_file()]
     if missing:
-        raise ConfigError(f"{run} is not a finished mtlkit run (no {' or '.join(missing)}; `mtlkit train --run-dir "
-                          f"{run}` writes them)")
+        raise ConfigError(
+            f"{run} is not a finished mtlkit run (no {' or '.join(missing)}; `mtlkit train --run-dir "
+            f"{run}` writes them)"
+        )
     return run
 
 
@@ -118,29 +121,44 @@ def check_attack_args(attack: str, eps: Sequence[float], pgd_steps: int) -> None
         raise ConfigError(f"pgd_steps must be an integer >= 1, got {pgd_steps!r}")
 
 
-def load_run(run_dir: str | Path, device: str = "cpu", data: MTLData | None = None
-             ) -> tuple[RunConfig, MTLData, MTLModel]:
+def load_run(
+    run_dir: str | Path, device: str = "cpu", data: MTLData | None = None
+) -> tuple[RunConfig, MTLData, MTLModel]:
     """Rebuild a run's data (unless ``data`` is given) and model and load its validation-selected weights."""
     run = check_run_dir(run_dir)
     cfg = RunConfig.from_yaml(run / "config.yaml")
     dev = resolve_device(device)
     # hash-checked, and before the dataset is built, so a damaged file is reported at once
-    states = runs.load_checkpoint(run / "best.pt", map_location=dev,
-                                  hint=f"retrain it (mtlkit train --run-dir {run} --overwrite)")
+    states = runs.load_checkpoint(
+        run / "best.pt", map_location=dev, hint=f"retrain it (mtlkit train --run-dir {run} --overwrite)"
+    )
     if data is None:
         data = build_dataset(cfg.dataset.name, **cfg.dataset.options)
     # cfg.method.level and .scale are the config's strings: build_method checks them (ConfigError)
-    method = build_method(cfg.method.name, level=cast("Level | None", cfg.method.level),
-                          scale=cast("ScaleChoice", cfg.method.scale), **cfg.method.options)
+    method = build_method(
+        cfg.method.name,
+        level=cast("Level | None", cfg.method.level),
+        scale=cast("ScaleChoice", cfg.method.scale),
+        **cfg.method.options,
+    )
     model = build_for(cfg.model.name, data, cfg.model.options, single_task=method.single_task).to(dev)
     load_selected(model, states)
     model.eval()
     return cfg, data, model
 
 
-def robust_metrics(model: MTLModel, tasks: list[Task], split: Split, attack: str, eps: float,
-                   target_task: str | None = None, batch_size: int = 500, pgd_steps: int = 10,
-                   device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float]:
+def robust_metrics(
+    model: MTLModel,
+    tasks: list[Task],
+    split: Split,
+    attack: str,
+    eps: float,
+    target_task: str | None = None,
+    batch_size: int = 500,
+    pgd_steps: int = 10,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> dict[str, float]:
     """Task metrics and joint accuracy on adversarial versions of ``split`` (attack ``none``/``fgsm``/``pgd``).
 
     The model is evaluated in eval mode; its previous train/eval mode is restored afterwards.
@@ -159,8 +177,8 @@ def robust_metrics(model: MTLModel, tasks: list[Task], split: Split, attack: str
     gen = torch.Generator().manual_seed(seed)
     outs: dict[str, list[torch.Tensor]] = {}
     for s in range(0, len(split), batch_size):
-        x = split.x[s:s + batch_size].to(device)
-        y = {k: v[s:s + batch_size].to(device) for k, v in split.y.items()}
+        x = split.x[s : s + batch_size].to(device)
+        y = {k: v[s : s + batch_size].to(device) for k, v in split.y.items()}
         if attack == "fgsm":
             x = fgsm(model, tasks, x, y, eps, target_task)
         elif attack == "pgd":
@@ -173,9 +191,18 @@ def robust_metrics(model: MTLModel, tasks: list[Task], split: Split, attack: str
     return evaluate_outputs(tasks, {k: torch.cat(v) for k, v in outs.items()}, split.y)
 
 
-def robustness_curve(model: MTLModel, tasks: list[Task], split: Split, eps: Sequence[float], attack: str = "fgsm",
-                     target_task: str | None = None, batch_size: int = 500, pgd_steps: int = 10,
-                     device: torch.device | str = "cpu", seed: int = 0) -> dict[str, dict[str, float]]:
+def robustness_curve(
+    model: MTLModel,
+    tasks: list[Task],
+    split: Split,
+    eps: Sequence[float],
+    attack: str = "fgsm",
+    target_task: str | None = None,
+    batch_size: int = 500,
+    pgd_steps: int = 10,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
     """``{str(η): robust_metrics(..., η)}`` for every strength in ``eps`` (MTVIB Tables III/IV and Fig. 5).
 
     FGSM's direction sign(∇_x L) is taken at the clean input, so it is the same for every η (Eq. 25): the curve
@@ -186,12 +213,23 @@ def robustness_curve(model: MTLModel, tasks: list[Task], split: Split, eps: Sequ
         raise ConfigError("robustness_curve needs at least one attack strength")
     if attack == "fgsm":
         return _fgsm_curve(model, tasks, split, [float(e) for e in eps], target_task, batch_size, device)
-    return {str(float(e)): robust_metrics(model, tasks, split, attack, float(e), target_task, batch_size, pgd_steps,
-                                          device, seed) for e in eps}
+    return {
+        str(float(e)): robust_metrics(
+            model, tasks, split, attack, float(e), target_task, batch_size, pgd_steps, device, seed
+        )
+        for e in eps
+    }
 
 
-def _fgsm_curve(model: MTLModel, tasks: list[Task], split: Split, eps: list[float], target_task: str | None,
-                batch_size: int, device: torch.device | str) -> dict[str, dict[str, float]]:
+def _fgsm_curve(
+    model: MTLModel,
+    tasks: list[Task],
+    split: Split,
+    eps: list[float],
+    target_task: str | None,
+    batch_size: int,
+    device: torch.device | str,
+) -> dict[str, dict[str, float]]:
     """FGSM metrics for every η with one input gradient per batch (see :func:`robustness_curve`)."""
     for e in eps:
         _check_eps(e)
@@ -199,8 +237,8 @@ def _fgsm_curve(model: MTLModel, tasks: list[Task], split: Split, eps: list[floa
     outs: dict[float, dict[str, list[torch.Tensor]]] = {e: {} for e in eps}
     with eval_mode(model):
         for s in range(0, len(split), batch_size):
-            x = split.x[s:s + batch_size].to(device)
-            y = {k: v[s:s + batch_size].to(device) for k, v in split.y.items()}
+            x = split.x[s : s + batch_size].to(device)
+            y = {k: v[s : s + batch_size].to(device) for k, v in split.y.items()}
             step = input_gradient(model, tasks, x, y, target_task).sign() if any(e > 0 for e in eps) else None
             for e in eps:
                 xa = fgsm_step(x, step, e)  # what fgsm() returns, with the direction computed once
@@ -210,20 +248,34 @@ def _fgsm_curve(model: MTLModel, tasks: list[Task], split: Split, eps: list[floa
     return {str(e): evaluate_outputs(tasks, {k: torch.cat(v) for k, v in outs[e].items()}, split.y) for e in eps}
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", attack: str = "none", eps: Sequence[float] = (0.0,),
-                 target_task: str | None = None, pgd_steps: int = 10, device: str = "cpu") -> dict[str, Any]:
-    """``{eps: metrics}`` of a saved run for each attack strength (every argument checked before anything is loaded).
-    """
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "test",
+    attack: str = "none",
+    eps: Sequence[float] = (0.0,),
+    target_task: str | None = None,
+    pgd_steps: int = 10,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """``{eps: metrics}`` of a saved run for each attack strength (every argument checked before anything is loaded)."""
     splits = ("train", "val", "test")
     if split not in splits:
         raise ConfigError(f"unknown split {split!r}; valid splits are: {', '.join(splits)}")
     check_attack_args(attack, eps, pgd_steps)
     _cfg, data, model = load_run(run_dir, device)
     if target_task is not None and target_task not in {t.name for t in data.tasks}:
-        raise ConfigError(f"unknown target task {target_task!r}; the run's tasks are: "
-                          f"{', '.join(t.name for t in data.tasks)}")
+        raise ConfigError(
+            f"unknown target task {target_task!r}; the run's tasks are: {', '.join(t.name for t in data.tasks)}"
+        )
     sp = {"train": data.train, "val": data.val, "test": data.test}[split]
-    return {"run": str(run_dir), "split": split, "attack": attack, "target_task": target_task,
-            "eps": [float(e) for e in eps], **({"pgd_steps": pgd_steps} if attack == "pgd" else {}),
-            "results": robustness_curve(model, data.tasks, sp, list(eps), attack, target_task, pgd_steps=pgd_steps,
-                                        device=device)}
+    return {
+        "run": str(run_dir),
+        "split": split,
+        "attack": attack,
+        "target_task": target_task,
+        "eps": [float(e) for e in eps],
+        **({"pgd_steps": pgd_steps} if attack == "pgd" else {}),
+        "results": robustness_curve(
+            model, data.tasks, sp, list(eps), attack, target_task, pgd_steps=pgd_steps, device=device
+        ),
+    }

@@ -11,6 +11,7 @@ Example:
     True
     >>> logging.getLogger("mtlkit").removeHandler(handler)
 """
+
 from __future__ import annotations
 
 import logging

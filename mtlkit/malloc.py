@@ -30,6 +30,7 @@ Example (at the top of a training script; returns False where the C library is n
     Traceback (most recent call last):
     ValueError: threshold_bytes must be an int in [1, 2**31 - 1], got 0
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -60,8 +61,11 @@ def tune_cpu_allocator(threshold_bytes: int = 256 << 20) -> bool:
         ValueError: ``threshold_bytes`` is not an int in [1, 2**31 - 1].
         OSError: glibc refused a setting.
     """
-    if isinstance(threshold_bytes, bool) or not isinstance(threshold_bytes, int) \
-            or not 1 <= threshold_bytes <= 2**31 - 1:
+    if (
+        isinstance(threshold_bytes, bool)
+        or not isinstance(threshold_bytes, int)
+        or not 1 <= threshold_bytes <= 2**31 - 1
+    ):
         raise ValueError(f"threshold_bytes must be an int in [1, 2**31 - 1], got {threshold_bytes!r}")
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

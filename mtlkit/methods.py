@@ -22,6 +22,7 @@ Example:
     >>> type(m.aggregator).__name__, m.aggregator.c
     ('CAGradOnSumScale', 0.5)
 """
+
 from __future__ import annotations
 
 import inspect
@@ -117,8 +118,10 @@ class Composite:
         a_opts, a_open = signature_options(self.aggregator)
         if w_open or a_open:
             raise ValueError("a Composite needs constructors without **kwargs (their options must be routable)")
-        for cls, opts, fixed in ((self.weighting, w_opts, self.weighting_fixed),
-                                 (self.aggregator, a_opts, self.aggregator_fixed)):
+        for cls, opts, fixed in (
+            (self.weighting, w_opts, self.weighting_fixed),
+            (self.aggregator, a_opts, self.aggregator_fixed),
+        ):
             bad = [k for k in fixed if k not in opts]
             if bad:
                 raise ValueError(f"{cls.__name__} has no option(s) {bad} to fix")
@@ -126,14 +129,21 @@ class Composite:
         a_free = [o for n, o in a_opts.items() if n not in self.aggregator_fixed]
         both = sorted({o.name for o in w_free} & {o.name for o in a_free})
         if both:
-            raise ValueError(f"option(s) {both} are taken by both {self.weighting.__name__} and "
-                             f"{self.aggregator.__name__}: fix them in one of the two (weighting_fixed/"
-                             f"aggregator_fixed) so that every option has one constructor")
+            raise ValueError(
+                f"option(s) {both} are taken by both {self.weighting.__name__} and "
+                f"{self.aggregator.__name__}: fix them in one of the two (weighting_fixed/"
+                f"aggregator_fixed) so that every option has one constructor"
+            )
         routes = {o.name: "weighting" for o in w_free} | {o.name: "aggregator" for o in a_free}
-        params = [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY,
-                                    default=inspect.Parameter.empty if o.required else o.default,
-                                    annotation=inspect.Parameter.empty if o.annotation is None else o.annotation)
-                  for o in [*w_free, *a_free]]
+        params = [
+            inspect.Parameter(
+                o.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=inspect.Parameter.empty if o.required else o.default,
+                annotation=inspect.Parameter.empty if o.annotation is None else o.annotation,
+            )
+            for o in [*w_free, *a_free]
+        ]
         self._routes.update(routes)
         # Instance attributes read by inspect.signature, inspect.getdoc and the registry (Entry.module).
         object.__setattr__(self, "__signature__", inspect.Signature(params, return_annotation=Method))
@@ -146,8 +156,12 @@ class Composite:
             raise ConfigError(f"no option(s) {bad}; the options are: {', '.join(self._routes) or '(none)'}")
         w_kw = {**self.weighting_fixed, **{k: v for k, v in options.items() if self._routes[k] == "weighting"}}
         a_kw = {**self.aggregator_fixed, **{k: v for k, v in options.items() if self._routes[k] == "aggregator"}}
-        return Method(self.weighting(**w_kw), self.aggregator(**a_kw), level=self.aggregator.default_level,
-                      single_task=self.single_task)
+        return Method(
+            self.weighting(**w_kw),
+            self.aggregator(**a_kw),
+            level=self.aggregator.default_level,
+            single_task=self.single_task,
+        )
 
 
 def _caller_module() -> str:
@@ -192,16 +206,24 @@ def register_method(name: str, obj: F | None = None, /, **meta: Any) -> Any:
 #: Methods that combine or fix things (the classes register themselves in their own files).
 COMPOSITES: dict[str, Composite] = {
     "ew": Composite(summary="Equal weighting: one backward of the summed loss."),
-    "stl": Composite(single_task=True, summary="Single-task learning: one model per task, each trained on its own "
-                                               "loss (the Δm reference)."),
+    "stl": Composite(
+        single_task=True,
+        summary="Single-task learning: one model per task, each trained on its own loss (the Δm reference).",
+    ),
     "mean": Composite(aggregator=Mean, summary="Mean of the task gradients (EW scaled by 1/T)."),
-    "mtvib": Composite(weighting=UW, weighting_fixed={"form": "classification"},
-                       summary="MTVIB Eq. 23 task part: UW, classification form (Eq. 22); β·KL comes from the MTVIB "
-                               "model's hook (mtlkit.weighting.mtvib)."),
+    "mtvib": Composite(
+        weighting=UW,
+        weighting_fixed={"form": "classification"},
+        summary="MTVIB Eq. 23 task part: UW, classification form (Eq. 22); β·KL comes from the MTVIB "
+        "model's hook (mtlkit.weighting.mtvib).",
+    ),
     # LogLoss and DBMTLAggregator both take eps: the log's (LibMTL's 1e-8) is fixed, the norm guard's is the option.
-    "dbmtl": Composite(weighting=LogLoss, weighting_fixed={"eps": 1e-8}, aggregator=DBMTLAggregator,
-                       summary="DB-MTL (Lin et al. 2023): log losses + EMA gradients rescaled to the largest norm "
-                               "(parameter level)."),
+    "dbmtl": Composite(
+        weighting=LogLoss,
+        weighting_fixed={"eps": 1e-8},
+        aggregator=DBMTLAggregator,
+        summary="DB-MTL (Lin et al. 2023): log losses + EMA gradients rescaled to the largest norm (parameter level).",
+    ),
 }
 for _name, _composite in COMPOSITES.items():
     METHODS.register(_name, _composite)
@@ -318,11 +340,18 @@ mean-gradient scale (c = 0 gives the mean).'
     line = f"{key}{' (' + opts + ')' if opts else ''} [{', '.join(tags)}]: {entry.summary or '(no description)'}"
     if not detail:
         return line
-    parts = [line, "", f"default level: {level}" + (" (one model per task)" if single else ""),
-             f"scale: {scale or 'undeclared'}" + (f": the update is {SCALE_MEANING[scale]}" if scale in SCALE_MEANING
-                                                   else "")
-             + ("" if aggregator is None or aggregator.needs_per_task_grads else
-                " (one backward of the summed weighted losses; the weighting sets their weights)")]
+    parts = [
+        line,
+        "",
+        f"default level: {level}" + (" (one model per task)" if single else ""),
+        f"scale: {scale or 'undeclared'}"
+        + (f": the update is {SCALE_MEANING[scale]}" if scale in SCALE_MEANING else "")
+        + (
+            ""
+            if aggregator is None or aggregator.needs_per_task_grads
+            else " (one backward of the summed weighted losses; the weighting sets their weights)"
+        ),
+    ]
     for role, cls in (("weighting", weighting), ("aggregator", aggregator)):
         if cls is not None:
             parts += ["", f"{role}: {cls.__module__}.{cls.__name__}", "", inspect.getdoc(cls) or "(no documentation)"]
@@ -377,6 +406,20 @@ task gradients; use scale 'native'
     return method
 
 
-__all__ = ["COMPOSITES", "LEVELS", "METHODS", "REQUIRED", "SCALE_CHOICES", "Composite", "Method", "available_methods",
-           "build_method", "describe_method", "method_options", "method_parts", "method_scale", "register_method",
-           "zoo_methods"]
+__all__ = [
+    "COMPOSITES",
+    "LEVELS",
+    "METHODS",
+    "REQUIRED",
+    "SCALE_CHOICES",
+    "Composite",
+    "Method",
+    "available_methods",
+    "build_method",
+    "describe_method",
+    "method_options",
+    "method_parts",
+    "method_scale",
+    "register_method",
+    "zoo_methods",
+]

@@ -20,6 +20,7 @@ Example:
     >>> bool(((adv - x).abs() - 0.1).abs().max() < 1e-6)
     True
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -56,8 +57,9 @@ def attack_loss(model: Model, tasks: list[Task], x: Tensor, y: dict[str, Tensor]
     return used[0].compute_loss(out[target_task], y[target_task])
 
 
-def input_gradient(model: Model, tasks: list[Task], x: Tensor, y: dict[str, Tensor],
-                   target_task: str | None = None) -> Tensor:
+def input_gradient(
+    model: Model, tasks: list[Task], x: Tensor, y: dict[str, Tensor], target_task: str | None = None
+) -> Tensor:
     """∇_x of the attack loss (no parameter gradients are accumulated)."""
     x = x.detach().clone().requires_grad_(True)
     (g,) = torch.autograd.grad(attack_loss(model, tasks, x, y, target_task), x)
@@ -84,8 +86,15 @@ def _check_eps(eps: float) -> float:
     return float(eps)
 
 
-def fgsm(model: Model, tasks: list[Task], x: Tensor, y: dict[str, Tensor], eps: float,
-         target_task: str | None = None, clip: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+def fgsm(
+    model: Model,
+    tasks: list[Task],
+    x: Tensor,
+    y: dict[str, Tensor],
+    eps: float,
+    target_task: str | None = None,
+    clip: tuple[float, float] = (0.0, 1.0),
+) -> Tensor:
     """FGSM adversarial examples (MTVIB Eq. 25): ``clip(x + η·sign(∇_x L), 0, 1)``; ``eps=0`` returns ``x``.
 
     Raises:
@@ -109,9 +118,19 @@ def fgsm_step(x: Tensor, direction: Tensor | None, eps: float, clip: tuple[float
     return (x.detach() + eps * direction).clamp(*clip)
 
 
-def pgd(model: Model, tasks: list[Task], x: Tensor, y: dict[str, Tensor], eps: float, steps: int = 10,
-        alpha: float | None = None, target_task: str | None = None, random_start: bool = True,
-        clip: tuple[float, float] = (0.0, 1.0), generator: torch.Generator | None = None) -> Tensor:
+def pgd(
+    model: Model,
+    tasks: list[Task],
+    x: Tensor,
+    y: dict[str, Tensor],
+    eps: float,
+    steps: int = 10,
+    alpha: float | None = None,
+    target_task: str | None = None,
+    random_start: bool = True,
+    clip: tuple[float, float] = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """L∞ PGD adversarial examples (Madry et al. 2018); the result stays in the η-ball around ``x`` and in ``clip``.
 
     Raises:

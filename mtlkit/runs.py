@@ -30,6 +30,7 @@ Example:
     >>> load_checkpoint(d / "c.pt")["w"].tolist(), checkpoint_meta(d / "c.pt")
     ([1.0, 1.0], {'epoch': 3})
 """
+
 from __future__ import annotations
 
 import datetime
@@ -78,10 +79,14 @@ class CheckpointError(ConfigError):
 
 # --- errors and the test hook -----------------------------------------------------------------------------------
 
-_NEEDS = {errno.ENOSPC: "free some disk space there", errno.EDQUOT: "free some of your disk quota",
-          errno.EROFS: "mtlkit needs a writable directory there", errno.EACCES: "mtlkit needs write permission there",
-          errno.EPERM: "mtlkit needs write permission there",
-          errno.ENOTDIR: "a component of that path is a file, not a directory"}
+_NEEDS = {
+    errno.ENOSPC: "free some disk space there",
+    errno.EDQUOT: "free some of your disk quota",
+    errno.EROFS: "mtlkit needs a writable directory there",
+    errno.EACCES: "mtlkit needs write permission there",
+    errno.EPERM: "mtlkit needs write permission there",
+    errno.ENOTDIR: "a component of that path is a file, not a directory",
+}
 
 
 def describe_os_error(e: OSError, action: str = "write") -> str:
@@ -121,6 +126,7 @@ def _fault(path: Path) -> None:
 
 
 # --- atomic writes ----------------------------------------------------------------------------------------------
+
 
 def _fsync_dir(directory: Path) -> None:
     try:
@@ -183,6 +189,7 @@ def write_if_changed(path: str | Path, data: bytes | str) -> bool:
 
 # --- verified checkpoints ---------------------------------------------------------------------------------------
 
+
 def _entries_digest(z: zipfile.ZipFile) -> str:
     h = hashlib.sha256()
     for info in z.infolist():
@@ -227,25 +234,31 @@ def _read_verified(path: Path, hint: str) -> tuple[bytes, dict[str, Any] | None]
             digest = _entries_digest(z)
             record = json.loads(z.read(rec_name)) if rec_name else None
     except Exception as e:  # truncated, bytes changed in a header or a CRC-checked entry, not a zip at all
-        raise CheckpointError(f"cannot read {path} (truncated, corrupted or not an mtlkit checkpoint: "
-                              f"{type(e).__name__}: {e}); it was not used: {hint}") from e
+        raise CheckpointError(
+            f"cannot read {path} (truncated, corrupted or not an mtlkit checkpoint: "
+            f"{type(e).__name__}: {e}); it was not used: {hint}"
+        ) from e
     if record is not None and record.get("sha256") != digest:
-        raise CheckpointError(f"cannot read {path} (corrupted: its content has sha256 {digest[:16]}..., the "
-                              f"record written with it says {str(record.get('sha256'))[:16]}...); it was not used: "
-                              f"{hint}")
+        raise CheckpointError(
+            f"cannot read {path} (corrupted: its content has sha256 {digest[:16]}..., the "
+            f"record written with it says {str(record.get('sha256'))[:16]}...); it was not used: "
+            f"{hint}"
+        )
     return data, record
 
 
-def verify_checkpoint(path: str | Path, hint: str = "restore the file or delete that run and train it again"
-                      ) -> dict[str, Any] | None:
+def verify_checkpoint(
+    path: str | Path, hint: str = "restore the file or delete that run and train it again"
+) -> dict[str, Any] | None:
     """Raise :class:`CheckpointError` (or :class:`RunDirError`) unless ``path`` reads and matches its hash record;
     returns the ``meta`` saved with it (None for a file without record)."""
     _, record = _read_verified(Path(path), hint)
     return None if record is None else record.get("meta", {})
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu",
-                    hint: str = "restore the file or delete that run and train it again") -> Any:
+def load_checkpoint(
+    path: str | Path, map_location: Any = "cpu", hint: str = "restore the file or delete that run and train it again"
+) -> Any:
     """Load a file written by :func:`save_checkpoint` after checking its hash.
 
     Raises:
@@ -272,6 +285,7 @@ def checkpoint_meta(path: str | Path) -> dict[str, Any] | None:
 
 
 # --- the lock ---------------------------------------------------------------------------------------------------
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -320,12 +334,18 @@ class RunLock:
             holder = "another process (it has not written its holder record yet)"
         else:
             holder = _describe_holder(rec)
-            if rec.get("host") == socket.gethostname() and isinstance(rec.get("pid"), int) \
-                    and not _pid_alive(rec["pid"]):
-                holder += ("; that process has exited, but a process it started still holds the lock: stop it, "
-                           "then retry")
-        return RunLockedError(f"run directory {self.run_dir} is in use: locked by {holder}{why}. Wait for that run "
-                              f"to finish or stop it, or use another --run-dir")
+            if (
+                rec.get("host") == socket.gethostname()
+                and isinstance(rec.get("pid"), int)
+                and not _pid_alive(rec["pid"])
+            ):
+                holder += (
+                    "; that process has exited, but a process it started still holds the lock: stop it, then retry"
+                )
+        return RunLockedError(
+            f"run directory {self.run_dir} is in use: locked by {holder}{why}. Wait for that run "
+            f"to finish or stop it, or use another --run-dir"
+        )
 
     def check(self) -> None:
         """Raise :class:`RunLockedError` if another process holds the lock now; writes nothing, keeps nothing."""
@@ -370,11 +390,13 @@ class RunLock:
             self._flock = False  # no flock on this filesystem: the record alone is the lock
         prev = self._read(fd)
         if prev is not None and prev.get("pid") != os.getpid():
-            if not self._flock and (prev.get("host") != socket.gethostname() or
-                                    not isinstance(prev.get("pid"), int) or _pid_alive(prev["pid"])):
+            if not self._flock and (
+                prev.get("host") != socket.gethostname()
+                or not isinstance(prev.get("pid"), int)
+                or _pid_alive(prev["pid"])
+            ):
                 os.close(fd)
-                raise self._refuse(prev, f" (this filesystem has no flock; if that holder is gone, delete "
-                                         f"{self.path})")
+                raise self._refuse(prev, f" (this filesystem has no flock; if that holder is gone, delete {self.path})")
             self.stale = prev  # its holder died without releasing: taken over
         try:
             os.ftruncate(fd, 0)
@@ -412,8 +434,9 @@ def _entries(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if p.name != LOCK]
 
 
-def open_run_dir(path: str | Path, overwrite: bool = False, resume: bool = False, primary: bool = True,
-                 check_only: bool = False) -> RunLock | None:
+def open_run_dir(
+    path: str | Path, overwrite: bool = False, resume: bool = False, primary: bool = True, check_only: bool = False
+) -> RunLock | None:
     """Create (or, with ``overwrite``, empty) a run directory, or check it can be resumed, and lock it.
 
     Never overwrites an existing non-empty directory unless ``overwrite``, and only an mtlkit run directory (with its
@@ -434,8 +457,9 @@ def open_run_dir(path: str | Path, overwrite: bool = False, resume: bool = False
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise RunDirError(f"run directory {path} is a file, not a directory: give --run-dir a directory path "
-                          f"(new or an mtlkit run)")
+        raise RunDirError(
+            f"run directory {path} is a file, not a directory: give --run-dir a directory path (new or an mtlkit run)"
+        )
     existing = path.is_dir() and bool(_entries(path))
     if resume:
         if not (path / "checkpoint.pt").is_file():
@@ -445,8 +469,7 @@ def open_run_dir(path: str | Path, overwrite: bool = False, resume: bool = False
         if not overwrite:
             if ours:  # report a run in progress as such, not as "exists"
                 RunLock(path, primary).check()
-            raise ConfigError(f"run directory {path} exists; pass --overwrite to replace it or --resume to continue "
-                              f"it")
+            raise ConfigError(f"run directory {path} exists; pass --overwrite to replace it or --resume to continue it")
         if not ours:
             raise ConfigError(f"refusing to overwrite {path}: it is not an mtlkit run directory (no {MARKER} file)")
     if check_only or not primary:
@@ -532,7 +555,7 @@ def _check_writable(path: Path, lock: RunLock) -> None:
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators (the loop draws its batch order from its own)."""
     random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
+    np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
@@ -554,8 +577,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # -- reusing finished runs, resuming stopped ones -------------------------------------------------------------
 # Keys that do not change what a run learns (or change it only by float reduction order), so a finished run may be
 # reused, or a stopped one resumed, by a request that differs in them.
-REUSE_IGNORED = {"train.progress", "train.num_threads", "train.device", "train.eval_batch_size",
-                  "train.checkpoint_minutes"}
+REUSE_IGNORED = {
+    "train.progress",
+    "train.num_threads",
+    "train.device",
+    "train.eval_batch_size",
+    "train.checkpoint_minutes",
+}
 
 
 def finished_run(run_dir: str | Path, cfg: Any) -> dict[str, Any] | None:
@@ -614,8 +642,10 @@ def _refuse_other_config(run_dir: Path, saved_path: Path, cfg: Any, refusal: str
     diff = config_differences(saved, requested, allowed=REUSE_IGNORED)
     if diff:
         detail = ", ".join(f"{k}: {_lookup(saved, k)!r} there, {_lookup(requested, k)!r} requested" for k in diff)
-        raise ConfigError(f"{refusal.format(run_dir=run_dir)} another config ({detail}); use another output "
-                          f"directory or delete that run")
+        raise ConfigError(
+            f"{refusal.format(run_dir=run_dir)} another config ({detail}); use another output "
+            f"directory or delete that run"
+        )
 
 
 def _lookup(d: dict[str, Any], dotted: str) -> Any:
@@ -632,8 +662,10 @@ def _with_defaults(d: dict[str, Any]) -> dict[str, Any]:
         full = RunConfig.from_dict(d).to_dict()
     except Exception:  # an old or damaged config is compared as it is
         return d
-    return {s: {**full.get(s, {}), **(d.get(s) or {})} if isinstance(d.get(s, {}), dict) else d[s]
-            for s in full.keys() | d.keys()}
+    return {
+        s: {**full.get(s, {}), **(d.get(s) or {})} if isinstance(d.get(s, {}), dict) else d[s]
+        for s in full.keys() | d.keys()
+    }
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], allowed: set[str]) -> list[str]:

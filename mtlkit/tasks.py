@@ -6,6 +6,7 @@ Example:
     >>> float(t.loss(torch.zeros(2, 10), torch.tensor([1, 2]))) > 0
     True
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -31,8 +32,9 @@ def _default_loss(kind: str) -> LossFn:
 
 
 def _default_metrics(kind: str) -> tuple[str, ...]:
-    return {"multiclass": ("accuracy",), "binary": ("accuracy",), "multilabel": ("accuracy",),
-            "regression": ("mae",)}[kind]
+    return {"multiclass": ("accuracy",), "binary": ("accuracy",), "multilabel": ("accuracy",), "regression": ("mae",)}[
+        kind
+    ]
 
 
 @dataclass
@@ -83,18 +85,23 @@ class Task:
 
             self.higher_is_better = tuple(HIGHER_IS_BETTER.get(m, True) for m in self.metrics)
         if len(self.higher_is_better) != len(self.metrics):
-            raise ConfigError(f"task {self.name!r}: {len(self.metrics)} metrics but "
-                              f"{len(self.higher_is_better)} higher_is_better flags")
+            raise ConfigError(
+                f"task {self.name!r}: {len(self.metrics)} metrics but "
+                f"{len(self.higher_is_better)} higher_is_better flags"
+            )
 
     def compute_loss(self, output: Tensor, target: Tensor) -> Tensor:
         """The task's loss, with a clear error on mismatched shapes."""
         if self.kind == "multiclass":
             if output.dim() != 2 or output.shape[1] != self.num_outputs or target.shape != output.shape[:1]:
-                raise ValueError(f"task {self.name!r}: expected logits (B, {self.num_outputs}) and targets (B,), got "
-                                 f"{tuple(output.shape)} and {tuple(target.shape)}")
+                raise ValueError(
+                    f"task {self.name!r}: expected logits (B, {self.num_outputs}) and targets (B,), got "
+                    f"{tuple(output.shape)} and {tuple(target.shape)}"
+                )
         elif output.shape[0] != target.shape[0]:
-            raise ValueError(f"task {self.name!r}: batch sizes differ: output {tuple(output.shape)}, target "
-                             f"{tuple(target.shape)}")
+            raise ValueError(
+                f"task {self.name!r}: batch sizes differ: output {tuple(output.shape)}, target {tuple(target.shape)}"
+            )
         assert self.loss is not None
         return self.loss(output, target)
 
@@ -103,8 +110,11 @@ class Task:
         if self.kind == "multiclass":
             return output.argmax(dim=1)
         if self.kind in ("binary", "multilabel"):
-            return (output > 0).long().reshape(output.shape[0], -1).squeeze(-1) if self.kind == "binary" else (
-                output > 0).long()
+            return (
+                (output > 0).long().reshape(output.shape[0], -1).squeeze(-1)
+                if self.kind == "binary"
+                else (output > 0).long()
+            )
         return output
 
 

@@ -26,6 +26,7 @@ Example:
     >>> Trainer  # doctest: +ELLIPSIS
     <class 'mtlkit.train.Trainer'>
 """
+
 from __future__ import annotations
 
 import copy
@@ -145,19 +146,30 @@ class Trainer:
         run_dir: where to write (default ``runs/<dataset>-<method>-s<seed>``).
     """
 
-    def __init__(self, cfg: RunConfig, data: MTLData | None = None, run_dir: str | Path | None = None,
-                 callbacks: Sequence[Callback] = ()):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data: MTLData | None = None,
+        run_dir: str | Path | None = None,
+        callbacks: Sequence[Callback] = (),
+    ):
         self.cfg = cfg
         tc = cfg.train
         if tc.epochs < 1 or tc.batch_size < 1:
             raise ConfigError(f"train.epochs and train.batch_size must be >= 1 (got {tc.epochs}, {tc.batch_size})")
         if not (math.isfinite(tc.checkpoint_minutes) and tc.checkpoint_minutes >= 0):
-            raise ConfigError(f"train.checkpoint_minutes must be a finite number >= 0 (0: only at epoch ends), got "
-                              f"{tc.checkpoint_minutes}")
+            raise ConfigError(
+                f"train.checkpoint_minutes must be a finite number >= 0 (0: only at epoch ends), got "
+                f"{tc.checkpoint_minutes}"
+            )
         self.device = resolve_device(tc.device)
         # cfg.method.level and .scale are the config's strings: build_method checks them (ConfigError)
-        self.method = build_method(cfg.method.name, level=cast("Level | None", cfg.method.level),
-                                   scale=cast("ScaleChoice", cfg.method.scale), **cfg.method.options)
+        self.method = build_method(
+            cfg.method.name,
+            level=cast("Level | None", cfg.method.level),
+            scale=cast("ScaleChoice", cfg.method.scale),
+            **cfg.method.options,
+        )
         self.data = data if data is not None else build_dataset(cfg.dataset.name, **cfg.dataset.options)
         self.tasks = self.data.tasks
         self.names = task_names(self.tasks)
@@ -171,8 +183,12 @@ class Trainer:
         self._set_up_method(self.method)
         n_equal = self.method.weighting.equal_weight_epochs
         if tc.epochs <= n_equal:
-            warnings.warn(f"method {cfg.method.name!r} keeps every task weight at 1 for its first {n_equal} epochs: "
-                          f"with train.epochs={tc.epochs} it trains exactly as EW", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"method {cfg.method.name!r} keeps every task weight at 1 for its first {n_equal} epochs: "
+                f"with train.epochs={tc.epochs} it trains exactly as EW",
+                UserWarning,
+                stacklevel=2,
+            )
         groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
         extra = [p for p in self.method.weighting.parameters() if p.requires_grad]
         if extra:
@@ -203,9 +219,11 @@ class Trainer:
         self._selection_groups = m.selection_groups()
         self._use_rep = self.method.aggregator.needs_per_task_grads and m.representation_is_shared_path()
         if self.method.level == "representation" and not m.representation_is_shared_path():
-            raise ConfigError(f"model {self.cfg.model.name!r} has task-owned parameters below its representation, "
-                              f"which representation-level aggregation would give no gradient: use parameter level "
-                              f"(method {self.method.name!r} is set to representation level)")
+            raise ConfigError(
+                f"model {self.cfg.model.name!r} has task-owned parameters below its representation, "
+                f"which representation-level aggregation would give no gradient: use parameter level "
+                f"(method {self.method.name!r} is set to representation level)"
+            )
 
     def add_parameters(self, params: Sequence[nn.Parameter]) -> None:
         """Add ``params`` (e.g. modules a callback grew) to the optimizer as a new parameter group, at the current
@@ -217,8 +235,11 @@ class Trainer:
         """A new optimizer parameter group at the current learning rate, which the schedule follows from now on."""
         if not group["params"]:
             return
-        group = {**group, "lr": self.optimizer.param_groups[0]["lr"],
-                 "initial_lr": self.optimizer.param_groups[0].get("initial_lr", self.cfg.train.lr)}
+        group = {
+            **group,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "initial_lr": self.optimizer.param_groups[0].get("initial_lr", self.cfg.train.lr),
+        }
         self.optimizer.add_param_group(group)
         sched = self.scheduler
         sched.base_lrs.append(group["initial_lr"])
@@ -249,8 +270,7 @@ class Trainer:
         """Train with ``method`` from the next step on (its learnable weighting parameters join the optimizer)."""
         self._set_up_method(method)
         self.method = method
-        self._add_group({"params": [p for p in method.weighting.parameters() if p.requires_grad],
-                         "weight_decay": 0.0})
+        self._add_group({"params": [p for p in method.weighting.parameters() if p.requires_grad], "weight_decay": 0.0})
         self.model_changed()
 
     def _set_up_method(self, method: Method) -> None:
@@ -260,39 +280,67 @@ class Trainer:
         method.weighting.to(self.device)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    def _checkpoint(self, epoch: int, best: dict[str, Any], history: list[dict[str, float]], seconds: float,
-                    in_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _checkpoint(
+        self,
+        epoch: int,
+        best: dict[str, Any],
+        history: list[dict[str, float]],
+        seconds: float,
+        in_epoch: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Everything a resume needs. ``epoch``: the index of the last finished epoch (-1: none); ``in_epoch``: where
         the next one stands when saved inside it (batches done, their summed losses, its seconds so far);
         ``seconds``: the training time so far; ``best_state``: the selected model (best.pt is derived from it)."""
-        return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "in_epoch": in_epoch, "train_seconds": seconds,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "method": self.method.state_dict(), "rng": runs.rng_state(),
-                "best": best, "best_state": self._best_state, "history": history, "config": self.cfg.to_dict(),
-                "callbacks": {cb.key(): cb.state_dict() for cb in self.callbacks}}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "in_epoch": in_epoch,
+            "train_seconds": seconds,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": runs.rng_state(),
+            "best": best,
+            "best_state": self._best_state,
+            "history": history,
+            "config": self.cfg.to_dict(),
+            "callbacks": {cb.key(): cb.state_dict() for cb in self.callbacks},
+        }
 
     def _check_finite_parameters(self, where: str) -> None:
         """Never save a diverged model: a finite loss can still have produced an overflowing update."""
         params = list(self.model.parameters()) + list(self.method.weighting.parameters())
         bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad or not all(bool(torch.isfinite(p).all()) for p in params):
-            raise NonFiniteLossError(f"training diverged {where}: parameters became NaN or infinite "
-                                     f"({', '.join(bad[:3]) or 'the method state'}{', ...' if len(bad) > 3 else ''})"
-                                     f"; {self._lr_hint()}")
+            raise NonFiniteLossError(
+                f"training diverged {where}: parameters became NaN or infinite "
+                f"({', '.join(bad[:3]) or 'the method state'}{', ...' if len(bad) > 3 else ''})"
+                f"; {self._lr_hint()}"
+            )
 
     def _lr_hint(self) -> str:
         lr = self.cfg.train.lr
         return f"lower the learning rate (train.lr is {lr:g}; try --lr {lr / 10:g}) or check the data"
 
-    def _commit(self, epoch: int, best: dict[str, Any], history: list[dict[str, float]], seconds: float,
-                in_epoch: dict[str, Any] | None = None, where: str = "") -> None:
+    def _commit(
+        self,
+        epoch: int,
+        best: dict[str, Any],
+        history: list[dict[str, float]],
+        seconds: float,
+        in_epoch: dict[str, Any] | None = None,
+        where: str = "",
+    ) -> None:
         """Write checkpoint.pt (the commit point), then the files derived from it."""
         self._check_finite_parameters(where)
         done = {"epoch": epoch + 1, "batch": in_epoch["batch"] if in_epoch else None}
-        runs.save_checkpoint(self._checkpoint(epoch, best, history, seconds, in_epoch), self.run_dir / "checkpoint.pt",
-                             meta=done)
-        self._committed = (f"batch {in_epoch['batch']} of epoch {epoch + 2}" if in_epoch
-                           else f"the end of epoch {epoch + 1}")
+        runs.save_checkpoint(
+            self._checkpoint(epoch, best, history, seconds, in_epoch), self.run_dir / "checkpoint.pt", meta=done
+        )
+        self._committed = (
+            f"batch {in_epoch['batch']} of epoch {epoch + 2}" if in_epoch else f"the end of epoch {epoch + 1}"
+        )
         self._train_seconds = seconds  # what results.json reports: the training time the checkpoint holds
         self._derive(best, history)
 
@@ -332,8 +380,9 @@ class Trainer:
 
     def _step(self, x: Tensor, ys: dict[str, Tensor], ctx: StepContext, info: StepInfo | None = None) -> Tensor:
         if info is None:
-            info = StepInfo(ctx.epoch, ctx.step - ctx.epoch * self._steps_per_epoch, ctx.step, self._steps_per_epoch,
-                            torch.empty(0))
+            info = StepInfo(
+                ctx.epoch, ctx.step - ctx.epoch * self._steps_per_epoch, ctx.step, self._steps_per_epoch, torch.empty(0)
+            )
         if self._use_rep:
             z = self.model.encode(x)
             out = self.model.decode(z)
@@ -343,17 +392,24 @@ class Trainer:
         finite = torch.isfinite(losses.detach())
         if not bool(finite.all()):
             bad = [self.train_names[i] for i in (~finite).nonzero().flatten().tolist()]
-            raise NonFiniteLossError(f"training diverged {self._where(ctx)}: non-finite loss for task(s) "
-                                     f"{', '.join(bad)} (losses {losses.detach().tolist()}); {self._lr_hint()}")
+            raise NonFiniteLossError(
+                f"training diverged {self._where(ctx)}: non-finite loss for task(s) "
+                f"{', '.join(bad)} (losses {losses.detach().tolist()}); {self._lr_hint()}"
+            )
         weighted = self.method.weighting(losses, ctx)
         finite = torch.isfinite(weighted.detach())
         if not bool(finite.all()):
-            bad = ([self.train_names[i] for i in (~finite).nonzero().flatten().tolist()]
-                   if finite.shape == losses.shape else self.train_names)
-            raise NonFiniteLossError(f"training diverged {self._where(ctx)}: method {self.method.name} weighted the "
-                                     f"finite losses {[round(v, 4) for v in losses.detach().tolist()]} into "
-                                     f"non-finite ones for task(s) {', '.join(bad)} "
-                                     f"({weighted.detach().tolist()}); {self._lr_hint()}")
+            bad = (
+                [self.train_names[i] for i in (~finite).nonzero().flatten().tolist()]
+                if finite.shape == losses.shape
+                else self.train_names
+            )
+            raise NonFiniteLossError(
+                f"training diverged {self._where(ctx)}: method {self.method.name} weighted the "
+                f"finite losses {[round(v, 4) for v in losses.detach().tolist()]} into "
+                f"non-finite ones for task(s) {', '.join(bad)} "
+                f"({weighted.detach().tolist()}); {self._lr_hint()}"
+            )
         info.losses = losses
         for cb in self.callbacks:
             cb.on_losses(self, info)
@@ -362,17 +418,25 @@ class Trainer:
         try:
             aux = check_auxiliary_loss(self.model)  # non-task losses of the model's modules (e.g. MTVIB's β·KL), if any
             self.optimizer.zero_grad(set_to_none=True)
-            info.info = backward(weighted, self._shared, self.method.aggregator, representation=z,
-                                 level=self.method.level,
-                                 # the config's string: backward checks it (ValueError for an unknown mode)
-                                 mode=cast(Mode, self.cfg.train.engine_mode),
-                                 chunk_size=self.cfg.train.chunk_size, task_names=self.train_names, extra=aux,
-                                 keep_jacobian=keep)
+            info.info = backward(
+                weighted,
+                self._shared,
+                self.method.aggregator,
+                representation=z,
+                level=self.method.level,
+                # the config's string: backward checks it (ValueError for an unknown mode)
+                mode=cast(Mode, self.cfg.train.engine_mode),
+                chunk_size=self.cfg.train.chunk_size,
+                task_names=self.train_names,
+                extra=aux,
+                keep_jacobian=keep,
+            )
         except NonFiniteLossError:
             raise
         except FloatingPointError as e:  # a task gradient (or the model's own loss) overflowed; the message names it
-            raise NonFiniteLossError(f"training diverged {self._where(ctx)} (method {self.method.name}): {e}; "
-                                     f"{self._lr_hint()}") from e
+            raise NonFiniteLossError(
+                f"training diverged {self._where(ctx)} (method {self.method.name}): {e}; {self._lr_hint()}"
+            ) from e
         info.losses = losses.detach()
         for cb in self.callbacks:
             cb.on_backward(self, info)
@@ -389,8 +453,10 @@ class Trainer:
         """
         lock = prepare_run_dir(self.run_dir, self.cfg.output.overwrite, resume)
         if lock.stale:
-            log.warning(f"mtlkit: note: {self.run_dir} was last locked by {runs._describe_holder(lock.stale)}, "
-                        f"which stopped without releasing it; taking over")
+            log.warning(
+                f"mtlkit: note: {self.run_dir} was last locked by {runs._describe_holder(lock.stale)}, "
+                f"which stopped without releasing it; taking over"
+            )
         threads = torch.get_num_threads()
         if self.cfg.train.num_threads:  # for this run only: the caller's setting is restored afterwards
             torch.set_num_threads(self.cfg.train.num_threads)
@@ -407,10 +473,14 @@ class Trainer:
             return f" Nothing was saved in {self.run_dir}: it stopped before the first checkpoint."
         ck = self.run_dir / "checkpoint.pt"
         if isinstance(e, NonFiniteLossError):
-            return (f" {ck} still holds the run as of {self._committed} (nothing was saved after it diverged); "
-                    f"resuming would diverge again: retrain with other settings (--overwrite)")
-        return (f" {ck} still holds the run as of {self._committed}; once that is fixed, continue it with: "
-                f"{resume_command(self.run_dir, self.cfg)}")
+            return (
+                f" {ck} still holds the run as of {self._committed} (nothing was saved after it diverged); "
+                f"resuming would diverge again: retrain with other settings (--overwrite)"
+            )
+        return (
+            f" {ck} still holds the run as of {self._committed}; once that is fixed, continue it with: "
+            f"{resume_command(self.run_dir, self.cfg)}"
+        )
 
     def _fit(self, resume: bool) -> RunResult:
         cfg, tc = self.cfg, self.cfg.train
@@ -455,14 +525,19 @@ class Trainer:
                     cb.on_epoch_start(self, epoch)
                 bar = _Progress(f"epoch {epoch + 1}/{tc.epochs}", first, steps_per_epoch, tc.progress)
                 for b in bar:
-                    idx = perm[b * tc.batch_size:(b + 1) * tc.batch_size]
+                    idx = perm[b * tc.batch_size : (b + 1) * tc.batch_size]
                     x = self.data.train.x[idx].to(self.device)
                     ys = {k: v[idx].to(self.device) for k, v in self.data.train.y.items()}
                     step = epoch * steps_per_epoch + b
                     self.model.on_train_progress(step / (tc.epochs * steps_per_epoch))
-                    ctx = StepContext(step=step, epoch=epoch, shared_params=self._shared,
-                                      last_shared_layer=self._last_layer, task_names=self.train_names,
-                                      task_layers=self._task_layers)
+                    ctx = StepContext(
+                        step=step,
+                        epoch=epoch,
+                        shared_params=self._shared,
+                        last_shared_layer=self._last_layer,
+                        task_names=self.train_names,
+                        task_layers=self._task_layers,
+                    )
                     info = StepInfo(epoch, b, step, steps_per_epoch, torch.empty(0))
                     losses = self._step(x, ys, ctx, info).cpu()
                     for cb in self.callbacks:
@@ -471,18 +546,27 @@ class Trainer:
                     bar.loss(float(losses.sum()))
                     if save_every > 0 and b + 1 < steps_per_epoch and time.time() - last_save >= save_every:
                         now = time.time()
-                        self._commit(epoch - 1, best, history, carried + now - t0, {
-                            "batch": b + 1, "loss_sum": loss_sum.clone(), "seconds": now - e0},
-                            where=f"at epoch {epoch + 1}, step {b + 1} of {steps_per_epoch}")
+                        self._commit(
+                            epoch - 1,
+                            best,
+                            history,
+                            carried + now - t0,
+                            {"batch": b + 1, "loss_sum": loss_sum.clone(), "seconds": now - e0},
+                            where=f"at epoch {epoch + 1}, step {b + 1} of {steps_per_epoch}",
+                        )
                         last_save = time.time()
                 bar.close()
                 mean_losses = loss_sum / steps_per_epoch
                 self.scheduler.step()
                 self.method.weighting.on_epoch_end(mean_losses.to(self.device))
                 val = evaluate(self.model, self.data.val, self.tasks, tc.eval_batch_size, self.device)
-                row = {"epoch": epoch + 1, "seconds": time.time() - e0, "lr": self.optimizer.param_groups[0]["lr"],
-                       **{f"train/{k}/loss": float(v) for k, v in zip(self.train_names, mean_losses, strict=True)},
-                       **{f"val/{k}": v for k, v in val.items()}}
+                row = {
+                    "epoch": epoch + 1,
+                    "seconds": time.time() - e0,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    **{f"train/{k}/loss": float(v) for k, v in zip(self.train_names, mean_losses, strict=True)},
+                    **{f"val/{k}": v for k, v in val.items()},
+                }
                 w = self.method.weighting.weights()
                 if w is not None:
                     row.update({f"weight/{k}": float(v) for k, v in zip(self.train_names, w.detach().cpu())})
@@ -498,8 +582,10 @@ class Trainer:
             if writer is not None:
                 writer.close()
         if not trained:
-            log.info(f"mtlkit: {self.run_dir} already finished its {tc.epochs} epoch{'s' if tc.epochs != 1 else ''}; "
-                     f"nothing to train (the selected model is evaluated again)")
+            log.info(
+                f"mtlkit: {self.run_dir} already finished its {tc.epochs} epoch{'s' if tc.epochs != 1 else ''}; "
+                f"nothing to train (the selected model is evaluated again)"
+            )
         for cb in self.callbacks:
             cb.on_train_end(self)
         return self._finish(best, history, self._train_seconds)
@@ -511,17 +597,21 @@ class Trainer:
         ck = runs.load_checkpoint(path, map_location=self.device, hint="delete that run to retrain it")
         diff = _resume_differences(ck["config"], cfg.to_dict())
         if diff:
-            raise ConfigError(f"cannot resume {self.run_dir}: its config differs in {diff} (only train.epochs, "
-                              f"output.* and {', '.join(sorted(runs.REUSE_IGNORED))} may change on resume; see its "
-                              f"config.yaml)")
+            raise ConfigError(
+                f"cannot resume {self.run_dir}: its config differs in {diff} (only train.epochs, "
+                f"output.* and {', '.join(sorted(runs.REUSE_IGNORED))} may change on resume; see its "
+                f"config.yaml)"
+            )
         # Checkpoints older than mid-epoch saving have neither key: they were written at an epoch end.
         in_epoch, carried = ck.get("in_epoch"), float(ck.get("train_seconds", 0.0))
         start = ck["epoch"] + 1
         _refuse_shorter_budget(self.run_dir, tc.epochs, start, in_epoch is not None)
         saved = ck.get("callbacks", {})
         if sorted(saved) != sorted(cb.key() for cb in self.callbacks):
-            raise ConfigError(f"cannot resume {self.run_dir}: it was trained with the callbacks {sorted(saved)}, "
-                              f"this run has {sorted(cb.key() for cb in self.callbacks)}")
+            raise ConfigError(
+                f"cannot resume {self.run_dir}: it was trained with the callbacks {sorted(saved)}, "
+                f"this run has {sorted(cb.key() for cb in self.callbacks)}"
+            )
         for cb in self.callbacks:  # before the model and the optimizer: a callback may re-grow what it grew
             cb.load_state_dict(saved[cb.key()], self)
         self.model.load_state_dict(ck["model"])
@@ -535,10 +625,10 @@ class Trainer:
         self._best_state = ck.get("best_state")
         has_best = best["epoch"] >= 0 or bool(best["member_epoch"])
         if self._best_state is None and has_best:  # older checkpoints: the selected model is only in best.pt
-            self._best_state = runs.load_checkpoint(self.run_dir / "best.pt", map_location=self.device,
-                                                    hint="delete that run to retrain it")
-        self._committed = (f"batch {in_epoch['batch']} of epoch {start + 1}" if in_epoch
-                           else f"the end of epoch {start}")
+            self._best_state = runs.load_checkpoint(
+                self.run_dir / "best.pt", map_location=self.device, hint="delete that run to retrain it"
+            )
+        self._committed = f"batch {in_epoch['batch']} of epoch {start + 1}" if in_epoch else f"the end of epoch {start}"
         self._unfinished_results = tc.epochs > start or in_epoch is not None
         return start, in_epoch, carried, best, history
 
@@ -568,10 +658,20 @@ class Trainer:
         tc = self.cfg.train
         val = evaluate(self.model, self.data.val, self.tasks, tc.eval_batch_size, self.device)
         test = evaluate(self.model, self.data.test, self.tasks, tc.eval_batch_size, self.device)
-        result = {"dataset": self.data.name, "method": self.method.name, "seed": tc.seed, "best_epoch": best_epoch,
-                  "epochs": tc.epochs, "val": val, "test": test, "train_seconds": seconds,
-                  "n_train": len(self.data.train), "n_val": len(self.data.val), "n_test": len(self.data.test),
-                  "parameters": sum(p.numel() for p in self.model.parameters())}
+        result = {
+            "dataset": self.data.name,
+            "method": self.method.name,
+            "seed": tc.seed,
+            "best_epoch": best_epoch,
+            "epochs": tc.epochs,
+            "val": val,
+            "test": test,
+            "train_seconds": seconds,
+            "n_train": len(self.data.train),
+            "n_val": len(self.data.val),
+            "n_test": len(self.data.test),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
         for cb in self.callbacks:
             extra = cb.results()
             if extra:
@@ -592,15 +692,23 @@ def _refuse_shorter_budget(run_dir: Path, epochs: int, finished: int, partial: b
     then contradict the weights)."""
     reached = finished + (1 if partial else 0)  # epochs finished, plus the one it stopped inside
     if epochs < reached:
-        done = f"{finished} epoch{'s' if finished != 1 else ''}" + (f" and part of epoch {finished + 1}" if partial
-                                                                     else "")
-        raise ConfigError(f"cannot resume {run_dir} with train.epochs={epochs}: it has already trained {done}, so its "
-                          f"weights are past epoch {epochs}. Resume with --epochs {reached} or more, or train a new "
-                          f"run in another --run-dir")
+        done = f"{finished} epoch{'s' if finished != 1 else ''}" + (
+            f" and part of epoch {finished + 1}" if partial else ""
+        )
+        raise ConfigError(
+            f"cannot resume {run_dir} with train.epochs={epochs}: it has already trained {done}, so its "
+            f"weights are past epoch {epochs}. Resume with --epochs {reached} or more, or train a new "
+            f"run in another --run-dir"
+        )
 
 
-def train_or_reuse(cfg: RunConfig, data: MTLData | None = None, run_dir: str | Path | None = None,
-                   reuse: bool = False, callbacks: Sequence[Callback] = ()) -> tuple[dict[str, Any], MTLModel, bool]:
+def train_or_reuse(
+    cfg: RunConfig,
+    data: MTLData | None = None,
+    run_dir: str | Path | None = None,
+    reuse: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> tuple[dict[str, Any], MTLModel, bool]:
     """Train the run ``cfg`` into ``run_dir``; return its ``results.json``, its selected model and whether it trained
     now. With ``reuse``, a finished run of the same config is read back instead (its best.pt loaded) and a stopped
     one continues from its checkpoint; a run of another config is an error (:func:`mtlkit.runs.finished_run`).
@@ -648,8 +756,7 @@ def resume_command(run_dir: Path, cfg: RunConfig) -> str:
 
 
 def _cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else copy.deepcopy(v)
-            for k, v in state.items()}
+    return {k: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in state.items()}
 
 
 def _best_epochs(best: dict[str, Any], per_member: bool) -> int | dict[str, int]:
@@ -677,6 +784,7 @@ def _with_context(e: MTLKitError, extra: str) -> MTLKitError:
         if hasattr(e, attr):
             setattr(new, attr, getattr(e, attr))
     return new
+
 
 def _resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Config keys that differ between a checkpoint and a resume request, ignoring those allowed to change."""
@@ -753,19 +861,24 @@ def format_results(tasks: list[Task], test: dict[str, float], best_epoch: int | 
         |---|---|---|---|
         | a | accuracy | 0.5000 | 2 |
     """
+
     def epoch_of(name: str | None) -> str:
         if isinstance(best_epoch, dict):
             return str(best_epoch.get(name, "")) if name else "per task"
         return str(best_epoch)
 
     col = best_epoch is not None
-    lines = ["| task | metric | test |" + (" selected epoch |" if col else ""),
-             "|---|---|---|" + ("---|" if col else "")]
+    lines = [
+        "| task | metric | test |" + (" selected epoch |" if col else ""),
+        "|---|---|---|" + ("---|" if col else ""),
+    ]
     for t in tasks:
         for m in t.metrics:
-            lines.append(f"| {t.name} | {m} | {test[f'{t.name}/{m}']:.4f} |" + (f" {epoch_of(t.name)} |" if col
-                                                                                else ""))
+            lines.append(
+                f"| {t.name} | {m} | {test[f'{t.name}/{m}']:.4f} |" + (f" {epoch_of(t.name)} |" if col else "")
+            )
     if "joint_accuracy" in test:
-        lines.append(f"| (all) | joint_accuracy | {test['joint_accuracy']:.4f} |" + (f" {epoch_of(None)} |" if col
-                                                                                   else ""))
+        lines.append(
+            f"| (all) | joint_accuracy | {test['joint_accuracy']:.4f} |" + (f" {epoch_of(None)} |" if col else "")
+        )
     return "\n".join(lines)

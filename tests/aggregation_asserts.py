@@ -29,6 +29,7 @@ Tolerances (each derived, none read off one machine's last bits)
   ``KKT_TOL = 1e-9``) solutions in float64; 10x above ``KKT_TOL`` (a certified answer may sit anywhere within it).
 * :func:`update_tol` = ``max(SOLVER_RTOL, rounding_tol)``: the relative tolerance for comparing two updates.
 """
+
 from __future__ import annotations
 
 import copy
@@ -65,7 +66,7 @@ Factory = Callable[[], object]
 AGGREGATORS: dict[str, Factory] = {
     "sum": Sum,
     "mean": Mean,
-    "mgda": MGDA,                                           # Frank-Wolfe (default; approximate for T > 2)
+    "mgda": MGDA,  # Frank-Wolfe (default; approximate for T > 2)
     "mgda_exact": lambda: MGDA(solver="exact"),
     "upgrad": UPGrad,
     "dualproj": DualProj,
@@ -76,7 +77,7 @@ AGGREGATORS: dict[str, Factory] = {
     "graddrop": lambda: GradDrop(seed=3),
     "imtl_g": IMTLG,
     "aligned_mtl": AlignedMTL,
-    "nash_mtl": lambda: NashMTL(normalize=False),          # the paper's G α = 1/α
+    "nash_mtl": lambda: NashMTL(normalize=False),  # the paper's G α = 1/α
     "nash_mtl_normalized": lambda: NashMTL(normalize=True),
 }
 #: Methods whose update never conflicts with a task (for all T), as their papers claim.
@@ -124,16 +125,16 @@ def make_family(name: str, T: int, seed: int = 0, dtype: torch.dtype = torch.flo
         b = b / b.norm()
         sign = torch.tensor([(-1.0) ** t for t in range(T)], dtype=torch.float64)
         size = 0.5 + 2.5 * torch.rand(T, generator=gen, dtype=torch.float64)
-        J = (sign * size)[:, None] * b[None, :] * P ** 0.5 + 0.3 * J
+        J = (sign * size)[:, None] * b[None, :] * P**0.5 + 0.3 * J
     elif name == "duplicated":
         J[1] = J[0]
         if T >= 4:
             J[3] = J[2]
     elif name == "zero_row":
-        J[T // 2] = 0.0             # inside the matrix (the last row for T = 2)
+        J[T // 2] = 0.0  # inside the matrix (the last row for T = 2)
     elif name == "rank_deficient":
         r = max(1, T // 2)
-        J = randn(T, r) @ randn(r, P) / r ** 0.5
+        J = randn(T, r) @ randn(r, P) / r**0.5
     elif name == "non_conflicting":
         J = J.abs() + 0.1
     elif name == "pareto_stationary":
@@ -472,8 +473,14 @@ def simplex_brute_force(G: np.ndarray) -> np.ndarray:
 def slsqp_dual_cone(G: np.ndarray, u: np.ndarray) -> np.ndarray:
     """``argmin vᵀGv s.t. v ≥ u`` by SciPy's SLSQP (a generic NLP solver; accurate to about √ftol in v)."""
     Gn = G / max(float(np.abs(G).max()), 1e-300)
-    res = minimize(lambda v: float(v @ Gn @ v), u.copy(), jac=lambda v: 2 * Gn @ v, method="SLSQP",
-                   bounds=[(float(a), None) for a in u], options={"ftol": 1e-16, "maxiter": 1000})
+    res = minimize(
+        lambda v: float(v @ Gn @ v),
+        u.copy(),
+        jac=lambda v: 2 * Gn @ v,
+        method="SLSQP",
+        bounds=[(float(a), None) for a in u],
+        options={"ftol": 1e-16, "maxiter": 1000},
+    )
     return np.maximum(res.x, u)
 
 
@@ -501,7 +508,7 @@ def cagrad_scale(J: Tensor, c: float) -> float:
     J64 = J.detach().to(torch.float64)
     gmax = float(J64.norm(dim=1).max())
     g0 = float(J64.mean(0).norm())
-    return max(gmax * (1.0 + c) * g0, sum(J.shape) * EPS64 * gmax ** 2)
+    return max(gmax * (1.0 + c) * g0, sum(J.shape) * EPS64 * gmax**2)
 
 
 def cagrad_upper_bound(J: Tensor, c: float, candidates: Sequence[np.ndarray]) -> float:
@@ -515,21 +522,35 @@ def cagrad_slsqp_primal(J: Tensor, c: float) -> float:
     """``max_{d, t} t s.t. J d ≥ t, ||d - g_0||² ≤ r²`` by SLSQP (generic; small T and P): the optimal value."""
     J64 = J.detach().to(torch.float64).numpy()
     s = max(float(np.abs(J64).max()), 1e-300)
-    Jn = J64 / s                                    # values scale by s², radius by s: solve at unit scale
+    Jn = J64 / s  # values scale by s², radius by s: solve at unit scale
     g0 = Jn.mean(0)
     r = c * float(np.linalg.norm(g0))
     P = Jn.shape[1]
     z0 = np.concatenate([g0, [float((Jn @ g0).min())]])
-    cons = [{"type": "ineq", "fun": lambda z: Jn @ z[:P] - z[P],
-             "jac": lambda z: np.hstack([Jn, -np.ones((Jn.shape[0], 1))])},
-            {"type": "ineq", "fun": lambda z: np.array([r * r - float((z[:P] - g0) @ (z[:P] - g0))]),
-             "jac": lambda z: np.concatenate([-2 * (z[:P] - g0), [0.0]])[None, :]}]
+    cons = [
+        {
+            "type": "ineq",
+            "fun": lambda z: Jn @ z[:P] - z[P],
+            "jac": lambda z: np.hstack([Jn, -np.ones((Jn.shape[0], 1))]),
+        },
+        {
+            "type": "ineq",
+            "fun": lambda z: np.array([r * r - float((z[:P] - g0) @ (z[:P] - g0))]),
+            "jac": lambda z: np.concatenate([-2 * (z[:P] - g0), [0.0]])[None, :],
+        },
+    ]
     best = float((Jn @ g0).min())
-    res = minimize(lambda z: -z[P], z0, jac=lambda z: np.concatenate([np.zeros(P), [-1.0]]), method="SLSQP",
-                   constraints=cons, options={"ftol": 1e-15, "maxiter": 1000})
+    res = minimize(
+        lambda z: -z[P],
+        z0,
+        jac=lambda z: np.concatenate([np.zeros(P), [-1.0]]),
+        method="SLSQP",
+        constraints=cons,
+        options={"ftol": 1e-15, "maxiter": 1000},
+    )
     d = res.x[:P]
     excess = float(np.linalg.norm(d - g0)) - r
-    if excess > 0:                                   # pull a slightly infeasible answer back into the ball
+    if excess > 0:  # pull a slightly infeasible answer back into the ball
         d = g0 + (d - g0) * (r / (r + excess))
     best = max(best, float((Jn @ d).min()))
     return best * s * s
@@ -548,8 +569,12 @@ def fresh_copy(agg: object) -> Factory:
     return lambda: copy.deepcopy(agg)
 
 
-def family_grid(families: Sequence[str] = FAMILIES, task_counts: Sequence[int] = TASK_COUNTS,
-                dtypes: Sequence[torch.dtype] = (torch.float64,), seeds: Sequence[int] = (0,)):
+def family_grid(
+    families: Sequence[str] = FAMILIES,
+    task_counts: Sequence[int] = TASK_COUNTS,
+    dtypes: Sequence[torch.dtype] = (torch.float64,),
+    seeds: Sequence[int] = (0,),
+):
     """Yield ``(label, J)`` over the product of families, task counts, dtypes and seeds."""
     for name, T, dtype, seed in itertools.product(families, task_counts, dtypes, seeds):
         if name == "pareto_stationary" and T < 2:

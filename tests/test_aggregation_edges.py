@@ -14,6 +14,7 @@ bound on the round-off of the computed G and of the float64 eigensolver. To firs
 the weights by about ``κ_r · ||δG|| / λ_max`` relative at most; the 4 covers the constants. Over the 864
 (case, method) pairs of the tests below the error reached 0.08x this tolerance in float32 and 0.12x in float64.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -63,7 +64,7 @@ def _family(name: str, T: int, P: int, seed: int, dtype: torch.dtype) -> tuple[t
     elif name.startswith("near"):  # row 2 = row 1 + e·||row 1||·(random unit vector)
         e = float(name[4:])
         d = torch.randn(P, generator=gen, dtype=F64)
-        J[1] = J[0] + e * J[0].norm() * d / d.norm()            # r below: that of the exact duplicate
+        J[1] = J[0] + e * J[0].norm() * d / d.norm()  # r below: that of the exact duplicate
     elif name == "wide":  # more tasks than parameters
         deps = 0
     else:
@@ -95,10 +96,10 @@ def _reference(J: torch.Tensor, r: int) -> dict:
     T = X.shape[0]
     U, s, _ = np.linalg.svd(X, full_matrices=False)
     lam = np.zeros(T)
-    lam[: len(s)] = s ** 2
+    lam[: len(s)] = s**2
     U, s = U[:, :r], s[:r]
-    aligned = s[-1] * (U / s) @ (U.T @ np.ones(T))                 # B 1 = σ_r · U_r S_r⁻¹ U_rᵀ 1
-    v = (U / s ** 2) @ (U.T @ np.linalg.norm(X, axis=1))           # G_r⁺ √diag(G)
+    aligned = s[-1] * (U / s) @ (U.T @ np.ones(T))  # B 1 = σ_r · U_r S_r⁻¹ U_rᵀ 1
+    v = (U / s**2) @ (U.T @ np.linalg.norm(X, axis=1))  # G_r⁺ √diag(G)
     kappa = float(s[0] ** 2 / s[-1] ** 2)
     tol = 4.0 * kappa * _cut(lam, J.dtype) / float(lam.max())
     return {"aligned_mtl": aligned @ X, "imtl_g": (v / v.sum()) @ X, "kappa": kappa, "tol": tol, "lam": lam}
@@ -127,8 +128,10 @@ def _check(cases, label_fmt: str, max_tol: float) -> None:
 
 
 # ------------------------------------------------------------------------------------ rank-deficient inputs
-RANK_DEFICIENT = {F32: ["dup", "dup3", "dup_ulp", "dep", "dep2", "near1e-6", "wide"],
-                  F64: ["dup", "dup3", "dep", "dep2", "wide"]}
+RANK_DEFICIENT = {
+    F32: ["dup", "dup3", "dup_ulp", "dep", "dep2", "near1e-6", "wide"],
+    F64: ["dup", "dup3", "dep", "dep2", "wide"],
+}
 
 
 def _deficient_cases(dtype):
@@ -136,7 +139,7 @@ def _deficient_cases(dtype):
         for T in (2, 3, 5, 10, 20):
             if (fam in ("dup3", "dep") and T < 3) or (fam == "dep2" and T < 4):
                 continue
-            for P in ((10,) if fam == "wide" else (10, 100, 1000)):
+            for P in (10,) if fam == "wide" else (10, 100, 1000):
                 if (fam == "wide") != (T > P) or (fam != "wide" and P < 2 * T):  # P ~ T: ill-conditioned by chance
                     continue
                 for seed in (0, 1, 2):
@@ -228,7 +231,7 @@ def test_float32_genuine_eigenvalue_near_the_noise_floor_is_kept():
                 full, reduced = _reference(J, T), _reference(J, T - 1)
                 assert full["lam"].min() >= 2 * _cut(full["lam"], F32)
                 for name, make in AGGS.items():
-                    gap = _rel(reduced[name], full[name])                 # what dropping the eigenvalue changes
+                    gap = _rel(reduced[name], full[name])  # what dropping the eigenvalue changes
                     assert gap >= 0.1
                     err = _rel(make()(J).to(F64).numpy(), full[name])
                     if not err <= gap / 4:
@@ -265,10 +268,10 @@ def test_rank_cutoff_follows_dtype_and_scale():
     assert c32 == pytest.approx(2 * (torch.finfo(F32).eps * np.abs(lam).sum() + 5 * E64))
     assert rank_cutoff(lam) == c64 == rank_cutoff(lam, np.float64)
     assert rank_cutoff(lam, np.float32) == c32
-    assert rank_cutoff(lam, torch.int64) == c64                           # integer G is exact; float64 rounding only
-    assert rank_cutoff(1e8 * lam, F32) == pytest.approx(1e8 * c32)         # relative to G's scale
+    assert rank_cutoff(lam, torch.int64) == c64  # integer G is exact; float64 rounding only
+    assert rank_cutoff(1e8 * lam, F32) == pytest.approx(1e8 * c32)  # relative to G's scale
     assert rank_cutoff(np.array([]), F32) == 0.0
-    assert 3e-9 > c64 and 3e-9 < c32                                      # resolved in float64, round-off in float32
+    assert 3e-9 > c64 and 3e-9 < c32  # resolved in float64, round-off in float32
 
 
 def test_pinvh_and_aligned_keep_the_top_eigenvalue_in_half_precision():
@@ -279,7 +282,7 @@ def test_pinvh_and_aligned_keep_the_top_eigenvalue_in_half_precision():
     for agg in (AlignedMTL(), IMTLG()):
         d = agg(J)
         assert torch.isfinite(d).all() and d.float().norm() > 0
-    P = pinvh(np.eye(100), torch.bfloat16)                               # cut 1.56 > λ = 1: one direction kept
+    P = pinvh(np.eye(100), torch.bfloat16)  # cut 1.56 > λ = 1: one direction kept
     assert np.isfinite(P).all() and np.trace(P) == pytest.approx(1.0)
     np.testing.assert_allclose(pinvh(np.diag([4.0, 0.5]), np.float16), np.diag([0.25, 2.0]))
 
@@ -290,7 +293,7 @@ def _nash_cases():
         for seed in range(3):
             gen = torch.Generator().manual_seed(100 * T + seed)
             J = torch.randn(T, 20, generator=gen, dtype=F64) * torch.exp(torch.randn(T, 1, generator=gen, dtype=F64))
-            J[-1] -= 0.7 * J[0]                                           # a conflicting pair
+            J[-1] -= 0.7 * J[0]  # a conflicting pair
             yield f"T={T} seed={seed}", J @ J.T
 
 
@@ -349,7 +352,7 @@ def test_nash_registered_default_and_warm_start_follow_the_paper():
     assert agg.normalize is False
     Gs = [G for _, G in _nash_cases() if G.shape[0] == 3]
     for k, G in enumerate(Gs[:3]):
-        G = 10.0 ** (3 * k) * G                                           # the scale changes between steps
+        G = 10.0 ** (3 * k) * G  # the scale changes between steps
         a = agg.weights(G).numpy()
         reused = agg.weights(G).numpy()
         assert np.array_equal(a, reused)
@@ -361,7 +364,7 @@ def test_gradvac_target_follows_the_cosine_at_every_step():
     """Eq. (3) is applied to every pair at every step, also when no edit is made (cosine above its target): a
     target starting at 0 rises toward a positive cosine (early LibMTL only updated it inside the edit branch,
     where it could only fall)."""
-    J = torch.tensor([[1.0, 0.2], [0.6, 1.0]], dtype=F64)              # cosine > 0 = initial target: no edit
+    J = torch.tensor([[1.0, 0.2], [0.6, 1.0]], dtype=F64)  # cosine > 0 = initial target: no edit
     cos = float(J[0] @ J[1] / (J[0].norm() * J[1].norm()))
     agg = GradVac(beta=0.25)
     assert torch.allclose(agg(J), J.sum(0))

@@ -60,6 +60,7 @@ Properties claimed per method (and tested here):
 Not claimed, hence not tested: Nash-MTL's permutation/scaling on singular Gramians (no solution of Gα = 1/α; the
 update is set by the 1e-8 ridge and the stopping rule, per its docstring); PCGrad/MAMG/GradVac equivariance for T > 2.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -72,8 +73,19 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import aggregation_asserts as aa
-from mtlkit.aggregation import (MAMG, MGDA, AlignedMTL, CAGrad, DualProj, GradDrop, GradVac, IMTLG, NashMTL, PCGrad,
-                                UPGrad)
+from mtlkit.aggregation import (
+    MAMG,
+    MGDA,
+    AlignedMTL,
+    CAGrad,
+    DualProj,
+    GradDrop,
+    GradVac,
+    IMTLG,
+    NashMTL,
+    PCGrad,
+    UPGrad,
+)
 from mtlkit.aggregation._solvers import KKT_TOL, dual_cone_kkt_residual, simplex_kkt_residual
 
 DTYPES = (torch.float64, torch.float32)
@@ -92,14 +104,16 @@ def _one_torch_thread():
 @dataclass(frozen=True)
 class Spec:
     factory: Callable[[], object]
-    scaling: str                          # "linear" or "invariant" (table in the module docstring)
-    equivariant: str = "all"              # "all": every T; "T=2": only two tasks (random order otherwise); "seed"
-    invert_power: int = 1                 # 2 for methods that invert G (rounding amplified by cond(G) = cond(J)²)
-    skip: dict[str, str] = field(default_factory=dict)   # "property:family[:dtype]" -> documented reason
+    scaling: str  # "linear" or "invariant" (table in the module docstring)
+    equivariant: str = "all"  # "all": every T; "T=2": only two tasks (random order otherwise); "seed"
+    invert_power: int = 1  # 2 for methods that invert G (rounding amplified by cond(G) = cond(J)²)
+    skip: dict[str, str] = field(default_factory=dict)  # "property:family[:dtype]" -> documented reason
 
 
-_NASH_SINGULAR = ("Gα = 1/α has no solution when G is singular (Nash-MTL docstring: the weights grow along the null "
-                  "direction, held by a 1e-8 ridge): the update is set by the ridge and Newton's stopping rule")
+_NASH_SINGULAR = (
+    "Gα = 1/α has no solution when G is singular (Nash-MTL docstring: the weights grow along the null "
+    "direction, held by a 1e-8 ridge): the update is set by the ridge and Newton's stopping rule"
+)
 
 
 def _skips(families_per_property: dict[str, tuple[str, ...]], reason: str) -> dict[str, str]:
@@ -108,13 +122,19 @@ def _skips(families_per_property: dict[str, tuple[str, ...]], reason: str) -> di
 
 _SINGULAR_NASH = _skips({"perm": aa.SINGULAR_FAMILIES, "scale": aa.SINGULAR_FAMILIES}, _NASH_SINGULAR)
 _SPEC_ARGS: dict[str, dict] = {
-    "pcgrad": {"equivariant": "T=2"}, "gradvac": {"equivariant": "T=2"}, "mamg": {"equivariant": "T=2"},
+    "pcgrad": {"equivariant": "T=2"},
+    "gradvac": {"equivariant": "T=2"},
+    "mamg": {"equivariant": "T=2"},
     "graddrop": {"equivariant": "seed"},
-    "imtl_g": {"invert_power": 2}, "aligned_mtl": {"invert_power": 2},
-    "nash_mtl": {"scaling": "invariant", "skip": _SINGULAR_NASH}, "nash_mtl_normalized": {"skip": _SINGULAR_NASH},
+    "imtl_g": {"invert_power": 2},
+    "aligned_mtl": {"invert_power": 2},
+    "nash_mtl": {"scaling": "invariant", "skip": _SINGULAR_NASH},
+    "nash_mtl_normalized": {"skip": _SINGULAR_NASH},
 }
-SPECS: dict[str, Spec] = {name: Spec(**{"factory": factory, "scaling": "linear", **_SPEC_ARGS.get(name, {})})
-                          for name, factory in aa.AGGREGATORS.items()}
+SPECS: dict[str, Spec] = {
+    name: Spec(**{"factory": factory, "scaling": "linear", **_SPEC_ARGS.get(name, {})})
+    for name, factory in aa.AGGREGATORS.items()
+}
 NAMES = list(SPECS)
 
 
@@ -211,8 +231,15 @@ def test_randomised_methods_are_deterministic_under_a_seed(name):
 
 
 # -------------------------------------------------------------------------------------------------------- scaling
-SCALE_FAMILIES = ("random", "conflicting", "duplicated", "zero_row", "rank_deficient", "non_conflicting",
-                  "pareto_stationary")
+SCALE_FAMILIES = (
+    "random",
+    "conflicting",
+    "duplicated",
+    "zero_row",
+    "rank_deficient",
+    "non_conflicting",
+    "pareto_stationary",
+)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
@@ -250,8 +277,13 @@ def test_dual_cone_methods_do_not_vanish_for_small_gradients(name):
 
 
 # ---------------------------------------------------------------------------------------------- non-conflicting
-NON_CONFLICTING = {"upgrad": aa.TASK_COUNTS, "dualproj": aa.TASK_COUNTS, "mgda_exact": aa.TASK_COUNTS, "mgda": (2,),
-                   "pcgrad": (2,)}
+NON_CONFLICTING = {
+    "upgrad": aa.TASK_COUNTS,
+    "dualproj": aa.TASK_COUNTS,
+    "mgda_exact": aa.TASK_COUNTS,
+    "mgda": (2,),
+    "pcgrad": (2,),
+}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
@@ -268,10 +300,11 @@ def test_non_conflicting(name, dtype):
             d, w, D = aa.evaluate(spec.factory, J)
             margin = float(d.to(torch.float64).norm()) ** 2 if name.startswith("mgda") else 0.0
             if margin:
-                margin -= aa.ROUNDING_C * sum(J.shape) * aa.eps(dtype) * D * D    # ||d||² from the rounded d
+                margin -= aa.ROUNDING_C * sum(J.shape) * aa.eps(dtype) * D * D  # ||d||² from the rounded d
             v = aa.non_conflict_violation(J, d, w, D, margin)
-            fails.check(v <= 1.0, label + order,
-                        f"conflict {v:.3g} x the allowed slack (min cos {aa.min_cosine(J, d, D):.3g})")
+            fails.check(
+                v <= 1.0, label + order, f"conflict {v:.3g} x the allowed slack (min cos {aa.min_cosine(J, d, D):.3g})"
+            )
     fails.raise_if_any(f"{name}: non-conflicting")
 
 
@@ -411,8 +444,11 @@ def test_cagrad_update_is_in_the_ball():
         r = aa.cagrad_radius(J, c)
         excess = float((d - J.mean(0)).norm()) - r
         allowed = KKT_TOL * r + aa.ROUNDING_C * (sum(J.shape) * aa.EPS64 * D + aa.scale_floor(J))
-        fails.check(excess <= allowed, label,
-                    f"outside the ball by {excess:.3g} = {excess / max(r, 1e-300):.3g}·radius (allowed {allowed:.3g})")
+        fails.check(
+            excess <= allowed,
+            label,
+            f"outside the ball by {excess:.3g} = {excess / max(r, 1e-300):.3g}·radius (allowed {allowed:.3g})",
+        )
     fails.raise_if_any("cagrad: in the ball")
 
 
@@ -503,10 +539,12 @@ def test_duplicated_and_zero_rows_relations():
     fails = Failures()
     for fam, T, dtype, label, J in _grid(("random", "conflicting"), task_counts=(2, 3, 5, 10, 49)):
         i = T // 2
-        Jdup = torch.cat([J, J[i:i + 1]])
+        Jdup = torch.cat([J, J[i : i + 1]])
         Jzero = torch.cat([J, torch.zeros_like(J[:1])])
         up = UPGrad()(J).to(torch.float64)
-        pi = torch.from_numpy(aa.dual_cone_reference(J.to(torch.float64), np.eye(T)[i:i + 1])[0]) @ J.to(torch.float64)
+        pi = torch.from_numpy(aa.dual_cone_reference(J.to(torch.float64), np.eye(T)[i : i + 1])[0]) @ J.to(
+            torch.float64
+        )
         fails.check(_same(UPGrad()(Jdup), (T * up + pi) / (T + 1), J), label, "UPGrad, duplicated task")
         fails.check(_same(UPGrad()(Jzero), T / (T + 1) * up, J), label, "UPGrad, zero row")
         dp = DualProj()(J).to(torch.float64)
@@ -553,8 +591,7 @@ def test_pairwise_surgery_closed_forms_for_two_tasks():
         if dot < 0:
             fails.check(_same(MAMG(seed=3)(J), 2 * MGDA(solver="exact")(J), J), label, "MAMG is not 2·MGDA")
     for fam, T, dtype, label, J in _grid(("random", "conflicting")):
-        fails.check(_same(GradVac(seed=3)(J), PCGrad(seed=3)(J), J), label,
-                    "GradVac's first step is not PCGrad")
+        fails.check(_same(GradVac(seed=3)(J), PCGrad(seed=3)(J), J), label, "GradVac's first step is not PCGrad")
     fails.raise_if_any("pairwise surgery")
 
 
@@ -567,7 +604,7 @@ def test_graddrop_keeps_one_sign_per_coordinate():
         d = GradDrop(seed=5)(J).to(torch.float64)
         J64 = J.to(torch.float64)
         pos, neg = J64.clamp(min=0).sum(0), J64.clamp(max=0).sum(0)
-        tol = aa.ROUNDING_C * T * aa.eps(dtype) * J64.abs().sum(0)          # γ_T of the column's sum
+        tol = aa.ROUNDING_C * T * aa.eps(dtype) * J64.abs().sum(0)  # γ_T of the column's sum
         ok = ((d - pos).abs() <= tol) | ((d - neg).abs() <= tol)
         fails.check(bool(ok.all()), label, f"{int((~ok).sum())} coordinates keep both signs")
         one_sign = (J64 >= 0).all(0) | (J64 <= 0).all(0)
@@ -604,7 +641,7 @@ def test_aligned_mtl_matches_svd_reference():
         U, S, Vh = torch.linalg.svd(J, full_matrices=False)
         r = int((S > 1e-8 * S[0]).sum())
         ref = S[r - 1] * (Vh[:r].T @ (U[:, :r].T @ torch.ones(T, dtype=torch.float64)))
-        w_ref = U[:, :r] @ ((S[r - 1] / S[:r]) * (U[:, :r].T @ torch.ones(T, dtype=torch.float64)))   # B 1
+        w_ref = U[:, :r] @ ((S[r - 1] / S[:r]) * (U[:, :r].T @ torch.ones(T, dtype=torch.float64)))  # B 1
         dev = aa.deviation(J, d, D, ref, aa.term_scale(J, w_ref))
         tol = aa.update_tol(J, 2)
         fails.check(dev.within(tol), label, f"differs from the SVD reference by {dev} > {tol:.3g} (rank {r})")
@@ -617,8 +654,9 @@ def test_nash_mtl_bargaining_equation():
     adds ``ridge·||α||``), x2, both scale-free; hence ``||update||² = αᵀGα = T`` (resp. ``T·||G||_F``) to
     ``||α||·(that)/T`` relative. Families with nonsingular G only (singular: no solution, see the docstring)."""
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(("random", "conflicting", "non_conflicting", "tiny", "huge"),
-                                         dtypes=(torch.float64,)):
+    for fam, T, dtype, label, J in _grid(
+        ("random", "conflicting", "non_conflicting", "tiny", "huge"), dtypes=(torch.float64,)
+    ):
         G = aa.gramian64(J)
         n = float(np.linalg.norm(G))
         for normalize in (False, True):
@@ -647,8 +685,8 @@ def test_solver_certificate_api():
     U, V = np.array([[1.0, 0.0]]), np.array([[1.0, 0.5]])
     assert dual_cone_kkt_residual(G, U, V) <= 1e-15
     assert dual_cone_kkt_residual(1e6 * G, 1e-3 * U, 1e-3 * V) <= 1e-15
-    assert dual_cone_kkt_residual(G, U, np.array([[1.0, 0.4]])) > KKT_TOL      # (Gv)_2 < 0: conflicts
-    assert dual_cone_kkt_residual(G, U, np.array([[1.0, 0.6]])) > KKT_TOL      # complementarity fails
+    assert dual_cone_kkt_residual(G, U, np.array([[1.0, 0.4]])) > KKT_TOL  # (Gv)_2 < 0: conflicts
+    assert dual_cone_kkt_residual(G, U, np.array([[1.0, 0.6]])) > KKT_TOL  # complementarity fails
     assert simplex_kkt_residual(np.eye(3), np.full(3, 1 / 3)) <= 1e-15
     assert simplex_kkt_residual(1e-8 * np.eye(3), np.full(3, 1 / 3)) <= 1e-15
     assert simplex_kkt_residual(np.eye(3), np.array([0.5, 0.5, 0.0])) > KKT_TOL
@@ -656,8 +694,8 @@ def test_solver_certificate_api():
     G3 = np.zeros((3, 3))
     G3[:2, :2] = G
     U3 = np.array([[1.0, 0.0, 0.0]])
-    assert dual_cone_kkt_residual(G3, U3, np.array([[1.0, 0.5, 7.0]])) <= 1e-15            # optimal (free entry)
-    wrong = np.array([[1.0, 0.8, 1e15]])                                                  # complementarity fails
+    assert dual_cone_kkt_residual(G3, U3, np.array([[1.0, 0.5, 7.0]])) <= 1e-15  # optimal (free entry)
+    wrong = np.array([[1.0, 0.8, 1e15]])  # complementarity fails
     assert dual_cone_kkt_residual(G3, U3, wrong) > KKT_TOL, "a huge weight on a zero task hides a KKT violation"
 
 
@@ -667,10 +705,20 @@ DETERMINISTIC = [n for n, s in SPECS.items() if s.equivariant == "all"]
 
 # derandomize: the same examples on every run (CI is deterministic); no shrinking phase: a failing example is
 # reported as drawn (shrinking would re-run the whole method set dozens of times).
-@settings(max_examples=12, derandomize=True, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
-          suppress_health_check=[HealthCheck.too_slow])
-@given(family=st.sampled_from(aa.ALL_FAMILIES), T=st.integers(2, 50), seed=st.integers(1, 10_000),
-       dtype=st.sampled_from(DTYPES))
+@settings(
+    max_examples=12,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    family=st.sampled_from(aa.ALL_FAMILIES),
+    T=st.integers(2, 50),
+    seed=st.integers(1, 10_000),
+    dtype=st.sampled_from(DTYPES),
+)
 def test_sweep_permutation_scaling_non_conflict(family, T, seed, dtype):
     """Other T, seeds and P (P = T + 1 .. 2T + 3): permutation equivariance and scaling (s = 1e-6) of every
     deterministic method, and non-conflict of UPGrad, DualProj and exact MGDA."""
@@ -729,15 +777,21 @@ def _registered_aggregators() -> list[type]:
 #: The configurations each class's scale is tested in, with the gain k of a mean-scale update (see above). Default:
 #: the class with its defaults, k = 1.
 SCALE_CASES: dict[type, list[tuple[str, Callable[[], Aggregator], float]]] = {
-    CAGrad: [("CAGrad()", CAGrad, (1 + _C) / (1 + _C ** 2)), ("CAGrad(rescale=2)", lambda: CAGrad(rescale=2), 1.0),
-             ("CAGrad(rescale=0)", lambda: CAGrad(rescale=0), 1 + _C), ("CAGrad(c=0)", lambda: CAGrad(c=0.0), 1.0)],
+    CAGrad: [
+        ("CAGrad()", CAGrad, (1 + _C) / (1 + _C**2)),
+        ("CAGrad(rescale=2)", lambda: CAGrad(rescale=2), 1.0),
+        ("CAGrad(rescale=0)", lambda: CAGrad(rescale=0), 1 + _C),
+        ("CAGrad(c=0)", lambda: CAGrad(c=0.0), 1.0),
+    ],
     # The EMA of a constant input reaches it only in the limit; beta=0 is that limit (no EMA).
     DBMTLAggregator: [("DBMTLAggregator(beta=0)", lambda: DBMTLAggregator(beta=0.0), 1.0)],
     NashMTL: [("NashMTL()", NashMTL, 1.0), ("NashMTL(max_iter=300)", lambda: NashMTL(max_iter=300), 1.0)],
 }
 #: Classes whose update on positive multiples is not the one their scale names, and why.
-MULTIPLES_EXEMPT = {DBMTLAggregator: "every row is rescaled to the largest norm: T·max(c)·g, the sum only when the "
-                                     "norms are equal (its docstring: 'stays on EW's scale')"}
+MULTIPLES_EXEMPT = {
+    DBMTLAggregator: "every row is rescaled to the largest norm: T·max(c)·g, the sum only when the "
+    "norms are equal (its docstring: 'stays on EW's scale')"
+}
 #: Abstract bases (no method of their own).
 ABSTRACT = {SeededAggregator, PairwiseSurgery}
 
@@ -760,8 +814,16 @@ def _direction(T: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, tor
     return g.to(dtype), c.to(dtype)
 
 
-def _check_scale(fails: Failures, cls: type, label: str, agg: Aggregator, J: torch.Tensor, g: torch.Tensor,
-                 c: torch.Tensor, gain: float) -> None:
+def _check_scale(
+    fails: Failures,
+    cls: type,
+    label: str,
+    agg: Aggregator,
+    J: torch.Tensor,
+    g: torch.Tensor,
+    c: torch.Tensor,
+    gain: float,
+) -> None:
     scale, T = cls.scale, J.shape[0]
     d = agg(J).to(torch.float64)
     g64, c64 = g.to(torch.float64), c.to(torch.float64)
@@ -779,8 +841,7 @@ def _check_scale(fails: Failures, cls: type, label: str, agg: Aggregator, J: tor
                 if scale == "convex":
                     fails.check(float(w.min()) >= -tol, label, f"negative weight {float(w.min()):.3g}")
     else:
-        ref = {"sum": c64.sum() * g64, "mean": gain * c64.mean() * g64,
-               "fixed_norm": T ** 0.5 * g64 / g64.norm()}[scale]
+        ref = {"sum": c64.sum() * g64, "mean": gain * c64.mean() * g64, "fixed_norm": T**0.5 * g64 / g64.norm()}[scale]
     err = float((d - ref).norm() / ref.norm())
     fails.check(err <= tol, label, f"relative error {err:.3g} > tol {tol:.3g} ({scale} scale)")
 
@@ -802,7 +863,7 @@ def test_declared_scale_holds_on_aligned_gradients(cls):
 
 
 def test_convex_and_affine_declarations_are_tight():
-    """"convex" weights are >= 0 and sum to 1 on every family; an "affine" method does give negative weights
+    """ "convex" weights are >= 0 and sum to 1 on every family; an "affine" method does give negative weights
     somewhere (else it should declare "convex"): IMTL-G on conflicting rows (T = 3) and random ones (T = 5)."""
     fails = Failures()
     for cls in _registered_aggregators():
@@ -811,8 +872,11 @@ def test_convex_and_affine_declarations_are_tight():
         negative = False
         for _fam, _T, _dtype, label, J in _grid(aa.FAMILIES, dtypes=(torch.float64,), task_counts=(2, 3, 5)):
             w = cls().weights(J @ J.T)
-            fails.check(abs(float(w.sum()) - 1) <= 1e-8 or float(w.abs().sum()) == 0, f"{cls.__name__}/{label}",
-                        f"weights sum to {float(w.sum()):.10g}")
+            fails.check(
+                abs(float(w.sum()) - 1) <= 1e-8 or float(w.abs().sum()) == 0,
+                f"{cls.__name__}/{label}",
+                f"weights sum to {float(w.sum()):.10g}",
+            )
             negative |= bool((w < -1e-12).any())
             if cls.scale == "convex":
                 fails.check(float(w.min()) >= -1e-12, f"{cls.__name__}/{label}", f"weight {float(w.min()):.3g} < 0")
@@ -862,12 +926,18 @@ def test_sum_scale_wrapper_multiplies_by_T_and_keeps_the_flags(cls):
             ref = make()(J)
             out = on_sum_scale(make())(J)
             tol = aa.update_tol(J)
-            fails.check(bool(torch.allclose(out, T * ref, rtol=tol, atol=tol * float(T * ref.norm()))),
-                        f"{label}/{where}", "wrapped update is not T x the update")
+            fails.check(
+                bool(torch.allclose(out, T * ref, rtol=tol, atol=tol * float(T * ref.norm()))),
+                f"{label}/{where}",
+                "wrapped update is not T x the update",
+            )
             if cls.gramian_based:
                 G = J @ J.T
-                fails.check(bool(torch.equal(on_sum_scale(make()).weights(G), T * make().weights(G))),
-                            f"{label}/{where}", "weights are not T x the weights")
+                fails.check(
+                    bool(torch.equal(on_sum_scale(make()).weights(G), T * make().weights(G))),
+                    f"{label}/{where}",
+                    "weights are not T x the weights",
+                )
         g, _ = _direction(4, torch.float64, seed=0)
         d = on_sum_scale(make())(g.repeat(4, 1))
         err = float((d - 4 * gain * g).norm() / (4 * gain * g).norm())
@@ -909,11 +979,11 @@ def test_sum_scale_wrapper_delegates_state_and_attributes():
     wrapped = on_sum_scale(CountingMean())
     J = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
     assert torch.equal(wrapped(J), J.sum(0)) and wrapped(J) is not None
-    assert wrapped.state_dict() == {"calls": 2} and wrapped.calls == 2          # the inner aggregator's
+    assert wrapped.state_dict() == {"calls": 2} and wrapped.calls == 2  # the inner aggregator's
     fresh = on_sum_scale(CountingMean())
     fresh.load_state_dict(wrapped.state_dict())
     assert fresh.inner.calls == 2
-    assert on_sum_scale(CAGrad(c=0.7)).c == 0.7                                   # attributes read through
+    assert on_sum_scale(CAGrad(c=0.7)).c == 0.7  # attributes read through
 
 
 @pytest.mark.parametrize("level", ["parameter", "representation"])

@@ -1,4 +1,5 @@
 """The engine's per-task gradients and update writing agree with separate backward passes."""
+
 import pytest
 import torch
 from torch import nn
@@ -120,7 +121,7 @@ def test_bad_inputs_are_named():
 
 def test_per_task_grads_and_split_flat():
     w = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
-    J = per_task_grads(torch.stack([w.sum(), (w ** 2).sum()]), [w])
+    J = per_task_grads(torch.stack([w.sum(), (w**2).sum()]), [w])
     torch.testing.assert_close(J, torch.tensor([[1.0, 1.0, 1.0], [2.0, 4.0, 6.0]]))
     parts = split_flat(J, [torch.zeros(1), torch.zeros(2)])
     assert parts[0].shape == (2, 1) and parts[1].shape == (2, 2)
@@ -229,10 +230,16 @@ def test_gradients_written_by_the_engine_never_alias_each_other():
 # Every path through the engine that uses ``representation``: (aggregator, level, mode, keep_jacobian). Mean at
 # parameter level forms J row by row (loop) or vectorised (batched); MGDA takes the Gramian path unless
 # keep_jacobian; at representation level MGDA gets G from the rows of ∂L/∂z, or J with keep_jacobian.
-_REP_PATHS = [("mean", "parameter", "loop", False), ("mean", "parameter", "batched", False),
-              ("mgda", "parameter", "loop", False), ("mgda", "parameter", "batched", False),
-              ("mgda", "parameter", "loop", True), ("mgda", "parameter", "batched", True),
-              ("mgda", "representation", "loop", False), ("mgda", "representation", "loop", True)]
+_REP_PATHS = [
+    ("mean", "parameter", "loop", False),
+    ("mean", "parameter", "batched", False),
+    ("mgda", "parameter", "loop", False),
+    ("mgda", "parameter", "batched", False),
+    ("mgda", "parameter", "loop", True),
+    ("mgda", "parameter", "batched", True),
+    ("mgda", "representation", "loop", False),
+    ("mgda", "representation", "loop", True),
+]
 
 
 def _agg(name):
@@ -272,7 +279,7 @@ def _rep_case(case, net, x, skip=None, post=None):
 
 _REP_ERRORS = {
     "encoder_called_twice": "representation is not an input of the losses' graph: pass the tensor the task heads "
-                            "read (was the encoder called twice?)",
+    "read (was the encoder called twice?)",
     "leaf": "representation is a leaf tensor",
     "detached": "representation does not require grad",
     "not_from_shared": "representation does not depend on any of shared_params",
@@ -295,10 +302,10 @@ def test_wrong_representation_is_a_config_error_before_any_grad_is_written(case,
     x = torch.randn(4, 5, dtype=torch.float64)
     losses, rep, shared = _rep_case(case, net, x, skip, post)
     extra = sum(p.pow(2).sum() for p in net.enc.parameters())
-    with pytest.raises(ConfigError, match=re.escape(_REP_ERRORS[case]) if case == "encoder_called_twice"
-                       else _REP_ERRORS[case]) as err:
-        backward(losses, shared, _agg(agg), representation=rep, level=level, mode=mode, keep_jacobian=keep,
-                 extra=extra)
+    with pytest.raises(
+        ConfigError, match=re.escape(_REP_ERRORS[case]) if case == "encoder_called_twice" else _REP_ERRORS[case]
+    ) as err:
+        backward(losses, shared, _agg(agg), representation=rep, level=level, mode=mode, keep_jacobian=keep, extra=extra)
     assert "representation" in str(err.value) and isinstance(err.value, ValueError)
     # Raised before anything is accumulated: not the heads, not the extra loss, not the encoder.
     assert all(p.grad is None for m in (net, skip, post) for p in m.parameters())
@@ -347,8 +354,15 @@ def test_a_task_reading_neither_z_nor_a_shared_parameter_has_a_zero_row(path):
         z = net.enc(x)
         raw = [((h(z).squeeze(-1) - float(t)) ** 2).mean() for t, h in enumerate(net.heads)]
         raw[1] = (own - 2.0) ** 2
-        info = backward(stack(raw), net.enc.parameters(), _agg(agg), representation=z if with_rep else None,
-                        level=level if with_rep else "parameter", mode=mode, keep_jacobian=keep)
+        info = backward(
+            stack(raw),
+            net.enc.parameters(),
+            _agg(agg),
+            representation=z if with_rep else None,
+            level=level if with_rep else "parameter",
+            mode=mode,
+            keep_jacobian=keep,
+        )
         return info, [p.grad.clone() if p.grad is not None else None for p in net.parameters()] + [own.grad.clone()]
 
     info, got = run(True)

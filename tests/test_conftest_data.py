@@ -1,5 +1,6 @@
 """The real-data policy of tests/conftest.py, run on a probe suite in a subprocess (no network: the dataset is made
 unobtainable by pointing ``MTLKIT_MNIST_DIR`` at an empty folder, which the fetcher tries before any registry)."""
+
 import os
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 
 from conftest import require_data
 
-PROBE = '''
+PROBE = """
 import pytest
 
 
@@ -26,7 +27,7 @@ def test_needs_mnist_too():
 
 def test_plain():
     pass
-'''
+"""
 
 
 def _run_probe(tmp_path: Path, **env_vars: str) -> tuple[int, str]:
@@ -38,8 +39,14 @@ def _run_probe(tmp_path: Path, **env_vars: str) -> tuple[int, str]:
     (tmp_path / "empty").mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "MTLKIT_REQUIRE_DATA", "PYTEST_ADDOPTS")}
     env.update(MTLKIT_CACHE_DIR=str(tmp_path / "cache"), MTLKIT_MNIST_DIR=str(tmp_path / "empty"), **env_vars)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(suite)], cwd=suite,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(suite)],
+        cwd=suite,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -60,8 +67,15 @@ def test_missing_data_fails_the_run_under_ci(tmp_path):
     assert "MISSING DATA: 2 test(s) FAILED without their real datasets" in out, out
 
 
-@pytest.mark.parametrize("env, expected", [({}, False), ({"CI": "true"}, True), ({"MTLKIT_REQUIRE_DATA": "1"}, True),
-                                           ({"CI": "true", "MTLKIT_REQUIRE_DATA": "0"}, False)])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, False),
+        ({"CI": "true"}, True),
+        ({"MTLKIT_REQUIRE_DATA": "1"}, True),
+        ({"CI": "true", "MTLKIT_REQUIRE_DATA": "0"}, False),
+    ],
+)
 def test_require_data_follows_ci_unless_told_otherwise(monkeypatch, env, expected):
     for k in ("CI", "MTLKIT_REQUIRE_DATA"):
         monkeypatch.delenv(k, raising=False)

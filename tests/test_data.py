@@ -1,4 +1,5 @@
 """Data: verified fetching and caching, the 36x36 MultiMNIST layout, determinism."""
+
 import gzip
 import hashlib
 import subprocess
@@ -20,8 +21,12 @@ def tmp_cache(tmp_path, monkeypatch):
 
 def _fake_images(seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    return {"x_train": rng.integers(0, 256, (600, 28, 28), dtype=np.uint8), "y_train": rng.integers(0, 10, 600),
-            "x_test": rng.integers(0, 256, (100, 28, 28), dtype=np.uint8), "y_test": rng.integers(0, 10, 100)}
+    return {
+        "x_train": rng.integers(0, 256, (600, 28, 28), dtype=np.uint8),
+        "y_train": rng.integers(0, 10, 600),
+        "x_test": rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
+        "y_test": rng.integers(0, 10, 100),
+    }
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ a diverging run, SIGINT during start-up.
 Runs are tiny (the ``_toy`` dataset of conftest.py, registered by a wrapper that then calls ``mtlkit.cli.main``; one
 thread); the start-up test runs ``python -m mtlkit.cli`` itself.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,20 @@ import torch
 from mtlkit import runs
 
 TESTS = Path(__file__).resolve().parent
-TOY = ["--dataset", "_toy", "--set", "model.options={encoder: mlp, hidden: [16], head_hidden: 8}",
-       "--set", "output.tensorboard=false", "--set", "train.num_threads=1", "--batch-size", "32", "--lr", "0.01"]
+TOY = [
+    "--dataset",
+    "_toy",
+    "--set",
+    "model.options={encoder: mlp, hidden: [16], head_hidden: 8}",
+    "--set",
+    "output.tensorboard=false",
+    "--set",
+    "train.num_threads=1",
+    "--batch-size",
+    "32",
+    "--lr",
+    "0.01",
+]
 WRAPPER = f"""import sys
 sys.path.insert(0, {str(TESTS)!r})
 import conftest  # noqa: F401  (registers the _toy dataset: tests only)
@@ -70,8 +83,14 @@ def wrapper(tmp_path_factory) -> Path:
 
 
 def _popen(wrapper: Path, args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(wrapper), *args], cwd=cwd, env=_env(**env), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(wrapper), *args],
+        cwd=cwd,
+        env=_env(**env),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _wait(p: subprocess.Popen, timeout: float = 300) -> Result:
@@ -79,18 +98,20 @@ def _wait(p: subprocess.Popen, timeout: float = 300) -> Result:
     return Result(p.returncode, out, err)
 
 
-def cli(wrapper: Path, *commands: list[str] | tuple[list[str], dict[str, str]], cwd: Path, **env: str
-        ) -> list[Result]:
+def cli(wrapper: Path, *commands: list[str] | tuple[list[str], dict[str, str]], cwd: Path, **env: str) -> list[Result]:
     """Run the commands concurrently (each its own process; a command may come with its own extra environment)
     and return their results in order."""
-    procs = [_popen(wrapper, c[0], cwd, **env, **c[1]) if isinstance(c, tuple) else _popen(wrapper, c, cwd, **env)
-             for c in commands]
+    procs = [
+        _popen(wrapper, c[0], cwd, **env, **c[1]) if isinstance(c, tuple) else _popen(wrapper, c, cwd, **env)
+        for c in commands
+    ]
     return [_wait(p) for p in procs]
 
 
 def snapshot(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
+    }
 
 
 def leftovers(d: Path) -> list[str]:
@@ -111,8 +132,11 @@ def trained(wrapper, tmp_path_factory) -> dict[str, tuple[Path, Result]]:
     """Runs several tests start from, trained once and concurrently: a finished 2-epoch EW run (progress on, stderr a
     pipe), the same with STL, and one epoch of the diverging UW run. Tests copy them."""
     root = tmp_path_factory.mktemp("trained")
-    commands = {"ew": ["--epochs", "2", *TOY], "stl": ["--epochs", "2", "--method", "stl", *TOY],
-                "uw": ["--epochs", "1", *UW_DIVERGING]}
+    commands = {
+        "ew": ["--epochs", "2", *TOY],
+        "stl": ["--epochs", "2", "--method", "stl", *TOY],
+        "uw": ["--epochs", "1", *UW_DIVERGING],
+    }
     results = cli(wrapper, *[["train", "--run-dir", name, *c] for name, c in commands.items()], cwd=root)
     for r in results:
         assert r.rc == 0, r.err
@@ -135,6 +159,7 @@ def _table(out: str) -> list[str]:
 
 
 # --- rows of the issue -----------------------------------------------------------------------------------------
+
 
 def test_piped_output_is_plain_lines_and_epochs_count_from_1(finished):
     run, res = finished
@@ -163,8 +188,13 @@ def test_stl_prints_the_same_table_as_every_method(trained):
 def test_a_second_process_is_refused_while_a_run_trains(wrapper, tmp_path):
     run = tmp_path / "run"
     with open(tmp_path / "a.log", "w") as log:  # a file, not a pipe: thousands of epoch lines must not block it
-        a = subprocess.Popen([sys.executable, str(wrapper), "train", "--run-dir", "run", "--epochs", "100000", *TOY],
-                             cwd=tmp_path, env=_env(), stdout=log, stderr=log)
+        a = subprocess.Popen(
+            [sys.executable, str(wrapper), "train", "--run-dir", "run", "--epochs", "100000", *TOY],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=log,
+            stderr=log,
+        )
         try:
             deadline = time.time() + 240
             while not (run / "metrics.jsonl").is_file():
@@ -174,18 +204,24 @@ def test_a_second_process_is_refused_while_a_run_trains(wrapper, tmp_path):
             holder = json.loads((run / runs.LOCK).read_text())
             assert holder["pid"] == a.pid and holder["host"] and holder["since"]
             before = snapshot(run)
-            over, res = cli(wrapper, ["train", "--run-dir", "run", "--overwrite", *TOY],
-                            ["train", "--run-dir", "run", "--resume"], cwd=tmp_path)
+            over, res = cli(
+                wrapper,
+                ["train", "--run-dir", "run", "--overwrite", *TOY],
+                ["train", "--run-dir", "run", "--resume"],
+                cwd=tmp_path,
+            )
             for r in (over, res):
-                r.failed_cleanly(f"run directory run is in use: locked by pid {a.pid} on {holder['host']} since "
-                                 f"{holder['since']}")
+                r.failed_cleanly(
+                    f"run directory run is in use: locked by pid {a.pid} on {holder['host']} since {holder['since']}"
+                )
             assert snapshot(run) == before
         finally:
             a.send_signal(signal.SIGKILL)  # a kill: the OS drops the lock; the holder record stays behind
             a.wait()
     done = runs.checkpoint_meta(run / "checkpoint.pt")
-    (resumed,) = cli(wrapper, ["train", "--run-dir", "run", "--resume", "--epochs", str(done["epoch"] + 1)],
-                     cwd=tmp_path)
+    (resumed,) = cli(
+        wrapper, ["train", "--run-dir", "run", "--resume", "--epochs", str(done["epoch"] + 1)], cwd=tmp_path
+    )
     assert resumed.rc == 0, resumed.err
     assert f"last locked by pid {a.pid}" in resumed.err and "stopped without releasing it" in resumed.err
     n = done["epoch"] + 1
@@ -197,7 +233,7 @@ def test_a_checkpoint_with_flipped_bytes_is_not_resumed(wrapper, finished, tmp_p
     run = copy_of(finished, tmp_path)
     data = bytearray((run / "checkpoint.pt").read_bytes())
     mid = len(data) // 2
-    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])  # same size, 64 bytes changed
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])  # same size, 64 bytes changed
     (run / "checkpoint.pt").write_bytes(bytes(data))
     before = snapshot(run)
     (res,) = cli(wrapper, ["train", "--run-dir", "run", "--resume", "--epochs", "3"], cwd=tmp_path)
@@ -208,7 +244,7 @@ def test_a_checkpoint_with_flipped_bytes_is_not_resumed(wrapper, finished, tmp_p
 def test_eval_of_a_truncated_best_pt_is_a_clear_error(wrapper, finished, tmp_path):
     run = copy_of(finished, tmp_path)
     data = (run / "best.pt").read_bytes()
-    (run / "best.pt").write_bytes(data[:len(data) // 2])
+    (run / "best.pt").write_bytes(data[: len(data) // 2])
     before = snapshot(run)
     (res,) = cli(wrapper, ["eval", "run"], cwd=tmp_path)
     res.failed_cleanly("cannot read run/best.pt", "truncated", "it was not used")
@@ -228,10 +264,13 @@ def test_resume_with_overwrite_is_refused_and_debug_shows_the_traceback(wrapper,
 def test_resume_to_fewer_epochs_is_refused_and_to_as_many_is_a_no_op(wrapper, finished, tmp_path):
     run = copy_of(finished, tmp_path)
     before = snapshot(run)
-    fewer, same = cli(wrapper, ["train", "--run-dir", "run", "--resume", "--epochs", "1"],
-                      ["train", "--run-dir", "run", "--resume"], cwd=tmp_path)
-    fewer.failed_cleanly("cannot resume run with train.epochs=1: it has already trained 2 epochs",
-                         "--epochs 2 or more")
+    fewer, same = cli(
+        wrapper,
+        ["train", "--run-dir", "run", "--resume", "--epochs", "1"],
+        ["train", "--run-dir", "run", "--resume"],
+        cwd=tmp_path,
+    )
+    fewer.failed_cleanly("cannot resume run with train.epochs=1: it has already trained 2 epochs", "--epochs 2 or more")
     assert same.rc == 0 and "already finished its 2 epochs; nothing to train" in same.err, same.err
     assert _table(same.out) == _table(finished[1].out)
     assert snapshot(run) == before  # config.yaml (epochs: 2) and everything else byte for byte
@@ -242,9 +281,12 @@ def test_disk_full_while_saving_keeps_the_run_and_logs_each_epoch_once(wrapper, 
     before = snapshot(run)
     argv = ["train", "--run-dir", "run", "--resume", "--epochs", "4"]
     (full,) = cli(wrapper, argv, cwd=tmp_path, MTLKIT_FAULT_WRITE="ENOSPC:checkpoint.pt")  # end of epoch 3
-    full.failed_cleanly("cannot write run/checkpoint.pt: No space left on device", "[ENOSPC]",
-                        "still holds the run as of the end of epoch 2",
-                        "mtlkit train --run-dir run --resume --epochs 4")
+    full.failed_cleanly(
+        "cannot write run/checkpoint.pt: No space left on device",
+        "[ENOSPC]",
+        "still holds the run as of the end of epoch 2",
+        "mtlkit train --run-dir run --resume --epochs 4",
+    )
     assert snapshot(run) == before and leftovers(run) == []
     # full again, after the checkpoint of epoch 3 was written: a log write fails
     (logs,) = cli(wrapper, argv, cwd=tmp_path, MTLKIT_FAULT_WRITE="ENOSPC:metrics.csv")
@@ -261,11 +303,16 @@ def test_read_only_run_dir_and_a_file_as_run_dir_through_the_hook(wrapper, finis
     (tmp_path / "a_file").write_text("not a directory\n")
     before = snapshot(tmp_path)
     resume, fresh, is_file = cli(
-        wrapper, ["train", "--run-dir", "run", "--resume", "--epochs", "3"],
-        ["train", "--run-dir", "run/new", *TOY], ["train", "--run-dir", "a_file", *TOY],
-        cwd=tmp_path, MTLKIT_FAULT_WRITE="EROFS")
-    resume.failed_cleanly("cannot write to the run directory run: Read-only file system", "[EROFS]",
-                          "mtlkit needs a writable directory")
+        wrapper,
+        ["train", "--run-dir", "run", "--resume", "--epochs", "3"],
+        ["train", "--run-dir", "run/new", *TOY],
+        ["train", "--run-dir", "a_file", *TOY],
+        cwd=tmp_path,
+        MTLKIT_FAULT_WRITE="EROFS",
+    )
+    resume.failed_cleanly(
+        "cannot write to the run directory run: Read-only file system", "[EROFS]", "mtlkit needs a writable directory"
+    )
     fresh.failed_cleanly("cannot create the run directory run/new in run", "[EROFS]")
     is_file.failed_cleanly("run directory a_file is a file, not a directory")
     assert snapshot(tmp_path) == before
@@ -287,8 +334,13 @@ def really_read_only(path: Path, populate):
             for d in dirs:
                 d.chmod(0o755)
         return
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs",
-                                                        str(path)], capture_output=True, check=False).returncode != 0:
+    if (
+        shutil.which("mount") is None
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(path)], capture_output=True, check=False
+        ).returncode
+        != 0
+    ):
         pytest.skip("running as root (permissions do not apply) and cannot mount a tmpfs: the hook test covers it")
     try:
         populate(path)
@@ -302,8 +354,12 @@ def test_read_only_run_dir_for_real(wrapper, finished, tmp_path):
     ro = tmp_path / "ro"
     with really_read_only(ro, lambda d: shutil.copytree(finished[0], d / "run")):
         before = snapshot(ro)
-        resume, fresh = cli(wrapper, ["train", "--run-dir", "ro/run", "--resume", "--epochs", "3"],
-                            ["train", "--run-dir", "ro/new", *TOY], cwd=tmp_path)
+        resume, fresh = cli(
+            wrapper,
+            ["train", "--run-dir", "ro/run", "--resume", "--epochs", "3"],
+            ["train", "--run-dir", "ro/new", *TOY],
+            cwd=tmp_path,
+        )
         code = "[EROFS]" if os.geteuid() == 0 else "[EACCES]"
         resume.failed_cleanly("ro/run", code)
         fresh.failed_cleanly("cannot create the run directory ro/new in ro", code)
@@ -323,12 +379,29 @@ def test_read_only_dataset_cache_for_real(tmp_path):
 
     with really_read_only(cache, populate):
         before = snapshot(cache)
-        p = subprocess.Popen([sys.executable, "-m", "mtlkit.cli", "--cache-dir", str(cache), "train", "--run-dir",
-                              "run", "--set", "dataset.options={n_train: 120, n_test: 20}", "--epochs", "1"],
-                             cwd=tmp_path, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mtlkit.cli",
+                "--cache-dir",
+                str(cache),
+                "train",
+                "--run-dir",
+                "run",
+                "--set",
+                "dataset.options={n_train: 120, n_test: 20}",
+                "--epochs",
+                "1",
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         res = _wait(p)  # the reduced MultiMNIST must be built and cached, in a cache that cannot be written
-        res.failed_cleanly(f"{cache}", "[EROFS]" if os.geteuid() == 0 else "[EACCES]", "dataset cache",
-                           "--cache-dir")
+        res.failed_cleanly(f"{cache}", "[EROFS]" if os.geteuid() == 0 else "[EACCES]", "dataset cache", "--cache-dir")
         assert snapshot(cache) == before and not (tmp_path / "run").exists()
 
 
@@ -336,17 +409,27 @@ def test_a_diverging_run_stops_with_epoch_step_task_and_keeps_its_last_checkpoin
     run = copy_of(trained["uw"], tmp_path)  # UW at lr 1e4, its first epoch trained
     before = snapshot(run)
     (res,) = cli(wrapper, ["train", "--run-dir", "run", "--resume", "--epochs", "3"], cwd=tmp_path)
-    res.failed_cleanly("training diverged at epoch 2, step 1 of 3", "method uw", "task(s) a, b",
-                       "lower the learning rate (train.lr is 10000; try --lr 1000)",
-                       "run/checkpoint.pt still holds the run as of the end of epoch 1")
+    res.failed_cleanly(
+        "training diverged at epoch 2, step 1 of 3",
+        "method uw",
+        "task(s) a, b",
+        "lower the learning rate (train.lr is 10000; try --lr 1000)",
+        "run/checkpoint.pt still holds the run as of the end of epoch 1",
+    )
     assert snapshot(run) == before
     ck = runs.load_checkpoint(run / "checkpoint.pt")
     assert ck["epoch"] == 0 and all(bool(torch.isfinite(v).all()) for v in ck["model"].values())
 
 
 def test_sigint_during_start_up_exits_quietly(tmp_path):
-    p = subprocess.Popen([sys.executable, "-m", "mtlkit.cli", "train", "--run-dir", "run", "--epochs", "1"],
-                         cwd=tmp_path, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mtlkit.cli", "train", "--run-dir", "run", "--epochs", "1"],
+        cwd=tmp_path,
+        env=_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     time.sleep(0.8)  # inside the imports of torch and the methods (seconds), long after Python's own start
     p.send_signal(signal.SIGINT)
     res = _wait(p, timeout=120)
@@ -355,6 +438,7 @@ def test_sigint_during_start_up_exits_quietly(tmp_path):
 
 
 # --- the machinery, in process ---------------------------------------------------------------------------------
+
 
 def test_checkpoints_carry_their_hash_and_stay_torch_loadable(tmp_path):
     path = tmp_path / "c.pt"
@@ -437,10 +521,14 @@ def test_no_checkpoint_is_written_from_diverged_parameters(tmp_path, monkeypatch
     from mtlkit.errors import NonFiniteLossError
     from mtlkit.train import Trainer
 
-    cfg = RunConfig.from_dict({"dataset": {"name": "_toy"}, "model": {"name": "hps", "options": {
-        "encoder": "mlp", "hidden": [16], "head_hidden": 8}}, "train": {"epochs": 2, "batch_size": 32,
-                                                                      "progress": False},
-        "output": {"dir": str(tmp_path / "run"), "tensorboard": False}})
+    cfg = RunConfig.from_dict(
+        {
+            "dataset": {"name": "_toy"},
+            "model": {"name": "hps", "options": {"encoder": "mlp", "hidden": [16], "head_hidden": 8}},
+            "train": {"epochs": 2, "batch_size": 32, "progress": False},
+            "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
+        }
+    )
     t = Trainer(cfg)
     real, calls = t.optimizer.step, [0]
 
@@ -453,7 +541,10 @@ def test_no_checkpoint_is_written_from_diverged_parameters(tmp_path, monkeypatch
         return out
 
     monkeypatch.setattr(t.optimizer, "step", step)
-    with pytest.raises(NonFiniteLossError, match=r"diverged in epoch 1: parameters became NaN or infinite .*"
-                                                 r"Nothing was saved"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"diverged in epoch 1: parameters became NaN or infinite .*"
+        r"Nothing was saved",
+    ):
         t.fit()
     assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -1,4 +1,5 @@
 """The Gramian formed without J equals J Jᵀ, and the engine's J-free update equals the one computed from J."""
+
 import pytest
 import torch
 from torch import nn
@@ -20,8 +21,19 @@ F64_SMALL = {"atol": 1e-12, "rtol": 1e-12}  # sums of <= 72 terms of O(1) (z-gra
 
 
 def _jacobian(z, dz, params):
-    return torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(
-        torch.autograd.grad(z, params, d, retain_graph=True, allow_unused=True), params, strict=True)]) for d in dz])
+    return torch.stack(
+        [
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                    for g, p in zip(
+                        torch.autograd.grad(z, params, d, retain_graph=True, allow_unused=True), params, strict=True
+                    )
+                ]
+            )
+            for d in dz
+        ]
+    )
 
 
 class _Tied(nn.Module):
@@ -62,12 +74,28 @@ class _Checkpointed(nn.Module):
 
 
 def _encoders():
-    conv = nn.Sequential(nn.Unflatten(1, (1, 3, 6)), nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(36, 10), nn.ReLU(), nn.Linear(10, 5))
+    conv = nn.Sequential(
+        nn.Unflatten(1, (1, 3, 6)),
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(36, 10),
+        nn.ReLU(),
+        nn.Linear(10, 5),
+    )
     # The same with NHWC activations and conv weights, as in mtlkit's conv trunk.
-    conv_last = nn.Sequential(nn.Unflatten(1, (1, 3, 6)), ChannelsLast(), nn.Conv2d(1, 2, 3, padding=1),
-                              nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(36, 10), nn.ReLU(),
-                              nn.Linear(10, 5)).to(memory_format=torch.channels_last)
+    conv_last = nn.Sequential(
+        nn.Unflatten(1, (1, 3, 6)),
+        ChannelsLast(),
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(36, 10),
+        nn.ReLU(),
+        nn.Linear(10, 5),
+    ).to(memory_format=torch.channels_last)
     return {
         # (encoder, input columns, number of linear sites expected with B = 4 rows)
         "mlp": (nn.Sequential(nn.Linear(18, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 6)), 18, 3),
@@ -173,8 +201,9 @@ def test_engine_without_J_writes_the_same_grads_as_with_J(make, mode):
         agg = make()  # fresh: stateful / seeded methods start from the same state
         net.zero_grad()
         losses, z = net.losses(x)
-        info = backward(losses, net.enc.parameters(), agg, representation=z, keep_jacobian=keep, mode=mode,
-                        chunk_size=3)
+        info = backward(
+            losses, net.enc.parameters(), agg, representation=z, keep_jacobian=keep, mode=mode, chunk_size=3
+        )
         grads[keep] = [p.grad.clone() for p in net.parameters()]
         if keep:
             J = info.jacobian
@@ -185,8 +214,13 @@ def test_engine_without_J_writes_the_same_grads_as_with_J(make, mode):
             w = info.weights
     n_enc = len(list(net.enc.parameters()))
     # the shared parameters hold the aggregated update (its weights may come from an iterative solver) ...
-    _assert_updates_close(agg, torch.cat([g.reshape(-1) for g in grads[False][:n_enc]]),
-                          torch.cat([g.reshape(-1) for g in grads[True][:n_enc]]), w, J)
+    _assert_updates_close(
+        agg,
+        torch.cat([g.reshape(-1) for g in grads[False][:n_enc]]),
+        torch.cat([g.reshape(-1) for g in grads[True][:n_enc]]),
+        w,
+        J,
+    )
     # ... each head its own task's gradient, whatever the weights
     for a, b in zip(grads[True][n_enc:], grads[False][n_enc:], strict=True):
         torch.testing.assert_close(a, b, **F64)
@@ -202,8 +236,9 @@ def test_representation_level_without_J_writes_the_same_grads_as_with_J(make):
         agg = make()
         net.zero_grad()
         losses, z = net.losses(x)
-        infos[keep] = backward(losses, net.enc.parameters(), agg, representation=z, level="representation",
-                               keep_jacobian=keep)
+        infos[keep] = backward(
+            losses, net.enc.parameters(), agg, representation=z, level="representation", keep_jacobian=keep
+        )
         grads[keep] = [p.grad.clone() for p in net.parameters()]
     J = infos[True].jacobian
     assert J.shape == (4, 6 * 12) and infos[False].jacobian is None
@@ -216,8 +251,13 @@ def test_representation_level_without_J_writes_the_same_grads_as_with_J(make):
     losses, z = net.losses(x)
     J_theta = _jacobian(z, J.reshape(-1, *z.shape), list(net.enc.parameters()))
     n_enc = len(list(net.enc.parameters()))
-    _assert_updates_close(agg, torch.cat([g.reshape(-1) for g in grads[False][:n_enc]]),
-                          torch.cat([g.reshape(-1) for g in grads[True][:n_enc]]), w, J_theta)
+    _assert_updates_close(
+        agg,
+        torch.cat([g.reshape(-1) for g in grads[False][:n_enc]]),
+        torch.cat([g.reshape(-1) for g in grads[True][:n_enc]]),
+        w,
+        J_theta,
+    )
     for a, b in zip(grads[True][n_enc:], grads[False][n_enc:], strict=True):
         torch.testing.assert_close(a, b, **F64)
 

@@ -13,6 +13,7 @@ mtlkit module, read with ``ast`` from the source (nothing is imported to build i
 A cycle means that which module is imported first decides whether the import works (a half-initialised module
 is seen by the other). :data:`KNOWN_CYCLES` lists the edges that still close a cycle, to be emptied.
 """
+
 from __future__ import annotations
 
 import ast
@@ -45,8 +46,9 @@ def module_files() -> dict[str, Path]:
 
 
 def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
@@ -209,8 +211,9 @@ def test_method_files_import_no_method_registry_front_end_and_no_package_init():
             continue
         for node in _module_level_imports(ast.parse(path.read_text(), str(path))):
             mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            bad += [f"{name} imports {m}" for m in mods if m in ("mtlkit.methods", "mtlkit.aggregation",
-                                                                   "mtlkit.weighting")]
+            bad += [
+                f"{name} imports {m}" for m in mods if m in ("mtlkit.methods", "mtlkit.aggregation", "mtlkit.weighting")
+            ]
     assert not bad, bad
 
 
@@ -221,7 +224,8 @@ def test_no_import_cycles():
         graph[a] = graph[a] - {b}
     cycles = find_cycles(graph)
     assert not cycles, "import cycles between mtlkit modules (module-level imports):\n" + "\n".join(
-        "  " + " -> ".join(c) for c in cycles)
+        "  " + " -> ".join(c) for c in cycles
+    )
 
 
 # Imports every module given on the command line, each in a clean state: every mtlkit module is dropped from
@@ -246,13 +250,15 @@ def test_every_module_imports_alone():
     """Each module, imported first (fresh mtlkit state, one interpreter for all, sequentially: about 10 s)."""
     names = [n for n in module_files() if not n.endswith("__main__")]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _ALONE, *names], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", _ALONE, *names], capture_output=True, text=True, timeout=300, cwd=ROOT.parent
+    )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     failed = {k: v for k, v in result.items() if v is not None}
-    assert not failed, "modules that fail to import on their own:\n" + "\n".join(f"{k}:\n{v}" for k, v in
-                                                                                 failed.items())
+    assert not failed, "modules that fail to import on their own:\n" + "\n".join(
+        f"{k}:\n{v}" for k, v in failed.items()
+    )
     assert set(result) == set(names)
     assert elapsed < 120, f"importing every module alone took {elapsed:.0f} s"

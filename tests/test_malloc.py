@@ -1,4 +1,5 @@
 """glibc malloc tuning: freed large blocks stay in the process, the user's own settings win, bad values are named."""
+
 import os
 import platform
 import subprocess
@@ -10,8 +11,10 @@ from mtlkit.cli import main
 from mtlkit.malloc import USER_SETTINGS, tune_cpu_allocator
 
 _libc, _version = platform.libc_ver()
-glibc = pytest.mark.skipif(_libc != "glibc" or tuple(int(v) for v in _version.split(".")[:2]) < (2, 33),
-                           reason="mallopt and mallinfo2 are glibc's (2.33 or later)")
+glibc = pytest.mark.skipif(
+    _libc != "glibc" or tuple(int(v) for v in _version.split(".")[:2]) < (2, 33),
+    reason="mallopt and mallinfo2 are glibc's (2.33 or later)",
+)
 
 # Allocates, fills and frees a 64 MB tensor: 5 rounds of warm-up (the heap grows to its steady size), then prints the
 # minor page faults of 20 more rounds, and the bytes glibc holds in mmapped blocks while one such tensor is alive.
@@ -41,8 +44,9 @@ print(libc.mallinfo2().hblkhd)
 
 def _probe(mode: str, **env: str) -> tuple[str, int, int]:
     clean = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS}
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True,
-                         env={**clean, **env}).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True, env={**clean, **env}
+    ).stdout.split()
     return out[0], int(out[1]), int(out[2])
 
 

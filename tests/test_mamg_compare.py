@@ -1,5 +1,6 @@
 """``mtlkit reproduce mamg`` (MAMG vs PCGrad / MGDA at T >= 3) and the paired statistics it shares with
 ``reproduce mamo``: method specs, scores, paired differences, verdicts, an end-to-end run with --reuse."""
+
 import argparse
 import json
 
@@ -34,10 +35,15 @@ def test_score_and_relative_delta():
     keys = [("a/accuracy", True), ("a/loss", False)]
     assert score({"a/accuracy": 0.8, "a/loss": 0.4}, keys) == pytest.approx(0.2)
     # Eq. 15 of A against B over the metrics whose B value is not 0: (+10 % on accuracy, +50 % on the loss) / 2
-    assert relative_delta({"a/accuracy": 0.88, "a/loss": 0.2}, {"a/accuracy": 0.8, "a/loss": 0.4}, keys) == \
-        pytest.approx(30.0)
-    assert relative_delta({"a/accuracy": 0.5}, {"a/accuracy": 0.0}, keys[:1]) != relative_delta(  # NaN, not inf
-        {"a/accuracy": 0.5}, {"a/accuracy": 0.0}, keys[:1])
+    assert relative_delta(
+        {"a/accuracy": 0.88, "a/loss": 0.2}, {"a/accuracy": 0.8, "a/loss": 0.4}, keys
+    ) == pytest.approx(30.0)
+    assert (
+        relative_delta({"a/accuracy": 0.5}, {"a/accuracy": 0.0}, keys[:1])
+        != relative_delta(  # NaN, not inf
+            {"a/accuracy": 0.5}, {"a/accuracy": 0.0}, keys[:1]
+        )
+    )
 
 
 def test_comparisons_and_overall_verdicts_from_runs():
@@ -46,14 +52,22 @@ def test_comparisons_and_overall_verdicts_from_runs():
     def runs(vals):
         return {s: {"test": {"t/accuracy": v}} for s, v in enumerate(vals)}
 
-    table = {"pcgrad": runs([0.5, 0.5, 0.5]), "mamg": runs([0.6, 0.55, 0.51]), "mamg:rule=grow": runs([0.4, 0.6, 0.5]),
-             "mgda": runs([0.5, 0.5, 0.5])}
+    table = {
+        "pcgrad": runs([0.5, 0.5, 0.5]),
+        "mamg": runs([0.6, 0.55, 0.51]),
+        "mamg:rule=grow": runs([0.4, 0.6, 0.5]),
+        "mgda": runs([0.5, 0.5, 0.5]),
+    }
     comps = {(c["a"], c["b"]): c for c in _compare(table, keys)}
     assert comps[("mamg", "pcgrad")]["verdict"] == "supported" and comps[("mamg", "pcgrad")]["claim"]
     assert comps[("mamg:rule=grow", "pcgrad")]["verdict"] == "not supported"  # mean 0, one seed above
     assert ("pcgrad", "ew") not in comps  # a comparison needs both methods
-    report = {"datasets": {"d1": {"comparisons": list(comps.values())},
-                           "d2": {"comparisons": [dict(comps[("mamg", "pcgrad")], verdict="mixed")]}}}
+    report = {
+        "datasets": {
+            "d1": {"comparisons": list(comps.values())},
+            "d2": {"comparisons": [dict(comps[("mamg", "pcgrad")], verdict="mixed")]},
+        }
+    }
     overall = {c["claim"]: c["verdict"] for c in _overall(report)}
     assert overall["mamg beats pcgrad at T >= 3"] == "mixed"  # supported on d1, mixed on d2
     assert overall["mamg:rule=grow beats pcgrad at T >= 3"] == "not supported"
@@ -61,13 +75,31 @@ def test_comparisons_and_overall_verdicts_from_runs():
 
 def test_reproduce_mamg_runs_end_to_end_and_reuses(tmp_path, monkeypatch):
     """A tiny run on the synthetic ``_toy`` data: report, results, paired rows; --reuse retrains nothing."""
-    monkeypatch.setitem(SETUPS, "toy", {"dataset": "_toy", "options": {"n_train": 48, "n_val": 16, "n_test": 16},
-                                        "model": {"encoder": "mlp", "hidden": [8], "head_hidden": 4}, "epochs": 1,
-                                        "batch_size": 16})
+    monkeypatch.setitem(
+        SETUPS,
+        "toy",
+        {
+            "dataset": "_toy",
+            "options": {"n_train": 48, "n_val": 16, "n_test": 16},
+            "model": {"encoder": "mlp", "hidden": [8], "head_hidden": 4},
+            "epochs": 1,
+            "batch_size": 16,
+        },
+    )
     rep = load_all()["mamg"]
-    args = argparse.Namespace(datasets=["toy"], methods=["pcgrad", "mamg", "mamg:rule=grow"], seeds=[0, 1],
-                              epochs=None, n_train=None, lr=1e-3, full=False, device="cpu", threads=None, reuse=False,
-                              out=str(tmp_path))
+    args = argparse.Namespace(
+        datasets=["toy"],
+        methods=["pcgrad", "mamg", "mamg:rule=grow"],
+        seeds=[0, 1],
+        epochs=None,
+        n_train=None,
+        lr=1e-3,
+        full=False,
+        device="cpu",
+        threads=None,
+        reuse=False,
+        out=str(tmp_path),
+    )
     assert rep.run(args) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     claims = {c["claim"]: c for c in res["claims"]}

@@ -1,6 +1,7 @@
 """MAMO (Tan, Hu & Zhang, ECAI 2024): search space, conflict indicator (Eqs. 9-13, TopK), Alg. 1 in the training
 loop (the search callback of model mamo: growth, Q accounting, KKT gradient routing, options, resume bit for bit,
 ``mtlkit train``), ``mtlkit reproduce mamo``."""
+
 import copy
 import json
 
@@ -14,8 +15,15 @@ from mtlkit.config import RunConfig
 from mtlkit.data import build_dataset
 from mtlkit.errors import ConfigError
 from mtlkit.evaluation import evaluate
-from mtlkit.models.mamo_search import (ConflictDetector, average_indicator, conflicts, cosine_matrix, layer_gradients,
-                         proxy_indicator, topk_indicator)
+from mtlkit.models.mamo_search import (
+    ConflictDetector,
+    average_indicator,
+    conflicts,
+    cosine_matrix,
+    layer_gradients,
+    proxy_indicator,
+    topk_indicator,
+)
 from mtlkit.methods import build_method
 from mtlkit.models.hps import HPS
 from mtlkit.models.mamo import MAMO, build_mamo, split_layers
@@ -25,8 +33,11 @@ from mtlkit.train import RunResult, Trainer
 
 def _tiny(m: int = 3, module: str = "gmk", seed: int = 0) -> MAMO:
     torch.manual_seed(seed)
-    layers = [nn.Sequential(nn.Linear(5, 6), nn.ReLU()), nn.Sequential(nn.Linear(6, 6), nn.Tanh()),
-              nn.Sequential(nn.Linear(6, 4), nn.ReLU())]
+    layers = [
+        nn.Sequential(nn.Linear(5, 6), nn.ReLU()),
+        nn.Sequential(nn.Linear(6, 6), nn.Tanh()),
+        nn.Sequential(nn.Linear(6, 4), nn.ReLU()),
+    ]
     heads = {f"t{k}": nn.Linear(4, 2) for k in range(m)}
     return MAMO(layers, heads, module)
 
@@ -55,7 +66,7 @@ def test_average_indicator_on_hand_made_matrix():
     expected[1, 3] = expected[3, 1] = 1
     assert torch.equal(average_indicator(Q), expected)
     # Equal counts are all activated, while zero counts never are.
-    Q2 = torch.tensor([[0., 2., 2.], [2., 0., 0.], [2., 0., 0.]])
+    Q2 = torch.tensor([[0.0, 2.0, 2.0], [2.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
     assert average_indicator(Q2).tolist() == [[0, 1, 1], [1, 0, 0], [1, 0, 0]]
     assert not average_indicator(torch.zeros(3, 3)).any()
 
@@ -106,8 +117,9 @@ def test_layer_gradients_match_per_task_grads():
     z = model.encode(x)
     losses = stack_losses(tasks, model.decode(z), y)
     direct = [per_task_grads(losses, model.layer_parameters(l)) for l in range(3)]
-    info = backward(losses, model.shared_parameters(), build_method("mgda").aggregator, representation=z,
-                    keep_jacobian=True)
+    info = backward(
+        losses, model.shared_parameters(), build_method("mgda").aggregator, representation=z, keep_jacobian=True
+    )
     for a, b in zip(layer_gradients(model, info.jacobian), direct):
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -133,12 +145,13 @@ def test_gmk_gets_gradients_only_from_its_two_tasks():
     assert norms[1][1] > 0 and norms[2][1] > 0 and norms[0][1] == 0  # {t1,t2}: tasks 1 and 2 only
     # Through the engine with an aggregator: the GMK's update row of task 2 is zero.
     losses = torch.stack([out[f"t{k}"].pow(2).mean() for k in range(3)])
-    info = backward(losses, model.shared_parameters(), build_method("mgda").aggregator, representation=z,
-                    keep_jacobian=True)
+    info = backward(
+        losses, model.shared_parameters(), build_method("mgda").aggregator, representation=z, keep_jacobian=True
+    )
     start = sum(p.numel() for p in model.all_shared_parameters())
     n01 = sum(p.numel() for p in model.gmks["l0__t0__t1"].parameters())
-    assert float(info.jacobian[2, start:start + n01].abs().sum()) == 0.0
-    assert float(info.jacobian[0, start:start + n01].abs().sum()) > 0.0
+    assert float(info.jacobian[2, start : start + n01].abs().sum()) == 0.0
+    assert float(info.jacobian[0, start : start + n01].abs().sum()) > 0.0
 
 
 def test_fusion_uses_only_its_tasks_row_and_column():
@@ -216,8 +229,9 @@ def test_a_grown_state_loads_into_a_fresh_model(module):
     fresh = _tiny(module=module)
     fresh.load_state_dict(model.state_dict())
     assert list(fresh.active.items()) == list(model.active.items())
-    assert [id(p) for p in fresh.shared_parameters()] != [] and len(fresh.shared_parameters()) == \
-        len(model.shared_parameters())
+    assert [id(p) for p in fresh.shared_parameters()] != [] and len(fresh.shared_parameters()) == len(
+        model.shared_parameters()
+    )
     x = torch.randn(4, 5)
     assert all(torch.equal(a, b) for a, b in zip(fresh(x).values(), model(x).values()))
     with pytest.raises(RuntimeError, match="Unexpected key"):  # a module of another kind is not made up
@@ -241,15 +255,26 @@ _MODEL = {"encoder": "mlp", "hidden": [12, 10], "head_hidden": 6}
 _STEPS = 4  # 64 training samples, batch 16
 
 
-def _mamo_cfg(tmp_path, epochs: int = 3, method: str = "mgda", level: str | None = None,
-              checkpoint_minutes: float = 10.0, **model) -> RunConfig:
+def _mamo_cfg(
+    tmp_path, epochs: int = 3, method: str = "mgda", level: str | None = None, checkpoint_minutes: float = 10.0, **model
+) -> RunConfig:
     """Model mamo (MLP backbone) on ``_toy`` (64/16/16 samples, batch 16: 4 steps an epoch), Adam lr 0.01, seed 0."""
-    return RunConfig.from_dict({
-        "dataset": {"name": "_toy", "options": {"n_train": 64, "n_val": 16, "n_test": 16}},
-        "model": {"name": "mamo", "options": {**_MODEL, **model}}, "method": {"name": method, "level": level},
-        "train": {"epochs": epochs, "batch_size": 16, "lr": 0.01, "seed": 0, "progress": False,
-                  "checkpoint_minutes": checkpoint_minutes},
-        "output": {"dir": str(tmp_path / "run"), "tensorboard": False}})
+    return RunConfig.from_dict(
+        {
+            "dataset": {"name": "_toy", "options": {"n_train": 64, "n_val": 16, "n_test": 16}},
+            "model": {"name": "mamo", "options": {**_MODEL, **model}},
+            "method": {"name": method, "level": level},
+            "train": {
+                "epochs": epochs,
+                "batch_size": 16,
+                "lr": 0.01,
+                "seed": 0,
+                "progress": False,
+                "checkpoint_minutes": checkpoint_minutes,
+            },
+            "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
+        }
+    )
 
 
 def _toy_data(identical: bool = False):
@@ -286,7 +311,7 @@ def test_no_conflict_mamo_equals_hps(tmp_path):
         hps.train()
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
         for b in range(_STEPS):
-            idx = perm[b * 16:(b + 1) * 16]
+            idx = perm[b * 16 : (b + 1) * 16]
             z = hps.encode(data.train.x[idx])
             losses = stack_losses(data.tasks, hps.decode(z), {k: v[idx] for k, v in data.train.y.items()})
             opt.zero_grad(set_to_none=True)
@@ -319,8 +344,7 @@ class _AfterGrowth(Callback):
 
 def test_learning_grows_modules_and_records_rounds(tmp_path):
     spy = _AfterGrowth()
-    t, res, found = _search(tmp_path, method="ew", callbacks=[spy], rounds=2, threshold="topk", k=1,
-                            detect_batches=4)
+    t, res, found = _search(tmp_path, method="ew", callbacks=[spy], rounds=2, threshold="topk", k=1, detect_batches=4)
     model = t.model
     assert isinstance(model, MAMO)
     rounds = found["rounds"]
@@ -338,8 +362,9 @@ def test_learning_grows_modules_and_records_rounds(tmp_path):
         det.Q = torch.tensor(r["Q"])
         assert int(det.Q.max()) <= 4 and bool((det.Q == det.Q.transpose(1, 2)).all())
         expect = [[layer, [model.task_names[i], model.task_names[j]]] for layer, i, j in conflicts(det.indicator())]
-        assert [a for a in expect if a not in [x for q in rounds[:r["round"]] for x in q["activated"]]] == \
-            r["activated"]
+        assert [a for a in expect if a not in [x for q in rounds[: r["round"]] for x in q["activated"]]] == r[
+            "activated"
+        ]
     # Rolled back and grown at a phase's end: the next epoch starts from the function of the phase's record.
     for r, epoch in ((0, 1), (1, 2)):
         for k, v in rounds[r]["val"].items():
@@ -350,10 +375,16 @@ def test_learning_grows_modules_and_records_rounds(tmp_path):
 
 
 def test_search_options_are_checked(tmp_path):
-    for bad, match in (({"threshold": "median"}, "threshold"), ({"detect_batches": 0}, "detect_batches"),
-                       ({"epochs_per_round": 0}, "epochs_per_round"), ({"conflict_window": "all"}, "conflict window"),
-                       ({"selection": "worst"}, "selection"), ({"pretrain_method": "nope"}, "unknown method"),
-                       ({"pretrain_method": "stl"}, "one model per task"), ({"nope": 1}, "no option")):
+    for bad, match in (
+        ({"threshold": "median"}, "threshold"),
+        ({"detect_batches": 0}, "detect_batches"),
+        ({"epochs_per_round": 0}, "epochs_per_round"),
+        ({"conflict_window": "all"}, "conflict window"),
+        ({"selection": "worst"}, "selection"),
+        ({"pretrain_method": "nope"}, "unknown method"),
+        ({"pretrain_method": "stl"}, "one model per task"),
+        ({"nope": 1}, "no option"),
+    ):
         with pytest.raises(ConfigError, match=match):
             Trainer(_mamo_cfg(tmp_path, **bad))
     with pytest.raises(ConfigError, match=r"pre-training epochs.*train\.epochs >= 5"):  # 4 - 2 x 2 = 0
@@ -363,8 +394,7 @@ def test_search_options_are_checked(tmp_path):
 
 
 def test_task_modules_refuse_representation_level_and_leave_the_representation_path(tmp_path):
-    t, _, found = _search(tmp_path / "a", rounds=1, epochs=2, module="conal", threshold="topk", k=1,
-                          detect_batches=4)
+    t, _, found = _search(tmp_path / "a", rounds=1, epochs=2, module="conal", threshold="topk", k=1, detect_batches=4)
     model = t.model
     assert isinstance(model, MAMO)
     r0, r1 = found["rounds"]
@@ -389,8 +419,9 @@ def test_exclusive_modules_get_only_their_tasks_gradient():
 def test_reproduction_relative_change_sign():
     from mtlkit.reproduce.mamo import relative
 
-    rel = relative({"a/accuracy": 0.9, "b/mae": 1.0}, {"a/accuracy": 0.8, "b/mae": 2.0},
-                   [("a/accuracy", True), ("b/mae", False)])
+    rel = relative(
+        {"a/accuracy": 0.9, "b/mae": 1.0}, {"a/accuracy": 0.8, "b/mae": 2.0}, [("a/accuracy", True), ("b/mae", False)]
+    )
     assert rel == pytest.approx({"a/accuracy": 12.5, "b/mae": 50.0})  # + = better than STL for both directions
 
 
@@ -412,7 +443,7 @@ def test_growing_leaves_every_output_unchanged_with_trained_fusion_weights(m, mo
             # norm; 1e-10 of the output's scale is ~1e6 eps, and 1e8 times below the defect's 0.0126
             scale = 1.0 + float(before[name].detach().abs().max())
             assert torch.allclose(before[name], after[name], rtol=0, atol=1e-10 * scale), (pair, name)
-        _perturb(model)                                                   # train the modules and the fusion logits
+        _perturb(model)  # train the modules and the fusion logits
     assert len(model.groups()) == (len(pairs) if module == "gmk" else m)
 
 
@@ -460,8 +491,8 @@ def test_conal_branch_reads_no_shared_output_above_its_branch_point(mode):
     above = [p for l in (1, 2) for p in model.layer_parameters(l)]
     below = model.layer_parameters(0)
     grads = torch.autograd.grad(loss, above + below, allow_unused=True)
-    assert all(g is None or float(g.abs().sum()) == 0 for g in grads[:len(above)])
-    assert all(g is not None and float(g.abs().sum()) > 0 for g in grads[len(above):])
+    assert all(g is None or float(g.abs().sum()) == 0 for g in grads[: len(above)])
+    assert all(g is not None and float(g.abs().sum()) > 0 for g in grads[len(above) :])
 
 
 def test_conal_birth_keeps_outputs_and_moves_branch_points_down():
@@ -509,8 +540,12 @@ def test_conal_parameter_counts_and_roles():
 
     model = _conv_mamo("conal")
     torch.manual_seed(0)
-    hps = build_hps(SimpleNamespace(input_shape=(1, 12, 12), tasks=[Task(f"t{k}", "multiclass", 3) for k in range(3)]),
-                    encoder="conv", width=8, head_hidden=4)
+    hps = build_hps(
+        SimpleNamespace(input_shape=(1, 12, 12), tasks=[Task(f"t{k}", "multiclass", 3) for k in range(3)]),
+        encoder="conv",
+        width=8,
+        head_hidden=4,
+    )
     n_hps = sum(p.numel() for p in hps.parameters())
     assert model.num_parameters() == n_hps  # no fusion logits: an ungrown CoNAL model is HPS
     sizes = [model.module_parameters(l) for l in range(3)]
@@ -545,8 +580,10 @@ class _Routing(Callback):
         model = trainer.model
         self.shared, self.own = model.shared_parameters(), model.task_exclusive_parameters()
         self.J = per_task_grads(step.losses, self.shared, retain_graph=True)
-        self.expect_own = {n: per_task_grads(step.losses[t].reshape(1), self.own[n], retain_graph=True)[0]
-                           for t, n in enumerate(model.task_names)}
+        self.expect_own = {
+            n: per_task_grads(step.losses[t].reshape(1), self.own[n], retain_graph=True)[0]
+            for t, n in enumerate(model.task_names)
+        }
 
     def on_backward(self, trainer, step):
         def grads(ps):
@@ -572,8 +609,9 @@ def test_task_owned_modules_take_their_tasks_full_gradient(tmp_path, module, met
     it; the shared parameters get the aggregator's combination of the per-task gradients over the shared parameters
     only (the loop calls the engine without a representation once the model has task-owned modules)."""
     probe = _Routing()
-    t = Trainer(_mamo_cfg(tmp_path, method=method, module=module, rounds=0, epochs=1), data=_three_tasks(),
-                callbacks=[probe])
+    t = Trainer(
+        _mamo_cfg(tmp_path, method=method, module=module, rounds=0, epochs=1), data=_three_tasks(), callbacks=[probe]
+    )
     model = t.model
     assert isinstance(model, MAMO) and model.representation_is_shared_path()
     torch.manual_seed(2)
@@ -600,8 +638,9 @@ def _weights(trainer):
 def test_pretrain_method_ew_is_plain_hps(tmp_path):
     runs = {}
     for name, (method, pre) in {"ew": ("ew", None), "mgda<-ew": ("mgda", "ew"), "mgda": ("mgda", None)}.items():
-        t, _, found = _search(tmp_path / name.replace("<-", "_"), method=method, rounds=0, epochs=2,
-                              pretrain_method=pre, selection="last")
+        t, _, found = _search(
+            tmp_path / name.replace("<-", "_"), method=method, rounds=0, epochs=2, pretrain_method=pre, selection="last"
+        )
         runs[name] = (_weights(t), found["rounds"][0]["method"])
     assert runs["mgda<-ew"][1] == "ew" and runs["mgda"][1] == "mgda"
     assert all(torch.equal(v, runs["ew"][0][k]) for k, v in runs["mgda<-ew"][0].items())  # pre-training = HPS (EW)
@@ -616,8 +655,9 @@ def test_pretrain_method_hands_over_to_the_runs_method_at_the_first_detection(tm
 
 def test_conflict_window_counts_the_phase_or_its_last_batches(tmp_path):
     for window, batches in (("last_batches", 3), ("phase", 2 * _STEPS)):
-        _, _, found = _search(tmp_path / window, method="ew", rounds=1, epochs=3, conflict_window=window,
-                              detect_batches=3)  # 2 pre-training epochs, then one round
+        _, _, found = _search(
+            tmp_path / window, method="ew", rounds=1, epochs=3, conflict_window=window, detect_batches=3
+        )  # 2 pre-training epochs, then one round
         assert found["rounds"][1]["q_batches"] == batches, window
         assert int(torch.tensor(found["rounds"][1]["Q"]).max()) <= batches
 
@@ -658,8 +698,12 @@ _RESUME_CASES = {
     # the 4th step: inside pre-training's conflict window (its last 2 batches), after one batch of Q
     "in the conflict window": (_STEPS, 1e-9, {}, (-1, 3)),
     # inside round 1, after the first growth and the switch from the pre-training method
-    "inside a round": (_STEPS + 2, 1e-9, {"pretrain_method": "ew", "restore_optimizer": True,
-                                          "conflict_window": "phase"}, (0, 1)),
+    "inside a round": (
+        _STEPS + 2,
+        1e-9,
+        {"pretrain_method": "ew", "restore_optimizer": True, "conflict_window": "phase"},
+        (0, 1),
+    ),
     # no mid-epoch checkpoints: the last one is the end of pre-training, with the growth; the epoch is redone
     "after a growth": (_STEPS + 3, 0.0, {"restore_optimizer": True}, (0, None)),
 }
@@ -687,8 +731,9 @@ def test_a_search_stopped_midway_resumes_bit_for_bit(tmp_path, monkeypatch, case
     resumed = Trainer(cfg).fit(resume=True)
     assert resumed.test == full.test and resumed.val == full.val and resumed.best_epoch == full.best_epoch
     drop = {"seconds"}
-    assert [{k: v for k, v in h.items() if k not in drop} for h in resumed.history] == \
-        [{k: v for k, v in h.items() if k not in drop} for h in full.history]
+    assert [{k: v for k, v in h.items() if k not in drop} for h in resumed.history] == [
+        {k: v for k, v in h.items() if k not in drop} for h in full.history
+    ]
     assert json.loads((tmp_path / "b" / "run" / "results.json").read_text())["mamo"] == found
     a, b = (torch.load(tmp_path / d / "run" / "checkpoint.pt", weights_only=False) for d in ("a", "b"))
     assert a["model"].keys() == b["model"].keys()
@@ -706,12 +751,38 @@ def test_a_search_stopped_midway_resumes_bit_for_bit(tmp_path, monkeypatch, case
 def test_cli_train_runs_the_search(tmp_path, capsys):
     from mtlkit.cli import main
 
-    argv = ["train", "--dataset", "_toy", "--model", "mamo", "--method", "mgda", "--batch-size", "16", "--lr", "0.01",
-            "--no-progress", "--set", "dataset.options.n_train=64", "--set", "dataset.options.n_val=16",
-            "--set", "dataset.options.n_test=16", "--set", "model.options.encoder=mlp",
-            "--set", "model.options.hidden=[12,10]", "--set", "model.options.head_hidden=6",
-            "--set", "model.options.threshold=topk", "--set", "model.options.detect_batches=2",
-            "--set", "output.tensorboard=false"]
+    argv = [
+        "train",
+        "--dataset",
+        "_toy",
+        "--model",
+        "mamo",
+        "--method",
+        "mgda",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.01",
+        "--no-progress",
+        "--set",
+        "dataset.options.n_train=64",
+        "--set",
+        "dataset.options.n_val=16",
+        "--set",
+        "dataset.options.n_test=16",
+        "--set",
+        "model.options.encoder=mlp",
+        "--set",
+        "model.options.hidden=[12,10]",
+        "--set",
+        "model.options.head_hidden=6",
+        "--set",
+        "model.options.threshold=topk",
+        "--set",
+        "model.options.detect_batches=2",
+        "--set",
+        "output.tensorboard=false",
+    ]
     assert main(argv + ["--epochs", "3", "--run-dir", str(tmp_path / "cli")]) == 0
     found = json.loads((tmp_path / "cli" / "results.json").read_text())["mamo"]
     assert [r["round"] for r in found["rounds"]] == [0, 1, 2] and found["pretrain_epochs"] == 1
@@ -729,8 +800,22 @@ def test_cli_train_runs_the_search(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv + ["--epochs", "2", "--run-dir", str(tmp_path / "short")]) == 2
     assert "pre-training" in capsys.readouterr().err
-    assert main(argv + ["--epochs", "3", "--run-dir", str(tmp_path / "rep"), "--level", "representation",
-                        "--set", "model.options.module=conal"]) == 2
+    assert (
+        main(
+            argv
+            + [
+                "--epochs",
+                "3",
+                "--run-dir",
+                str(tmp_path / "rep"),
+                "--level",
+                "representation",
+                "--set",
+                "model.options.module=conal",
+            ]
+        )
+        == 2
+    )
     assert "representation-level" in capsys.readouterr().err
 
 
@@ -748,17 +833,53 @@ def test_reproduce_mamo_end_to_end_verdicts_and_reuse(tmp_path, monkeypatch):
     rep = load_all()["mamo"]
     p = argparse.ArgumentParser()
     rep.add_arguments(p)
-    argv = ["--dataset", "toy", "--n-train", "48", "--n-val", "16", "--n-test", "16", "--encoder", "mlp", "--hidden",
-            "8", "6", "--head-hidden", "4", "--pretrain-epochs", "1", "--rounds", "1", "--epochs-per-round", "1",
-            "--batch-size", "16", "--threshold", "topk", "--k", "1", "--seeds", "0", "1", "--out", str(tmp_path)]
+    argv = [
+        "--dataset",
+        "toy",
+        "--n-train",
+        "48",
+        "--n-val",
+        "16",
+        "--n-test",
+        "16",
+        "--encoder",
+        "mlp",
+        "--hidden",
+        "8",
+        "6",
+        "--head-hidden",
+        "4",
+        "--pretrain-epochs",
+        "1",
+        "--rounds",
+        "1",
+        "--epochs-per-round",
+        "1",
+        "--batch-size",
+        "16",
+        "--threshold",
+        "topk",
+        "--k",
+        "1",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     assert rep.run(p.parse_args(argv)) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert set(res["results"]) == set(DEFAULT_ROWS)
     assert [k for k, _ in res["metrics"]] == ["a/accuracy", "a/loss", "b/accuracy", "b/loss"]  # two metrics a task
     claims = {c["claim"]: c for c in res["claims"]}
-    for claim in ("MAMO has the best Δm of the rows run", "MAMO wins on 100 % of the metrics against STL",
-                  "MAMO beats HPS", "MAMO beats STL (Δm > 0)", "HPS shows negative transfer (Δm(HPS) < 0)",
-                  "GMKs beat CoNAL-faithful task branches (MAMO vs w/o GMK)"):
+    for claim in (
+        "MAMO has the best Δm of the rows run",
+        "MAMO wins on 100 % of the metrics against STL",
+        "MAMO beats HPS",
+        "MAMO beats STL (Δm > 0)",
+        "HPS shows negative transfer (Δm(HPS) < 0)",
+        "GMKs beat CoNAL-faithful task branches (MAMO vs w/o GMK)",
+    ):
         assert claims[claim]["verdict"].split(" (")[0] in ("supported", "not supported", "mixed"), claim
     r = res["results"]
     mamo_vs_hps = [r["mamo"][s]["delta"] - r["hps"][s]["delta"] for s in ("0", "1")]

@@ -1,4 +1,5 @@
 """Metrics: Δm worked example (Nash-MTL's NYUv2 row), win rate, accuracy, joint accuracy."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Model-level properties that the method tests do not cover."""
+
 import copy
 
 import torch

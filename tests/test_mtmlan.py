@@ -1,6 +1,7 @@
 """MTMLAN pieces: the sample-level loss (Eq. 9), the self-attention (Eq. 5-6), the models, the multi-label metrics
 against scikit-learn, the clips builder (counts, co-occurrence, split pools, determinism), yeast parsing, and a
 short end-to-end run through the trainer with TDB."""
+
 import math
 
 import numpy as np
@@ -38,19 +39,21 @@ skm = pytest.importorskip("sklearn.metrics")
 
 # --- Eq. 9 -------------------------------------------------------------------------------------------------------
 
+
 def test_focal_equals_bce_at_beta_zero():
     torch.manual_seed(0)
     z, y = torch.randn(50) * 3, (torch.rand(50) > 0.5).float()
     torch.testing.assert_close(focal_bce(z, y, beta=0.0), F.binary_cross_entropy_with_logits(z, y))
-    torch.testing.assert_close(focal_bce(z, y, beta=0.0, reduction="none"),
-                               F.binary_cross_entropy_with_logits(z, y, reduction="none"))
+    torch.testing.assert_close(
+        focal_bce(z, y, beta=0.0, reduction="none"), F.binary_cross_entropy_with_logits(z, y, reduction="none")
+    )
 
 
 def test_focal_hand_values_at_beta_two():
     # p = 0.8 for y = 1: -(0.2)^2 log 0.8 ; p = 0.8 for y = 0: p_k = 0.2, -(0.8)^2 log 0.2
     z = torch.log(torch.tensor([0.8 / 0.2, 0.8 / 0.2], dtype=torch.float64))
     got = focal_bce(z, torch.tensor([1.0, 0.0], dtype=torch.float64), beta=2.0, reduction="none")
-    expect = torch.tensor([-(0.2 ** 2) * math.log(0.8), -(0.8 ** 2) * math.log(0.2)], dtype=torch.float64)
+    expect = torch.tensor([-(0.2**2) * math.log(0.8), -(0.8**2) * math.log(0.2)], dtype=torch.float64)
     torch.testing.assert_close(got, expect)
 
 
@@ -86,6 +89,7 @@ def test_sample_level_loss_is_a_task_option():
 
 # --- attention and models -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("hops", [1, 3])
 def test_attention_rows_sum_to_one_over_frames_and_A_is_MH(hops):
     torch.manual_seed(0)
@@ -112,8 +116,10 @@ def _toy_data(shape, n=12, labels=("a", "b", "c")):
 def test_mtmlan_and_cmlc_on_frames_features_and_tabular():
     for shape in [(5, 1, 28, 28), (5, 7), (11,)]:
         data = _toy_data(shape)
-        m, c = build_model("mtmlan", data, width=8, hidden=4, attention_dim=4), build_model("cmlc", data, width=8,
-                                                                                          hidden=4)
+        m, c = (
+            build_model("mtmlan", data, width=8, hidden=4, attention_dim=4),
+            build_model("cmlc", data, width=8, hidden=4),
+        )
         for model in (m, c):
             out = model(data.train.x[:3])
             assert set(out) == {"a", "b", "c"} and all(v.shape == (3, 1) for v in out.values())
@@ -137,6 +143,7 @@ def test_mtmlan_heads_are_independent():
 def test_model_bad_input():
     with pytest.raises(ConfigError, match="not binary"):
         from mtlkit.tasks import Task
+
         d = _toy_data((5, 7))
         d.tasks = [Task("a", "multiclass", 3)]
         build_model("mtmlan", d)
@@ -149,6 +156,7 @@ def test_model_bad_input():
 
 
 # --- metrics vs scikit-learn --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("threshold", [0.5, 0.3])
@@ -165,8 +173,9 @@ def test_metrics_match_sklearn(seed, threshold):
     aps = [skm.average_precision_score(y[:, j], S.numpy()[:, j]) for j in range(5)]
     assert average_precision_per_label(S, Y) == pytest.approx(aps, abs=1e-5)
     assert mean_average_precision(S, Y) == pytest.approx(np.mean(aps), abs=1e-5)
-    assert per_label_accuracy(S, Y, threshold) == pytest.approx([skm.accuracy_score(y[:, j], pred[:, j])
-                                                                for j in range(5)])
+    assert per_label_accuracy(S, Y, threshold) == pytest.approx(
+        [skm.accuracy_score(y[:, j], pred[:, j]) for j in range(5)]
+    )
 
 
 def test_map_skips_labels_without_positives_and_report_stacks_tasks():
@@ -185,6 +194,7 @@ def test_map_skips_labels_without_positives_and_report_stacks_tasks():
 
 
 # --- clips builder --------------------------------------------------------------------------------------------------
+
 
 def _fake_pools(n=300):
     rng = np.random.default_rng(1)
@@ -240,6 +250,7 @@ def test_clip_spec_errors():
 
 # --- yeast parsing --------------------------------------------------------------------------------------------------
 
+
 def test_yeast_csv_parser():
     X, _, names = parse_yeast_csv("Att1,Att2,Class1,Class2\n0.5,-1,1,0\n0.25,2,0,1\n")
     assert X.dtype == np.float32 and X.tolist() == [[0.5, -1.0], [0.25, 2.0]] and names == ["Class1", "Class2"]
@@ -251,6 +262,7 @@ def test_yeast_csv_parser():
 
 # --- end to end: TDB through the trainer ---------------------------------------------------------------------------
 
+
 def test_tdb_trains_mtmlan_through_the_trainer(tmp_path):
     from mtlkit.config import RunConfig
     from mtlkit.train import Trainer
@@ -260,14 +272,22 @@ def test_tdb_trains_mtmlan_through_the_trainer(tmp_path):
     x = torch.randn(n, 6, 5, generator=g)
     y = {"a": (x[:, :, 0].mean(1) > 0).long(), "b": (x[:, 2:4, 1].mean(1) > 0.6).long()}
     s = Split(x, y)
-    data = MTLData("toy", label_tasks(list(labels), loss="sample_level"), s, s, s,
-                   info={"train_counts": [int(y[k].sum()) for k in labels]})
-    cfg = RunConfig.from_dict({"model": {"name": "mtmlan", "options": {"width": 8, "hidden": 4, "attention_dim": 4}},
-                               "method": {"name": "mtmlan_tdb", "options": {"counts": data.info["train_counts"],
-                                                                            "lr": 0.05}},
-                               "train": {"epochs": 2, "batch_size": 10, "device": "cpu", "progress": False,
-                                         "num_threads": 1},
-                               "output": {"tensorboard": False}})
+    data = MTLData(
+        "toy",
+        label_tasks(list(labels), loss="sample_level"),
+        s,
+        s,
+        s,
+        info={"train_counts": [int(y[k].sum()) for k in labels]},
+    )
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"name": "mtmlan", "options": {"width": 8, "hidden": 4, "attention_dim": 4}},
+            "method": {"name": "mtmlan_tdb", "options": {"counts": data.info["train_counts"], "lr": 0.05}},
+            "train": {"epochs": 2, "batch_size": 10, "device": "cpu", "progress": False, "num_threads": 1},
+            "output": {"tensorboard": False},
+        }
+    )
     threads = torch.get_num_threads()
     try:
         res = Trainer(cfg, data=data, run_dir=tmp_path / "run").fit()
@@ -294,6 +314,7 @@ def test_shipped_configs_build_their_method(name):
 
 
 # --- real data (fetched on first use: tests/conftest.py) ----------------------------------------------------------
+
 
 @pytest.mark.data("fashion")
 def test_real_clips_follow_table_I_and_draw_frames_from_their_own_split():

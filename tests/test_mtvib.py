@@ -1,6 +1,7 @@
 """MTVIB: the KL term (Eq. 10), the uncertainty-weighted loss (Eq. 22-23), the reparameterisation (Eq. 9), the
 Table I architecture, the auxiliary-loss hook that brings β·KL into the trainer's backward, GS weights, and the
 reproduction's paper data and table."""
+
 import copy
 import math
 import re
@@ -86,10 +87,15 @@ def test_mtvib_method_is_uw_classification_with_hand_value():
 
 def test_trainer_backpropagates_eq23_including_beta_kl(tmp_path):
     """One trainer step's gradient = ∇[Σ_k (CE_k/σ_k² + log σ_k) + β·KL], computed by hand with the same noise."""
-    cfg = RunConfig.from_dict({"dataset": {"name": "_toy"}, "model": {"name": "mtvib", "options": {**TINY,
-                               "beta": 0.5}}, "method": {"name": "mtvib"},
-                               "train": {"epochs": 1, "batch_size": 16, "progress": False, "device": "cpu"},
-                               "output": {"dir": str(tmp_path / "r"), "tensorboard": False}})
+    cfg = RunConfig.from_dict(
+        {
+            "dataset": {"name": "_toy"},
+            "model": {"name": "mtvib", "options": {**TINY, "beta": 0.5}},
+            "method": {"name": "mtvib"},
+            "train": {"epochs": 1, "batch_size": 16, "progress": False, "device": "cpu"},
+            "output": {"dir": str(tmp_path / "r"), "tensorboard": False},
+        }
+    )
     tr = Trainer(cfg)
     with torch.no_grad():
         tr.method.weighting.log_var.copy_(torch.tensor([0.3, -0.2]))
@@ -122,8 +128,8 @@ def test_reparameterisation_gradient_flows_to_mu_and_sigma():
     z = MTVIB.reparameterize(mu, std, eps)
     assert z.tolist() == pytest.approx([0.5 + 2.0 * 0.7, -1.0 + 0.3 * -1.2])
     (z * torch.tensor([1.0, 3.0])).sum().backward()
-    assert mu.grad.tolist() == pytest.approx([1.0, 3.0])          # ∂z/∂μ = 1
-    assert std.grad.tolist() == pytest.approx([0.7, -3.6])        # ∂z/∂σ = ε
+    assert mu.grad.tolist() == pytest.approx([1.0, 3.0])  # ∂z/∂μ = 1
+    assert std.grad.tolist() == pytest.approx([0.7, -3.6])  # ∂z/∂σ = ε
 
 
 def test_model_gradient_reaches_mean_and_scale_branches_in_training():
@@ -132,7 +138,7 @@ def test_model_gradient_reaches_mean_and_scale_branches_in_training():
     out = m(torch.rand(8, 1, 12, 12))
     sum(F.cross_entropy(o, torch.zeros(8, dtype=torch.long)) for o in out.values()).backward()
     assert m.encoder.mean[0].weight.grad.abs().sum() > 0
-    assert m.encoder.scale[0].weight.grad.abs().sum() > 0   # only through the sample z = μ + σ·ε (β = 0)
+    assert m.encoder.scale[0].weight.grad.abs().sum() > 0  # only through the sample z = μ + σ·ε (β = 0)
     # In eval mode with predict="mean" the heads read μ: σ gets no gradient from the task loss.
     m.zero_grad()
     m.eval()
@@ -197,8 +203,10 @@ def test_auxiliary_loss_is_beta_kl_of_the_last_training_pass_and_consumed():
 def test_hook_sums_over_stl_members_and_engine_adds_it_outside_aggregation():
     torch.manual_seed(0)
     data = _Data()
-    members = {t.name: build_stvib(type("D", (), {"input_shape": data.input_shape, "tasks": [t]})(), **TINY)
-               for t in data.tasks}
+    members = {
+        t.name: build_stvib(type("D", (), {"input_shape": data.input_shape, "tasks": [t]})(), **TINY)
+        for t in data.tasks
+    }
     stl = SingleTaskModels(members)
     stl(torch.rand(4, 1, 12, 12))
     kls = [float(m.last_kl) for m in members.values()]
@@ -232,10 +240,15 @@ def test_bad_options_are_named():
 
 def test_mtvib_and_stvib_train_end_to_end(tmp_path):
     for model, method in (("mtvib", "mtvib"), ("stvib", "stl")):
-        cfg = RunConfig.from_dict({"dataset": {"name": "_toy"}, "model": {"name": model, "options": TINY},
-                                   "method": {"name": method},
-                                   "train": {"epochs": 1, "batch_size": 32, "progress": False, "device": "cpu"},
-                                   "output": {"dir": str(tmp_path / model), "tensorboard": False}})
+        cfg = RunConfig.from_dict(
+            {
+                "dataset": {"name": "_toy"},
+                "model": {"name": model, "options": TINY},
+                "method": {"name": method},
+                "train": {"epochs": 1, "batch_size": 32, "progress": False, "device": "cpu"},
+                "output": {"dir": str(tmp_path / model), "tensorboard": False},
+            }
+        )
         res = Trainer(cfg).fit()
         assert all(0.0 <= res.test[f"{t}/accuracy"] <= 1.0 for t in "ab")
         assert math.isfinite(res.test["a/loss"])
@@ -262,8 +275,12 @@ def test_paper_numbers_are_complete_and_report_puts_them_beside_ours():
     assert PAPER["multimnist"]["MTVIB"]["right"][0.0] == 93.7
     assert PAPER["multifashion"]["MTVIB"]["left"][0.0] == 86.2
     assert PAPER["multifashion"]["UWL"]["left"][0.30] == 40.5  # Table IV, last row of task 1
-    curves = {"UWL": [{"0.0": {"left/accuracy": 0.5, "right/accuracy": 0.25, "joint_accuracy": 0.1}},
-                      {"0.0": {"left/accuracy": 0.7, "right/accuracy": 0.25, "joint_accuracy": 0.2}}]}
+    curves = {
+        "UWL": [
+            {"0.0": {"left/accuracy": 0.5, "right/accuracy": 0.25, "joint_accuracy": 0.1}},
+            {"0.0": {"left/accuracy": 0.7, "right/accuracy": 0.25, "joint_accuracy": 0.2}},
+        ]
+    }
     md = report("multifashion", curves, [0.0], ["left", "right"], {"epochs": 1}, {}, 60.0)
     assert "60.0 ± 10.0 (86.7)" in md and "25.0 ± 0.0 (85.3)" in md and "15.0 ± 5.0" in md
     assert "epochs=1" in md
@@ -276,11 +293,21 @@ def test_rebuild_writes_table_and_plots_from_results(tmp_path):
 
     from mtlkit.reproduce.mtvib import rebuild
 
-    c = {"0.0": {"left/accuracy": 0.9, "right/accuracy": 0.8, "joint_accuracy": 0.7},
-         "0.3": {"left/accuracy": 0.45, "right/accuracy": 0.4, "joint_accuracy": 0.1}}
-    (tmp_path / "results.json").write_text(json.dumps({"dataset": "multimnist", "budget": {"epochs": 2},
-                                                       "etas": [0.0, 0.3], "curves": {"GS": [c], "MTVIB": [c]},
-                                                       "seconds": 5.0}))
+    c = {
+        "0.0": {"left/accuracy": 0.9, "right/accuracy": 0.8, "joint_accuracy": 0.7},
+        "0.3": {"left/accuracy": 0.45, "right/accuracy": 0.4, "joint_accuracy": 0.1},
+    }
+    (tmp_path / "results.json").write_text(
+        json.dumps(
+            {
+                "dataset": "multimnist",
+                "budget": {"epochs": 2},
+                "etas": [0.0, 0.3],
+                "curves": {"GS": [c], "MTVIB": [c]},
+                "seconds": 5.0,
+            }
+        )
+    )
     md = rebuild(tmp_path)
     # One seed per model: means only, no "± 0.0" spread that was never measured.
     assert "| 90.0 (94.7) |" in md and "| 45.0 (76.8) |" in md and "±" not in md.split("mean ± std")[-1]
@@ -316,14 +343,25 @@ def test_merge_puts_models_from_several_runs_side_by_side_and_refuses_conflicts(
     from mtlkit.reproduce.mtvib import merge
 
     def curve(a):
-        return {"0.0": {"left/accuracy": a, "right/accuracy": a, "joint_accuracy": a * a},
-                "0.3": {"left/accuracy": a / 2, "right/accuracy": a / 2, "joint_accuracy": a * a / 4}}
+        return {
+            "0.0": {"left/accuracy": a, "right/accuracy": a, "joint_accuracy": a * a},
+            "0.3": {"left/accuracy": a / 2, "right/accuracy": a / 2, "joint_accuracy": a * a / 4},
+        }
 
     def write(name, curves, seeds, epochs=1):
         d = tmp_path / name
         d.mkdir()
-        (d / "results.json").write_text(json.dumps({"dataset": "multimnist", "etas": [0.0, 0.3], "seconds": 60.0,
-                                                    "budget": {"epochs": epochs, "seeds": seeds}, "curves": curves}))
+        (d / "results.json").write_text(
+            json.dumps(
+                {
+                    "dataset": "multimnist",
+                    "etas": [0.0, 0.3],
+                    "seconds": 60.0,
+                    "budget": {"epochs": epochs, "seeds": seeds},
+                    "curves": curves,
+                }
+            )
+        )
         return d
 
     a = write("a", {"UWL": [curve(0.9), curve(0.8)], "STL": []}, [0, 1])

@@ -1,6 +1,7 @@
 """The registries (mtlkit._registry): options read from signatures, errors that list the valid names and options,
 duplicates, positional arguments, lazy loading; the method registry built on it (classes, composites, factories,
 the sum scale); and "adding a method is one file", trained through the command line."""
+
 from __future__ import annotations
 
 import inspect
@@ -60,8 +61,8 @@ def _widgets() -> Registry:
 def test_options_come_from_the_signature_without_positional_args_and_star_args():
     reg = _widgets()
     knob, dial = reg.get("knob"), reg.get("dial")
-    assert list(knob.options) == ["size", "label"] and knob.open_ended       # **more: any option passes check
-    assert knob.options["size"] == Option("size", 1.0, float)                  # annotation evaluated
+    assert list(knob.options) == ["size", "label"] and knob.open_ended  # **more: any option passes check
+    assert knob.options["size"] == Option("size", 1.0, float)  # annotation evaluated
     assert list(dial.options) == ["radius", "ticks"] and not dial.open_ended
     assert dial.options["radius"].default is REQUIRED and dial.options["radius"].required
     assert knob.summary == "A knob." and dial.summary == "A dial (a function)."
@@ -76,9 +77,12 @@ def test_options_come_from_the_signature_without_positional_args_and_star_args()
 def test_build_passes_positional_args_and_checks_options():
     reg = _widgets()
     assert reg.build("dial", "D", radius=2.0) == ("D", 2.0, 12)
-    assert reg.build("knob", "D", size=3.0, anything=1).size == 3.0          # open-ended: not checked
-    with pytest.raises(ConfigError, match=r"widget 'dial' has no option\(s\) \['ticcks'\]; its options are: "
-                                          r"radius, ticks"):
+    assert reg.build("knob", "D", size=3.0, anything=1).size == 3.0  # open-ended: not checked
+    with pytest.raises(
+        ConfigError,
+        match=r"widget 'dial' has no option\(s\) \['ticcks'\]; its options are: "
+        r"radius, ticks",
+    ):
         reg.build("dial", "D", radius=1.0, ticcks=3)
     with pytest.raises(ConfigError, match=r"has no option\(s\) \['data'\]"):  # positional: not a user option
         reg.check("dial", {"data": 1})
@@ -86,8 +90,12 @@ def test_build_passes_positional_args_and_checks_options():
 
 def test_unknown_names_are_config_errors_listing_the_valid_ones():
     reg = _widgets()
-    for call in (lambda: reg.get("lever"), lambda: reg.build("lever"), lambda: reg.check("lever", {}),
-                 lambda: reg["lever"]):
+    for call in (
+        lambda: reg.get("lever"),
+        lambda: reg.build("lever"),
+        lambda: reg.check("lever", {}),
+        lambda: reg["lever"],
+    ):
         with pytest.raises(ConfigError, match=r"unknown widget 'lever'; valid widgets are: dial, knob"):
             call()
     assert issubclass(ConfigError, ValueError)
@@ -96,7 +104,7 @@ def test_unknown_names_are_config_errors_listing_the_valid_ones():
 def test_a_name_registered_twice_with_another_object_is_a_programming_error():
     reg: Registry = Registry("widget")
     f = reg.register("f", len)
-    assert f is len and reg.register("f", len) is len                        # the same object again: fine
+    assert f is len and reg.register("f", len) is len  # the same object again: fine
     with pytest.raises(ValueError, match="widget 'f' is registered twice"):
         reg.register("f", max)
     with pytest.raises(ValueError, match="non-empty string"):
@@ -107,8 +115,9 @@ def test_a_name_registered_twice_with_another_object_is_a_programming_error():
 def test_packages_are_imported_on_first_read_only(tmp_path, monkeypatch):
     pkg = tmp_path / "regpkg_lazy"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text("from mtlkit._registry import Registry\n"
-                                     "REG = Registry('gizmo', packages=['regpkg_lazy'], skip=['skipped'])\n")
+    (pkg / "__init__.py").write_text(
+        "from mtlkit._registry import Registry\nREG = Registry('gizmo', packages=['regpkg_lazy'], skip=['skipped'])\n"
+    )
     for mod in ("alpha", "_private", "skipped"):
         (pkg / f"{mod}.py").write_text(f"from regpkg_lazy import REG\nREG.register({mod!r}, object())\n")
     (tmp_path / "regmod_plain.py").write_text("from regpkg_lazy import REG\nREG.register('plain', object())\n")
@@ -117,10 +126,10 @@ def test_packages_are_imported_on_first_read_only(tmp_path, monkeypatch):
         import regpkg_lazy
 
         reg = regpkg_lazy.REG
-        reg.packages = ("regpkg_lazy", "regmod_plain")                       # a package and a plain module
-        reg.register("early", object())                                      # writing does not load
+        reg.packages = ("regpkg_lazy", "regmod_plain")  # a package and a plain module
+        reg.register("early", object())  # writing does not load
         assert "regpkg_lazy.alpha" not in sys.modules
-        assert reg.names() == ["alpha", "early", "plain"]                     # _private and skip: not imported
+        assert reg.names() == ["alpha", "early", "plain"]  # _private and skip: not imported
         assert "regpkg_lazy.alpha" in sys.modules and "regpkg_lazy.skipped" not in sys.modules
     finally:
         for m in [m for m in sys.modules if m.startswith(("regpkg_lazy", "regmod_plain"))]:
@@ -130,7 +139,7 @@ def test_packages_are_imported_on_first_read_only(tmp_path, monkeypatch):
 def test_the_registries_of_the_package():
     assert {"multimnist", "yeast", "clips"} <= set(DATASETS.names())
     assert {"hps", "stl", "mtmlan", "mtvib"} <= set(MODELS.names())
-    assert "data" not in MODELS.get("hps").options                            # positional
+    assert "data" not in MODELS.get("hps").options  # positional
     assert {"accuracy", "mae", "mse", "average_precision", "label_accuracy"} <= set(METRICS.names())
     assert METRICS.get("average_precision").meta["higher_is_better"] is True
     assert METRICS.get("mae").meta["higher_is_better"] is False
@@ -145,9 +154,12 @@ def test_the_registries_of_the_package():
 def _init_options(cls: type) -> dict[str, object]:
     """``cls.__init__``'s keyword options with their defaults (REQUIRED where none), read independently of the
     registry (which reads them through inspect.signature(cls))."""
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]   # without self
-    return {p.name: (REQUIRED if p.default is p.empty else p.default) for p in params
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+    return {
+        p.name: (REQUIRED if p.default is p.empty else p.default)
+        for p in params
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
 
 
 def test_every_method_s_options_are_its_constructors_options():
@@ -160,8 +172,10 @@ def test_every_method_s_options_are_its_constructors_options():
             assert issubclass(obj, (Aggregator, Weighting)), entry.name
             assert got == _init_options(obj), entry.name
         elif isinstance(obj, Composite):
-            want = {**{k: v for k, v in _init_options(obj.weighting).items() if k not in obj.weighting_fixed},
-                    **{k: v for k, v in _init_options(obj.aggregator).items() if k not in obj.aggregator_fixed}}
+            want = {
+                **{k: v for k, v in _init_options(obj.weighting).items() if k not in obj.weighting_fixed},
+                **{k: v for k, v in _init_options(obj.aggregator).items() if k not in obj.aggregator_fixed},
+            }
             assert got == want, entry.name
         got_plain = method_options(entry.name)
         assert got_plain == {k: (None if v is REQUIRED else v) for k, v in got.items()}, entry.name
@@ -180,14 +194,19 @@ def test_defaults_are_those_of_the_former_factories():
     assert method_options("gradvac") == {"beta": 0.01, "seed": 0}
     assert method_options("mgda") == {"max_iter": 250, "tol": 1e-7, "solver": "exact"}
     assert method_options("cagrad") == {"c": 0.4, "rescale": 1}
-    assert method_options("nash_mtl") == {"update_weights_every": 1, "max_norm": 0.0, "normalize": False,
-                                          "max_iter": 100, "tol": 1e-9}
+    assert method_options("nash_mtl") == {
+        "update_weights_every": 1,
+        "max_norm": 0.0,
+        "normalize": False,
+        "max_iter": 100,
+        "tol": 1e-9,
+    }
     assert build_method("graddrop").level == "representation" and build_method("mgda").level == "parameter"
     assert build_method("stl").single_task and not build_method("ew").single_task
 
 
 def test_classes_build_the_method_they_stand_for():
-    m = build_method("CAGrad", c=0.5)                                         # names are case-insensitive
+    m = build_method("CAGrad", c=0.5)  # names are case-insensitive
     assert m.name == "cagrad" and type(m.weighting).__name__ == "EW" and isinstance(m.aggregator, CAGrad)
     assert m.aggregator.c == 0.5
     m = build_method("uw", form="classification")
@@ -204,10 +223,10 @@ def test_composites_route_each_option_to_its_constructor():
     m = build_method("dbmtl", beta=0.5, beta_sigma=0.1, eps=1e-6)
     assert isinstance(m.weighting, LogLoss) and isinstance(m.aggregator, DBMTLAggregator)
     assert (m.aggregator.beta, m.aggregator.beta_sigma, m.aggregator.eps) == (0.5, 0.1, 1e-6)
-    assert m.weighting.eps == 1e-8                                            # fixed
+    assert m.weighting.eps == 1e-8  # fixed
     m = build_method("mtvib", init_log_var=0.3)
     assert isinstance(m.weighting, UW) and m.weighting.form == "classification" and m.weighting.init_log_var == 0.3
-    with pytest.raises(ConfigError, match=r"no option\(s\) \['form'\]"):     # fixed: not an option
+    with pytest.raises(ConfigError, match=r"no option\(s\) \['form'\]"):  # fixed: not an option
         build_method("mtvib", form="regression")
     assert type(build_method("mean").aggregator).__name__ == "Mean"
     assert set(COMPOSITES) == {"ew", "stl", "mean", "mtvib", "dbmtl"}
@@ -257,7 +276,7 @@ def test_zoo_lists_come_from_the_registry():
 
 # ---------------------------------------------------------------------------------------------------- the scale
 def test_build_method_scale_sum():
-    for name in ("ew", "uw", "pcgrad", "aligned_mtl"):                       # already on the sum scale: unchanged
+    for name in ("ew", "uw", "pcgrad", "aligned_mtl"):  # already on the sum scale: unchanged
         assert type(build_method(name, scale="sum").aggregator) is type(build_method(name).aggregator)
     J = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     for name in ("mean", "mgda", "upgrad", "dualproj", "cagrad", "imtl_g"):
@@ -290,8 +309,11 @@ def test_mtlkit_methods_lists_every_option_and_scale(capsys):
     assert set(available_methods()) <= set(lines)
     for name in available_methods():
         for option in method_options(name):
-            assert f"{option}=" in lines[name] or f" {option}," in lines[name] or f"({option}" in lines[name], \
-                (name, option, lines[name])
+            assert f"{option}=" in lines[name] or f" {option}," in lines[name] or f"({option}" in lines[name], (
+                name,
+                option,
+                lines[name],
+            )
         assert f"{method_scale(name)} scale" in lines[name], lines[name]
     assert main(["methods", "mgda"]) == 0
     out = capsys.readouterr().out
@@ -342,32 +364,78 @@ def test_adding_a_method_is_one_file(tmp_path):
     with its option applied (the method's own log shows the value it was built with)."""
     (tmp_path / "mymethod.py").write_text(textwrap.dedent(USER_METHOD))
     run, log = tmp_path / "run", tmp_path / "factor.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-           "MYNEW_LOG": str(log), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+        "MYNEW_LOG": str(log),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     env.pop("MTLKIT_DEBUG", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "mtlkit.cli", "--import", "mymethod", "train", "--dataset", "multimnist",
-         "--set", "dataset.options.n_train=300", "--set", "dataset.options.n_test=100", "--epochs", "1",
-         "--batch-size", "64", "--set", "model.options={encoder: mlp, hidden: [16], head_hidden: 8}",
-         "--set", "output.tensorboard=false", "--method", "mynew", "--set", "method.options.factor=0.5",
-         "--run-dir", str(run), "--no-progress"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "mtlkit.cli",
+            "--import",
+            "mymethod",
+            "train",
+            "--dataset",
+            "multimnist",
+            "--set",
+            "dataset.options.n_train=300",
+            "--set",
+            "dataset.options.n_test=100",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--set",
+            "model.options={encoder: mlp, hidden: [16], head_hidden: 8}",
+            "--set",
+            "output.tensorboard=false",
+            "--method",
+            "mynew",
+            "--set",
+            "method.options.factor=0.5",
+            "--run-dir",
+            str(run),
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((run / "results.json").read_text())
     assert results["test"], results
     seen = log.read_text().split()
-    assert seen and set(seen) == {"0.5"}, seen                                # every training step: factor 0.5
+    assert seen and set(seen) == {"0.5"}, seen  # every training step: factor 0.5
     # the same module, listed by `mtlkit methods`, with its option and scale
-    listing = subprocess.run([sys.executable, "-m", "mtlkit.cli", "--import", "mymethod", "methods"], cwd=tmp_path,
-                             env=env, capture_output=True, text=True, timeout=300)
+    listing = subprocess.run(
+        [sys.executable, "-m", "mtlkit.cli", "--import", "mymethod", "methods"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "  mynew (factor=1.0) [sum scale]: Every task's loss times ``factor``" in listing.stdout, listing.stdout
 
 
 def test_an_unimportable_user_module_is_a_usage_error(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     (tmp_path / "broken_method.py").write_text("raise RuntimeError('boom')\n")
-    proc = subprocess.run([sys.executable, "-m", "mtlkit.cli", "--import", "broken_method", "methods"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtlkit.cli", "--import", "broken_method", "methods"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "cannot import 'broken_method': RuntimeError: boom" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert Path(tmp_path / "broken_method.py").exists()

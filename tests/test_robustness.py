@@ -1,5 +1,6 @@
 """FGSM (MTVIB Eq. 25) and PGD: exact step, clipping, ε-ball, targets, mode restoration; robust evaluation at η = 0
 equals clean evaluation; ``mtlkit eval --attack fgsm`` on a saved run."""
+
 import json
 
 import pytest
@@ -83,8 +84,9 @@ def test_pgd_stays_in_the_eps_ball_and_unit_interval():
         assert float((adv - x).abs().max()) <= eps + 1e-6
         assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
     # one step of size η from x is FGSM
-    assert torch.allclose(pgd(model, TASKS, x, y, eps=0.1, steps=1, alpha=0.1, random_start=False),
-                          fgsm(model, TASKS, x, y, eps=0.1))
+    assert torch.allclose(
+        pgd(model, TASKS, x, y, eps=0.1, steps=1, alpha=0.1, random_start=False), fgsm(model, TASKS, x, y, eps=0.1)
+    )
 
 
 def test_pgd_is_at_least_as_strong_as_fgsm_on_the_loss():
@@ -140,10 +142,15 @@ def test_eta_zero_reproduces_clean_accuracy(which):
 
 
 def test_cli_eval_fgsm_on_a_saved_mtvib_run(tmp_path, capsys):
-    cfg = RunConfig.from_dict({"dataset": {"name": "_toy"}, "model": {"name": "mtvib", "options": {
-        "hidden": 16, "latent": 4, "channels": 4, "decoder_widths": [8, 6]}}, "method": {"name": "mtvib"},
-        "train": {"epochs": 1, "batch_size": 32, "progress": False, "device": "cpu"},
-        "output": {"dir": str(tmp_path / "run"), "tensorboard": False}})
+    cfg = RunConfig.from_dict(
+        {
+            "dataset": {"name": "_toy"},
+            "model": {"name": "mtvib", "options": {"hidden": 16, "latent": 4, "channels": 4, "decoder_widths": [8, 6]}},
+            "method": {"name": "mtvib"},
+            "train": {"epochs": 1, "batch_size": 32, "progress": False, "device": "cpu"},
+            "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
+        }
+    )
     res = Trainer(cfg).fit()
     assert main(["eval", str(tmp_path / "run"), "--attack", "fgsm", "--eps", "0", "0.1"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -166,7 +173,9 @@ def test_fgsm_curve_equals_one_attack_per_eta(target):
     for e in etas:
         assert curve[str(e)] == robust_metrics(model, TASKS, split, "fgsm", e, target_task=target, batch_size=16)
     # not a vacuous equality: the attack changes the metrics
-    assert curve["0.5"]["joint_accuracy"] != curve["0.0"]["joint_accuracy"] or \
-        curve["0.5"]["a/accuracy"] != curve["0.0"]["a/accuracy"]
+    assert (
+        curve["0.5"]["joint_accuracy"] != curve["0.0"]["joint_accuracy"]
+        or curve["0.5"]["a/accuracy"] != curve["0.0"]["a/accuracy"]
+    )
     with pytest.raises(ValueError, match="eps"):
         robustness_curve(model, TASKS, split, [0.1, -0.1], "fgsm")

@@ -1,4 +1,5 @@
 """RRMTDL: gradient reversal, DANN schedule, entangled-label protocol, the model, and the trainer hooks it uses."""
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ from mtlkit.tasks import Task, stack_losses
 from mtlkit.train import Trainer
 
 # --- gradient reversal and schedule ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("lam", [0.0, 0.3, 1.0, 2.5])
 def test_grl_is_identity_forward_and_minus_lambda_backward(lam):
@@ -64,6 +66,7 @@ def test_dann_schedule_end_points_and_monotone():
 
 
 # --- entangled-label protocol ---------------------------------------------------------------------------------
+
 
 def _pool(n, seed):
     rng = np.random.default_rng(seed)
@@ -121,6 +124,7 @@ def test_entangled_errors_when_pool_too_small():
 
 
 # --- the model --------------------------------------------------------------------------------------------------
+
 
 def _tasks():
     return [Task("a", "binary"), Task("b", "binary")]
@@ -194,6 +198,7 @@ def test_bad_groups_are_rejected():
 
 # --- auxiliary tasks in metrics ---------------------------------------------------------------------------------
 
+
 def test_auxiliary_tasks_are_trained_but_never_selected_or_reported():
     a, aux = Task("a", "binary"), Task("adv", "binary", auxiliary=True, target="b")
     out = {"a": torch.tensor([5.0, -5.0]), "adv": torch.tensor([-5.0, 5.0])}
@@ -208,6 +213,7 @@ def test_auxiliary_tasks_are_trained_but_never_selected_or_reported():
 
 
 # --- trainer hooks (generic) ------------------------------------------------------------------------------------
+
 
 def _toy_data(n=48, d=5):
     g = torch.Generator().manual_seed(0)
@@ -239,9 +245,13 @@ register_model("_test_progress_recorder")(lambda data: _ProgressRecorder(data))
 
 
 def _cfg(model, options=None, epochs=2):
-    return RunConfig.from_dict({"model": {"name": model, "options": options or {}},
-                                "train": {"epochs": epochs, "batch_size": 16, "device": "cpu", "progress": False},
-                                "output": {"tensorboard": False}})
+    return RunConfig.from_dict(
+        {
+            "model": {"name": model, "options": options or {}},
+            "train": {"epochs": epochs, "batch_size": 16, "device": "cpu", "progress": False},
+            "output": {"tensorboard": False},
+        }
+    )
 
 
 def test_trainer_calls_progress_hook_every_step(tmp_path):
@@ -274,6 +284,7 @@ def test_rrmtdl_trains_with_batchnorm_in_train_mode_and_reports_targets_only(tmp
 
 # --- real data (fetched on first use: tests/conftest.py) ------------------------------------------------------
 
+
 @pytest.mark.data("mnist", "fashion")
 def test_entangled_images_real_pool():
     # the Multi-(Fashion+MNIST) pool is built from the two source datasets and cached (seconds, once)
@@ -285,6 +296,7 @@ def test_entangled_images_real_pool():
 
 
 # --- λ-schedule controls: λ = 0 (no reversed gradient) and constant λ = 1 ---------------------------------------
+
 
 def _adversarial_grads(m, x, y, bypass=False):
     """Gradients of the adversarial losses alone (full training-mode forward) on every parameter; ``bypass`` swaps
@@ -353,8 +365,9 @@ def test_lambda_zero_total_gradient_on_shared_parameters_is_the_target_gradient(
 
     full, target_only = grads(True), grads(False)
     assert all(torch.equal(full[n], target_only[n]) for n in full)
-    assert m.shared_parameters() and all(_is_upstream_of_grl(n) for n, p in m.named_parameters()
-                                         if any(p is q for q in m.shared_parameters()))
+    assert m.shared_parameters() and all(
+        _is_upstream_of_grl(n) for n, p in m.named_parameters() if any(p is q for q in m.shared_parameters())
+    )
 
 
 def test_grl_lambda_zero_is_exactly_zero_even_for_infinite_gradients():
@@ -409,8 +422,9 @@ def test_lambda_schedule_options_are_checked():
     assert c.grl_lambda == 2.0
 
 
-@pytest.mark.parametrize("schedule,expected", [("zero", lambda p: 0.0), ("constant", lambda p: 1.0),
-                                               (None, dann_lambda)])
+@pytest.mark.parametrize(
+    "schedule,expected", [("zero", lambda p: 0.0), ("constant", lambda p: 1.0), (None, dann_lambda)]
+)
 def test_lambda_schedule_is_a_model_option_read_by_the_trainer(tmp_path, schedule, expected):
     opts = {"encoder": "mlp", "hidden": [8], "branch_width": 6, "proj_width": 4}
     sets = [] if schedule is None else [f"model.options.lambda_schedule={schedule}"]  # as `--set` on the CLI
@@ -449,6 +463,7 @@ def test_lambda_zero_control_differs_from_rrmtdl_only_by_the_reversed_gradient(t
 
 # --- reproduce rrmtdl: verdicts, paired differences, the new rows, --reuse -------------------------------------
 
+
 def test_verdict_rule():
     from mtlkit.reproduce.rrmtdl import verdict
 
@@ -469,8 +484,14 @@ def _toy_entangled(pair="p", agreement=0.75, seed=0, n_train=48, n_val=16, n_tes
         x = np.concatenate([np.stack([a, b], 1) + 0.5 * rng.standard_normal((n, 2)), rng.standard_normal((n, 3))], 1)
         return torch.from_numpy(x.astype(np.float32)), {"A": a, "B": b}
 
-    return entangle("toy_entangled", {"train": pool(400), "val": pool(400), "test": pool(400)}, ("A", "B"),
-                    EntangledSpec(n_train, agreement, 2 / 3, n_val, n_test), seed, info={"groups": None})
+    return entangle(
+        "toy_entangled",
+        {"train": pool(400), "val": pool(400), "test": pool(400)},
+        ("A", "B"),
+        EntangledSpec(n_train, agreement, 2 / 3, n_val, n_test),
+        seed,
+        info={"groups": None},
+    )
 
 
 def test_reproduce_rrmtdl_rows_paired_differences_verdicts_and_reuse(tmp_path, monkeypatch, capsys):
@@ -480,23 +501,52 @@ def test_reproduce_rrmtdl_rows_paired_differences_verdicts_and_reuse(tmp_path, m
     from mtlkit.reproduce import rrmtdl as rep
 
     register_dataset("_test_entangled_toy")(_toy_entangled)
-    toy = {"dataset": "_test_entangled_toy", "pairs": ["p"], "small": {"n_train": 48, "n_val": 16, "n_test": 24},
-           "full": {"n_train": 64, "n_val": 16, "n_test": 24},
-           "trunks": {"mlp": {"small": {"encoder": "mlp", "hidden": [8]}, "full": {"encoder": "mlp", "hidden": [8]}}},
-           "trunk": "mlp"}
+    toy = {
+        "dataset": "_test_entangled_toy",
+        "pairs": ["p"],
+        "small": {"n_train": 48, "n_val": 16, "n_test": 24},
+        "full": {"n_train": 64, "n_val": 16, "n_test": 24},
+        "trunks": {"mlp": {"small": {"encoder": "mlp", "hidden": [8]}, "full": {"encoder": "mlp", "hidden": [8]}}},
+        "trunk": "mlp",
+    }
     monkeypatch.setitem(rep.SETUPS, "toy", toy)
     parser = argparse.ArgumentParser()
     rep.add_arguments(parser)
-    argv = ["--dataset", "toy", "--seeds", "0", "1", "--epochs", "2", "--rates", "0.75", "1.0", "--batch-size", "16",
-            "--device", "cpu", "--out", str(tmp_path)]
+    argv = [
+        "--dataset",
+        "toy",
+        "--seeds",
+        "0",
+        "1",
+        "--epochs",
+        "2",
+        "--rates",
+        "0.75",
+        "1.0",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ]
     args = parser.parse_args(argv)
     assert args.methods == ["HPS+EW", "RRMTDL", "RRMTDL-lambda0", "RRMTDL-lambda1const"]
     assert parser.parse_args([]).rates == [0.5, 0.75, 0.9, 1.0]
     assert parser.parse_args([]).device == "auto"
     assert rep.run(args) == 0
     text = (tmp_path / "report.md").read_text()
-    for label in ("| HPS+EW |", "| RRMTDL |", "| RRMTDL (λ=0) |", "| RRMTDL (λ=1 const) |",
-                  "| RRMTDL − HPS+EW |", "| RRMTDL − RRMTDL (λ=0) |", "100 %", "Verdict rule", "## Verdicts"):
+    for label in (
+        "| HPS+EW |",
+        "| RRMTDL |",
+        "| RRMTDL (λ=0) |",
+        "| RRMTDL (λ=1 const) |",
+        "| RRMTDL − HPS+EW |",
+        "| RRMTDL − RRMTDL (λ=0) |",
+        "100 %",
+        "Verdict rule",
+        "## Verdicts",
+    ):
         assert label in text, label
     assert "Command: `mtlkit reproduce rrmtdl --dataset toy --methods HPS+EW RRMTDL RRMTDL-lambda0 " in text
     # the budget is stated above every table
@@ -510,14 +560,21 @@ def test_reproduce_rrmtdl_rows_paired_differences_verdicts_and_reuse(tmp_path, m
     first = comps[0]
     assert (first["a"], first["b"]) == ("RRMTDL", "HPS+EW")
     for s in ("0", "1"):  # per-seed paired differences are the rows' differences
-        assert first["per_seed"][s] == pytest.approx(rows["RRMTDL"][s]["test/mean_accuracy"]
-                                                     - rows["HPS+EW"][s]["test/mean_accuracy"])
+        assert first["per_seed"][s] == pytest.approx(
+            rows["RRMTDL"][s]["test/mean_accuracy"] - rows["HPS+EW"][s]["test/mean_accuracy"]
+        )
     assert first["verdict"] == rep.verdict(list(first["per_seed"].values()))[0]
     assert set(res["datasets"]["toy"]["sweep"]["p"]["rows"]) == {"HPS+EW", "RRMTDL", "RRMTDL-lambda0"}
     lam0 = yaml.safe_load((tmp_path / "toy" / "p" / "agree0.75" / "RRMTDL-lambda0-s1" / "config.yaml").read_text())
     assert lam0["model"]["options"]["lambda_schedule"] == "zero"
-    assert lam0["dataset"]["options"] == {"pair": "p", "agreement": 0.75, "seed": 1, "n_train": 48, "n_val": 16,
-                                          "n_test": 24}
+    assert lam0["dataset"]["options"] == {
+        "pair": "p",
+        "agreement": 0.75,
+        "seed": 1,
+        "n_train": 48,
+        "n_val": 16,
+        "n_test": 24,
+    }
     assert lam0["train"]["device"] == "cpu"  # --device is passed through to the Trainer
     capsys.readouterr()
     # --reuse: nothing retrains, the same numbers come back

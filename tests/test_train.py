@@ -1,4 +1,5 @@
 """The training loop, config and CLI: determinism, resume, bad inputs, run-directory safety."""
+
 import json
 import re
 import warnings
@@ -15,9 +16,14 @@ from mtlkit.train import Trainer
 
 def _cfg(tmp_path, **train):
     t = {"epochs": 2, "batch_size": 32, "lr": 0.01, "seed": 0, "progress": False, **train}
-    return RunConfig.from_dict({"dataset": {"name": "_toy"}, "model": {"name": "hps", "options": {
-        "encoder": "mlp", "hidden": [16], "head_hidden": 8}}, "train": t,
-        "output": {"dir": str(tmp_path / "run"), "tensorboard": False}})
+    return RunConfig.from_dict(
+        {
+            "dataset": {"name": "_toy"},
+            "model": {"name": "hps", "options": {"encoder": "mlp", "hidden": [16], "head_hidden": 8}},
+            "train": t,
+            "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
+        }
+    )
 
 
 def test_fit_writes_run_and_is_deterministic(tmp_path):
@@ -73,8 +79,9 @@ def test_a_run_stopped_inside_an_epoch_resumes_bit_for_bit(tmp_path, monkeypatch
     resumed = Trainer(cfg).fit(resume=True)
     assert resumed.test == full.test
     drop = {"seconds"}
-    assert [{k: v for k, v in h.items() if k not in drop} for h in resumed.history] == \
-        [{k: v for k, v in h.items() if k not in drop} for h in full.history]  # the epoch's mean losses too
+    assert [{k: v for k, v in h.items() if k not in drop} for h in resumed.history] == [
+        {k: v for k, v in h.items() if k not in drop} for h in full.history
+    ]  # the epoch's mean losses too
     a, b = (torch.load(tmp_path / d / "run" / "checkpoint.pt", weights_only=False) for d in ("a", "b"))
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0)
@@ -241,8 +248,9 @@ def test_cli_stops_quietly_when_its_reader_leaves():
 
     for unbuffered in ("1", ""):
         env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
-        proc = subprocess.Popen([sys.executable, "-m", "mtlkit.cli", "methods"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mtlkit.cli", "methods"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
         proc.stdout.close()  # long before the child has imported anything
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=120) == 141, (unbuffered, err)
@@ -284,9 +292,30 @@ def test_finished_run_reuses_only_the_same_config(tmp_path):
 
 def test_bench_zoo_tabulates_resumes_and_refuses_another_budget(tmp_path, monkeypatch, capsys):
     out = tmp_path / "zoo"
-    argv = ["bench", "zoo", "--dataset", "_toy", "--methods", "ew", "mgda", "--seeds", "0", "1", "--epochs", "1",
-            "--n-train", "96", "--n-test", "32", "--batch-size", "32", "--out", str(out),
-            "--set", "model.options={encoder: mlp, hidden: [16], head_hidden: 8}"]
+    argv = [
+        "bench",
+        "zoo",
+        "--dataset",
+        "_toy",
+        "--methods",
+        "ew",
+        "mgda",
+        "--seeds",
+        "0",
+        "1",
+        "--epochs",
+        "1",
+        "--n-train",
+        "96",
+        "--n-test",
+        "32",
+        "--batch-size",
+        "32",
+        "--out",
+        str(out),
+        "--set",
+        "model.options={encoder: mlp, hidden: [16], head_hidden: 8}",
+    ]
     assert main(argv) == 0
     numbers = json.loads((out / "zoo__toy.json").read_text())
     assert list(numbers) == ["stl", "ew", "mgda"] and all(v["seeds"] == 2 for v in numbers.values())
@@ -302,14 +331,16 @@ def test_bench_zoo_tabulates_resumes_and_refuses_another_budget(tmp_path, monkey
     assert main(argv + ["--reuse"]) == 0
     assert (out / "zoo__toy.md").read_text() == table
     # --no-train tabulates what has finished and names what has not
-    assert main(argv[:argv.index("--seeds") + 1] + ["0", "1", "2"] + argv[argv.index("--seeds") + 3:]
-                + ["--no-train"]) == 0
+    assert (
+        main(argv[: argv.index("--seeds") + 1] + ["0", "1", "2"] + argv[argv.index("--seeds") + 3 :] + ["--no-train"])
+        == 0
+    )
     partial = (out / "zoo__toy.md").read_text()
     assert "partial; seeds [0, 1, 2]" in partial and f"| ew | 2 | {100 * sum(acc) / 2:.2f} ± " in partial
     assert "Not trained yet: stl seed 2, ew seed 2, mgda seed 2." in partial
     # --reuse with another budget is refused, naming the key
     capsys.readouterr()
-    two_epochs = argv[:argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2:]
+    two_epochs = argv[: argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2 :]
     assert main(two_epochs + ["--reuse"]) != 0
     assert "train.epochs: 1 there, 2 requested" in capsys.readouterr().err
 
@@ -334,8 +365,11 @@ def test_zoo_plot_draws_the_tables_numbers(tmp_path):
 
     from mtlkit.bench import plot_zoo, zoo_table
 
-    results = {"stl": [{"a/accuracy": 0.90}, {"a/accuracy": 0.80}], "ew": [{"a/accuracy": 0.93}, {"a/accuracy": 0.89}],
-               "mgda": [{"a/accuracy": 0.80}, {"a/accuracy": 0.78}]}
+    results = {
+        "stl": [{"a/accuracy": 0.90}, {"a/accuracy": 0.80}],
+        "ew": [{"a/accuracy": 0.93}, {"a/accuracy": 0.89}],
+        "mgda": [{"a/accuracy": 0.80}, {"a/accuracy": 0.78}],
+    }
     _, numbers = zoo_table(results, [("a/accuracy", True)])
     fig = plot_zoo(numbers, ["a/accuracy"], tmp_path / "with.png", "with")
     assert (tmp_path / "with.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -365,9 +399,32 @@ def test_a_run_shorter_than_dwas_equal_weight_epochs_warns_and_equals_ew(tmp_pat
 
 
 def test_bench_zoo_jobs_gives_the_same_table_as_one_process(tmp_path, capsys):
-    argv = ["bench", "zoo", "--dataset", "_toy", "--methods", "ew", "pcgrad", "--seeds", "0", "1", "--epochs", "3",
-            "--n-train", "160", "--n-test", "64", "--batch-size", "16", "--lr", "0.05", "--threads", "1",
-            "--set", "model.options={encoder: mlp, hidden: [16], head_hidden: 8}"]
+    argv = [
+        "bench",
+        "zoo",
+        "--dataset",
+        "_toy",
+        "--methods",
+        "ew",
+        "pcgrad",
+        "--seeds",
+        "0",
+        "1",
+        "--epochs",
+        "3",
+        "--n-train",
+        "160",
+        "--n-test",
+        "64",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.05",
+        "--threads",
+        "1",
+        "--set",
+        "model.options={encoder: mlp, hidden: [16], head_hidden: 8}",
+    ]
     assert main(argv + ["--out", str(tmp_path / "one")]) == 0
     assert main(argv + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
     one, two = ((tmp_path / d / "zoo__toy.md").read_text() for d in ("one", "two"))
@@ -382,9 +439,28 @@ def test_bench_zoo_jobs_gives_the_same_table_as_one_process(tmp_path, capsys):
 
 
 def test_bench_zoo_reuse_resumes_a_stopped_run_and_refuses_another_budget(tmp_path, monkeypatch, capsys):
-    argv = ["bench", "zoo", "--dataset", "_toy", "--methods", "ew", "--seeds", "0", "--epochs", "2",
-            "--n-train", "160", "--n-test", "32", "--batch-size", "16", "--lr", "0.05",
-            "--set", "model.options={encoder: mlp, hidden: [16], head_hidden: 8}"]
+    argv = [
+        "bench",
+        "zoo",
+        "--dataset",
+        "_toy",
+        "--methods",
+        "ew",
+        "--seeds",
+        "0",
+        "--epochs",
+        "2",
+        "--n-train",
+        "160",
+        "--n-test",
+        "32",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.05",
+        "--set",
+        "model.options={encoder: mlp, hidden: [16], head_hidden: 8}",
+    ]
     calls = [0]
     real = Trainer._step
 
@@ -409,7 +485,7 @@ def test_bench_zoo_reuse_resumes_a_stopped_run_and_refuses_another_budget(tmp_pa
     # a stopped run of another budget is neither continued nor silently replaced
     for m in ("stl", "ew"):
         (tmp_path / "stopped" / f"_toy-{m}-s0" / "results.json").unlink()
-    other = stopped[:stopped.index("--lr") + 1] + ["0.5"] + stopped[stopped.index("--lr") + 2:]
+    other = stopped[: stopped.index("--lr") + 1] + ["0.5"] + stopped[stopped.index("--lr") + 2 :]
     assert main(other + ["--reuse"]) != 0
     err = capsys.readouterr().err
     assert "refusing to resume" in err and "train.lr: 0.05 there, 0.5 requested" in err

@@ -1,4 +1,5 @@
 """Loss-space methods: hand-computed values, the properties each paper promises, checkpoints and bad inputs."""
+
 import math
 
 import pytest
@@ -8,8 +9,21 @@ from torch import nn
 
 from mtlkit.errors import ConfigError
 from mtlkit.methods import available_methods, build_method, method_parts
-from mtlkit.weighting import (DBMTLAggregator, DWA, EW, FAMO, GLS, IMTLL, MTMLANTDB, RLW, UW, GradNorm, LogLoss,
-                              StepContext, Weighting)
+from mtlkit.weighting import (
+    DBMTLAggregator,
+    DWA,
+    EW,
+    FAMO,
+    GLS,
+    IMTLL,
+    MTMLANTDB,
+    RLW,
+    UW,
+    GradNorm,
+    LogLoss,
+    StepContext,
+    Weighting,
+)
 
 #: Every registered method with a weighting of its own (a Weighting class, or a composite with one).
 OURS = [n for n in available_methods() if method_parts(n)[0] not in (None, EW)]
@@ -33,9 +47,12 @@ class _Net(nn.Module):
         return torch.stack([(h(z).squeeze(-1) - self.y[t]).pow(2).mean() for t, h in enumerate(self.heads)])
 
     def ctx(self, step: int = 0) -> StepContext:
-        return StepContext(step=step, shared_params=list(self.enc.parameters()),
-                           last_shared_layer=[self.enc[2].weight],
-                           task_layers=[[h.weight] for h in self.heads])
+        return StepContext(
+            step=step,
+            shared_params=list(self.enc.parameters()),
+            last_shared_layer=[self.enc[2].weight],
+            task_layers=[[h.weight] for h in self.heads],
+        )
 
 
 def _train(net: _Net, weighting: Weighting, steps: int, check=None) -> None:
@@ -53,6 +70,7 @@ def _sums_to(T):
     def check(w):
         assert w.weights().sum().item() == pytest.approx(T, abs=1e-5)
         assert bool((w.weights() > 0).all())
+
     return check
 
 
@@ -166,11 +184,12 @@ def test_gradnorm_analytic_gradient_matches_autograd():
     W = net.enc[2].weight
     # Reference: L_grad = Σ |‖∇_W w_t L_t‖ − Ḡ r_t^α| with the target detached, differentiated by autograd.
     w = gn.task_weights.clone().requires_grad_(True)
-    G = torch.stack([torch.autograd.grad(w[t] * losses[t], W, create_graph=True, retain_graph=True)[0].norm()
-                     for t in range(3)])
+    G = torch.stack(
+        [torch.autograd.grad(w[t] * losses[t], W, create_graph=True, retain_graph=True)[0].norm() for t in range(3)]
+    )
     Lt = losses.detach() / gn.initial_losses
     r = Lt / Lt.mean()
-    target = (G.mean() * r ** 1.5).detach()
+    target = (G.mean() * r**1.5).detach()
     (gw,) = torch.autograd.grad((G - target).abs().sum(), w)
     expected = gn.task_weights - 0.01 * gw.detach()
     expected = 3 * expected / expected.sum()
@@ -221,8 +240,10 @@ def test_tdb_both_gradient_locations_work(grad_at):
 def test_tdb_uses_the_chosen_layer():
     net = _Net()
     losses = net.losses()
-    for grad_at, params in [("task_first_layer", [[h.weight] for h in net.heads]),
-                            ("last_shared_layer", [[net.enc[2].weight]] * 2)]:
+    for grad_at, params in [
+        ("task_first_layer", [[h.weight] for h in net.heads]),
+        ("last_shared_layer", [[net.enc[2].weight]] * 2),
+    ]:
         tdb = MTMLANTDB(counts=[1, 1], grad_at=grad_at)
         tdb(losses, net.ctx())
         ref = torch.stack([torch.autograd.grad(losses[t], params[t], retain_graph=True)[0].norm() for t in range(2)])
@@ -446,10 +467,23 @@ def _step(w: Weighting, net: _Net, epoch_end: bool = False) -> torch.Tensor:
     return out.detach()
 
 
-@pytest.mark.parametrize("make", [
-    lambda: UW(), lambda: IMTLL(), lambda: DWA(), lambda: GradNorm(), lambda: GradNorm(optimizer="sgd"),
-    lambda: MTMLANTDB(counts=[3, 1, 2]), lambda: RLW(seed=1), lambda: GLS(), lambda: FAMO(), lambda: LogLoss(),
-    lambda: EW()], ids=lambda f: "")
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: UW(),
+        lambda: IMTLL(),
+        lambda: DWA(),
+        lambda: GradNorm(),
+        lambda: GradNorm(optimizer="sgd"),
+        lambda: MTMLANTDB(counts=[3, 1, 2]),
+        lambda: RLW(seed=1),
+        lambda: GLS(),
+        lambda: FAMO(),
+        lambda: LogLoss(),
+        lambda: EW(),
+    ],
+    ids=lambda f: "",
+)
 def test_state_dict_round_trip(make):
     net = _Net(T=3)
     a = make()
@@ -515,8 +549,19 @@ def test_options_are_checked_by_the_registry():
 
 
 # ---------------------------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("make", [lambda: DWA(), lambda: GLS(), lambda: RLW(seed=0), lambda: FAMO(), lambda: LogLoss(),
-                                  lambda: GradNorm(), lambda: EW()], ids=lambda f: "")
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: DWA(),
+        lambda: GLS(),
+        lambda: RLW(seed=0),
+        lambda: FAMO(),
+        lambda: LogLoss(),
+        lambda: GradNorm(),
+        lambda: EW(),
+    ],
+    ids=lambda f: "",
+)
 def test_bad_loss_shapes(make):
     w = make()
     for bad in [torch.tensor(1.0), torch.ones(2, 2), torch.ones(0), [1.0, 2.0]]:

@@ -8,6 +8,7 @@ Example:
     >>> MGDA.scale
     'convex'
 """
+
 from mtlkit.aggregation._base import Aggregator, Mean, Sum, SumScale, on_sum_scale
 from mtlkit.aggregation.aligned_mtl import AlignedMTL
 from mtlkit.aggregation.cagrad import CAGrad

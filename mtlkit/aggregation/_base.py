@@ -1,4 +1,5 @@
 """Base class of gradient-space methods (aggregators), the trivial ones (Sum, Mean) and the sum-scale wrapper."""
+
 from __future__ import annotations
 
 import functools
@@ -217,11 +218,20 @@ class SumScale(Aggregator):
 
 @functools.cache
 def _sum_scale_class(cls: type[Aggregator]) -> type[SumScale]:
-    flags = {k: getattr(cls, k) for k in ("gramian_based", "needs_per_task_grads", "permutation_equivariant",
-                                            "default_level")}
-    return type(f"{cls.__name__}OnSumScale", (SumScale,), {**flags, "__module__": __name__,
-                                                            "__qualname__": f"{cls.__name__}OnSumScale",
-                                                            "__doc__": f"{cls.__name__} on the sum scale (x T)."})
+    flags = {
+        k: getattr(cls, k)
+        for k in ("gramian_based", "needs_per_task_grads", "permutation_equivariant", "default_level")
+    }
+    return type(
+        f"{cls.__name__}OnSumScale",
+        (SumScale,),
+        {
+            **flags,
+            "__module__": __name__,
+            "__qualname__": f"{cls.__name__}OnSumScale",
+            "__doc__": f"{cls.__name__} on the sum scale (x T).",
+        },
+    )
 
 
 def on_sum_scale(aggregator: Aggregator, name: str | None = None) -> Aggregator:
@@ -242,15 +252,20 @@ def on_sum_scale(aggregator: Aggregator, name: str | None = None) -> Aggregator:
     what = f"method {name!r} ({type(aggregator).__name__})" if name else type(aggregator).__name__
     scale = scale_of(aggregator)
     if scale is None:
-        raise ConfigError(f"{what} declares no output scale (class attribute `scale`), so it cannot be put on the "
-                          f"sum scale; use scale 'native'")
+        raise ConfigError(
+            f"{what} declares no output scale (class attribute `scale`), so it cannot be put on the "
+            f"sum scale; use scale 'native'"
+        )
     if scale not in SUM_SCALE_FACTOR:
-        raise ConfigError(f"{what} declares the unknown scale {scale!r}; known scales are: "
-                          f"{', '.join(SUM_SCALE_FACTOR)}")
+        raise ConfigError(
+            f"{what} declares the unknown scale {scale!r}; known scales are: {', '.join(SUM_SCALE_FACTOR)}"
+        )
     factor = SUM_SCALE_FACTOR[scale]
     if factor is None:
-        raise ConfigError(f"{what} cannot be put on the sum scale: its update is {SCALE_MEANING[scale]}, so no "
-                          f"factor makes it follow the sum of the task gradients; use scale 'native'")
+        raise ConfigError(
+            f"{what} cannot be put on the sum scale: its update is {SCALE_MEANING[scale]}, so no "
+            f"factor makes it follow the sum of the task gradients; use scale 'native'"
+        )
     if factor == "1":
         return aggregator
     return _sum_scale_class(type(aggregator))(aggregator)

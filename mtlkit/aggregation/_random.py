@@ -3,6 +3,7 @@
 The generator lives on the CPU whatever the gradients' device, so that a seed gives the same choices on every
 device; its state is part of the aggregator's ``state_dict`` so that a resumed run draws the same numbers.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -37,8 +38,9 @@ class SeededAggregator(Aggregator):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         extra = set(state) - self._state_keys()
         if extra or "generator" not in state:
-            raise ConfigError(f"{type(self).__name__}.load_state_dict expects keys {sorted(self._state_keys())}, "
-                              f"got {sorted(state)}")
+            raise ConfigError(
+                f"{type(self).__name__}.load_state_dict expects keys {sorted(self._state_keys())}, got {sorted(state)}"
+            )
         self._gen.set_state(state["generator"].clone())
 
     def _state_keys(self) -> set[str]:

@@ -11,6 +11,7 @@ next to the backward passes) and returns task weights ``w`` such that the update
 * :func:`sqrt_factor`: a T x T matrix ``A`` with ``Aᵀ A = G`` (a "reduced Jacobian").
 * :func:`project_simplex`: Euclidean projection onto the probability simplex.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -242,7 +243,9 @@ def min_norm_simplex_exact(G: np.ndarray, dtype: torch.dtype | np.dtype | type |
     tr = float(np.trace(G))
     if not tr > 0:  # all gradients zero: every point of the simplex is optimal
         return np.full(G.shape[0], 1.0 / G.shape[0])
-    return min_norm_simplex_factor(*factor(G / tr, dtype), kkt_tol(dtype))  # the weights do not depend on the scale of G
+    return min_norm_simplex_factor(
+        *factor(G / tr, dtype), kkt_tol(dtype)
+    )  # the weights do not depend on the scale of G
 
 
 def min_norm_simplex_factor(A: np.ndarray, rcond: float | None = None, tol: float = KKT_TOL) -> np.ndarray:
@@ -268,6 +271,7 @@ def min_norm_simplex_factor(A: np.ndarray, rcond: float | None = None, tol: floa
 
 
 # --- certified non-negative least squares ---------------------------------------------------------------------------
+
 
 def nnls_kkt_residual(M: np.ndarray, b: np.ndarray, x: np.ndarray) -> float:
     """Relative KKT residual of ``x`` for ``min_{x ≥ 0} ||M x - b||²`` (0 exactly at the optimum).
@@ -298,13 +302,14 @@ def _nnls_residuals(M: np.ndarray, B: np.ndarray, X: np.ndarray) -> np.ndarray:
     nrm2 = float(np.sum(M * M))
     if nrm2 == 0.0:  # M = 0: every x ≥ 0 is optimal
         return np.where((X >= 0).all(axis=1), 0.0, np.inf)
-    Gr = (X @ M.T - B) @ M                                   # rows: gradients Mᵀ(M x_k - b_k)
+    Gr = (X @ M.T - B) @ M  # rows: gradients Mᵀ(M x_k - b_k)
     scale = np.maximum(np.abs(X).max(axis=1, initial=0.0), np.linalg.norm(B, axis=1) / np.sqrt(nrm2))
     return np.abs(np.minimum(X, Gr / nrm2)).max(axis=1, initial=0.0) / np.maximum(scale, 1e-300)
 
 
-def _lawson_hanson(M: np.ndarray, b: np.ndarray, x: np.ndarray, tol: float, max_iter: int,
-                   rcond: float | None = None) -> np.ndarray:
+def _lawson_hanson(
+    M: np.ndarray, b: np.ndarray, x: np.ndarray, tol: float, max_iter: int, rcond: float | None = None
+) -> np.ndarray:
     """Lawson & Hanson's active-set NNLS ("Solving Least Squares Problems", 1974, Ch. 23, Algorithm NNLS) from the
     feasible point ``x`` (``x = 0`` is the textbook start; any ``x ≥ 0`` works).
 
@@ -360,8 +365,9 @@ def _scipy_nnls(M: np.ndarray, b: np.ndarray, rcond: float | None = None) -> np.
     return _lawson_hanson(M, b, x, tol=1e-13, max_iter=3 * T + 10, rcond=rcond)
 
 
-def nnls_certified(M: np.ndarray, b: np.ndarray, x0: np.ndarray | None = None,
-                   rcond: float | None = None, tol: float = KKT_TOL) -> np.ndarray:
+def nnls_certified(
+    M: np.ndarray, b: np.ndarray, x0: np.ndarray | None = None, rcond: float | None = None, tol: float = KKT_TOL
+) -> np.ndarray:
     """``argmin_{x ≥ 0} ||M x - b||²``, certified by its KKT conditions to :data:`KKT_TOL`.
 
     SciPy's ``nnls`` gives the first answer (fast, compiled; polished by one least-squares solve on its support, see
@@ -391,8 +397,10 @@ def nnls_certified(M: np.ndarray, b: np.ndarray, x0: np.ndarray | None = None,
         best, best_r = y, r
     if best_r <= tol:
         return best
-    raise RuntimeError(f"non-negative least squares not certified: KKT residual {best_r:.3g} > {tol:g} "
-                       f"(T = {T}); please report this input")
+    raise RuntimeError(
+        f"non-negative least squares not certified: KKT residual {best_r:.3g} > {tol:g} "
+        f"(T = {T}); please report this input"
+    )
 
 
 def project_simplex(v: np.ndarray) -> np.ndarray:
@@ -409,8 +417,7 @@ def project_simplex(v: np.ndarray) -> np.ndarray:
     return np.maximum(v - css[rho - 1] / rho, 0.0)
 
 
-def project_dual_cone(G: np.ndarray, U: np.ndarray,
-                      dtype: torch.dtype | np.dtype | type | None = None) -> np.ndarray:
+def project_dual_cone(G: np.ndarray, U: np.ndarray, dtype: torch.dtype | np.dtype | type | None = None) -> np.ndarray:
     """Weights of the projections of ``Jᵀ u`` (one per row ``u`` of ``U``) onto the dual cone of the rows of J.
 
     The projection of ``Jᵀ u`` onto ``{x : J x ≥ 0}`` is ``Jᵀ v`` with ``v = argmin vᵀ G v s.t. v ≥ u``
@@ -431,7 +438,7 @@ def project_dual_cone(G: np.ndarray, U: np.ndarray,
     """
     A, rcond = factor(G, dtype)
     U = np.atleast_2d(np.asarray(U, dtype=np.float64))
-    B = -(U @ A.T)                                           # rows: -A u_k
+    B = -(U @ A.T)  # rows: -A u_k
     X = np.stack([_scipy_nnls(A, b, rcond) for b in B])
     tol = kkt_tol(dtype)
     for k in np.flatnonzero(_nnls_residuals(A, B, X) > tol):  # certify all at once; polish only the failures

@@ -1,4 +1,5 @@
 """Aligned-MTL: align the principal components of the task gradients and rescale by the smallest one."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """CAGrad: the best worst-case improvement in a ball around the mean gradient."""
+
 from __future__ import annotations
 
 import warnings
@@ -10,8 +11,17 @@ from torch import Tensor
 
 from mtlkit._registry import METHODS
 from mtlkit.aggregation._base import Aggregator
-from mtlkit.aggregation._solvers import (check_nonneg, factor, kkt_tol, min_norm_simplex_factor, project_dual_cone,
-                                         project_simplex, to_numpy, to_weights, trace_normalize)
+from mtlkit.aggregation._solvers import (
+    check_nonneg,
+    factor,
+    kkt_tol,
+    min_norm_simplex_factor,
+    project_dual_cone,
+    project_simplex,
+    to_numpy,
+    to_weights,
+    trace_normalize,
+)
 from mtlkit.errors import ConfigError
 
 
@@ -71,11 +81,11 @@ class CAGrad(Aggregator):
         u = np.full(T, 1.0 / T)
         w = u
         A = trace_normalize(to_numpy(G))
-        g0_sq = float(u @ A @ u)                   # ||g_0||² / tr(G)
-        if self.c > 0 and g0_sq > 0:                # g_0 = 0: the ball is the point d = g_0 = 0, the mean's weights
+        g0_sq = float(u @ A @ u)  # ||g_0||² / tr(G)
+        if self.c > 0 and g0_sq > 0:  # g_0 = 0: the ball is the point d = g_0 = 0, the mean's weights
             w = cagrad_primal(A, self.c * np.sqrt(g0_sq), G.dtype)
         if self.rescale == 1:
-            w = w / (1.0 + self.c ** 2)
+            w = w / (1.0 + self.c**2)
         elif self.rescale == 2:
             w = w / (1.0 + self.c)
         return to_weights(w, G)
@@ -143,8 +153,9 @@ def cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: in
     return _cagrad_dual(A, sqrt_phi, tol, max_iter)[0]
 
 
-def _cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: int = 100,
-                 dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def _cagrad_dual(
+    A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: int = 100, dtype: torch.dtype | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`cagrad_dual`, and, when its answer is a certified ``g_w = 0`` optimum, the weights of the primal point
     that certifies it (the projection of ``g_0`` onto the dual cone, see :func:`cagrad_primal`); else None."""
     T = A.shape[0]
@@ -173,24 +184,29 @@ def _cagrad_dual(A: np.ndarray, sqrt_phi: float, tol: float = 1e-10, max_iter: i
             if cand is not None and _kkt_residual(A, b, sqrt_phi, cand) <= tol * scale:
                 return cand, None
         rho = float(np.sqrt(max(w @ A @ w, 0.0)))
-    warnings.warn(f"CAGrad: the exact dual solver did not certify an answer in {max_iter} rounds (T = {T}); "
-                  "finishing with SLSQP, whose answer is only as exact as its tolerance", RuntimeWarning, stacklevel=2)
+    warnings.warn(
+        f"CAGrad: the exact dual solver did not certify an answer in {max_iter} rounds (T = {T}); "
+        "finishing with SLSQP, whose answer is only as exact as its tolerance",
+        RuntimeWarning,
+        stacklevel=2,
+    )
     return _slsqp(A, b, sqrt_phi, w), None
 
 
-def _zero_optimum(A: np.ndarray, w0: np.ndarray, sqrt_phi: float, atol: float,
-                  dtype: torch.dtype | None = None) -> np.ndarray | None:
+def _zero_optimum(
+    A: np.ndarray, w0: np.ndarray, sqrt_phi: float, atol: float, dtype: torch.dtype | None = None
+) -> np.ndarray | None:
     """If ``g_w0 = 0`` (to atol) and some ``d`` in the ball has ``J d ≥ 0`` (then the primal value is ≥ 0 = f(w0)),
     the weights ``v`` of that ``d = Jᵀv``; else None.
 
     The ``d`` tried is the projection of ``g_0`` onto the dual cone ``{d : J d ≥ 0}`` (the closest one).
     """
-    if float(w0 @ A @ w0) > atol ** 2:
+    if float(w0 @ A @ w0) > atol**2:
         return None
     u = np.full(len(w0), 1.0 / len(w0))
     v = project_dual_cone(A, u, dtype)[0]
     r = v - u
-    return v if float(r @ A @ r) <= sqrt_phi ** 2 * (1 + 1e-9) else None
+    return v if float(r @ A @ r) <= sqrt_phi**2 * (1 + 1e-9) else None
 
 
 def _kkt_on_support(A: np.ndarray, b: np.ndarray, sqrt_phi: float, S: np.ndarray) -> np.ndarray | None:
@@ -201,7 +217,7 @@ def _kkt_on_support(A: np.ndarray, b: np.ndarray, sqrt_phi: float, S: np.ndarray
         return None
     p, q = PQ[:, 0], PQ[:, 1]
     a, c, e = p.sum(), q.sum(), float(b[S] @ q)
-    disc = c * c - a * (e - sqrt_phi ** 2)
+    disc = c * c - a * (e - sqrt_phi**2)
     if not (a > 0 and disc > 0):
         return None
     r = np.sqrt(disc)
@@ -231,7 +247,13 @@ def _slsqp(A: np.ndarray, b: np.ndarray, sqrt_phi: float, start: np.ndarray) -> 
         return float(x @ b + sqrt_phi * nrm), b + sqrt_phi * Ax / nrm
 
     T = len(b)
-    res = minimize(obj, start.copy(), jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * T,
-                   constraints=({"type": "eq", "fun": lambda x: 1.0 - x.sum(), "jac": lambda x: -np.ones_like(x)},),
-                   options={"maxiter": 200, "ftol": 1e-12})
+    res = minimize(
+        obj,
+        start.copy(),
+        jac=True,
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * T,
+        constraints=({"type": "eq", "fun": lambda x: 1.0 - x.sum(), "jac": lambda x: -np.ones_like(x)},),
+        options={"maxiter": 200, "ftol": 1e-12},
+    )
     return project_simplex(res.x)

@@ -1,4 +1,5 @@
 """DualProj: project the mean gradient onto the dual cone of the task gradients."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """GradDrop: keep, coordinate by coordinate, only the gradients of one randomly chosen sign."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -64,8 +65,10 @@ class GradDrop(SeededAggregator):
             raise ValueError(f"GradDrop has {self._leak.numel()} leak values but got {T} task gradients")
         leak = self._leak.to(dtype=J.dtype, device=J.device).expand(T).unsqueeze(1)
         denom = J.abs().sum(dim=0)
-        P = 0.5 * (1.0 + torch.where(denom > 0, J.sum(dim=0) / denom.clamp_min(torch.finfo(J.dtype).tiny),
-                                     torch.zeros_like(denom)))
+        P = 0.5 * (
+            1.0
+            + torch.where(denom > 0, J.sum(dim=0) / denom.clamp_min(torch.finfo(J.dtype).tiny), torch.zeros_like(denom))
+        )
         U = self._uniform((J.shape[1],), J)
         M = (P > U) & (J > 0) | (P < U) & (J < 0)
         return ((leak + (1.0 - leak) * M.to(J.dtype)) * J).sum(dim=0)

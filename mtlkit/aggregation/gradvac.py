@@ -1,4 +1,5 @@
 """GradVac: pull each pair's gradient cosine up to an EMA target."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -69,19 +70,21 @@ class GradVac(PairwiseSurgery):
         if self._targets is None:
             self._targets = torch.zeros(T, T, dtype=torch.float64)
         elif self._targets.shape[0] != T:
-            raise ValueError(f"GradVac was used with {self._targets.shape[0]} tasks and now gets {T}; "
-                             "build a new GradVac (its targets are per task pair)")
+            raise ValueError(
+                f"GradVac was used with {self._targets.shape[0]} tasks and now gets {T}; "
+                "build a new GradVac (its targets are per task pair)"
+            )
 
     def _edit(self, C: np.ndarray, j: np.ndarray, G: np.ndarray) -> None:
         assert self._targets is not None
         rows = np.arange(len(j))
         dot, ni2, nj2 = row_products(C, j, G)
         ni, nj = np.sqrt(np.maximum(ni2, 0.0)), np.sqrt(np.maximum(nj2, 0.0))
-        live = (ni > 0) & (nj > 0)                                            # pairs with a zero gradient: no-op
-        phi = np.clip(dot / np.where(live, ni * nj, 1.0), -1.0, 1.0)         # cos(g_i', g_j)
+        live = (ni > 0) & (nj > 0)  # pairs with a zero gradient: no-op
+        phi = np.clip(dot / np.where(live, ni * nj, 1.0), -1.0, 1.0)  # cos(g_i', g_j)
         targets = self._targets.numpy()
         target = targets[rows, j]
-        i = np.flatnonzero(live & (phi < target))                             # Eq. (2)
+        i = np.flatnonzero(live & (phi < target))  # Eq. (2)
         coef = ni[i] * (target[i] * np.sqrt(1 - phi[i] ** 2) - phi[i] * np.sqrt(1 - target[i] ** 2))
         C[i, j[i]] += coef / (nj[i] * np.sqrt(np.maximum(1 - target[i] ** 2, 1e-12)))
         live_rows = np.flatnonzero(live)

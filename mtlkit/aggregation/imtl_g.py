@@ -1,4 +1,5 @@
 """IMTL-G: the update whose projections on all unit task gradients are equal."""
+
 from __future__ import annotations
 
 import numpy as np

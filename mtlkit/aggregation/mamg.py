@@ -1,4 +1,5 @@
 """MAMG: move one of two interfering gradients along their interfering direction onto their bisector."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,8 +65,8 @@ class MAMG(PairwiseSurgery):
 
     def _edit(self, C: np.ndarray, j: np.ndarray, G: np.ndarray) -> None:
         dot, ni2, nj2 = row_products(C, j, G)
-        n2 = ni2 - 2.0 * dot + nj2                             # ||g_i' - g_j||²
-        ok = (dot < 0) & (n2 > 0)                              # ⟨g_i', g_j⟩ < 0
+        n2 = ni2 - 2.0 * dot + nj2  # ||g_i' - g_j||²
+        ok = (dot < 0) & (n2 > 0)  # ⟨g_i', g_j⟩ < 0
         delta = np.where(ok, ni2 - nj2, 0.0) / np.sqrt(np.where(ok, n2, 1.0))  # (||g_i'||² - ||g_j||²)/||g_i' - g_j||
         i = np.flatnonzero(ok & ((delta > 0) if self.rule == "shrink" else (delta < 0)))
         # g_i' ← g_i' - δ u,  u = (g_i' - g_j) / ||g_i' - g_j||  (δ > 0 shrinks g_i', δ < 0 grows it)

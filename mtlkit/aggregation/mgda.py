@@ -1,12 +1,19 @@
 """MGDA: the minimum-norm point of the convex hull of the task gradients."""
+
 from __future__ import annotations
 
 from torch import Tensor
 
 from mtlkit._registry import METHODS
 from mtlkit.aggregation._base import Aggregator
-from mtlkit.aggregation._solvers import (check_int, check_nonneg, min_norm_simplex, min_norm_simplex_exact, to_numpy,
-                                        to_weights)
+from mtlkit.aggregation._solvers import (
+    check_int,
+    check_nonneg,
+    min_norm_simplex,
+    min_norm_simplex_exact,
+    to_numpy,
+    to_weights,
+)
 from mtlkit.errors import ConfigError
 
 

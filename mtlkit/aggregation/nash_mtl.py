@@ -1,4 +1,5 @@
 """Nash-MTL: the Nash bargaining solution, G α = 1/α."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -49,7 +50,7 @@ def solve_nash(G: np.ndarray, alpha0: np.ndarray | None = None, max_iter: int = 
         grad = A @ alpha - 1.0 / alpha
         if np.linalg.norm(grad) <= tol * np.linalg.norm(1.0 / alpha):
             break
-        H = A + np.diag(1.0 / alpha ** 2)
+        H = A + np.diag(1.0 / alpha**2)
         step = -np.linalg.solve(H, grad)
         t = 1.0
         neg = step < 0
@@ -118,8 +119,14 @@ class NashMTL(Aggregator):
     gramian_based = True
     scale = "fixed_norm"
 
-    def __init__(self, update_weights_every: int = 1, max_norm: float = 0.0, normalize: bool = False,
-                 max_iter: int = 100, tol: float = 1e-9) -> None:
+    def __init__(
+        self,
+        update_weights_every: int = 1,
+        max_norm: float = 0.0,
+        normalize: bool = False,
+        max_iter: int = 100,
+        tol: float = 1e-9,
+    ) -> None:
         self.update_weights_every = check_int("update_weights_every", update_weights_every)
         self.max_norm = check_nonneg("max_norm", max_norm)
         if not isinstance(normalize, bool):

@@ -1,4 +1,5 @@
 """PCGrad: project each task gradient off the normal planes of the conflicting ones."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,6 +36,6 @@ class PCGrad(PairwiseSurgery):
     scale = "sum"
 
     def _edit(self, C: np.ndarray, j: np.ndarray, G: np.ndarray) -> None:
-        dot, _, nj2 = row_products(C, j, G)    # ⟨g_i', g_j⟩, ||g_j||²
+        dot, _, nj2 = row_products(C, j, G)  # ⟨g_i', g_j⟩, ||g_j||²
         i = np.flatnonzero((dot < 0) & (nj2 > 0))
         C[i, j[i]] -= dot[i] / nj2[i]

@@ -1,4 +1,5 @@
 """UPGrad: project every task gradient onto the dual cone of all of them, then average."""
+
 from __future__ import annotations
 
 import numpy as np

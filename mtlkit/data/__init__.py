@@ -5,6 +5,7 @@ Example:
     >>> "multimnist" in available_datasets()
     True
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -88,8 +89,14 @@ def _multi_builder(variant: str) -> Callable[..., MTLData]:
             y = torch.from_numpy(arrays[f"y_{s}"])
             return Split(images_to_tensor(arrays[f"x_{s}"]), {"left": y[:, 0].clone(), "right": y[:, 1].clone()})
 
-        return MTLData(variant, tasks, split("train"), split("val"), split("test"),
-                       info={"sources": VARIANTS[variant], "protocol": "36x36, top-left + bottom-right, max overlap"})
+        return MTLData(
+            variant,
+            tasks,
+            split("train"),
+            split("val"),
+            split("test"),
+            info={"sources": VARIANTS[variant], "protocol": "36x36, top-left + bottom-right, max overlap"},
+        )
 
     builder.__doc__ = f"{variant}: 36x36 two-item images (see mtlkit.data.multimnist)."
     return builder

@@ -33,6 +33,7 @@ Example:
     >>> layout["labels"].shape, layout["index"].shape
     ((40, 7), (40, 14))
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,8 +57,15 @@ log = logging.getLogger("mtlkit")
 #: MTMLAN Table I: number of instances per concept over 1,540 clips (Wang & Chen, Sec. IV-A).
 PAPER_COUNTS: tuple[int, ...] = (150, 338, 971, 273, 371, 311, 811)
 PAPER_CLIPS = 1540
-CONCEPTS: tuple[str, ...] = ("demonstration", "emergency_response", "flood_storm", "human_relief", "damage",
-                             "victim", "briefing")
+CONCEPTS: tuple[str, ...] = (
+    "demonstration",
+    "emergency_response",
+    "flood_storm",
+    "human_relief",
+    "damage",
+    "victim",
+    "briefing",
+)
 #: Pairs of concepts (indices) that co-occur more often than chance.
 PARTNERS: tuple[tuple[int, int], ...] = ((2, 4), (4, 5), (1, 3), (0, 6))
 CONCEPT_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
@@ -93,8 +101,10 @@ class ClipSpec:
         if self.max_run < 2:
             raise ConfigError(f"clips: max_run must be >= 2, got {self.max_run}")
         if self.frames < 2 * len(CONCEPTS):
-            raise ConfigError(f"clips: frames must be >= {2 * len(CONCEPTS)} so that all 7 concepts fit in runs of "
-                              f"2 frames, got {self.frames}")
+            raise ConfigError(
+                f"clips: frames must be >= {2 * len(CONCEPTS)} so that all 7 concepts fit in runs of "
+                f"2 frames, got {self.frames}"
+            )
         if self.cooccur < 1:
             raise ConfigError(f"clips: cooccur (partner boost) must be >= 1, got {self.cooccur}")
         if len(self.fractions) != 3 or abs(sum(self.fractions) - 1) > 1e-9 or min(self.fractions) <= 0:
@@ -133,15 +143,16 @@ def _frame_classes(present: np.ndarray, spec: ClipSpec, rng: np.random.Generator
     out = np.full(F, -1, dtype=np.int64)
     pos = int(gaps[0])
     for c, L, g in zip(concepts, lengths, gaps[1:], strict=True):  # k runs, k + 1 gaps
-        out[pos:pos + L] = CONCEPT_CLASSES[c]
+        out[pos : pos + L] = CONCEPT_CLASSES[c]
         pos += int(L) + int(g)
     bg = out < 0
     out[bg] = rng.choice(BACKGROUND_CLASSES, size=int(bg.sum()))
     return out
 
 
-def make_layout(spec: ClipSpec, pool_labels: Mapping[str, Sequence[int] | np.ndarray], check_classes: bool = True
-                ) -> dict:
+def make_layout(
+    spec: ClipSpec, pool_labels: Mapping[str, Sequence[int] | np.ndarray], check_classes: bool = True
+) -> dict:
     """The clip layout: ``labels`` (N, 7), ``split`` (N,) in 0/1/2, ``index`` (N, F) into each split's image pool.
 
     ``pool_labels[split]`` holds the class of every image of the pool the clips of that split draw from.
@@ -153,8 +164,8 @@ def make_layout(spec: ClipSpec, pool_labels: Mapping[str, Sequence[int] | np.nda
     n_train, n_val = round(spec.fractions[0] * n), round(spec.fractions[1] * n)
     split = np.zeros(n, dtype=np.int8)
     perm = rng.permutation(n)
-    split[perm[n_train:n_train + n_val]] = 1
-    split[perm[n_train + n_val:]] = 2
+    split[perm[n_train : n_train + n_val]] = 1
+    split[perm[n_train + n_val :]] = 2
     by_class = {}
     for s, name in enumerate(SPLITS):
         y = np.asarray(pool_labels[name])
@@ -190,8 +201,9 @@ def load_layout(spec: ClipSpec, images: dict[str, np.ndarray] | None = None) -> 
     return layout
 
 
-def _pretrained_features(spec: ClipSpec, frames: dict[str, np.ndarray], images: dict[str, np.ndarray],
-                         epochs: int, samples: int, width: int) -> tuple[dict[str, np.ndarray], Path]:
+def _pretrained_features(
+    spec: ClipSpec, frames: dict[str, np.ndarray], images: dict[str, np.ndarray], epochs: int, samples: int, width: int
+) -> tuple[dict[str, np.ndarray], Path]:
     """Per-frame features of a frame encoder pre-trained on single-frame classification (cached)."""
     from mtlkit.models.mtmlan import pretrain_frame_encoder
 
@@ -203,17 +215,19 @@ def _pretrained_features(spec: ClipSpec, frames: dict[str, np.ndarray], images: 
     x_pool, y_pool = _pools(images)
     gen = torch.Generator().manual_seed(spec.seed)
     take = torch.randperm(len(y_pool["train"]), generator=gen)[:samples].numpy()
-    log.info(f"mtlkit: pre-training the frame encoder on {len(take)} {spec.source} training images "
-          f"({epochs} epochs) ...")
-    enc = pretrain_frame_encoder(x_pool["train"][take], y_pool["train"][take], epochs=epochs, width=width,
-                                 seed=spec.seed)
+    log.info(
+        f"mtlkit: pre-training the frame encoder on {len(take)} {spec.source} training images ({epochs} epochs) ..."
+    )
+    enc = pretrain_frame_encoder(
+        x_pool["train"][take], y_pool["train"][take], epochs=epochs, width=width, seed=spec.seed
+    )
     enc.eval()
     out = {}
     with torch.no_grad():
         for name, fr in frames.items():
             N, F = fr.shape[:2]
             flat = torch.from_numpy(fr.reshape(N * F, 1, 28, 28)).float().div_(255.0)
-            feats = torch.cat([enc(flat[s:s + 4096]) for s in range(0, len(flat), 4096)])
+            feats = torch.cat([enc(flat[s : s + 4096]) for s in range(0, len(flat), 4096)])
             out[name] = feats.reshape(N, F, -1).numpy().astype(np.float32)
     enc_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(enc.state_dict(), enc_path)
@@ -239,15 +253,35 @@ def label_tasks(names: Sequence[str], loss: str = "bce", beta: float = 2.0, thre
     if not 0 < float(threshold) < 1:
         raise ConfigError(f"threshold must be in (0, 1), got {threshold!r}")
     fn = sample_level_loss(beta) if loss == "sample_level" else None
-    return [Task(n, "binary", 1, loss=fn, metrics=("average_precision", "label_accuracy"),
-                 extra={"threshold": float(threshold), "loss": loss, "beta": float(beta)}) for n in names]
+    return [
+        Task(
+            n,
+            "binary",
+            1,
+            loss=fn,
+            metrics=("average_precision", "label_accuracy"),
+            extra={"threshold": float(threshold), "loss": loss, "beta": float(beta)},
+        )
+        for n in names
+    ]
 
 
 @register_dataset("clips")
-def build_clips(n_clips: int = PAPER_CLIPS, frames: int = 16, source: str = "fashion", seed: int = 0,
-                cooccur: float = 4.0, max_run: int = 4, features: str = "pixels", pretrain_epochs: int = 2,
-                pretrain_samples: int = 20_000, feature_width: int = 64, loss: str = "bce", beta: float = 2.0,
-                threshold: float = 0.5) -> MTLData:
+def build_clips(
+    n_clips: int = PAPER_CLIPS,
+    frames: int = 16,
+    source: str = "fashion",
+    seed: int = 0,
+    cooccur: float = 4.0,
+    max_run: int = 4,
+    features: str = "pixels",
+    pretrain_epochs: int = 2,
+    pretrain_samples: int = 20_000,
+    feature_width: int = 64,
+    loss: str = "bce",
+    beta: float = 2.0,
+    threshold: float = 0.5,
+) -> MTLData:
     """The clips benchmark (see the module docstring).
 
     ``features``: ``"pixels"`` (x is (N, frames, 1, 28, 28) in [0, 1]) or ``"pretrained"`` (x is (N, frames,
@@ -263,12 +297,18 @@ def build_clips(n_clips: int = PAPER_CLIPS, frames: int = 16, source: str = "fas
     layout = load_layout(spec, images)
     x_pool, _ = _pools(images)
     frames_by_split = {name: x_pool[name][layout["index"][layout["split"] == s]] for s, name in enumerate(SPLITS)}
-    info: dict[str, Any] = {"source": source, "spec": asdict(spec), "concepts": list(CONCEPTS),
-            "concept_classes": list(CONCEPT_CLASSES), "background_classes": list(BACKGROUND_CLASSES),
-            "features": features}
+    info: dict[str, Any] = {
+        "source": source,
+        "spec": asdict(spec),
+        "concepts": list(CONCEPTS),
+        "concept_classes": list(CONCEPT_CLASSES),
+        "background_classes": list(BACKGROUND_CLASSES),
+        "features": features,
+    }
     if features == "pretrained":
-        feats, enc_path = _pretrained_features(spec, frames_by_split, images, pretrain_epochs, pretrain_samples,
-                                               feature_width)
+        feats, enc_path = _pretrained_features(
+            spec, frames_by_split, images, pretrain_epochs, pretrain_samples, feature_width
+        )
         xs = {k: torch.from_numpy(v) for k, v in feats.items()}
         info["frame_encoder_state"] = str(enc_path)
     else:
@@ -284,5 +324,13 @@ def build_clips(n_clips: int = PAPER_CLIPS, frames: int = 16, source: str = "fas
     return MTLData("clips", tasks, train, split(1, "val"), split(2, "test"), info=info)
 
 
-__all__ = ["CONCEPTS", "PAPER_COUNTS", "ClipSpec", "assign_labels", "build_clips", "label_tasks", "load_layout",
-           "make_layout"]
+__all__ = [
+    "CONCEPTS",
+    "PAPER_COUNTS",
+    "ClipSpec",
+    "assign_labels",
+    "build_clips",
+    "label_tasks",
+    "load_layout",
+    "make_layout",
+]

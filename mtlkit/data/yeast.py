@@ -13,6 +13,7 @@ Example:
     >>> YEAST_WHEEL.filename
     'river-0.26.1-cp311-cp311-manylinux_2_28_x86_64.whl'
 """
+
 from __future__ import annotations
 
 import gzip
@@ -26,10 +27,21 @@ from mtlkit.data.sources import PipFile, cache_dir, fetch_pip, load_npz, save_np
 from mtlkit.errors import ConfigError, DataError
 
 YEAST_WHEEL = PipFile(
-    "river==0.26.1", "river-0.26.1-cp311-cp311-manylinux_2_28_x86_64.whl",
+    "river==0.26.1",
+    "river-0.26.1-cp311-cp311-manylinux_2_28_x86_64.whl",
     "6a11e1a9749beec3ea138efeb0205b2c5cea8d424e9deee306c8980faec01bef",
-    extra_args=("--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
-                "--implementation", "cp", "--abi", "cp311"))
+    extra_args=(
+        "--only-binary=:all:",
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp311",
+    ),
+)
 MEMBER = "river/datasets/yeast.csv.gz"
 N_LABELS = 14
 
@@ -77,8 +89,13 @@ def load_yeast() -> dict[str, np.ndarray]:
 
 
 @register_dataset("yeast")
-def build_yeast(seed: int = 0, loss: str = "bce", beta: float = 2.0, threshold: float = 0.5,
-                fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> MTLData:
+def build_yeast(
+    seed: int = 0,
+    loss: str = "bce",
+    beta: float = 2.0,
+    threshold: float = 0.5,
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+) -> MTLData:
     """Yeast as 14 binary tasks ``Class1..Class14`` (see the module docstring)."""
     from mtlkit.data.clips import label_tasks
 
@@ -90,7 +107,7 @@ def build_yeast(seed: int = 0, loss: str = "bce", beta: float = 2.0, threshold: 
     n = len(X)
     perm = np.random.default_rng(seed).permutation(n)
     n_tr, n_va = round(fr[0] * n), round(fr[1] * n)
-    parts = {"train": perm[:n_tr], "val": perm[n_tr:n_tr + n_va], "test": perm[n_tr + n_va:]}
+    parts = {"train": perm[:n_tr], "val": perm[n_tr : n_tr + n_va], "test": perm[n_tr + n_va :]}
     mu, sd = X[parts["train"]].mean(0), X[parts["train"]].std(0) + 1e-6
     names = [f"Class{j + 1}" for j in range(N_LABELS)]
     tasks = label_tasks(names, loss, beta, threshold)
@@ -100,8 +117,12 @@ def build_yeast(seed: int = 0, loss: str = "bce", beta: float = 2.0, threshold: 
         return Split(torch.from_numpy((X[idx] - mu) / sd).float(), {c: y[:, j].clone() for j, c in enumerate(names)})
 
     train = split(parts["train"])
-    info = {"source": "river==0.26.1 wheel, river/datasets/yeast.csv.gz", "labels": names,
-            "train_counts": [int(train.y[c].sum()) for c in names], "n_train": len(train)}
+    info = {
+        "source": "river==0.26.1 wheel, river/datasets/yeast.csv.gz",
+        "labels": names,
+        "train_counts": [int(train.y[c].sum()) for c in names],
+        "n_train": len(train),
+    }
     return MTLData("yeast", tasks, train, split(parts["val"]), split(parts["test"]), info=info)
 
 

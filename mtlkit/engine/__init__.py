@@ -10,6 +10,7 @@ Example:
     tensor([[2., 0.],
             [0., 3.]])
 """
+
 from mtlkit.engine.autodiff import BackwardInfo, backward, per_task_grads, split_flat, stack
 
 __all__ = ["BackwardInfo", "backward", "per_task_grads", "split_flat", "stack"]

@@ -1,4 +1,5 @@
 """Walking an autograd graph (private): shared by the engine (:mod:`mtlkit.engine.autodiff`) and :mod:`mtlkit.engine.gramian`."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator

@@ -44,6 +44,7 @@ Example:
     >>> enc.weight.grad.shape
     torch.Size([4, 3])
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
@@ -130,8 +131,7 @@ def check_losses(losses: Tensor, names: Sequence[str] | None = None) -> None:
         raise FloatingPointError(f"non-finite loss for task(s) {', '.join(labels)}: {losses.detach().tolist()}")
 
 
-def _leaves(roots: Sequence[Tensor], stop: Tensor | None,
-            exclude: set[int]) -> tuple[list[Tensor], list[Tensor], bool]:
+def _leaves(roots: Sequence[Tensor], stop: Tensor | None, exclude: set[int]) -> tuple[list[Tensor], list[Tensor], bool]:
     """Leaf tensors (parameters) reachable from ``roots`` without going through ``stop``, in one walk.
 
     Returns those not in ``exclude``, those in ``exclude`` (reached around ``stop``), and whether ``stop`` itself
@@ -177,19 +177,25 @@ def _check_representation(z: Tensor, shared_ids: set[int], leaf_only: bool = Fal
     ``leaf_only``: only the O(1) checks (z requires grad and is not a leaf), as on the plain-sum path.
     """
     if not z.requires_grad:
-        raise ConfigError("representation does not require grad (a detached copy, or computed under "
-                          "torch.no_grad()): pass the encoder's output itself, the tensor the task heads read")
+        raise ConfigError(
+            "representation does not require grad (a detached copy, or computed under "
+            "torch.no_grad()): pass the encoder's output itself, the tensor the task heads read"
+        )
     if z.grad_fn is None:
         if id(z) in shared_ids:  # a shared parameter read directly by the heads (e.g. an embedding table)
             return
-        raise ConfigError("representation is a leaf tensor (created with requires_grad=True, or "
-                          "z.detach().requires_grad_()): it does not depend on shared_params, so the shared "
-                          "parameters would get no gradient; pass the encoder's output itself, the tensor the task "
-                          "heads read")
+        raise ConfigError(
+            "representation is a leaf tensor (created with requires_grad=True, or "
+            "z.detach().requires_grad_()): it does not depend on shared_params, so the shared "
+            "parameters would get no gradient; pass the encoder's output itself, the tensor the task "
+            "heads read"
+        )
     if not leaf_only and not _depends_on(z, shared_ids):
-        raise ConfigError("representation does not depend on any of shared_params, so they would get no gradient: "
-                          "pass the encoder's output as representation and the encoder's parameters as "
-                          "shared_params (was representation computed from a detached tensor?)")
+        raise ConfigError(
+            "representation does not depend on any of shared_params, so they would get no gradient: "
+            "pass the encoder's output as representation and the encoder's parameters as "
+            "shared_params (was representation computed from a detached tensor?)"
+        )
 
 
 def _shapes(params: Sequence[Tensor], at_most: int = 4) -> str:
@@ -226,7 +232,7 @@ def _write_flat(update: Tensor, params: Sequence[Tensor]) -> None:
     offset = 0
     for p in params:
         n = p.numel()
-        _accumulate(p, update[offset:offset + n].view_as(p))
+        _accumulate(p, update[offset : offset + n].view_as(p))
         offset += n
 
 
@@ -245,8 +251,12 @@ def per_task_grads(losses: Tensor, params: Sequence[Tensor], retain_graph: bool 
     params = list(params)
     rows = []
     for t in range(losses.shape[0]):
-        g = torch.autograd.grad(losses[t], params, retain_graph=True if retain_graph or t < losses.shape[0] - 1
-                                else False, allow_unused=True)
+        g = torch.autograd.grad(
+            losses[t],
+            params,
+            retain_graph=True if retain_graph or t < losses.shape[0] - 1 else False,
+            allow_unused=True,
+        )
         rows.append(_flat(g, params))
     return torch.stack(rows)
 
@@ -264,19 +274,31 @@ def _encoder_jacobian(z: Tensor, dz: Tensor, params: list[Tensor], mode: Mode, c
         # Fill a preallocated T x P matrix row by row: a list of rows plus torch.stack would hold J twice.
         J = torch.empty(T, sum(p.numel() for p in params), dtype=dz.dtype, device=dz.device)
         for t in range(T):
-            J[t] = _flat(torch.autograd.grad(z, params, grad_outputs=dz[t], retain_graph=True, allow_unused=True),
-                         params)
+            J[t] = _flat(
+                torch.autograd.grad(z, params, grad_outputs=dz[t], retain_graph=True, allow_unused=True), params
+            )
         return J
     if mode != "batched":
         raise ValueError(f"unknown mode {mode!r}; valid modes are: auto, batched, loop")
     step = T if chunk_size is None else max(1, int(chunk_size))
     blocks = []
     for s in range(0, T, step):
-        g = torch.autograd.grad(z, params, grad_outputs=dz[s:s + step], retain_graph=True, allow_unused=True,
-                                is_grads_batched=True)
-        blocks.append(torch.cat([(gi if gi is not None else torch.zeros(dz[s:s + step].shape[0], *p.shape,
-                                 dtype=p.dtype, device=p.device)).reshape(gi.shape[0] if gi is not None else
-                                 dz[s:s + step].shape[0], -1) for gi, p in zip(g, params)], dim=1))
+        g = torch.autograd.grad(
+            z, params, grad_outputs=dz[s : s + step], retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        blocks.append(
+            torch.cat(
+                [
+                    (
+                        gi
+                        if gi is not None
+                        else torch.zeros(dz[s : s + step].shape[0], *p.shape, dtype=p.dtype, device=p.device)
+                    ).reshape(gi.shape[0] if gi is not None else dz[s : s + step].shape[0], -1)
+                    for gi, p in zip(g, params)
+                ],
+                dim=1,
+            )
+        )
     return torch.cat(blocks)
 
 
@@ -290,8 +312,9 @@ def _split_node(losses: Tensor, z: Tensor) -> Node | None:
     boundary: dict[int, Node] = {}
 
     def at_boundary(fn: Node) -> bool:
-        if fn is target or (type(fn).__name__ in ("_TaskStackBackward", "StackBackward0")
-                            and len(fn.next_functions) == T):
+        if fn is target or (
+            type(fn).__name__ in ("_TaskStackBackward", "StackBackward0") and len(fn.next_functions) == T
+        ):
             boundary[id(fn)] = fn
             return True
         return False
@@ -363,12 +386,19 @@ def _head_phase(losses: Tensor, z: Tensor, task_leaves: list[Tensor]) -> tuple[l
                 dzs[t] = g if dzs[t] is None else dzs[t] + g
                 # Hand z nothing: the sum over tasks that autograd would build there is never used.
                 return tuple(None if k == i else gk for k, gk in enumerate(grad_inputs))
+
             return hook
 
         handles = [fn.register_hook(record(t, i)) for t, edges in enumerate(per_task) for fn, i in edges]
         try:
-            grads = torch.autograd.grad(losses, [z] + task_leaves, grad_outputs=torch.ones_like(losses),
-                                        retain_graph=True, allow_unused=True, materialize_grads=False)
+            grads = torch.autograd.grad(
+                losses,
+                [z] + task_leaves,
+                grad_outputs=torch.ones_like(losses),
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=False,
+            )
         finally:
             for h in handles:
                 h.remove()
@@ -396,7 +426,7 @@ def _gramian_of_rows(rows: Sequence[Tensor], block_bytes: int = 4 << 20) -> Tens
     step = max(1, block_bytes // (T * flat[0].element_size()))
     G = torch.zeros(T, T, dtype=flat[0].dtype, device=flat[0].device)
     for s in range(0, K, step):
-        block = torch.stack([f[s:s + step] for f in flat])
+        block = torch.stack([f[s : s + step] for f in flat])
         G.addmm_(block, block.T)
     return G
 
@@ -463,8 +493,9 @@ def backward(
     check_losses(losses, task_names)
     shared = [p for p in shared_params if p.requires_grad]
     if not shared:
-        raise ValueError("shared_params is empty: pass the shared network's parameters "
-                         "(e.g. model.encoder.parameters())")
+        raise ValueError(
+            "shared_params is empty: pass the shared network's parameters (e.g. model.encoder.parameters())"
+        )
     if mode not in ("auto", "loop", "batched"):
         raise ValueError(f"unknown mode {mode!r}; valid modes are: auto, batched, loop")
     if level not in ("parameter", "representation"):
@@ -490,16 +521,20 @@ def backward(
         # Checked before anything is written to .grad. The walk above was needed anyway (the task-specific
         # parameters); _depends_on stops at the first shared parameter it meets below z (a few nodes).
         if not reached:
-            raise ConfigError("representation is not an input of the losses' graph: pass the tensor the task heads "
-                              "read (was the encoder called twice?)")
+            raise ConfigError(
+                "representation is not an input of the losses' graph: pass the tensor the task heads "
+                "read (was the encoder called twice?)"
+            )
         if around:
             one = len(around) == 1
-            raise ConfigError(f"{len(around)} of shared_params (shape{'' if one else 's'} {_shapes(around)}) "
-                              f"reach{'es' if one else ''} the losses without going through representation (a skip "
-                              f"connection around it, a shared layer after it, or a head reading another encoder "
-                              f"call) and would get no gradient through that path: pass as representation a tensor "
-                              f"that every path from shared_params to the losses goes through, or "
-                              f"representation=None (per-task gradients through the whole graph, parameter level)")
+            raise ConfigError(
+                f"{len(around)} of shared_params (shape{'' if one else 's'} {_shapes(around)}) "
+                f"reach{'es' if one else ''} the losses without going through representation (a skip "
+                f"connection around it, a shared layer after it, or a head reading another encoder "
+                f"call) and would get no gradient through that path: pass as representation a tensor "
+                f"that every path from shared_params to the losses goes through, or "
+                f"representation=None (per-task gradients through the whole graph, parameter level)"
+            )
         _check_representation(z, shared_ids)
     if extra is not None and extra.requires_grad:
         extra.reshape(()).backward(retain_graph=True)
@@ -511,8 +546,8 @@ def backward(
         J = torch.empty(T, sum(p.numel() for p in shared), dtype=shared[0].dtype, device=shared[0].device)
         for t in range(T):
             g = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
-            J[t] = _flat(g[:len(shared)], shared)
-            for acc, gi in zip(task_grads, g[len(shared):]):
+            J[t] = _flat(g[: len(shared)], shared)
+            for acc, gi in zip(task_grads, g[len(shared) :]):
                 if gi is not None:
                     acc.add_(gi)
         if reduce is not None:
@@ -571,7 +606,7 @@ def split_flat(vector: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
     """
     out, offset = [], 0
     for p in params:
-        out.append(vector[..., offset:offset + p.numel()].reshape(*vector.shape[:-1], *p.shape))
+        out.append(vector[..., offset : offset + p.numel()].reshape(*vector.shape[:-1], *p.shape))
         offset += p.numel()
     if offset != vector.shape[-1]:
         raise ValueError(f"vector has {vector.shape[-1]} entries but the parameters have {offset}")

@@ -32,6 +32,7 @@ Example:
     >>> torch.allclose(G, J @ J.T, atol=1e-5)
     True
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -121,8 +122,14 @@ class EncoderGramian:
       of ``Σ_t w_t Δ_t`` for its bias, ``wᵀ J_explicit`` for the rest. No extra backward pass is needed.
     """
 
-    def __init__(self, z: Tensor, dz: Tensor, shared: list[Tensor], mode: Literal["loop", "batched"] = "loop",
-                 chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        z: Tensor,
+        dz: Tensor,
+        shared: list[Tensor],
+        mode: Literal["loop", "batched"] = "loop",
+        chunk_size: int | None = None,
+    ) -> None:
         if mode not in ("loop", "batched"):
             raise ValueError(f"unknown mode {mode!r}; valid modes are: loop, batched")
         T = dz.shape[0]
@@ -133,26 +140,38 @@ class EncoderGramian:
         # Edges and tensors mixed: autograd.grad takes them (each input is handled on its own), but its stubs only
         # allow a sequence of one kind, hence the two ignores below.
         inputs = [GradientEdge(s.node, 0) for s in self.sites] + self.explicit
-        self.deltas = [torch.zeros(T, s.x.shape[0], s.weight.shape[0], dtype=dz.dtype, device=dz.device)
-                       for s in self.sites]
+        self.deltas = [
+            torch.zeros(T, s.x.shape[0], s.weight.shape[0], dtype=dz.dtype, device=dz.device) for s in self.sites
+        ]
         self.J_e = torch.zeros(T, sum(p.numel() for p in self.explicit), dtype=dz.dtype, device=dz.device)
         step = 1 if mode == "loop" else (T if chunk_size is None else max(1, int(chunk_size)))
         n = len(self.sites)
         for s in range(0, T, step):
             if mode == "loop":
-                g = torch.autograd.grad(z, inputs, grad_outputs=dz[s], retain_graph=True,  # type: ignore[arg-type]
-                                        allow_unused=True)
+                g = torch.autograd.grad(
+                    z,
+                    inputs,
+                    grad_outputs=dz[s],
+                    retain_graph=True,  # type: ignore[arg-type]
+                    allow_unused=True,
+                )
                 g = tuple(gi.unsqueeze(0) if gi is not None else None for gi in g)
             else:
-                g = torch.autograd.grad(z, inputs, grad_outputs=dz[s:s + step],  # type: ignore[arg-type]
-                                        retain_graph=True, allow_unused=True, is_grads_batched=True)
+                g = torch.autograd.grad(
+                    z,
+                    inputs,
+                    grad_outputs=dz[s : s + step],  # type: ignore[arg-type]
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
             for k in range(n):
                 if g[k] is not None:
-                    self.deltas[k][s:s + step] = g[k]
+                    self.deltas[k][s : s + step] = g[k]
             offset = 0
             for gi, p in zip(g[n:], self.explicit):
                 if gi is not None:
-                    self.J_e[s:s + step, offset:offset + p.numel()] = gi.reshape(gi.shape[0], -1)
+                    self.J_e[s : s + step, offset : offset + p.numel()] = gi.reshape(gi.shape[0], -1)
                 offset += p.numel()
         G = self.J_e @ self.J_e.T
         for site, D in zip(self.sites, self.deltas):
@@ -160,7 +179,7 @@ class EncoderGramian:
             K = x @ x.T  # B x B
             flat = D.reshape(T, -1)
             for b in range(0, T, _BLOCK):
-                G[b:b + _BLOCK] += torch.matmul(K, D[b:b + _BLOCK]).reshape(-1, flat.shape[1]) @ flat.T
+                G[b : b + _BLOCK] += torch.matmul(K, D[b : b + _BLOCK]).reshape(-1, flat.shape[1]) @ flat.T
             if site.bias is not None:
                 S = D.sum(dim=1)
                 G += S @ S.T
@@ -178,13 +197,18 @@ class EncoderGramian:
         flat = w @ self.J_e
         offset = 0
         for p in self.explicit:
-            out[id(p)] = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+            out[id(p)] = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
         return [out[id(p)] for p in self.shared]
 
 
-def encoder_gramian(z: Tensor, dz: Tensor, shared: list[Tensor], mode: Literal["loop", "batched"] = "loop",
-                    chunk_size: int | None = None) -> Tensor:
+def encoder_gramian(
+    z: Tensor,
+    dz: Tensor,
+    shared: list[Tensor],
+    mode: Literal["loop", "batched"] = "loop",
+    chunk_size: int | None = None,
+) -> Tensor:
     """``G = J Jᵀ`` where row t of J is ``dz[t]ᵀ ∂z/∂θ`` over the ``shared`` parameters, without forming J.
 
     See :class:`EncoderGramian` (which also gives the update ``wᵀ J``).

@@ -12,6 +12,7 @@ Example:
     >>> round(delta_m(M, B, hib), 2)
     -4.05
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -25,7 +26,12 @@ from mtlkit._registry import METRICS
 #: Direction of each metric known to mtlkit: the summary metrics below, and every per-task metric registered with
 #: :func:`register_metric` (which adds its direction here).
 HIGHER_IS_BETTER: dict[str, bool] = {
-    "joint_accuracy": True, "micro_f1": True, "map": True, "hamming_loss": False, "rmse": False, "loss": False,
+    "joint_accuracy": True,
+    "micro_f1": True,
+    "map": True,
+    "hamming_loss": False,
+    "rmse": False,
+    "loss": False,
 }
 
 Convention = Literal["lower_is_better", "higher_is_better"]
@@ -51,8 +57,12 @@ def joint_accuracy(preds: dict[str, Tensor], targets: dict[str, Tensor]) -> floa
     return float(ok.float().mean())
 
 
-def delta_m(metrics: Sequence[float], baseline: Sequence[float], higher_is_better: Sequence[bool | int],
-            convention: Convention = "lower_is_better") -> float:
+def delta_m(
+    metrics: Sequence[float],
+    baseline: Sequence[float],
+    higher_is_better: Sequence[bool | int],
+    convention: Convention = "lower_is_better",
+) -> float:
     """Δm in percent (see the module docstring for the sign convention).
 
     Raises:
@@ -103,8 +113,9 @@ def _mse(output: Tensor, target: Tensor, task) -> float:
     return float((output.reshape(target.shape) - target).pow(2).mean())
 
 
-def register_metric(name: str, fn: Callable[[Tensor, Tensor, Any], float], /, *, higher_is_better: bool,
-                    **meta: Any) -> Callable[[Tensor, Tensor, Any], float]:
+def register_metric(
+    name: str, fn: Callable[[Tensor, Tensor, Any], float], /, *, higher_is_better: bool, **meta: Any
+) -> Callable[[Tensor, Tensor, Any], float]:
     """Register the per-task metric ``fn(raw head output, target, task) -> float`` under ``name`` in
     :data:`mtlkit._registry.METRICS` (a task lists it in ``Task.metrics``; :func:`evaluate_outputs` computes it) and
     its direction in :data:`HIGHER_IS_BETTER`. Returns ``fn``.
@@ -149,8 +160,11 @@ def selection_score(tasks, metrics: dict[str, float]) -> float:
     """Model-selection score: mean over tasks of the primary metric, sign-flipped where lower is better.
 
     Auxiliary tasks (``Task.auxiliary``) are ignored."""
-    vals = [metrics[f"{t.name}/{t.metrics[0]}"] * (1 if t.higher_is_better[0] else -1) for t in tasks
-            if not getattr(t, "auxiliary", False)]
+    vals = [
+        metrics[f"{t.name}/{t.metrics[0]}"] * (1 if t.higher_is_better[0] else -1)
+        for t in tasks
+        if not getattr(t, "auxiliary", False)
+    ]
     if not vals:
         raise ValueError("selection_score needs at least one non-auxiliary task")
     return float(np.mean(vals))

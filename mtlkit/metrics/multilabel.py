@@ -25,6 +25,7 @@ Example:
     >>> round(r["micro_f1"], 4), round(r["hamming_loss"], 4), [round(a, 4) for a in r["per_label_accuracy"]]
     (0.8571, 0.1667, [1.0, 0.6667])
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,10 @@ from mtlkit.metrics import register_metric
 
 def _check(scores: Tensor, target: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     if scores.dim() != 2 or scores.shape != target.shape:
-        raise ValueError(f"multi-label metrics need scores and targets of the same shape (N, L), got "
-                         f"{tuple(scores.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"multi-label metrics need scores and targets of the same shape (N, L), got "
+            f"{tuple(scores.shape)} and {tuple(target.shape)}"
+        )
     if scores.shape[0] == 0:
         raise ValueError("multi-label metrics of an empty set are undefined")
     if not 0.0 < float(threshold) < 1.0:
@@ -101,10 +104,13 @@ def mean_average_precision(scores: Tensor, target: Tensor) -> float:
 
 def multilabel_metrics(scores: Tensor, target: Tensor, threshold: float = 0.5) -> dict:
     """``micro_f1``, ``hamming_loss``, ``map``, ``per_label_accuracy`` and ``per_label_ap`` of (N, L) logits."""
-    return {"micro_f1": micro_f1(scores, target, threshold), "hamming_loss": hamming_loss(scores, target, threshold),
-            "map": mean_average_precision(scores, target),
-            "per_label_accuracy": per_label_accuracy(scores, target, threshold),
-            "per_label_ap": average_precision_per_label(scores, target)}
+    return {
+        "micro_f1": micro_f1(scores, target, threshold),
+        "hamming_loss": hamming_loss(scores, target, threshold),
+        "map": mean_average_precision(scores, target),
+        "per_label_accuracy": per_label_accuracy(scores, target, threshold),
+        "per_label_ap": average_precision_per_label(scores, target),
+    }
 
 
 def stack_tasks(names: Sequence[str], outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -117,8 +123,7 @@ def stack_tasks(names: Sequence[str], outputs: dict[str, Tensor], targets: dict[
     return s, t
 
 
-def multilabel_report(tasks, outputs: dict[str, Tensor], targets: dict[str, Tensor],
-                      threshold: float = 0.5) -> dict:
+def multilabel_report(tasks, outputs: dict[str, Tensor], targets: dict[str, Tensor], threshold: float = 0.5) -> dict:
     """:func:`multilabel_metrics` of a problem stored as one binary task per label."""
     bad = [t.name for t in tasks if t.kind != "binary"]
     if bad:
@@ -128,6 +133,7 @@ def multilabel_report(tasks, outputs: dict[str, Tensor], targets: dict[str, Tens
 
 
 # --- per-task metrics for the trainer ---------------------------------------------------------------------------
+
 
 def _task_ap(output: Tensor, target: Tensor, task) -> float:
     """Average precision of one binary task (0 when the evaluated set has no positive)."""
@@ -144,5 +150,14 @@ def _task_label_accuracy(output: Tensor, target: Tensor, task) -> float:
 register_metric("average_precision", _task_ap, higher_is_better=True)
 register_metric("label_accuracy", _task_label_accuracy, higher_is_better=True)
 
-__all__ = ["average_precision_per_label", "hamming_loss", "mean_average_precision", "micro_f1", "multilabel_metrics",
-           "multilabel_report", "per_label_accuracy", "predict_labels", "stack_tasks"]
+__all__ = [
+    "average_precision_per_label",
+    "hamming_loss",
+    "mean_average_precision",
+    "micro_f1",
+    "multilabel_metrics",
+    "multilabel_report",
+    "per_label_accuracy",
+    "predict_labels",
+    "stack_tasks",
+]

@@ -1,4 +1,5 @@
 """Base class of multi-task architectures and the model registry."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence

@@ -12,6 +12,7 @@ Example:
     >>> {k: v.shape for k, v in m(torch.zeros(2, 1, 36, 36)).items()}
     {'a': torch.Size([2, 10]), 'b': torch.Size([2, 10])}
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -44,8 +45,16 @@ def conv_trunk(input_shape: Sequence[int], channels: int = 64) -> tuple[nn.Seque
     c, h, w = input_shape
     conv = nn.Sequential(
         ChannelsLast(),
-        nn.Conv2d(c, channels, 3), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(channels, channels, 3), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+        nn.Conv2d(c, channels, 3),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(channels, channels, 3),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
     conv.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # documented, not in the stubs
     with torch.no_grad():
         flat = int(conv(torch.zeros(2, c, h, w)).shape[1])
@@ -64,8 +73,9 @@ class ConvEncoder(nn.Sequential):
 class MLPEncoder(nn.Sequential):
     """Fully connected encoder: Linear + ReLU layers of the given widths, on flattened inputs."""
 
-    def __init__(self, input_shape: Sequence[int], hidden: Sequence[int] = (1024, 1024, 1024),
-                 batch_norm: bool = False):
+    def __init__(
+        self, input_shape: Sequence[int], hidden: Sequence[int] = (1024, 1024, 1024), batch_norm: bool = False
+    ):
         d = int(torch.tensor(input_shape).prod())
         layers: list[nn.Module] = [nn.Flatten()]
         for width in hidden:
@@ -77,8 +87,9 @@ class MLPEncoder(nn.Sequential):
 
 def head(in_features: int, out_features: int, hidden: int = 192) -> nn.Sequential:
     """MTVIB Table I(b) task head: FC in x 192 + BN + ReLU, FC 192 x out."""
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-                         nn.Linear(hidden, out_features))
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_features)
+    )
 
 
 class HPS(MTLModel):
@@ -109,8 +120,14 @@ def _out(enc: nn.Module) -> int:
 
 
 @register_model("hps")
-def build_hps(data, encoder: str = "conv", width: int = 384, hidden: Sequence[int] = (1024, 1024, 1024),
-              head_hidden: int = 192, extra_tasks: int = 0) -> HPS:
+def build_hps(
+    data,
+    encoder: str = "conv",
+    width: int = 384,
+    hidden: Sequence[int] = (1024, 1024, 1024),
+    head_hidden: int = 192,
+    extra_tasks: int = 0,
+) -> HPS:
     """HPS for ``data``'s tasks. ``extra_tasks`` adds copies of the tasks' heads (for T-scaling benchmarks only)."""
     enc = _encoder(encoder, data.input_shape, width, hidden)
     heads: dict[str, nn.Module] = {t.name: head(_out(enc), t.num_outputs, head_hidden) for t in data.tasks}

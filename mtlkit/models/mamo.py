@@ -107,6 +107,7 @@ Example:
     >>> {k: tuple(v.shape) for k, v in m(torch.randn(5, 4)).items()}
     {'a': (5, 2), 'b': (5, 3), 'c': (5, 1)}
 """
+
 from __future__ import annotations
 
 import copy
@@ -168,23 +169,33 @@ class SearchOptions:
         whole("k", 0)
         whole("detect_batches", 1)
         whole("epochs_per_round", 1)  # a round of 0 epochs would detect without training (not supported)
-        for name, valid in (("threshold", THRESHOLDS), ("scope", SCOPES), ("conflict_window", CONFLICT_WINDOWS),
-                            ("selection", SELECTIONS)):
+        for name, valid in (
+            ("threshold", THRESHOLDS),
+            ("scope", SCOPES),
+            ("conflict_window", CONFLICT_WINDOWS),
+            ("selection", SELECTIONS),
+        ):
             if getattr(self, name) not in valid:
-                raise ConfigError(f"model mamo: unknown {name.replace('_', ' ')} {getattr(self, name)!r}; valid "
-                                  f"{name.replace('_', ' ')}s are: {', '.join(valid)}")
+                raise ConfigError(
+                    f"model mamo: unknown {name.replace('_', ' ')} {getattr(self, name)!r}; valid "
+                    f"{name.replace('_', ' ')}s are: {', '.join(valid)}"
+                )
         if not isinstance(self.restore_optimizer, bool):
-            raise ConfigError(f"model mamo: option restore_optimizer must be true or false, got "
-                              f"{self.restore_optimizer!r}")
+            raise ConfigError(
+                f"model mamo: option restore_optimizer must be true or false, got {self.restore_optimizer!r}"
+            )
         if self.pretrain_method is not None:
             from mtlkit.methods import build_method
 
             if not isinstance(self.pretrain_method, str):
-                raise ConfigError(f"model mamo: option pretrain_method must be a method name or null, got "
-                                  f"{self.pretrain_method!r}")
+                raise ConfigError(
+                    f"model mamo: option pretrain_method must be a method name or null, got {self.pretrain_method!r}"
+                )
             if build_method(self.pretrain_method).single_task:
-                raise ConfigError(f"model mamo: pretrain_method {self.pretrain_method!r} trains one model per task; "
-                                  f"MAMO pre-trains one shared model")
+                raise ConfigError(
+                    f"model mamo: pretrain_method {self.pretrain_method!r} trains one model per task; "
+                    f"MAMO pre-trains one shared model"
+                )
 
     def pretrain_epochs(self, epochs: int) -> int:
         """Alg. 1 line 1's epochs in a run of ``epochs`` epochs (may be < 1: the search refuses it)."""
@@ -235,8 +246,13 @@ class MAMO(MTLModel):
             architecture (no callback).
     """
 
-    def __init__(self, layers: Sequence[nn.Module], heads: dict[str, nn.Module], module: ModuleKind = "gmk",
-                 search: SearchOptions | None = None):
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        heads: dict[str, nn.Module],
+        module: ModuleKind = "gmk",
+        search: SearchOptions | None = None,
+    ):
         super().__init__()
         if len(layers) == 0:
             raise ConfigError("MAMO needs at least one shared layer")
@@ -416,7 +432,8 @@ class MAMO(MTLModel):
         out: dict[tuple[str, ...], list[nn.Parameter]] = {}
         for (layer, g), key in self.active.items():
             out.setdefault(tuple(self.task_names[t] for t in g), []).extend(
-                p for p in self.gmks[key].parameters() if p.requires_grad)
+                p for p in self.gmks[key].parameters() if p.requires_grad
+            )
         return out
 
     def task_module_parameters(self) -> dict[str, list[nn.Parameter]]:
@@ -431,14 +448,21 @@ class MAMO(MTLModel):
         """Per task, everything only that task uses: its decoder, its fusion logits ``β_m`` and its own modules
         (the ``θ^t`` of Eq. 14's condition 2, which take their task's full gradient)."""
         mods = self.task_module_parameters()
-        return {name: list(self.heads[name].parameters()) + [self.beta[t]] + mods[name]
-                for t, name in enumerate(self.task_names)}
+        return {
+            name: list(self.heads[name].parameters()) + [self.beta[t]] + mods[name]
+            for t, name in enumerate(self.task_names)
+        }
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """All-shared then GMK parameters: the vector ``θ^{sh}, θ^{h_{i,j}}`` of Eq. 14 that the aggregator combines.
         Modules owned by one task are not in it (module docstring, "Parameter roles")."""
-        return self.all_shared_parameters() + [p for (_, g), key in self.active.items() if len(g) > 1
-                                               for p in self.gmks[key].parameters() if p.requires_grad]
+        return self.all_shared_parameters() + [
+            p
+            for (_, g), key in self.active.items()
+            if len(g) > 1
+            for p in self.gmks[key].parameters()
+            if p.requires_grad
+        ]
 
     def last_shared_layer(self) -> list[nn.Parameter]:
         weights = [p for p in self.all_shared_parameters() if p.dim() >= 2]
@@ -484,8 +508,10 @@ class MAMO(MTLModel):
         t = self._index(task)
         groups = self.groups()
         if z.dim() < 2 or z.shape[1] != 1 + len(groups):
-            raise ValueError(f"MAMO.decode expects z of shape [B, {1 + len(groups)}, ...] (o_f and one stream per "
-                             f"group), got {tuple(z.shape)}")
+            raise ValueError(
+                f"MAMO.decode expects z of shape [B, {1 + len(groups)}, ...] (o_f and one stream per "
+                f"group), got {tuple(z.shape)}"
+            )
         mine = [(k, g) for k, g in enumerate(groups) if t in g]
         if not mine:
             return z[:, 0]
@@ -501,19 +527,36 @@ class MAMO(MTLModel):
         return {name: self.heads[name](self.fuse(z, t)) for t, name in enumerate(self.task_names)}
 
 
-def mamo_from(layers: Iterable[nn.Module] | nn.Sequential, heads: dict[str, nn.Module],
-              module: ModuleKind = "gmk", search: SearchOptions | None = None) -> MAMO:
+def mamo_from(
+    layers: Iterable[nn.Module] | nn.Sequential,
+    heads: dict[str, nn.Module],
+    module: ModuleKind = "gmk",
+    search: SearchOptions | None = None,
+) -> MAMO:
     """Build MAMO from an encoder (split with :func:`split_layers` when it is one ``nn.Sequential``) and heads."""
     blocks = split_layers(layers) if isinstance(layers, nn.Sequential) else list(layers)
     return MAMO(blocks, heads, module, search)
 
 
 @register_model("mamo")
-def build_mamo(data, encoder: str = "conv", width: int = 384, hidden: Sequence[int] = (1024, 1024, 1024),
-               head_hidden: int = 192, module: str = "gmk", rounds: int = 2, epochs_per_round: int = 1,
-               threshold: str = "average", k: int = 1, scope: str = "all_layers",
-               conflict_window: str = "last_batches", detect_batches: int = 20, pretrain_method: str | None = None,
-               selection: str = "best_val", restore_optimizer: bool = False) -> MAMO:
+def build_mamo(
+    data,
+    encoder: str = "conv",
+    width: int = 384,
+    hidden: Sequence[int] = (1024, 1024, 1024),
+    head_hidden: int = 192,
+    module: str = "gmk",
+    rounds: int = 2,
+    epochs_per_round: int = 1,
+    threshold: str = "average",
+    k: int = 1,
+    scope: str = "all_layers",
+    conflict_window: str = "last_batches",
+    detect_batches: int = 20,
+    pretrain_method: str | None = None,
+    selection: str = "best_val",
+    restore_optimizer: bool = False,
+) -> MAMO:
     """MAMO with no module yet (= HPS) on the HPS backbone of ``data``, and its search (Alg. 1), which the training
     loop runs (``mtlkit train --model mamo --method mgda``; :mod:`mtlkit.models.mamo_search`).
 
@@ -557,11 +600,30 @@ def build_mamo(data, encoder: str = "conv", width: int = 384, hidden: Sequence[i
 
     hps = build_hps(data, encoder=encoder, width=width, hidden=hidden, head_hidden=head_hidden)
     # after the network (its initialisation draws from the seeded global RNG first, as HPS's does)
-    search = SearchOptions(rounds=rounds, epochs_per_round=epochs_per_round, threshold=threshold, k=k, scope=scope,
-                           conflict_window=conflict_window, detect_batches=detect_batches,
-                           pretrain_method=pretrain_method, selection=selection, restore_optimizer=restore_optimizer)
+    search = SearchOptions(
+        rounds=rounds,
+        epochs_per_round=epochs_per_round,
+        threshold=threshold,
+        k=k,
+        scope=scope,
+        conflict_window=conflict_window,
+        detect_batches=detect_batches,
+        pretrain_method=pretrain_method,
+        selection=selection,
+        restore_optimizer=restore_optimizer,
+    )
     return mamo_from(hps.encoder, dict(hps.heads), module, search)  # type: ignore[arg-type]
 
 
-__all__ = ["CONFLICT_WINDOWS", "MAMO", "MODULE_KINDS", "SCOPES", "SELECTIONS", "THRESHOLDS", "SearchOptions",
-           "build_mamo", "mamo_from", "split_layers"]
+__all__ = [
+    "CONFLICT_WINDOWS",
+    "MAMO",
+    "MODULE_KINDS",
+    "SCOPES",
+    "SELECTIONS",
+    "THRESHOLDS",
+    "SearchOptions",
+    "build_mamo",
+    "mamo_from",
+    "split_layers",
+]

@@ -89,6 +89,7 @@ Example:
             [1, 0, 0],
             [0, 0, 0]], dtype=torch.int32)
 """
+
 from __future__ import annotations
 
 import copy
@@ -210,8 +211,9 @@ class ConflictDetector:
         ([1, 0], [1, 0])
     """
 
-    def __init__(self, num_layers: int, num_tasks: int, threshold: Threshold = "average", k: int = 1,
-                 scope: Scope = "all_layers"):
+    def __init__(
+        self, num_layers: int, num_tasks: int, threshold: Threshold = "average", k: int = 1, scope: Scope = "all_layers"
+    ):
         if num_layers < 1 or num_tasks < 2:
             raise ConfigError(f"conflict detection needs >= 1 layer and >= 2 tasks, got {num_layers}, {num_tasks}")
         if threshold not in ("average", "topk"):
@@ -259,8 +261,10 @@ def layer_gradients(model: MAMO, jacobian: Tensor) -> list[Tensor]:
     params = model.shared_parameters()
     pieces = split_flat(jacobian, params)
     where = {id(p): k for k, p in enumerate(params)}
-    return [torch.cat([pieces[where[id(p)]].reshape(jacobian.shape[0], -1) for p in model.layer_parameters(layer)],
-                      dim=1) for layer in range(model.num_layers)]
+    return [
+        torch.cat([pieces[where[id(p)]].reshape(jacobian.shape[0], -1) for p in model.layer_parameters(layer)], dim=1)
+        for layer in range(model.num_layers)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,14 +346,17 @@ class ArchitectureSearch(Callback):
                 f"model mamo: train.epochs={tc.epochs} leaves {pre} pre-training epochs (train.epochs - rounds * "
                 f"epochs_per_round, with rounds={o.rounds} and epochs_per_round={o.epochs_per_round}); Alg. 1 "
                 f"pre-trains for at least 1 epoch: set train.epochs >= {o.rounds * o.epochs_per_round + 1} (--epochs) "
-                f"or lower model.options.rounds / model.options.epochs_per_round")
+                f"or lower model.options.rounds / model.options.epochs_per_round"
+            )
         methods = [trainer.method]
         if o.pretrain_method is not None and self._switches(trainer):
             methods.append(build_method(o.pretrain_method))
         if model.module_kind != "gmk" and any(m.level == "representation" for m in methods):
-            raise ConfigError(f"a representation-level method cannot give {model.module_kind!r} modules their task's "
-                              f"gradient (they lie below the representation): use parameter level (--level "
-                              f"parameter)")
+            raise ConfigError(
+                f"a representation-level method cannot give {model.module_kind!r} modules their task's "
+                f"gradient (they lie below the representation): use parameter level (--level "
+                f"parameter)"
+            )
 
     def _set_up(self, trainer: Trainer) -> None:
         """The detector and the pre-training method (what a fresh run and a resumed one both do first)."""
@@ -391,9 +398,16 @@ class ArchitectureSearch(Callback):
         val = evaluate(model, trainer.data.val, trainer.tasks, tc.eval_batch_size, trainer.device)
         test = evaluate(model, trainer.data.test, trainer.tasks, tc.eval_batch_size, trainer.device)
         p = self._pending if r > 0 else {"activated": [], "Q": None, "q_batches": 0}
-        return {"round": r, "method": trainer.method.name, "activated": copy.deepcopy(p["activated"]),
-                "parameters": model.num_parameters(), "val": val, "test": test, "Q": copy.deepcopy(p["Q"]),
-                "q_batches": int(p["q_batches"])}
+        return {
+            "round": r,
+            "method": trainer.method.name,
+            "activated": copy.deepcopy(p["activated"]),
+            "parameters": model.num_parameters(),
+            "val": val,
+            "test": test,
+            "Q": copy.deepcopy(p["Q"]),
+            "q_batches": int(p["q_batches"]),
+        }
 
     # -- events -------------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer) -> None:
@@ -455,8 +469,11 @@ class ArchitectureSearch(Callback):
         if r == 0 and self._switches(trainer):
             trainer.replace_method(self._run_method(trainer))
         self.detector.reset()
-        self._pending = {"activated": [[layer, list(g)] for layer, g in model.architecture()[before:]], "Q": q,
-                         "q_batches": q_batches}
+        self._pending = {
+            "activated": [[layer, list(g)] for layer, g in model.architecture()[before:]],
+            "Q": q,
+            "q_batches": q_batches,
+        }
         trainer.restart_selection()  # the grown model's weights do not fit an earlier selection
         self._best_optimizer, self._seen = None, None
 
@@ -464,21 +481,32 @@ class ArchitectureSearch(Callback):
     def results(self) -> dict[str, Any]:
         if self._model is None:
             return {}
-        return {"rounds": copy.deepcopy(self.records),
-                "architecture": [[layer, list(g)] for layer, g in self._model.architecture()],
-                "pretrain_epochs": self._pretrain, "options": self.options.to_dict()}
+        return {
+            "rounds": copy.deepcopy(self.records),
+            "architecture": [[layer, list(g)] for layer, g in self._model.architecture()],
+            "pretrain_epochs": self._pretrain,
+            "options": self.options.to_dict(),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         det = self.detector
-        return {"epochs": self._epochs, "grown": copy.deepcopy(self.grown), "records": copy.deepcopy(self.records),
-                "pending": copy.deepcopy(self._pending), "Q": None if det is None else det.Q.clone(),
-                "batches": 0 if det is None else det.batches, "best_optimizer": self._best_optimizer}
+        return {
+            "epochs": self._epochs,
+            "grown": copy.deepcopy(self.grown),
+            "records": copy.deepcopy(self.records),
+            "pending": copy.deepcopy(self._pending),
+            "Q": None if det is None else det.Q.clone(),
+            "batches": 0 if det is None else det.batches,
+            "best_optimizer": self._best_optimizer,
+        }
 
     def load_state_dict(self, state: dict[str, Any], trainer: Trainer) -> None:
         if int(state["epochs"]) != trainer.cfg.train.epochs:
-            raise ConfigError(f"cannot resume this MAMO search with train.epochs={trainer.cfg.train.epochs}: its "
-                              f"schedule (pre-training = train.epochs - rounds * epochs_per_round) was laid out on "
-                              f"train.epochs={state['epochs']}; resume with --epochs {state['epochs']}")
+            raise ConfigError(
+                f"cannot resume this MAMO search with train.epochs={trainer.cfg.train.epochs}: its "
+                f"schedule (pre-training = train.epochs - rounds * epochs_per_round) was laid out on "
+                f"train.epochs={state['epochs']}; resume with --epochs {state['epochs']}"
+            )
         self._set_up(trainer)  # the pre-training method first, as the run did
         for r, found in enumerate(state["grown"]):  # the growths in their order: same modules, same param groups
             self._grow(trainer, found)
@@ -506,10 +534,26 @@ def summarize_rounds(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows, total = [], 0
     for rec in records[1:]:
         total += len(rec["activated"])
-        rows.append({"round": rec["round"], "activated": len(rec["activated"]), "total": total,
-                     "parameters": rec["parameters"], "where": rec["activated"]})
+        rows.append(
+            {
+                "round": rec["round"],
+                "activated": len(rec["activated"]),
+                "total": total,
+                "parameters": rec["parameters"],
+                "where": rec["activated"],
+            }
+        )
     return rows
 
 
-__all__ = ["ArchitectureSearch", "ConflictDetector", "average_indicator", "conflicts", "cosine_matrix",
-           "layer_gradients", "proxy_indicator", "summarize_rounds", "topk_indicator"]
+__all__ = [
+    "ArchitectureSearch",
+    "ConflictDetector",
+    "average_indicator",
+    "conflicts",
+    "cosine_matrix",
+    "layer_gradients",
+    "proxy_indicator",
+    "summarize_rounds",
+    "topk_indicator",
+]

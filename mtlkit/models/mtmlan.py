@@ -35,6 +35,7 @@ Example:
     >>> bool(torch.allclose(M.sum(dim=-1), torch.ones(3, 1)))  # rows of M sum to 1 over frames
     True
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -55,14 +56,31 @@ class FrameEncoder(nn.Sequential):
 
     def __init__(self, width: int = 64, channels: tuple[int, int] = (16, 32)) -> None:
         c1, c2 = channels
-        super().__init__(nn.Conv2d(1, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(c2 * 7 * 7, width), nn.ReLU())
+        super().__init__(
+            nn.Conv2d(1, c1, 3, padding=1),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(c2 * 7 * 7, width),
+            nn.ReLU(),
+        )
         self.out_features = width
 
 
-def pretrain_frame_encoder(images: np.ndarray, labels: np.ndarray, epochs: int = 2, width: int = 64,
-                           seed: int = 0, batch_size: int = 128, lr: float = 1e-3) -> FrameEncoder:
+def pretrain_frame_encoder(
+    images: np.ndarray,
+    labels: np.ndarray,
+    epochs: int = 2,
+    width: int = 64,
+    seed: int = 0,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+) -> FrameEncoder:
     """Train a :class:`FrameEncoder` + linear classifier on single-frame 10-class classification; return the encoder.
 
     Example:
@@ -72,8 +90,9 @@ def pretrain_frame_encoder(images: np.ndarray, labels: np.ndarray, epochs: int =
         4
     """
     if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
-        raise ValueError(f"pretrain_frame_encoder needs (n, 28, 28) images and n labels, got {images.shape} and "
-                         f"{np.shape(labels)}")
+        raise ValueError(
+            f"pretrain_frame_encoder needs (n, 28, 28) images and n labels, got {images.shape} and {np.shape(labels)}"
+        )
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     enc = FrameEncoder(width)
@@ -85,7 +104,7 @@ def pretrain_frame_encoder(images: np.ndarray, labels: np.ndarray, epochs: int =
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for s in range(0, len(x), batch_size):
-            idx = perm[s:s + batch_size]
+            idx = perm[s : s + batch_size]
             loss = nn.functional.cross_entropy(clf(enc(x[idx])), y[idx])
             opt.zero_grad()
             loss.backward()
@@ -103,8 +122,9 @@ class SharedFrameNet(nn.Module):
         freeze: keep the pre-trained conv layers fixed (pixels only; the frame encoder then runs without grad).
     """
 
-    def __init__(self, input_shape: Sequence[int], width: int = 64, pretrained_state: str | None = None,
-                 freeze: bool = False) -> None:
+    def __init__(
+        self, input_shape: Sequence[int], width: int = 64, pretrained_state: str | None = None, freeze: bool = False
+    ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in input_shape)
         self.pixels = len(shape) == 4
@@ -122,8 +142,10 @@ class SharedFrameNet(nn.Module):
                     p.requires_grad_(False)
         elif len(shape) == 2:
             if pretrained_state is not None or freeze:
-                raise ConfigError("SharedFrameNet: the input is already (frozen) frame features; pretrained/freeze "
-                                  "apply to pixel inputs only")
+                raise ConfigError(
+                    "SharedFrameNet: the input is already (frozen) frame features; pretrained/freeze "
+                    "apply to pixel inputs only"
+                )
             self.frame = nn.Sequential(nn.Linear(shape[1], width), nn.ReLU())
         else:
             raise ConfigError(f"SharedFrameNet: a clip must be (F, 1, 28, 28) or (F, d), got {shape}")
@@ -201,16 +223,24 @@ class MLPHead(nn.Sequential):
 class MTMLAN(MTLModel):
     """Shared per-frame network + one :class:`TaskNet` (or :class:`MLPHead` for tabular inputs) per label."""
 
-    def __init__(self, encoder: nn.Module, labels: Sequence[str], hidden: int = 32, attention_dim: int = 32,
-                 hops: int = 1, head_hidden: int = 64) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        labels: Sequence[str],
+        hidden: int = 32,
+        attention_dim: int = 32,
+        hops: int = 1,
+        head_hidden: int = 64,
+    ) -> None:
         super().__init__()
         if not labels:
             raise ConfigError("MTMLAN needs at least one label task")
         self.encoder = encoder
         d = int(cast(int, encoder.out_features))  # a plain int attribute of the encoder (Tensor | Module to the stubs)
         self.sequential = isinstance(encoder, SharedFrameNet)
-        self.heads = nn.ModuleDict({n: TaskNet(d, hidden, attention_dim, hops) if self.sequential
-                                    else MLPHead(d, head_hidden) for n in labels})
+        self.heads = nn.ModuleDict(
+            {n: TaskNet(d, hidden, attention_dim, hops) if self.sequential else MLPHead(d, head_hidden) for n in labels}
+        )
 
     def decode(self, z: Tensor) -> dict[str, Tensor]:
         return {n: h(z) for n, h in self.heads.items()}
@@ -247,11 +277,11 @@ class CMLC(MTLModel):
 
     def decode(self, z: Tensor) -> dict[str, Tensor]:
         if self.sequential:
-            _, h = self.gru(z)                   # h: (num_layers * 2, B, hidden)
+            _, h = self.gru(z)  # h: (num_layers * 2, B, hidden)
             logits = self.fc(torch.cat([h[-2], h[-1]], dim=1))
         else:
             logits = self.fc(z)
-        return {n: logits[:, j:j + 1] for j, n in enumerate(self.labels)}
+        return {n: logits[:, j : j + 1] for j, n in enumerate(self.labels)}
 
 
 def _check_binary(data) -> list[str]:
@@ -271,27 +301,60 @@ def _shared(data, width: int, pretrained: bool, freeze: bool, mlp_hidden: Sequen
     if pretrained:
         state = data.info.get("frame_encoder_state")
         if state is None or not Path(state).is_file():
-            raise ConfigError("model option pretrained=True needs a pre-trained frame encoder: build the clips "
-                              "dataset with features='pretrained' once (it caches one) or train one with "
-                              "pretrain_frame_encoder")
+            raise ConfigError(
+                "model option pretrained=True needs a pre-trained frame encoder: build the clips "
+                "dataset with features='pretrained' once (it caches one) or train one with "
+                "pretrain_frame_encoder"
+            )
     return SharedFrameNet(shape, width, state, freeze)
 
 
 @register_model("mtmlan")
-def build_mtmlan(data, width: int = 64, hidden: int = 32, attention_dim: int = 32, hops: int = 1,
-                 pretrained: bool = False, freeze: bool = False, mlp_hidden: Sequence[int] = (256,),
-                 head_hidden: int = 64) -> MTMLAN:
+def build_mtmlan(
+    data,
+    width: int = 64,
+    hidden: int = 32,
+    attention_dim: int = 32,
+    hops: int = 1,
+    pretrained: bool = False,
+    freeze: bool = False,
+    mlp_hidden: Sequence[int] = (256,),
+    head_hidden: int = 64,
+) -> MTMLAN:
     """MTMLAN for a multi-label dataset stored as one binary task per label (frames or tabular)."""
-    return MTMLAN(_shared(data, width, pretrained, freeze, mlp_hidden), _check_binary(data), hidden, attention_dim,
-                  hops, head_hidden)
+    return MTMLAN(
+        _shared(data, width, pretrained, freeze, mlp_hidden),
+        _check_binary(data),
+        hidden,
+        attention_dim,
+        hops,
+        head_hidden,
+    )
 
 
 @register_model("cmlc")
-def build_cmlc(data, width: int = 64, hidden: int = 32, pretrained: bool = False, freeze: bool = False,
-               mlp_hidden: Sequence[int] = (256,), head_hidden: int = 64) -> CMLC:
+def build_cmlc(
+    data,
+    width: int = 64,
+    hidden: int = 32,
+    pretrained: bool = False,
+    freeze: bool = False,
+    mlp_hidden: Sequence[int] = (256,),
+    head_hidden: int = 64,
+) -> CMLC:
     """CMLC baseline (MTMLAN Sec. IV-C, 1)) for the same data."""
     return CMLC(_shared(data, width, pretrained, freeze, mlp_hidden), _check_binary(data), hidden, head_hidden)
 
 
-__all__ = ["CMLC", "MTMLAN", "FrameEncoder", "MLPHead", "SelfAttention", "SharedFrameNet", "TaskNet",
-           "build_cmlc", "build_mtmlan", "pretrain_frame_encoder"]
+__all__ = [
+    "CMLC",
+    "MTMLAN",
+    "FrameEncoder",
+    "MLPHead",
+    "SelfAttention",
+    "SharedFrameNet",
+    "TaskNet",
+    "build_cmlc",
+    "build_mtmlan",
+    "pretrain_frame_encoder",
+]

@@ -42,6 +42,7 @@ Example:
     >>> bool(m.auxiliary_loss() >= 0)  # β·KL of that (training) forward pass
     True
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -69,8 +70,16 @@ class GaussianEncoder(nn.Module):
         ((3, 4), True)
     """
 
-    def __init__(self, input_shape: Sequence[int], channels: int = 64, hidden: int = 1024, depth: int = 3,
-                 latent: int = 256, mean_activation: Literal["relu", "linear"] = "relu", min_std: float = 1e-4):
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        channels: int = 64,
+        hidden: int = 1024,
+        depth: int = 3,
+        latent: int = 256,
+        mean_activation: Literal["relu", "linear"] = "relu",
+        min_std: float = 1e-4,
+    ):
         super().__init__()
         if len(input_shape) != 3:
             raise ConfigError(f"GaussianEncoder needs (C, H, W) inputs, got input_shape {tuple(input_shape)}")
@@ -98,8 +107,9 @@ class GaussianEncoder(nn.Module):
         return self.mean(h), F.softplus(self.scale(h)) + self.min_std
 
 
-def decoder(latent: int, num_outputs: int, widths: Sequence[int] = (384, 192), bn_relu_middle: bool = False
-            ) -> nn.Sequential:
+def decoder(
+    latent: int, num_outputs: int, widths: Sequence[int] = (384, 192), bn_relu_middle: bool = False
+) -> nn.Sequential:
     """Task decoder: FC latent x 384 + BN + ReLU, FC 384 x 192 (+ BN + ReLU if ``bn_relu_middle``), FC 192 x C."""
     if len(widths) != 2:
         raise ConfigError(f"decoder widths must be two numbers (384, 192 in the paper), got {tuple(widths)}")
@@ -129,8 +139,14 @@ class MTVIB(MTLModel):
         True
     """
 
-    def __init__(self, encoder: GaussianEncoder, heads: dict[str, nn.Module], beta: float = 1e-3,
-                 predict: Predict = "mean", num_samples: int = 12):
+    def __init__(
+        self,
+        encoder: GaussianEncoder,
+        heads: dict[str, nn.Module],
+        beta: float = 1e-3,
+        predict: Predict = "mean",
+        num_samples: int = 12,
+    ):
         super().__init__()
         if beta < 0:
             raise ConfigError(f"beta must be >= 0, got {beta}")
@@ -201,33 +217,95 @@ class MTVIB(MTLModel):
         return aux
 
 
-def _build(data, beta: float, latent: int, hidden: int, depth: int, channels: int,
-           decoder_widths: Sequence[int], decoder_bn_relu: bool, mean_activation: str, predict: str,
-           num_samples: int, min_std: float) -> MTVIB:
+def _build(
+    data,
+    beta: float,
+    latent: int,
+    hidden: int,
+    depth: int,
+    channels: int,
+    decoder_widths: Sequence[int],
+    decoder_bn_relu: bool,
+    mean_activation: str,
+    predict: str,
+    num_samples: int,
+    min_std: float,
+) -> MTVIB:
     bad = [t.name for t in data.tasks if t.kind != "multiclass"]
     if bad:
         raise ConfigError(f"MTVIB decoders are softmax classifiers; task(s) {bad} are not multiclass")
-    enc = GaussianEncoder(data.input_shape, channels=channels, hidden=hidden, depth=depth, latent=latent,
-                          mean_activation=mean_activation, min_std=min_std)  # type: ignore[arg-type]
+    enc = GaussianEncoder(
+        data.input_shape,
+        channels=channels,
+        hidden=hidden,
+        depth=depth,
+        latent=latent,
+        mean_activation=mean_activation,
+        min_std=min_std,
+    )  # type: ignore[arg-type]
     heads = {t.name: decoder(latent, t.num_outputs, decoder_widths, decoder_bn_relu) for t in data.tasks}
     return MTVIB(enc, heads, beta=beta, predict=predict, num_samples=num_samples)  # type: ignore[arg-type]
 
 
 @register_model("mtvib")
-def build_mtvib(data, beta: float = 1e-3, latent: int = 256, hidden: int = 1024, depth: int = 3, channels: int = 64,
-                decoder_widths: Sequence[int] = (384, 192), decoder_bn_relu: bool = False,
-                mean_activation: str = "relu", predict: str = "mean", num_samples: int = 12,
-                min_std: float = 1e-4) -> MTVIB:
+def build_mtvib(
+    data,
+    beta: float = 1e-3,
+    latent: int = 256,
+    hidden: int = 1024,
+    depth: int = 3,
+    channels: int = 64,
+    decoder_widths: Sequence[int] = (384, 192),
+    decoder_bn_relu: bool = False,
+    mean_activation: str = "relu",
+    predict: str = "mean",
+    num_samples: int = 12,
+    min_std: float = 1e-4,
+) -> MTVIB:
     """MTVIB, Table I(d): shared Gaussian encoder, one decoder per task (middle layer without BN + ReLU)."""
-    return _build(data, beta, latent, hidden, depth, channels, decoder_widths, decoder_bn_relu, mean_activation,
-                  predict, num_samples, min_std)
+    return _build(
+        data,
+        beta,
+        latent,
+        hidden,
+        depth,
+        channels,
+        decoder_widths,
+        decoder_bn_relu,
+        mean_activation,
+        predict,
+        num_samples,
+        min_std,
+    )
 
 
 @register_model("stvib")
-def build_stvib(data, beta: float = 1e-3, latent: int = 256, hidden: int = 1024, depth: int = 3, channels: int = 64,
-                decoder_widths: Sequence[int] = (384, 192), decoder_bn_relu: bool = True,
-                mean_activation: str = "relu", predict: str = "mean", num_samples: int = 12,
-                min_std: float = 1e-4) -> MTVIB:
+def build_stvib(
+    data,
+    beta: float = 1e-3,
+    latent: int = 256,
+    hidden: int = 1024,
+    depth: int = 3,
+    channels: int = 64,
+    decoder_widths: Sequence[int] = (384, 192),
+    decoder_bn_relu: bool = True,
+    mean_activation: str = "relu",
+    predict: str = "mean",
+    num_samples: int = 12,
+    min_std: float = 1e-4,
+) -> MTVIB:
     """STVIB, Table I(c): the VIB of one task (use with ``--method stl``: one such model per task)."""
-    return _build(data, beta, latent, hidden, depth, channels, decoder_widths, decoder_bn_relu, mean_activation,
-                  predict, num_samples, min_std)
+    return _build(
+        data,
+        beta,
+        latent,
+        hidden,
+        depth,
+        channels,
+        decoder_widths,
+        decoder_bn_relu,
+        mean_activation,
+        predict,
+        num_samples,
+        min_std,
+    )

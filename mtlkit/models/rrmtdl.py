@@ -60,6 +60,7 @@ Example:
     >>> z.on_train_progress(1.0); z.grl_lambda
     0.0
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -154,21 +155,34 @@ class RRMTDL(MTLModel):
         grl_gamma: the DANN schedule's steepness (10 in DANN; only with ``"dann"``: must stay 10 otherwise).
     """
 
-    def __init__(self, encoder: nn.Module, tasks: Sequence[Task], groups: Sequence[Mapping[str, Any]] | None = None,
-                 branch_width: int = 256, proj_width: int = 128, lambda_schedule: Schedule = "dann",
-                 grl_scale: float = 1.0, grl_gamma: float = 10.0):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        tasks: Sequence[Task],
+        groups: Sequence[Mapping[str, Any]] | None = None,
+        branch_width: int = 256,
+        proj_width: int = 128,
+        lambda_schedule: Schedule = "dann",
+        grl_scale: float = 1.0,
+        grl_gamma: float = 10.0,
+    ):
         super().__init__()
         if lambda_schedule not in SCHEDULES:
-            raise ConfigError(f"RRMTDL lambda_schedule must be one of {', '.join(map(repr, SCHEDULES))}, got "
-                              f"{lambda_schedule!r}")
+            raise ConfigError(
+                f"RRMTDL lambda_schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {lambda_schedule!r}"
+            )
         if not (math.isfinite(grl_scale) and grl_scale >= 0) or not (math.isfinite(grl_gamma) and grl_gamma > 0):
             raise ConfigError(f"RRMTDL needs grl_scale >= 0 and grl_gamma > 0, got {grl_scale}, {grl_gamma}")
         if lambda_schedule == "zero" and grl_scale != 1.0:
-            raise ConfigError(f"RRMTDL grl_scale={grl_scale} has no effect with lambda_schedule='zero' (λ = 0 "
-                              f"throughout); leave it at 1, or use lambda_schedule='constant' for another constant λ")
+            raise ConfigError(
+                f"RRMTDL grl_scale={grl_scale} has no effect with lambda_schedule='zero' (λ = 0 "
+                f"throughout); leave it at 1, or use lambda_schedule='constant' for another constant λ"
+            )
         if lambda_schedule != "dann" and grl_gamma != 10.0:
-            raise ConfigError(f"RRMTDL grl_gamma={grl_gamma} only shapes the 'dann' schedule; it has no effect with "
-                              f"lambda_schedule={lambda_schedule!r}")
+            raise ConfigError(
+                f"RRMTDL grl_gamma={grl_gamma} only shapes the 'dann' schedule; it has no effect with "
+                f"lambda_schedule={lambda_schedule!r}"
+            )
         if branch_width < 1 or proj_width < 1:
             raise ConfigError(f"RRMTDL widths must be >= 1, got branch_width={branch_width}, proj_width={proj_width}")
         d = getattr(encoder, "out_features", None)
@@ -198,8 +212,15 @@ class RRMTDL(MTLModel):
                 if name in by_name:
                     raise ConfigError(f"RRMTDL: adversarial head name {name!r} clashes with a dataset task")
                 self.adv_heads[name] = nn.Linear(proj_width, by_name[m].num_outputs)
-                self._aux.append(dataclasses.replace(by_name[m], name=name, target=by_name[m].target_key,
-                                                     auxiliary=True, extra=dict(by_name[m].extra)))
+                self._aux.append(
+                    dataclasses.replace(
+                        by_name[m],
+                        name=name,
+                        target=by_name[m].target_key,
+                        auxiliary=True,
+                        extra=dict(by_name[m].extra),
+                    )
+                )
 
     # -- the schedule -----------------------------------------------------------------------------------------
     def _lambda(self, p: float) -> float:
@@ -243,10 +264,19 @@ class RRMTDL(MTLModel):
 
 
 @register_model("rrmtdl")
-def build_rrmtdl(data, encoder: str = "conv", width: int = 384, hidden: Sequence[int] = (1024, 1024, 1024),
-                 groups: Sequence[Mapping[str, Any]] | None = None, branch_width: int = 256, proj_width: int = 128,
-                 lambda_schedule: str = "dann", grl_scale: float = 1.0, grl_gamma: float = 10.0,
-                 channels: int = 64) -> RRMTDL:
+def build_rrmtdl(
+    data,
+    encoder: str = "conv",
+    width: int = 384,
+    hidden: Sequence[int] = (1024, 1024, 1024),
+    groups: Sequence[Mapping[str, Any]] | None = None,
+    branch_width: int = 256,
+    proj_width: int = 128,
+    lambda_schedule: str = "dann",
+    grl_scale: float = 1.0,
+    grl_gamma: float = 10.0,
+    channels: int = 64,
+) -> RRMTDL:
     """RRMTDL for ``data``'s tasks with a ``conv`` (MTVIB Table I(b): the trunk of ``hps``; its flattened width is
     computed from ``data.input_shape``, 3136 for 36x36 Multi-(Fashion+MNIST) images) or ``mlp`` trunk.
 
@@ -273,5 +303,13 @@ def build_rrmtdl(data, encoder: str = "conv", width: int = 384, hidden: Sequence
         from mtlkit.errors import unknown_name
 
         raise unknown_name("encoder", encoder, ["conv", "mlp"])
-    return RRMTDL(enc, data.tasks, groups, branch_width, proj_width, lambda_schedule,  # type: ignore[arg-type]
-                  grl_scale, grl_gamma)
+    return RRMTDL(
+        enc,
+        data.tasks,
+        groups,
+        branch_width,
+        proj_width,
+        lambda_schedule,  # type: ignore[arg-type]
+        grl_scale,
+        grl_gamma,
+    )

@@ -13,6 +13,7 @@ Example:
     >>> sorted(m(torch.zeros(2, 3))), sorted(m.selection_groups()), m.last_shared_layer()
     (['a', 'b'], ['a', 'b'], [])
 """
+
 from __future__ import annotations
 
 import copy
@@ -69,8 +70,9 @@ def build_for(model: str, data: Any, options: dict[str, Any], single_task: bool 
 
 
 @register_model("stl")
-def build_stl(data, encoder: str = "conv", width: int = 384, hidden: Sequence[int] = (1024, 1024, 1024),
-              head_hidden: int = 192) -> SingleTaskModels:
+def build_stl(
+    data, encoder: str = "conv", width: int = 384, hidden: Sequence[int] = (1024, 1024, 1024), head_hidden: int = 192
+) -> SingleTaskModels:
     """One HPS model with a single head per task, each with its own encoder of the same architecture."""
     members: dict[str, MTLModel] = {}
     for t in data.tasks:

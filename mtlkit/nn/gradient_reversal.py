@@ -22,6 +22,7 @@ Example:
     >>> dann_lambda(0.0), round(dann_lambda(1.0), 4)
     (0.0, 0.9999)
 """
+
 from __future__ import annotations
 
 import math

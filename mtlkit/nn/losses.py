@@ -8,6 +8,7 @@ Example:
     >>> round(float(focal_bce(torch.zeros(4), torch.ones(4), beta=0.0)), 5)  # BCE at logit 0: log 2 = 0.6931472
     0.69315
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,8 +50,10 @@ def focal_bce(logits: Tensor, target: Tensor, beta: float = 2.0, reduction: str 
         0.001054
     """
     if logits.numel() != target.numel():
-        raise ValueError(f"focal_bce: logits have {logits.numel()} elements {tuple(logits.shape)} but targets have "
-                         f"{target.numel()} {tuple(target.shape)}")
+        raise ValueError(
+            f"focal_bce: logits have {logits.numel()} elements {tuple(logits.shape)} but targets have "
+            f"{target.numel()} {tuple(target.shape)}"
+        )
     if not (isinstance(beta, (int, float)) and not isinstance(beta, bool)) or beta < 0:
         raise ValueError(f"focal_bce: beta (the focusing parameter) must be a number >= 0, got {beta!r}")
     if reduction not in _REDUCTIONS:
@@ -59,8 +62,8 @@ def focal_bce(logits: Tensor, target: Tensor, beta: float = 2.0, reduction: str 
     if y.numel() and not bool(((y == 0) | (y == 1)).all()):
         raise ValueError("focal_bce: targets must be 0 or 1")
     z = logits.reshape(target.shape).to(y.dtype)
-    log_pk = torch.where(y > 0.5, F.logsigmoid(z), F.logsigmoid(-z))       # Eq. 8 inside the log
-    loss = -log_pk if beta == 0 else -(1.0 - log_pk.exp()).pow(beta) * log_pk   # Eq. 9
+    log_pk = torch.where(y > 0.5, F.logsigmoid(z), F.logsigmoid(-z))  # Eq. 8 inside the log
+    loss = -log_pk if beta == 0 else -(1.0 - log_pk.exp()).pow(beta) * log_pk  # Eq. 9
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -117,8 +120,9 @@ def gaussian_kl(mu: Tensor, std: Tensor, reduction: str = "mean") -> Tensor:
     if not isinstance(mu, Tensor) or not isinstance(std, Tensor):
         raise ValueError("gaussian_kl takes two tensors (mu, std)")
     if mu.shape != std.shape:
-        raise ValueError(f"gaussian_kl: mu and std must have the same shape, got {tuple(mu.shape)} and "
-                         f"{tuple(std.shape)}")
+        raise ValueError(
+            f"gaussian_kl: mu and std must have the same shape, got {tuple(mu.shape)} and {tuple(std.shape)}"
+        )
     if mu.dim() < 1:
         raise ValueError("gaussian_kl: mu and std need a latent (last) dimension")
     if reduction not in _KL_REDUCTIONS:

@@ -2,6 +2,7 @@
 
 A runner is ``fn(args: argparse.Namespace) -> int`` plus a function that adds its own CLI options.
 """
+
 from __future__ import annotations
 
 import argparse

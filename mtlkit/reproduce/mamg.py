@@ -34,6 +34,7 @@ Example:
     >>> run_id("mamg", {"rule": "grow"})
     'mamg_rule-grow'
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,11 +54,20 @@ log = logging.getLogger("mtlkit")
 
 #: --datasets -> registered dataset, its options, the HPS options, epochs, batch size (the default budget)
 SETUPS: dict[str, dict[str, Any]] = {
-    "four_task": {"dataset": "entangled_images",
-                  "options": {"pair": "four_task", "seed": 0, "n_train": 1500, "n_val": 500, "n_test": 2000},
-                  "model": {"encoder": "conv", "width": 384, "head_hidden": 192}, "epochs": 4, "batch_size": 128},
-    "yeast": {"dataset": "yeast", "options": {"seed": 0, "loss": "bce"},
-              "model": {"encoder": "mlp", "hidden": [256], "head_hidden": 64}, "epochs": 6, "batch_size": 64},
+    "four_task": {
+        "dataset": "entangled_images",
+        "options": {"pair": "four_task", "seed": 0, "n_train": 1500, "n_val": 500, "n_test": 2000},
+        "model": {"encoder": "conv", "width": 384, "head_hidden": 192},
+        "epochs": 4,
+        "batch_size": 128,
+    },
+    "yeast": {
+        "dataset": "yeast",
+        "options": {"seed": 0, "loss": "bce"},
+        "model": {"encoder": "mlp", "hidden": [256], "head_hidden": 64},
+        "epochs": 6,
+        "batch_size": 64,
+    },
 }
 #: --full: the four-task images at the entangled protocol's full sizes; longer schedules; five seeds
 FULL: dict[str, Any] = {  # per dataset its overrides, and "seeds"
@@ -67,8 +77,14 @@ FULL: dict[str, Any] = {  # per dataset its overrides, and "seeds"
 }
 DEFAULT_METHODS = ["ew", "mgda", "pcgrad", "mamg", "mamg:rule=grow"]
 #: (A, B): the claims and context comparisons, "A beats B"
-COMPARISONS = [("mamg", "pcgrad", True), ("mamg:rule=grow", "pcgrad", True), ("mamg", "mgda", False),
-               ("mamg:rule=grow", "mgda", False), ("pcgrad", "ew", False), ("mamg", "ew", False)]
+COMPARISONS = [
+    ("mamg", "pcgrad", True),
+    ("mamg:rule=grow", "pcgrad", True),
+    ("mamg", "mgda", False),
+    ("mamg:rule=grow", "mgda", False),
+    ("pcgrad", "ew", False),
+    ("mamg", "ew", False),
+]
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -95,8 +111,12 @@ def run_id(name: str, opts: dict[str, Any]) -> str:
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", nargs="+", default=list(SETUPS), choices=list(SETUPS))
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                   help="method specs, name or name:key=value,... (default: %(default)s)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=DEFAULT_METHODS,
+        help="method specs, name or name:key=value,... (default: %(default)s)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None, help="override every dataset's epochs")
     p.add_argument("--n-train", type=int, default=None, help="four_task: override n_train")
@@ -104,8 +124,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true", help=f"the longer budget: {FULL}")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--reuse", action="store_true",
-                   help="keep finished runs in --out trained with the same configuration (resume stopped ones)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep finished runs in --out trained with the same configuration (resume stopped ones)",
+    )
     p.add_argument("--out", default="runs/reproduce-mamg")
 
 
@@ -124,9 +147,11 @@ def _setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def _budget(name: str, s: dict[str, Any], data, args: argparse.Namespace) -> str:
     sizes = f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test"
-    return (f"{name} ({s['dataset']} {s['options']}; {len(data.tasks)} tasks; {sizes}), HPS {s['model']}, "
-            f"{s['epochs']} epochs, batch {s['batch_size']}, Adam lr {args.lr}, seeds {list(args.seeds)} (paired), "
-            f"device {args.device}")
+    return (
+        f"{name} ({s['dataset']} {s['options']}; {len(data.tasks)} tasks; {sizes}), HPS {s['model']}, "
+        f"{s['epochs']} epochs, batch {s['batch_size']}, Adam lr {args.lr}, seeds {list(args.seeds)} (paired), "
+        f"device {args.device}"
+    )
 
 
 def _train(name: str, s: dict[str, Any], data, spec: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
@@ -134,12 +159,23 @@ def _train(name: str, s: dict[str, Any], data, spec: str, seed: int, args: argpa
 
     method, opts = parse_method(spec)
     run_dir = out / name / "runs" / f"{run_id(method, opts)}-s{seed}"
-    cfg = RunConfig.from_dict({
-        "dataset": {"name": s["dataset"], "options": s["options"]}, "model": {"name": "hps", "options": s["model"]},
-        "method": {"name": method, "options": opts},
-        "train": {"epochs": s["epochs"], "batch_size": s["batch_size"], "lr": args.lr, "seed": seed,
-                  "progress": False, "device": args.device, "num_threads": args.threads},
-        "output": {"dir": str(run_dir), "tensorboard": False, "overwrite": True}})
+    cfg = RunConfig.from_dict(
+        {
+            "dataset": {"name": s["dataset"], "options": s["options"]},
+            "model": {"name": "hps", "options": s["model"]},
+            "method": {"name": method, "options": opts},
+            "train": {
+                "epochs": s["epochs"],
+                "batch_size": s["batch_size"],
+                "lr": args.lr,
+                "seed": seed,
+                "progress": False,
+                "device": args.device,
+                "num_threads": args.threads,
+            },
+            "output": {"dir": str(run_dir), "tensorboard": False, "overwrite": True},
+        }
+    )
     done, trained = train_or_reuse(cfg, data, run_dir, args.reuse)
     if trained:
         log.info(f"[mamg] {name} seed {seed} {spec}: {done['train_seconds']:.0f}s")
@@ -175,11 +211,15 @@ def _run(args: argparse.Namespace) -> int:
         keys = with_second_metric(data)
         budget = _budget(name, s, data, args)
         log.info(f"[mamg] budget: {budget}")
-        runs = {spec: {seed: _train(name, s, data, spec, seed, args, out) for seed in args.seeds}
-                for spec in args.methods}
-        report["datasets"][name] = {"budget": budget, "metrics": keys, "runs": {
-            spec: {str(seed): r for seed, r in per.items()} for spec, per in runs.items()},
-            "comparisons": _compare(runs, keys)}
+        runs = {
+            spec: {seed: _train(name, s, data, spec, seed, args, out) for seed in args.seeds} for spec in args.methods
+        }
+        report["datasets"][name] = {
+            "budget": budget,
+            "metrics": keys,
+            "runs": {spec: {str(seed): r for seed, r in per.items()} for spec, per in runs.items()},
+            "comparisons": _compare(runs, keys),
+        }
     report["claims"] = _overall(report)
     (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
     md = markdown(report, args)
@@ -194,8 +234,10 @@ def _compare(runs: dict[str, dict[int, dict]], keys: list[tuple[str, bool]]) -> 
     for a, b, claim in COMPARISONS:
         if a not in runs or b not in runs:
             continue
-        d = paired({s: score(r["test"], keys) for s, r in runs[a].items()},
-                   {s: score(r["test"], keys) for s, r in runs[b].items()})
+        d = paired(
+            {s: score(r["test"], keys) for s, r in runs[a].items()},
+            {s: score(r["test"], keys) for s, r in runs[b].items()},
+        )
         rel = {s: relative_delta(runs[a][s]["test"], runs[b][s]["test"], keys) for s in d["seeds"]}
         out.append({"a": a, "b": b, "claim": claim, "paired": d, "delta_vs_b": rel, "verdict": verdict(d["diffs"])})
     return out
@@ -208,49 +250,88 @@ def _overall(report: dict[str, Any]) -> list[dict[str, Any]]:
     for a, b, claim in COMPARISONS:
         if not claim:
             continue
-        per = {n: c["verdict"] for n, d in report["datasets"].items() for c in d["comparisons"]
-               if c["a"] == a and c["b"] == b}
+        per = {
+            n: c["verdict"]
+            for n, d in report["datasets"].items()
+            for c in d["comparisons"]
+            if c["a"] == a and c["b"] == b
+        }
         if not per:
             continue
         vs = list(per.values())
-        v = ("supported" if all(x == "supported" for x in vs) else
-             "not supported" if any(x == "not supported" for x in vs) else "mixed")
+        v = (
+            "supported"
+            if all(x == "supported" for x in vs)
+            else "not supported"
+            if any(x == "not supported" for x in vs)
+            else "mixed"
+        )
         out.append({"claim": f"{a} beats {b} at T >= 3", "per_dataset": per, "verdict": v})
     return out
 
 
 def markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
-    L = ["# MAMG vs PCGrad (and MGDA) with T ≥ 3 tasks", "",
-         "Claim (Chai et al., IEEE T-Cybernetics 2023): MAMG beats PCGrad. For two tasks both MAMG readings equal "
-         "2x MGDA under conflict, so only T ≥ 3 can test it. `mamg` = rule shrink (the method notes' clipping), "
-         "`mamg:rule=grow` = the smallest edit of the released line.", "",
-         f"Command: `{command_line('mamg', _add_arguments, args)}`", "", VERDICT_RULE, "",
-         "Score of a run = mean over its task metrics (all in [0, 1], higher is better); paired differences are "
-         "score(A) − score(B) per seed. Δ(A vs B) = Eq. 15 of A against the same seed's B, in %.", "",
-         "## Verdicts", "", "| Claim | per dataset | verdict |", "|---|---|---|"]
+    L = [
+        "# MAMG vs PCGrad (and MGDA) with T ≥ 3 tasks",
+        "",
+        "Claim (Chai et al., IEEE T-Cybernetics 2023): MAMG beats PCGrad. For two tasks both MAMG readings equal "
+        "2x MGDA under conflict, so only T ≥ 3 can test it. `mamg` = rule shrink (the method notes' clipping), "
+        "`mamg:rule=grow` = the smallest edit of the released line.",
+        "",
+        f"Command: `{command_line('mamg', _add_arguments, args)}`",
+        "",
+        VERDICT_RULE,
+        "",
+        "Score of a run = mean over its task metrics (all in [0, 1], higher is better); paired differences are "
+        "score(A) − score(B) per seed. Δ(A vs B) = Eq. 15 of A against the same seed's B, in %.",
+        "",
+        "## Verdicts",
+        "",
+        "| Claim | per dataset | verdict |",
+        "|---|---|---|",
+    ]
     for c in report["claims"]:
-        L.append(f"| {c['claim']} | " + ", ".join(f"{n}: {v}" for n, v in c["per_dataset"].items())
-                 + f" | **{c['verdict']}** |")
+        L.append(
+            f"| {c['claim']} | "
+            + ", ".join(f"{n}: {v}" for n, v in c["per_dataset"].items())
+            + f" | **{c['verdict']}** |"
+        )
     for name, d in report["datasets"].items():
         keys = [tuple(k) for k in d["metrics"]]
         cols = _columns(keys)
-        L += ["", f"## {name}", "", f"_Budget: {d['budget']}._", "",
-              "| Method | score (mean ± sd) | " + " | ".join(c for c, _ in cols) + " | seconds |",
-              "|" + "---|" * (len(cols) + 3)]
+        L += [
+            "",
+            f"## {name}",
+            "",
+            f"_Budget: {d['budget']}._",
+            "",
+            "| Method | score (mean ± sd) | " + " | ".join(c for c, _ in cols) + " | seconds |",
+            "|" + "---|" * (len(cols) + 3),
+        ]
         for spec, per in d["runs"].items():
             rs = list(per.values())
-            L.append(f"| {spec} | {fmt_pm([score(r['test'], keys) for r in rs], '{:.4f}')} | "
-                     + " | ".join(fmt_pm([float(np.mean([r["test"][k] for k in ks])) for r in rs], "{:.4f}")
-                                  for _, ks in cols)
-                     + f" | {fmt_pm([r['seconds'] for r in rs], '{:.0f}')} |")
-        L += ["", f"_Budget: {d['budget']}._", "",
-              "| A − B | claim? | score(A) − score(B) (mean ± sd; per seed) | sign-test p | Δ(A vs B) % per seed | "
-              "verdict |", "|---|---|---|---|---|---|"]
+            L.append(
+                f"| {spec} | {fmt_pm([score(r['test'], keys) for r in rs], '{:.4f}')} | "
+                + " | ".join(
+                    fmt_pm([float(np.mean([r["test"][k] for k in ks])) for r in rs], "{:.4f}") for _, ks in cols
+                )
+                + f" | {fmt_pm([r['seconds'] for r in rs], '{:.0f}')} |"
+            )
+        L += [
+            "",
+            f"_Budget: {d['budget']}._",
+            "",
+            "| A − B | claim? | score(A) − score(B) (mean ± sd; per seed) | sign-test p | Δ(A vs B) % per seed | "
+            "verdict |",
+            "|---|---|---|---|---|---|",
+        ]
         for c in d["comparisons"]:
             rel = ", ".join(f"{v:+.2f}" for v in c["delta_vs_b"].values())
-            L.append(f"| {c['a']} − {c['b']} | {'claim' if c['claim'] else 'context'} | "
-                     f"{fmt_paired(c['paired'], '{:+.4f}')} | {c['paired']['sign_p']:.3f} | {rel} | "
-                     f"**{c['verdict']}** |")
+            L.append(
+                f"| {c['a']} − {c['b']} | {'claim' if c['claim'] else 'context'} | "
+                f"{fmt_paired(c['paired'], '{:+.4f}')} | {c['paired']['sign_p']:.3f} | {rel} | "
+                f"**{c['verdict']}** |"
+            )
     return "\n".join(L) + "\n"
 
 
@@ -265,6 +346,11 @@ def _columns(keys: list[tuple[str, bool]], per_task_up_to: int = 4) -> list[tupl
     return [(f"mean {m} ({len(ks)} tasks)", ks) for m, ks in by.items()]
 
 
-register_reproduction(Reproduction(
-    name="mamg", help="MAMG (T-Cybernetics 2023) vs PCGrad and MGDA at T >= 3: 4-task images and yeast, paired seeds",
-    add_arguments=_add_arguments, run=_run))
+register_reproduction(
+    Reproduction(
+        name="mamg",
+        help="MAMG (T-Cybernetics 2023) vs PCGrad and MGDA at T >= 3: 4-task images and yeast, paired seeds",
+        add_arguments=_add_arguments,
+        run=_run,
+    )
+)

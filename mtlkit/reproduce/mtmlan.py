@@ -37,6 +37,7 @@ Example:
     >>> PAPER_TABLE3["MTMLAN"]["micro_f1"]
     0.9135
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,10 +81,14 @@ METRICS = [("micro_f1", "MicroF1 ↑"), ("hamming_loss", "HL ↓"), ("map", "mAP
 
 #: Budgets: the reduced one that fits this shared CPU machine, and the full one (``--full``).
 #: (The paper gives batch size 20 and lr 0.001 but no epoch count; 30 epochs for clips / 100 for yeast is our choice.)
-REDUCED = {"clips": {"epochs": 3, "batch_size": 64, "frames": 16, "pretrain_epochs": 2, "pretrain_samples": 20_000},
-           "yeast": {"epochs": 6, "batch_size": 64}}
-FULL = {"clips": {"epochs": 30, "batch_size": 20, "frames": 40, "pretrain_epochs": 5, "pretrain_samples": 50_000},
-        "yeast": {"epochs": 100, "batch_size": 20}}
+REDUCED = {
+    "clips": {"epochs": 3, "batch_size": 64, "frames": 16, "pretrain_epochs": 2, "pretrain_samples": 20_000},
+    "yeast": {"epochs": 6, "batch_size": 64},
+}
+FULL = {
+    "clips": {"epochs": 30, "batch_size": 20, "frames": 40, "pretrain_epochs": 5, "pretrain_samples": 50_000},
+    "yeast": {"epochs": 100, "batch_size": 20},
+}
 
 
 def row_spec(row: str, train_counts: list[int], tdb_lr: float) -> dict[str, Any]:
@@ -101,14 +106,24 @@ def row_spec(row: str, train_counts: list[int], tdb_lr: float) -> dict[str, Any]
         "EWMTC": {"model": "mtmlan", "method": "ew", "method_options": {}, "loss": "bce"},
         "GradNorm": {"model": "mtmlan", "method": "gradnorm", "method_options": {"alpha": 1.5}, "loss": "bce"},
         "WU": {"model": "mtmlan", "method": "uw", "method_options": {"form": "classification"}, "loss": "bce"},
-        "MTMLAN w/o SL": {"model": "mtmlan", "method": "mtmlan_tdb",
-                          "method_options": {**tdb, "counts": list(train_counts)}, "loss": "bce"},
-        "MTMLAN w/o TIP": {"model": "mtmlan", "method": "mtmlan_tdb",
-                           "method_options": {**tdb, "counts": [1] * T,
-                                              "num_samples": float(np.mean([N / c for c in train_counts]))},
-                           "loss": "sample_level"},
-        "MTMLAN": {"model": "mtmlan", "method": "mtmlan_tdb",
-                   "method_options": {**tdb, "counts": list(train_counts)}, "loss": "sample_level"},
+        "MTMLAN w/o SL": {
+            "model": "mtmlan",
+            "method": "mtmlan_tdb",
+            "method_options": {**tdb, "counts": list(train_counts)},
+            "loss": "bce",
+        },
+        "MTMLAN w/o TIP": {
+            "model": "mtmlan",
+            "method": "mtmlan_tdb",
+            "method_options": {**tdb, "counts": [1] * T, "num_samples": float(np.mean([N / c for c in train_counts]))},
+            "loss": "sample_level",
+        },
+        "MTMLAN": {
+            "model": "mtmlan",
+            "method": "mtmlan_tdb",
+            "method_options": {**tdb, "counts": list(train_counts)},
+            "loss": "sample_level",
+        },
     }
     if row not in specs:
         from mtlkit.errors import unknown_name
@@ -121,8 +136,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=["clips", "yeast"], default="clips")
     p.add_argument("--rows", nargs="+", default=ROWS, metavar="ROW", help=f"Table III rows (default all: {ROWS})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--full", action="store_true",
-                   help=f"the full budget {FULL} (default: the reduced budget {REDUCED}, per dataset)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help=f"the full budget {FULL} (default: the reduced budget {REDUCED}, per dataset)",
+    )
     p.add_argument("--epochs", type=int, help="override the budget's epochs")
     p.add_argument("--batch-size", type=int, help="override the budget's batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 0.001)")
@@ -137,13 +155,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _data_options(args: argparse.Namespace, budget: dict[str, Any], loss: str) -> dict[str, Any]:
     opts: dict[str, Any] = {"loss": loss, "beta": args.beta, "threshold": args.threshold}
     if args.dataset == "clips":
-        opts.update(features="pretrained", frames=budget["frames"], pretrain_epochs=budget["pretrain_epochs"],
-                    pretrain_samples=budget["pretrain_samples"])
+        opts.update(
+            features="pretrained",
+            frames=budget["frames"],
+            pretrain_epochs=budget["pretrain_epochs"],
+            pretrain_samples=budget["pretrain_samples"],
+        )
     return opts
 
 
-def run_one(args: argparse.Namespace, budget: dict[str, Any], row: str, seed: int, out: Path,
-            data_cache: dict[str, Any]) -> dict[str, Any]:
+def run_one(
+    args: argparse.Namespace, budget: dict[str, Any], row: str, seed: int, out: Path, data_cache: dict[str, Any]
+) -> dict[str, Any]:
     """Train one (row, seed) and return its test metrics, per-label accuracies and weight history."""
     import torch
 
@@ -163,13 +186,23 @@ def run_one(args: argparse.Namespace, budget: dict[str, Any], row: str, seed: in
     if spec["loss"] not in data_cache:
         data_cache[spec["loss"]] = build_dataset(args.dataset, **_data_options(args, budget, spec["loss"]))
     data = data_cache[spec["loss"]]
-    cfg = RunConfig.from_dict({
-        "dataset": {"name": args.dataset, "options": _data_options(args, budget, spec["loss"])},
-        "model": {"name": spec["model"], "options": {}},
-        "method": {"name": spec["method"], "options": spec["method_options"]},
-        "train": {"epochs": budget["epochs"], "batch_size": budget["batch_size"], "lr": args.lr, "seed": seed,
-                  "device": "cpu", "num_threads": args.threads, "progress": False},
-        "output": {"dir": str(run_dir), "overwrite": True, "tensorboard": False}})
+    cfg = RunConfig.from_dict(
+        {
+            "dataset": {"name": args.dataset, "options": _data_options(args, budget, spec["loss"])},
+            "model": {"name": spec["model"], "options": {}},
+            "method": {"name": spec["method"], "options": spec["method_options"]},
+            "train": {
+                "epochs": budget["epochs"],
+                "batch_size": budget["batch_size"],
+                "lr": args.lr,
+                "seed": seed,
+                "device": "cpu",
+                "num_threads": args.threads,
+                "progress": False,
+            },
+            "output": {"dir": str(run_dir), "overwrite": True, "tensorboard": False},
+        }
+    )
     t0 = time.time()
     trainer = Trainer(cfg, data=data)
     res = trainer.fit()
@@ -177,8 +210,17 @@ def run_one(args: argparse.Namespace, budget: dict[str, Any], row: str, seed: in
     rep = multilabel_report(data.tasks, outputs, data.test.y, args.threshold)
     names = [t.name for t in data.tasks]
     weights = [[float(h.get(f"weight/{n}", float("nan"))) for n in names] for h in res.history]
-    summary = {"row": row, "seed": seed, "spec": spec, "best_epoch": res.best_epoch, "seconds": time.time() - t0,
-               "labels": names, "train_counts": data.info["train_counts"], "weights": weights, **rep}
+    summary = {
+        "row": row,
+        "seed": seed,
+        "spec": spec,
+        "best_epoch": res.best_epoch,
+        "seconds": time.time() - t0,
+        "labels": names,
+        "train_counts": data.info["train_counts"],
+        "weights": weights,
+        **rep,
+    }
     summary_path.write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -189,25 +231,48 @@ def _fmt(vals: list[float], digits: int = 4) -> str:
 
 def tables(results: dict[str, list[dict[str, Any]]], dataset: str, budget_line: str) -> str:
     """Markdown: Table III (ours beside the paper's) and Table II (per-label accuracy), plus the ordering checks."""
-    lines = [f"# MTMLAN reproduction on `{dataset}`", "", budget_line, "",
-             "## Table III (test set; mean ± std over seeds; paper = disaster-video numbers)", "",
-             "| approach | " + " | ".join(f"{h} (ours)" for _, h in METRICS) + " | "
-             + " | ".join(f"{h} (paper)" for _, h in METRICS) + " |", "|---|" + "---|" * (2 * len(METRICS))]
+    lines = [
+        f"# MTMLAN reproduction on `{dataset}`",
+        "",
+        budget_line,
+        "",
+        "## Table III (test set; mean ± std over seeds; paper = disaster-video numbers)",
+        "",
+        "| approach | "
+        + " | ".join(f"{h} (ours)" for _, h in METRICS)
+        + " | "
+        + " | ".join(f"{h} (paper)" for _, h in METRICS)
+        + " |",
+        "|---|" + "---|" * (2 * len(METRICS)),
+    ]
     for row, rs in results.items():
         ours = [_fmt([r[k] for r in rs]) for k, _ in METRICS]
         paper = [f"{PAPER_TABLE3[row][k]:.4f}" for k, _ in METRICS]
         lines.append(f"| {row} | " + " | ".join(ours) + " | " + " | ".join(paper) + " |")
     any_rs = next(iter(results.values()))
     labels, counts = any_rs[0]["labels"], any_rs[0]["train_counts"]
-    lines += ["", "## Table II: per-label test accuracy (ours, mean ± std)", "",
-              "| approach | " + " | ".join(f"{n} (n={c})" for n, c in zip(labels, counts, strict=True)) + " |",
-              "|---|" + "---|" * len(labels)]
+    lines += [
+        "",
+        "## Table II: per-label test accuracy (ours, mean ± std)",
+        "",
+        "| approach | " + " | ".join(f"{n} (n={c})" for n, c in zip(labels, counts, strict=True)) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
     for row, rs in results.items():
         acc = np.array([r["per_label_accuracy"] for r in rs])
-        lines.append(f"| {row} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(acc.mean(0), acc.std(0), strict=True)) + " |")
+        lines.append(
+            f"| {row} | "
+            + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(acc.mean(0), acc.std(0), strict=True))
+            + " |"
+        )
     if dataset == "clips":
-        lines += ["", "Paper's Table II (same concept order):", "",
-                  "| approach | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        lines += [
+            "",
+            "Paper's Table II (same concept order):",
+            "",
+            "| approach | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
         for row in results:
             lines.append(f"| {row} | " + " | ".join(f"{v:.4f}" for v in PAPER_TABLE2[row]) + " |")
     lines += ["", "## Does the paper's ordering hold here?", ""] + ordering_checks(results)
@@ -227,10 +292,18 @@ def ordering_checks(results: dict[str, list[dict[str, Any]]]) -> list[str]:
         holds = all(d > 0 for _, _, d, _ in steps)
         clear = all(d > sd for _, _, d, sd in steps)
         detail = "; ".join(f"{a} − {b}: {d:+.4f} (larger std {sd:.4f})" for a, b, d, sd in steps)
-        out.append(f"- {h}: ranking (best first) {', '.join(order)}; chain {' > '.join(chain)} "
-                   f"{'holds' if holds else 'does NOT hold'}"
-                   + (" (every step larger than the seeds' std)" if clear else
-                      " (some steps are within one std of the seeds)" if holds else "") + f" [{detail}]")
+        out.append(
+            f"- {h}: ranking (best first) {', '.join(order)}; chain {' > '.join(chain)} "
+            f"{'holds' if holds else 'does NOT hold'}"
+            + (
+                " (every step larger than the seeds' std)"
+                if clear
+                else " (some steps are within one std of the seeds)"
+                if holds
+                else ""
+            )
+            + f" [{detail}]"
+        )
     if "CMLC" in results:
         counts = np.array(results["CMLC"][0]["train_counts"], float)
         base = np.mean([r["per_label_accuracy"] for r in results["CMLC"]], axis=0)
@@ -238,9 +311,11 @@ def ordering_checks(results: dict[str, list[dict[str, Any]]]) -> list[str]:
             gain = np.mean([r["per_label_accuracy"] for r in results[row]], axis=0) - base
             rho = _spearman(counts, gain)
             rare = int(np.argmin(counts))
-            out.append(f"- {row} vs CMLC: per-label accuracy gains {np.round(gain, 4).tolist()}; Spearman(train "
-                       f"count, gain) = {rho:+.2f} (negative = larger gains on rarer labels, the paper's claim); "
-                       f"rarest label gain {gain[rare]:+.4f} vs mean gain {gain.mean():+.4f}")
+            out.append(
+                f"- {row} vs CMLC: per-label accuracy gains {np.round(gain, 4).tolist()}; Spearman(train "
+                f"count, gain) = {rho:+.2f} (negative = larger gains on rarer labels, the paper's claim); "
+                f"rarest label gain {gain[rare]:+.4f} vs mean gain {gain.mean():+.4f}"
+            )
     return out
 
 
@@ -269,8 +344,14 @@ def plots(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
             w = np.vstack([np.ones(w.shape[1]), w])  # all weights start at 1
             colors = plt.get_cmap("tab20")
             for j, name in enumerate(results[row][0]["labels"]):
-                ax.plot(epochs, w[:, j], marker="o", ms=3, color=colors(j % 20),
-                        label=f"{name} (n={results[row][0]['train_counts'][j]})")
+                ax.plot(
+                    epochs,
+                    w[:, j],
+                    marker="o",
+                    ms=3,
+                    color=colors(j % 20),
+                    label=f"{name} (n={results[row][0]['train_counts'][j]})",
+                )
             ax.set_title(f"{row} (seed {results[row][0]['seed']})")
             ax.set_xlabel("epoch")
             ax.set_ylabel("task weight")
@@ -292,8 +373,13 @@ def plots(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
             gain = np.mean([r["per_label_accuracy"] for r in results[row]], axis=0) - base
             ax.bar(np.arange(len(labels)) + i * width, 100 * gain[order], width, label=row)
         ax.axhline(0, color="k", lw=0.5)
-        ax.set_xticks(np.arange(len(labels)) + width * (len(rows) - 1) / 2,
-                      [f"{labels[j]}\n(n={counts[j]})" for j in order], rotation=45, ha="right", fontsize=7)
+        ax.set_xticks(
+            np.arange(len(labels)) + width * (len(rows) - 1) / 2,
+            [f"{labels[j]}\n(n={counts[j]})" for j in order],
+            rotation=45,
+            ha="right",
+            fontsize=7,
+        )
         ax.set_ylabel("accuracy gain vs CMLC (points)")
         ax.set_title("per-label gains vs CMLC (labels rarest first)")
         ax.legend(fontsize=7)
@@ -319,9 +405,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/mtmlan-{args.dataset}")
     out.mkdir(parents=True, exist_ok=True)
     shown = budget
-    budget_line = (f"Budget: {'FULL' if args.full else 'REDUCED'} {shown}, seeds {args.seeds}, Adam lr {args.lr}, "
-                   f"β = {args.beta}, TDB α = 1 with SGD step {args.tdb_lr}, threshold {args.threshold}. "
-                   f"Paper's full budget: `--full`.")
+    budget_line = (
+        f"Budget: {'FULL' if args.full else 'REDUCED'} {shown}, seeds {args.seeds}, Adam lr {args.lr}, "
+        f"β = {args.beta}, TDB α = 1 with SGD step {args.tdb_lr}, threshold {args.threshold}. "
+        f"Paper's full budget: `--full`."
+    )
     log.info(budget_line)
     data_cache: dict[str, Any] = {}
     results: dict[str, list[dict[str, Any]]] = {}
@@ -329,17 +417,24 @@ def run(args: argparse.Namespace) -> int:
         for seed in args.seeds:
             s = run_one(args, budget, row, seed, out, data_cache)
             results.setdefault(row, []).append(s)
-            log.info(f"[{row} seed {seed}] micro-F1 {s['micro_f1']:.4f} HL {s['hamming_loss']:.4f} mAP {s['map']:.4f} "
-                  f"({s['seconds']:.0f}s)")
+            log.info(
+                f"[{row} seed {seed}] micro-F1 {s['micro_f1']:.4f} HL {s['hamming_loss']:.4f} mAP {s['map']:.4f} "
+                f"({s['seconds']:.0f}s)"
+            )
     md = tables(results, args.dataset, budget_line)
     (out / "tables.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"budget": budget, "seeds": args.seeds, "results": results},
-                                                 indent=1))
+    (out / "results.json").write_text(json.dumps({"budget": budget, "seeds": args.seeds, "results": results}, indent=1))
     pngs = plots(results, out)
     print(md)
     log.info(f"wrote {out / 'tables.md'}, {out / 'results.json'}" + "".join(f", {p}" for p in pngs))
     return 0
 
 
-register_reproduction(Reproduction("mtmlan", "MTMLAN Tables II-III (multi-label as multi-task, TDB + sample-level "
-                                             "loss) on clips / yeast", add_arguments, run))
+register_reproduction(
+    Reproduction(
+        "mtmlan",
+        "MTMLAN Tables II-III (multi-label as multi-task, TDB + sample-level loss) on clips / yeast",
+        add_arguments,
+        run,
+    )
+)

@@ -20,6 +20,7 @@ Example:
     >>> sorted(PAPER)
     ['multifashion', 'multimnist']
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,19 +58,45 @@ def _paper_table(t1: list[list[float]], t2: list[list[float]]) -> dict[str, dict
 #: (MultiFashion); "task 1" and "task 2" of the paper are our "left" and "right" objects.
 PAPER: dict[str, dict[str, dict[str, dict[float, float]]]] = {
     "multimnist": _paper_table(  # Table III
-        [[94.8, 94.9, 94.7, 95.0, 94.9], [86.1, 86.5, 85.3, 85.6, 86.0], [85.4, 85.2, 84.7, 76.3, 84.7],
-         [84.0, 83.2, 83.2, 66.9, 83.4], [82.5, 81.1, 81.4, 57.6, 81.6], [80.2, 78.5, 79.3, 48.2, 79.1],
-         [77.1, 75.5, 76.4, 38.9, 76.8]],
-        [[93.6, 93.7, 93.7, 93.7, 93.7], [81.9, 82.9, 80.1, 81.1, 81.5], [80.3, 81.5, 79.3, 80.2, 80.5],
-         [79.0, 80.0, 77.3, 78.8, 79.0], [76.6, 78.0, 75.1, 77.1, 77.3], [73.7, 75.9, 72.6, 74.2, 74.7],
-         [70.0, 73.0, 69.0, 71.0, 72.2]]),
+        [
+            [94.8, 94.9, 94.7, 95.0, 94.9],
+            [86.1, 86.5, 85.3, 85.6, 86.0],
+            [85.4, 85.2, 84.7, 76.3, 84.7],
+            [84.0, 83.2, 83.2, 66.9, 83.4],
+            [82.5, 81.1, 81.4, 57.6, 81.6],
+            [80.2, 78.5, 79.3, 48.2, 79.1],
+            [77.1, 75.5, 76.4, 38.9, 76.8],
+        ],
+        [
+            [93.6, 93.7, 93.7, 93.7, 93.7],
+            [81.9, 82.9, 80.1, 81.1, 81.5],
+            [80.3, 81.5, 79.3, 80.2, 80.5],
+            [79.0, 80.0, 77.3, 78.8, 79.0],
+            [76.6, 78.0, 75.1, 77.1, 77.3],
+            [73.7, 75.9, 72.6, 74.2, 74.7],
+            [70.0, 73.0, 69.0, 71.0, 72.2],
+        ],
+    ),
     "multifashion": _paper_table(  # Table IV
-        [[87.1, 86.7, 86.8, 86.7, 86.2], [59.1, 60.1, 57.1, 57.5, 58.2], [57.3, 57.7, 54.8, 54.9, 56.3],
-         [54.9, 55.0, 51.9, 51.6, 53.7], [51.7, 52.4, 48.6, 48.3, 51.0], [48.4, 49.7, 45.4, 44.7, 48.4],
-         [44.9, 46.7, 41.9, 40.5, 45.2]],
-        [[86.0, 85.3, 85.6, 85.3, 84.4], [60.8, 60.1, 57.2, 56.3, 56.4], [59.2, 57.6, 55.9, 54.5, 55.0],
-         [56.5, 54.7, 53.5, 52.5, 52.8], [53.2, 51.9, 50.6, 49.7, 50.9], [50.3, 49.2, 48.3, 46.0, 49.0],
-         [46.1, 46.4, 45.8, 43.6, 46.4]]),
+        [
+            [87.1, 86.7, 86.8, 86.7, 86.2],
+            [59.1, 60.1, 57.1, 57.5, 58.2],
+            [57.3, 57.7, 54.8, 54.9, 56.3],
+            [54.9, 55.0, 51.9, 51.6, 53.7],
+            [51.7, 52.4, 48.6, 48.3, 51.0],
+            [48.4, 49.7, 45.4, 44.7, 48.4],
+            [44.9, 46.7, 41.9, 40.5, 45.2],
+        ],
+        [
+            [86.0, 85.3, 85.6, 85.3, 84.4],
+            [60.8, 60.1, 57.2, 56.3, 56.4],
+            [59.2, 57.6, 55.9, 54.5, 55.0],
+            [56.5, 54.7, 53.5, 52.5, 52.8],
+            [53.2, 51.9, 50.6, 49.7, 50.9],
+            [50.3, 49.2, 48.3, 46.0, 49.0],
+            [46.1, 46.4, 45.8, 43.6, 46.4],
+        ],
+    ),
 }
 
 FULL = {"n_train": 120_000, "n_test": 10_000, "epochs": 200, "lr": 1e-4, "batch_size": 200}
@@ -97,8 +124,11 @@ def spec(model: str, gs_weights: tuple[float, float] | None = None) -> dict[str,
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=["multimnist", "multifashion"], default="multimnist")
-    p.add_argument("--full", action="store_true",
-                   help="the paper's budget: 120000 train / 10000 test images, 200 epochs, Adam lr 1e-4, batch 200")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the paper's budget: 120000 train / 10000 test images, 200 epochs, Adam lr 1e-4, batch 200",
+    )
     p.add_argument("--n-train", type=int, default=6000, help="train+val images (paper: 120000)")
     p.add_argument("--n-test", type=int, default=2000, help="test images (paper: 10000)")
     p.add_argument("--epochs", type=int, default=3, help="epochs (paper: 200)")
@@ -106,46 +136,86 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--gs-grid", type=float, nargs="+", default=[0.25, 0.5, 0.75],
-                   help="candidate weights w of the first task for GS (second task: 1 - w)")
+    p.add_argument(
+        "--gs-grid",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5, 0.75],
+        help="candidate weights w of the first task for GS (second task: 1 - w)",
+    )
     p.add_argument("--eta", type=float, nargs="+", default=list(ETAS), help="FGSM strengths (pixels in [0, 1])")
     p.add_argument("--attack-batch", type=int, default=500)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output directory (default runs/reproduce-mtvib-<dataset>)")
-    p.add_argument("--reuse", action="store_true",
-                   help="reuse finished runs in --out instead of retraining; resume stopped ones from their checkpoint")
-    p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
-                   help="train nothing: merge the results.json of these finished output directories (different "
-                        "models, same dataset, η values and budget) into one table in --out")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse finished runs in --out instead of retraining; resume stopped ones from their checkpoint",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        default=None,
+        help="train nothing: merge the results.json of these finished output directories (different "
+        "models, same dataset, η values and budget) into one table in --out",
+    )
 
 
 def _budget(args: argparse.Namespace) -> dict[str, Any]:
-    b = {"n_train": args.n_train, "n_test": args.n_test, "epochs": args.epochs, "lr": args.lr,
-         "batch_size": args.batch_size}
+    b = {
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+    }
     if args.full:
         b.update(FULL)
     b["seeds"] = list(args.seeds)
     return b
 
 
-def _train(model: str, seed: int, data, budget: dict[str, Any], out: Path, reuse: bool, threads: int | None,
-           gs_weights: tuple[float, float] | None = None, tag: str | None = None):
+def _train(
+    model: str,
+    seed: int,
+    data,
+    budget: dict[str, Any],
+    out: Path,
+    reuse: bool,
+    threads: int | None,
+    gs_weights: tuple[float, float] | None = None,
+    tag: str | None = None,
+):
     """Train one model with one seed; returns (trained model, results dict)."""
     from mtlkit.config import RunConfig
     from mtlkit.train import train_or_reuse
 
     run_dir = out / "runs" / f"{tag or model}-s{seed}"
-    cfg = RunConfig.from_dict({
-        "dataset": {"name": data.name, "options": {"n_train": budget["n_train"], "n_test": budget["n_test"]}},
-        **spec(model, gs_weights),
-        "train": {"epochs": budget["epochs"], "lr": budget["lr"], "batch_size": budget["batch_size"],
-                  "optimizer": "adam", "seed": seed, "device": "cpu", "num_threads": threads, "progress": False},
-        "output": {"dir": str(run_dir), "tensorboard": False, "overwrite": True}})
+    cfg = RunConfig.from_dict(
+        {
+            "dataset": {"name": data.name, "options": {"n_train": budget["n_train"], "n_test": budget["n_test"]}},
+            **spec(model, gs_weights),
+            "train": {
+                "epochs": budget["epochs"],
+                "lr": budget["lr"],
+                "batch_size": budget["batch_size"],
+                "optimizer": "adam",
+                "seed": seed,
+                "device": "cpu",
+                "num_threads": threads,
+                "progress": False,
+            },
+            "output": {"dir": str(run_dir), "tensorboard": False, "overwrite": True},
+        }
+    )
     t0 = time.time()
     results, net, trained = train_or_reuse(cfg, data, run_dir, reuse)  # a stopped run continues from its checkpoint
     if trained:
-        log.info(f"[mtvib] {tag or model} seed {seed}: val {_acc(results['val'])} test {_acc(results['test'])} "
-              f"({time.time() - t0:.0f}s)")
+        log.info(
+            f"[mtvib] {tag or model} seed {seed}: val {_acc(results['val'])} test {_acc(results['test'])} "
+            f"({time.time() - t0:.0f}s)"
+        )
     return net, results
 
 
@@ -205,8 +275,12 @@ def run(args: argparse.Namespace) -> int:
             nets[w] = net
         best_w = max(scores, key=lambda k: scores[k])
         gs_weights = (float(best_w), float(1.0 - best_w))
-        extra["gs"] = {"grid": list(args.gs_grid), "val_score": {str(k): v for k, v in scores.items()},
-                       "chosen": list(gs_weights), "searched_on_seed": args.seeds[0]}
+        extra["gs"] = {
+            "grid": list(args.gs_grid),
+            "val_score": {str(k): v for k, v in scores.items()},
+            "chosen": list(gs_weights),
+            "searched_on_seed": args.seeds[0],
+        }
         curves["GS"].append(_curve(nets[best_w], data, etas, args, out / "runs" / f"GS-w{best_w:g}-s{args.seeds[0]}"))
     for seed in args.seeds:
         for m in args.models:
@@ -226,12 +300,25 @@ def run(args: argparse.Namespace) -> int:
     md = report(args.dataset, curves, etas, names, budget, extra, elapsed)
     print(md)
     (out / "table.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"dataset": args.dataset, "budget": budget, "etas": etas,
-                                                   "curves": curves, "paper": _paper_json(args.dataset),
-                                                   "seconds": elapsed, **extra}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "dataset": args.dataset,
+                "budget": budget,
+                "etas": etas,
+                "curves": curves,
+                "paper": _paper_json(args.dataset),
+                "seconds": elapsed,
+                **extra,
+            },
+            indent=1,
+        )
+    )
     plot(curves, etas, names, out, args.dataset)
-    log.info(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'accuracy_vs_eta.png'}, "
-          f"{out / 'joint_accuracy_vs_eta.png'}")
+    log.info(
+        f"wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'accuracy_vs_eta.png'}, "
+        f"{out / 'joint_accuracy_vs_eta.png'}"
+    )
     return 0
 
 
@@ -270,21 +357,31 @@ def merge(dirs: list[str | Path], out: str | Path) -> str:
     same = lambda b: {k: v for k, v in b.items() if k != "seeds"}  # noqa: E731
     curves: dict[str, list] = {}
     seeds: dict[str, list] = {}
-    merged = {"dataset": first["dataset"], "budget": same(first["budget"]), "etas": first["etas"],
-              "paper": first.get("paper"), "seconds": 0.0, "sources": [d for d, _ in loaded]}
+    merged = {
+        "dataset": first["dataset"],
+        "budget": same(first["budget"]),
+        "etas": first["etas"],
+        "paper": first.get("paper"),
+        "seconds": 0.0,
+        "sources": [d for d, _ in loaded],
+    }
     for d, res in loaded:
-        for key, mine, theirs in (("dataset", res["dataset"], first["dataset"]), ("etas", res["etas"], first["etas"]),
-                                  ("budget", same(res["budget"]), same(first["budget"]))):
+        for key, mine, theirs in (
+            ("dataset", res["dataset"], first["dataset"]),
+            ("etas", res["etas"], first["etas"]),
+            ("budget", same(res["budget"]), same(first["budget"])),
+        ):
             if mine != theirs:
                 raise ConfigError(f"cannot merge {d} with {first_dir}: {key} differs ({mine} vs {theirs})")
         for m, cs in res["curves"].items():
             if not cs:
                 continue
             if m in curves:
-                raise ConfigError(f"model {m} is in more than one of the merged directories ({d} and another); "
-                                  f"keep it in one")
+                raise ConfigError(
+                    f"model {m} is in more than one of the merged directories ({d} and another); keep it in one"
+                )
             curves[m] = cs
-            seeds[m] = res["budget"].get("seeds", [])[:len(cs)]
+            seeds[m] = res["budget"].get("seeds", [])[: len(cs)]
         merged["seconds"] += float(res.get("seconds", 0.0))
         if "gs" in res and "GS" in res["curves"] and res["curves"]["GS"]:
             merged["gs"] = res["gs"]
@@ -314,8 +411,15 @@ def _stats(curves: list[dict[str, dict[str, float]]], eta: float, key: str) -> t
     return float(np.mean(vals)), float(np.std(vals))
 
 
-def report(dataset: str, curves: dict[str, list[dict[str, dict[str, float]]]], etas: list[float], names: list[str],
-           budget: dict[str, Any], extra: dict[str, Any], seconds: float) -> str:
+def report(
+    dataset: str,
+    curves: dict[str, list[dict[str, dict[str, float]]]],
+    etas: list[float],
+    names: list[str],
+    budget: dict[str, Any],
+    extra: dict[str, Any],
+    seconds: float,
+) -> str:
     """Tables III/IV shape: one row per (task, η), one column per model, ``ours mean ± std (paper)`` in %.
 
     Example:
@@ -329,14 +433,21 @@ def report(dataset: str, curves: dict[str, list[dict[str, dict[str, float]]]], e
     table_no = {"multimnist": "III", "multifashion": "IV"}[dataset]
     models = [m for m in MODELS if curves.get(m)]
     paper = PAPER[dataset]
-    lines = [f"## MTVIB Table {table_no} ({dataset}): test accuracy % under FGSM, ours mean ± std over seeds "
-             f"(paper's number in parentheses)", "",
-             "Budget: " + ", ".join(f"{k}={v}" for k, v in budget.items())
-             + f"; wall time {seconds / 60:.1f} min. Paper: 120000/10000 images, 200 epochs, Adam 1e-4, batch 200.",
-             ""]
+    lines = [
+        f"## MTVIB Table {table_no} ({dataset}): test accuracy % under FGSM, ours mean ± std over seeds "
+        f"(paper's number in parentheses)",
+        "",
+        "Budget: "
+        + ", ".join(f"{k}={v}" for k, v in budget.items())
+        + f"; wall time {seconds / 60:.1f} min. Paper: 120000/10000 images, 200 epochs, Adam 1e-4, batch 200.",
+        "",
+    ]
     if "gs" in extra:
-        lines += [f"GS weights (left, right) chosen on validation: {extra['gs']['chosen']} from grid "
-                  f"{extra['gs']['grid']} (searched on seed {extra['gs']['searched_on_seed']}).", ""]
+        lines += [
+            f"GS weights (left, right) chosen on validation: {extra['gs']['chosen']} from grid "
+            f"{extra['gs']['grid']} (searched on seed {extra['gs']['searched_on_seed']}).",
+            "",
+        ]
     heads = [f"{m} (n={len(curves[m])})" for m in models]  # seeds per model
     lines += ["| task | η | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(models)]
     for i, n in enumerate(names):
@@ -347,8 +458,13 @@ def report(dataset: str, curves: dict[str, list[dict[str, dict[str, float]]]], e
                 p = paper.get(m, {}).get(n, {}).get(round(eta, 2))
                 cells.append(_pm(mu, sd, len(curves[m])) + (f" ({p:.1f})" if p is not None else ""))
             lines.append(f"| {i + 1} ({n}) | {eta:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", "### Joint accuracy % (both tasks right; MTVIB Fig. 5), mean ± std", "",
-              "| η | " + " | ".join(heads) + " |", "|---|" + "---|" * len(models)]
+    lines += [
+        "",
+        "### Joint accuracy % (both tasks right; MTVIB Fig. 5), mean ± std",
+        "",
+        "| η | " + " | ".join(heads) + " |",
+        "|---|" + "---|" * len(models),
+    ]
     for eta in etas:
         cells = [_pm(*_stats(curves[m], eta, "joint_accuracy"), len(curves[m])) for m in models]
         lines.append(f"| {eta:.2f} | " + " | ".join(cells) + " |")
@@ -356,19 +472,28 @@ def report(dataset: str, curves: dict[str, list[dict[str, dict[str, float]]]], e
     if len(etas) > 1:
         lo, hi = min(etas), max(etas)
         for m in models:
-            drops = [100 * np.mean([c[str(lo)][f"{n}/accuracy"] - c[str(hi)][f"{n}/accuracy"] for n in names])
-                     for c in curves[m]]
-            kept = [100 * np.mean([c[str(hi)][f"{n}/accuracy"] for n in names])
-                    / max(1e-12, float(np.mean([c[str(lo)][f"{n}/accuracy"] for n in names]))) for c in curves[m]]
+            drops = [
+                100 * np.mean([c[str(lo)][f"{n}/accuracy"] - c[str(hi)][f"{n}/accuracy"] for n in names])
+                for c in curves[m]
+            ]
+            kept = [
+                100
+                * np.mean([c[str(hi)][f"{n}/accuracy"] for n in names])
+                / max(1e-12, float(np.mean([c[str(lo)][f"{n}/accuracy"] for n in names])))
+                for c in curves[m]
+            ]
             n_seeds = len(drops)
-            lines.append(f"- {m}: {_pm(np.mean(drops), np.std(drops), n_seeds)} points lost; "
-                         f"{_pm(np.mean(kept), np.std(kept), n_seeds)} % of the clean accuracy kept "
-                         f"(η {lo:g} → {hi:g}, {n_seeds} seed(s))")
+            lines.append(
+                f"- {m}: {_pm(np.mean(drops), np.std(drops), n_seeds)} points lost; "
+                f"{_pm(np.mean(kept), np.std(kept), n_seeds)} % of the clean accuracy kept "
+                f"(η {lo:g} → {hi:g}, {n_seeds} seed(s))"
+            )
     return "\n".join(lines) + "\n"
 
 
-def plot(curves: dict[str, list[dict[str, dict[str, float]]]], etas: list[float], names: list[str], out: Path,
-         dataset: str) -> None:
+def plot(
+    curves: dict[str, list[dict[str, dict[str, float]]]], etas: list[float], names: list[str], out: Path, dataset: str
+) -> None:
     """``accuracy_vs_eta.png`` (one panel per task) and ``joint_accuracy_vs_eta.png`` (Fig. 5), mean ± std bands."""
     import matplotlib
 
@@ -401,9 +526,11 @@ def plot(curves: dict[str, list[dict[str, dict[str, float]]]], etas: list[float]
     plt.close(fig)
 
 
-register_reproduction(Reproduction(
-    name="mtvib",
-    help="MTVIB paper, Tables III/IV + Fig. 5: STL, STVIB, GS, UWL, MTVIB under FGSM on MultiMNIST/MultiFashion",
-    add_arguments=add_arguments,
-    run=run,
-))
+register_reproduction(
+    Reproduction(
+        name="mtvib",
+        help="MTVIB paper, Tables III/IV + Fig. 5: STL, STVIB, GS, UWL, MTVIB under FGSM on MultiMNIST/MultiFashion",
+        add_arguments=add_arguments,
+        run=run,
+    )
+)

@@ -41,6 +41,7 @@ Example:
     >>> verdict([0.012, 0.020, 0.009])[0], verdict([0.01, -0.02, 0.0])[0], verdict([0.03, -0.001, 0.02])[0]
     ('reproduced', 'not reproduced', 'inconclusive at this budget')
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,29 +94,41 @@ COMPARISONS: list[tuple[str, str, str, str]] = [
 ]
 SWEEP_COMPARISONS = COMPARISONS[:2]
 
-VERDICT_RULE = ("Verdict rule, per paired difference d_s = A_s − B_s of the mean test accuracy over the seeds s: "
-                "**reproduced** if d_s > 0 for every seed and mean(d) > std(d); **not reproduced** if mean(d) <= 0; "
-                "**inconclusive at this budget** otherwise; **not testable at this budget** with fewer than 2 paired "
-                "seeds. std: sample standard deviation over seeds (n − 1), here and in every ± of this report.")
+VERDICT_RULE = (
+    "Verdict rule, per paired difference d_s = A_s − B_s of the mean test accuracy over the seeds s: "
+    "**reproduced** if d_s > 0 for every seed and mean(d) > std(d); **not reproduced** if mean(d) <= 0; "
+    "**inconclusive at this budget** otherwise; **not testable at this budget** with fewer than 2 paired "
+    "seeds. std: sample standard deviation over seeds (n − 1), here and in every ± of this report."
+)
 
 #: per dataset: registry name, pairs, sizes (small / full), pair limits, trunks (per budget), default trunk
 SETUPS: dict[str, dict[str, Any]] = {
-    "images": {"dataset": "entangled_images", "pairs": list(IMAGE_PAIRS),
-               "small": {"n_train": 1500, "n_val": 500, "n_test": 2000},
-               "full": {"n_train": 8000, "n_val": 2000, "n_test": 8000},
-               "trunks": {"conv": {"small": {"encoder": "conv", "width": 384},
-                                   "full": {"encoder": "conv", "width": 384}},
-                          "mlp": {"small": {"encoder": "mlp", "hidden": [256, 128]},
-                                  "full": {"encoder": "mlp", "hidden": [512, 256]}}},
-               "trunk": "conv"},
-    "census": {"dataset": "entangled_census", "pairs": list(CENSUS_PAIRS),
-               # income>50k & never married is rare (1117 of 199,523 training rows): its counts are pool-limited
-               "small": {"n_train": 2000, "n_val": 500, "n_test": 2000},
-               "full": {"n_train": 8000, "n_val": 1000, "n_test": 4000},
-               "pair_limits": {"income_never_married": {"n_train": 1200, "n_val": 300}},
-               "trunks": {"mlp": {"small": {"encoder": "mlp", "hidden": [256, 128]},
-                                  "full": {"encoder": "mlp", "hidden": [512, 256]}}},
-               "trunk": "mlp"},
+    "images": {
+        "dataset": "entangled_images",
+        "pairs": list(IMAGE_PAIRS),
+        "small": {"n_train": 1500, "n_val": 500, "n_test": 2000},
+        "full": {"n_train": 8000, "n_val": 2000, "n_test": 8000},
+        "trunks": {
+            "conv": {"small": {"encoder": "conv", "width": 384}, "full": {"encoder": "conv", "width": 384}},
+            "mlp": {
+                "small": {"encoder": "mlp", "hidden": [256, 128]},
+                "full": {"encoder": "mlp", "hidden": [512, 256]},
+            },
+        },
+        "trunk": "conv",
+    },
+    "census": {
+        "dataset": "entangled_census",
+        "pairs": list(CENSUS_PAIRS),
+        # income>50k & never married is rare (1117 of 199,523 training rows): its counts are pool-limited
+        "small": {"n_train": 2000, "n_val": 500, "n_test": 2000},
+        "full": {"n_train": 8000, "n_val": 1000, "n_test": 4000},
+        "pair_limits": {"income_never_married": {"n_train": 1200, "n_val": 300}},
+        "trunks": {
+            "mlp": {"small": {"encoder": "mlp", "hidden": [256, 128]}, "full": {"encoder": "mlp", "hidden": [512, 256]}}
+        },
+        "trunk": "mlp",
+    },
 }
 DEFAULT_DATASETS = ["images", "census"]
 SMALL_EPOCHS, FULL_EPOCHS = 4, 30
@@ -123,38 +136,71 @@ MAIN_RATE = 0.75  # the paper's training agreement
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", nargs="+", choices=sorted(SETUPS), default=list(DEFAULT_DATASETS),
-                   help="datasets, each with its own tables (default: images census)")
-    p.add_argument("--pairs", nargs="+", default=None,
-                   help="attribute pairs (default: all of each dataset; with several datasets, pairs of the others "
-                        "are skipped)")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS),
-                   help=f"rows (default: {' '.join(DEFAULT_METHODS)})")
+    p.add_argument(
+        "--dataset",
+        nargs="+",
+        choices=sorted(SETUPS),
+        default=list(DEFAULT_DATASETS),
+        help="datasets, each with its own tables (default: images census)",
+    )
+    p.add_argument(
+        "--pairs",
+        nargs="+",
+        default=None,
+        help="attribute pairs (default: all of each dataset; with several datasets, pairs of the others are skipped)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        choices=list(METHODS),
+        help=f"rows (default: {' '.join(DEFAULT_METHODS)})",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2; >= 3 advised)")
     p.add_argument("--epochs", type=int, default=None, help=f"default {SMALL_EPOCHS} (small) / {FULL_EPOCHS} (--full)")
     p.add_argument("--n-train", type=int, default=None, help="override the budget's training-set size")
     p.add_argument("--n-val", type=int, default=None, help="override the budget's size of each validation set")
     p.add_argument("--n-test", type=int, default=None, help="override the budget's test-set size")
-    p.add_argument("--rates", type=float, nargs="+", default=[0.5, 0.75, 0.9, 1.0],
-                   help="training agreement rates of the sweep (default 0.5 0.75 0.9 1.0)")
-    p.add_argument("--sweep-pairs", nargs="+", default=None,
-                   help="pairs of the agreement sweep (default: the first pair of each dataset; 'none': no sweep)")
-    p.add_argument("--trunk", choices=["conv", "mlp"], default=None,
-                   help="shared trunk of the image pairs (default conv: MTVIB Table I(b), as HPS's); census always "
-                        "uses the MLP trunk")
-    p.add_argument("--full", action="store_true",
-                   help=f"the paper's protocol sizes and {FULL_EPOCHS} epochs (for an accelerator: add --device cuda)")
+    p.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.75, 0.9, 1.0],
+        help="training agreement rates of the sweep (default 0.5 0.75 0.9 1.0)",
+    )
+    p.add_argument(
+        "--sweep-pairs",
+        nargs="+",
+        default=None,
+        help="pairs of the agreement sweep (default: the first pair of each dataset; 'none': no sweep)",
+    )
+    p.add_argument(
+        "--trunk",
+        choices=["conv", "mlp"],
+        default=None,
+        help="shared trunk of the image pairs (default conv: MTVIB Table I(b), as HPS's); census always "
+        "uses the MLP trunk",
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help=f"the paper's protocol sizes and {FULL_EPOCHS} epochs (for an accelerator: add --device cuda)",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output directory (default runs/reproduce-rrmtdl)")
-    p.add_argument("--reuse", action="store_true",
-                   help="read back finished runs in --out trained with the same config (and resume stopped ones "
-                        "from their checkpoint) instead of retraining: continues a stopped reproduction")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read back finished runs in --out trained with the same config (and resume stopped ones "
+        "from their checkpoint) instead of retraining: continues a stopped reproduction",
+    )
 
 
 # --- statistics -------------------------------------------------------------------------------------------------
+
 
 def _std(vals: Sequence[float]) -> float:
     return float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
@@ -196,8 +242,9 @@ def verdict(diffs: Sequence[float]) -> tuple[str, str]:
     return "inconclusive at this budget", "; ".join(why)
 
 
-def paired_differences(a: Mapping[int, Mapping[str, float]], b: Mapping[int, Mapping[str, float]],
-                       metric: str = "test/mean_accuracy") -> dict[int, float]:
+def paired_differences(
+    a: Mapping[int, Mapping[str, float]], b: Mapping[int, Mapping[str, float]], metric: str = "test/mean_accuracy"
+) -> dict[int, float]:
     """``{seed: a[seed][metric] − b[seed][metric]}`` over the seeds both have, in seed order.
 
     Example:
@@ -208,6 +255,7 @@ def paired_differences(a: Mapping[int, Mapping[str, float]], b: Mapping[int, Map
 
 
 # --- budget and runs --------------------------------------------------------------------------------------------
+
 
 def _sizes(setup: dict[str, Any], pair: str, args: argparse.Namespace) -> dict[str, int]:
     sizes = dict(setup["full" if args.full else "small"])
@@ -225,28 +273,48 @@ def _trunk(setup: dict[str, Any], args: argparse.Namespace) -> tuple[str, dict[s
     return trunk, dict(setup["trunks"][trunk]["full" if args.full else "small"])
 
 
-def budget_line(name: str, args: argparse.Namespace, sizes: Mapping[str, Mapping[str, int]], trunk: str,
-                trunk_opts: Mapping[str, Any], device: str) -> str:
+def budget_line(
+    name: str,
+    args: argparse.Namespace,
+    sizes: Mapping[str, Mapping[str, int]],
+    trunk: str,
+    trunk_opts: Mapping[str, Any],
+    device: str,
+) -> str:
     """One line stating everything the numbers depend on (printed above every table)."""
     uniq = {json.dumps(dict(s), sort_keys=True) for s in sizes.values()}
     if len(uniq) == 1:
         s = next(iter(sizes.values()))
         size_txt = f"train {s['n_train']} / val {s['n_val']} (+{s['n_val']} reversed) / test {s['n_test']}"
     else:
-        size_txt = "; ".join(f"{p}: train {s['n_train']} / val {s['n_val']} (+{s['n_val']} reversed) / "
-                             f"test {s['n_test']}" for p, s in sizes.items())
+        size_txt = "; ".join(
+            f"{p}: train {s['n_train']} / val {s['n_val']} (+{s['n_val']} reversed) / test {s['n_test']}"
+            for p, s in sizes.items()
+        )
     topts = ", ".join(f"{k} {v}" for k, v in trunk_opts.items() if k != "encoder")
     threads = args.threads or torch.get_num_threads()
     kind = "full: the paper protocol sizes" if args.full else "small CPU budget" if device == "cpu" else "small budget"
     epochs = f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}"
-    return (f"Budget ({kind}; {name}): {size_txt}; {epochs}, batch {args.batch_size}, Adam lr {args.lr:g}; seeds "
-            f"{' '.join(map(str, args.seeds))}; trunk {trunk} ({topts}); RRMTDL branch "
-            f"{RRMTDL_WIDTHS['branch_width']}, projection {RRMTDL_WIDTHS['proj_width']}; device {device}"
-            f"{f' ({threads} threads)' if device == 'cpu' else ''}; selection on the training-like validation set.")
+    return (
+        f"Budget ({kind}; {name}): {size_txt}; {epochs}, batch {args.batch_size}, Adam lr {args.lr:g}; seeds "
+        f"{' '.join(map(str, args.seeds))}; trunk {trunk} ({topts}); RRMTDL branch "
+        f"{RRMTDL_WIDTHS['branch_width']}, projection {RRMTDL_WIDTHS['proj_width']}; device {device}"
+        f"{f' ({threads} threads)' if device == 'cpu' else ''}; selection on the training-like validation set."
+    )
 
 
-def _run_config(setup: dict[str, Any], key: str, pair: str, rate: float, seed: int, sizes: Mapping[str, int],
-                trunk_opts: Mapping[str, Any], groups: Any, args: argparse.Namespace, run_dir: Path) -> RunConfig:
+def _run_config(
+    setup: dict[str, Any],
+    key: str,
+    pair: str,
+    rate: float,
+    seed: int,
+    sizes: Mapping[str, int],
+    trunk_opts: Mapping[str, Any],
+    groups: Any,
+    args: argparse.Namespace,
+    run_dir: Path,
+) -> RunConfig:
     """The full config of one run: the dataset (pair, agreement, split seed, sizes) is part of it, so that ``--reuse``
     never reads back a run of another budget (:func:`mtlkit.runs.finished_run` compares the saved config)."""
     _, model, method, extra = METHODS[key]
@@ -255,13 +323,27 @@ def _run_config(setup: dict[str, Any], key: str, pair: str, rate: float, seed: i
         opts.update(RRMTDL_WIDTHS)
         opts["groups"] = groups
         opts.update(extra)
-    return RunConfig.from_dict({
-        "dataset": {"name": setup["dataset"], "options": {"pair": pair, "agreement": float(rate), "seed": seed,
-                                                          **sizes}},
-        "model": {"name": model, "options": opts}, "method": {"name": method},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "adam", "lr": args.lr,
-                  "seed": seed, "device": args.device, "progress": False, "num_threads": args.threads},
-        "output": {"dir": str(run_dir), "tensorboard": False, "overwrite": True}})
+    return RunConfig.from_dict(
+        {
+            "dataset": {
+                "name": setup["dataset"],
+                "options": {"pair": pair, "agreement": float(rate), "seed": seed, **sizes},
+            },
+            "model": {"name": model, "options": opts},
+            "method": {"name": method},
+            "train": {
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "optimizer": "adam",
+                "lr": args.lr,
+                "seed": seed,
+                "device": args.device,
+                "progress": False,
+                "num_threads": args.threads,
+            },
+            "output": {"dir": str(run_dir), "tensorboard": False, "overwrite": True},
+        }
+    )
 
 
 def _row(results: Mapping[str, Any], reversed_: Mapping[str, float], names: list[str]) -> dict[str, float]:
@@ -291,16 +373,19 @@ def run_one(data: MTLData, cfg: RunConfig, run_dir: Path, reuse: bool) -> tuple[
     return _row(results, rev, names), not trained
 
 
-
 # --- report -----------------------------------------------------------------------------------------------------
+
 
 def _label(key: str) -> str:
     return METHODS[key][0]
 
 
 def _table(rows: Mapping[str, Mapping[int, Mapping[str, float]]], names: list[str]) -> str:
-    cols = [f"test/{n}/accuracy" for n in names] + ["test/mean_accuracy", "val_reversed/mean_accuracy",
-                                                     "val/mean_accuracy"]
+    cols = [f"test/{n}/accuracy" for n in names] + [
+        "test/mean_accuracy",
+        "val_reversed/mean_accuracy",
+        "val/mean_accuracy",
+    ]
     heads = [f"{n} (test)" for n in names] + ["mean (test)", "mean (val, test-like)", "mean (val, train-like)"]
     lines = ["| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
     for key, by_seed in rows.items():
@@ -309,17 +394,28 @@ def _table(rows: Mapping[str, Mapping[int, Mapping[str, float]]], names: list[st
     return "\n".join(lines)
 
 
-def _comparisons(rows: Mapping[str, Mapping[int, Mapping[str, float]]],
-                 comparisons: Sequence[tuple[str, str, str, str]]) -> list[dict[str, Any]]:
+def _comparisons(
+    rows: Mapping[str, Mapping[int, Mapping[str, float]]], comparisons: Sequence[tuple[str, str, str, str]]
+) -> list[dict[str, Any]]:
     out = []
     for a, b, meaning, kind in comparisons:
         if a not in rows or b not in rows:
             continue
         d = paired_differences(rows[a], rows[b])
         word, why = verdict(list(d.values()))
-        out.append({"a": a, "b": b, "meaning": meaning, "kind": kind, "per_seed": d,
-                    "mean": float(np.mean(list(d.values()))) if d else float("nan"),
-                    "std": _std(list(d.values())), "verdict": word, "why": why})
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                "meaning": meaning,
+                "kind": kind,
+                "per_seed": d,
+                "mean": float(np.mean(list(d.values()))) if d else float("nan"),
+                "std": _std(list(d.values())),
+                "verdict": word,
+                "why": why,
+            }
+        )
     return out
 
 
@@ -335,13 +431,16 @@ def _diff_table(comps: list[dict[str, Any]]) -> str:
     lines = ["| paired difference (pp) | kind | mean ± std | per seed | verdict | why |", "|---|---|---|---|---|---|"]
     for c in comps:
         per = ", ".join(f"s{s}: {100 * v:+.2f}" for s, v in c["per_seed"].items())
-        lines.append(f"| {_label(c['a'])} − {_label(c['b'])} | {c['kind']}: {c['meaning']} | {_diff_txt(c)} | {per} "
-                     f"| **{c['verdict']}** | {c['why']} |")
+        lines.append(
+            f"| {_label(c['a'])} − {_label(c['b'])} | {c['kind']}: {c['meaning']} | {_diff_txt(c)} | {per} "
+            f"| **{c['verdict']}** | {c['why']} |"
+        )
     return "\n".join(lines)
 
 
-def _plot(sweep: Mapping[str, Mapping[str, Mapping[float, Mapping[int, Mapping[str, float]]]]], path: Path,
-          title: str) -> None:
+def _plot(
+    sweep: Mapping[str, Mapping[str, Mapping[float, Mapping[int, Mapping[str, float]]]]], path: Path, title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -368,6 +467,7 @@ def _plot(sweep: Mapping[str, Mapping[str, Mapping[float, Mapping[int, Mapping[s
 
 # --- the command ------------------------------------------------------------------------------------------------
 
+
 def _plan(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Per dataset: pairs, sweep pairs and the runs ``{(pair, rate): [method keys]}``, checked."""
     plans: dict[str, dict[str, Any]] = {}
@@ -375,8 +475,10 @@ def _plan(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for flag, given in (("--pairs", args.pairs), ("--sweep-pairs", args.sweep_pairs)):
         bad = sorted(p for p in (given or []) if p not in all_pairs and not (flag == "--sweep-pairs" and p == "none"))
         if bad:
-            raise SystemExit(f"error: unknown pair(s) {bad} for {flag} with --dataset {' '.join(args.dataset)}; "
-                             f"valid: {', '.join(sorted(all_pairs))}")
+            raise SystemExit(
+                f"error: unknown pair(s) {bad} for {flag} with --dataset {' '.join(args.dataset)}; "
+                f"valid: {', '.join(sorted(all_pairs))}"
+            )
     for name in args.dataset:
         valid = SETUPS[name]["pairs"]
         pairs = [p for p in args.pairs if p in valid] if args.pairs else list(valid)
@@ -442,20 +544,34 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or "runs/reproduce-rrmtdl")
     out.mkdir(parents=True, exist_ok=True)
     total = sum(len(keys) for p in plans.values() for keys in p["jobs"].values()) * len(args.seeds)
-    log.info(f"[rrmtdl] {total} runs planned ({', '.join(plans)}; seeds {args.seeds}; device {device}); "
-          f"{'--reuse: finished runs are read back' if args.reuse else 'retraining every run'}")
+    log.info(
+        f"[rrmtdl] {total} runs planned ({', '.join(plans)}; seeds {args.seeds}; device {device}); "
+        f"{'--reuse: finished runs are read back' if args.reuse else 'retraining every run'}"
+    )
     t0 = time.time()
     done = trained = 0
     train_time = 0.0
-    report = ["# RRMTDL entangled-label reproduction: does RRMTDL beat HPS on the reversed-correlation test set?", "",
-              ("Fang et al., \"Adversarial Learning Guided Task Relatedness Refinement for Multi-Task Deep Learning\", "
-               "IEEE TMM 25 (2023), doi:10.1109/TMM.2022.3216460. Paper numbers: none public (only the abstract is "
-               "available), so no paper column."), "",
-              ("Rows: RRMTDL (the paper's DANN λ schedule); RRMTDL (λ=0): the same network and adversarial heads, no "
-               "reversed gradient into the branch; RRMTDL (λ=1 const): the released code's effective schedule. Seed s "
-               "draws the split and initialises every row alike, so differences are paired per seed. Test sets have "
-               "agreement 0 % (the training correlation reversed)."), "",
-              f"Command: `{command_line(args, out)}`", "", VERDICT_RULE, ""]
+    report = [
+        "# RRMTDL entangled-label reproduction: does RRMTDL beat HPS on the reversed-correlation test set?",
+        "",
+        (
+            'Fang et al., "Adversarial Learning Guided Task Relatedness Refinement for Multi-Task Deep Learning", '
+            "IEEE TMM 25 (2023), doi:10.1109/TMM.2022.3216460. Paper numbers: none public (only the abstract is "
+            "available), so no paper column."
+        ),
+        "",
+        (
+            "Rows: RRMTDL (the paper's DANN λ schedule); RRMTDL (λ=0): the same network and adversarial heads, no "
+            "reversed gradient into the branch; RRMTDL (λ=1 const): the released code's effective schedule. Seed s "
+            "draws the split and initialises every row alike, so differences are paired per seed. Test sets have "
+            "agreement 0 % (the training correlation reversed)."
+        ),
+        "",
+        f"Command: `{command_line(args, out)}`",
+        "",
+        VERDICT_RULE,
+        "",
+    ]
     results: dict[str, Any] = {"verdict_rule": VERDICT_RULE, "datasets": {}}
     verdicts: list[tuple[str, str, dict[str, Any], str]] = []
     for name, plan in plans.items():
@@ -469,12 +585,28 @@ def run(args: argparse.Namespace) -> int:
         for (pair, rate), keys in plan["jobs"].items():
             for seed in args.seeds:
                 data = build_dataset(setup["dataset"], pair=pair, agreement=rate, seed=seed, **pair_sizes[pair])
-                info.setdefault((pair, rate), data.info | {"names": [t.name for t in data.tasks],
-                                                          "sizes": (len(data.train), len(data.val), len(data.test))})
+                info.setdefault(
+                    (pair, rate),
+                    data.info
+                    | {
+                        "names": [t.name for t in data.tasks],
+                        "sizes": (len(data.train), len(data.val), len(data.test)),
+                    },
+                )
                 for key in keys:
                     run_dir = out / name / pair / f"agree{rate:g}" / f"{key}-s{seed}"
-                    cfg = _run_config(setup, key, pair, rate, seed, pair_sizes[pair], trunk_opts,
-                                      data.info.get("groups"), args, run_dir)
+                    cfg = _run_config(
+                        setup,
+                        key,
+                        pair,
+                        rate,
+                        seed,
+                        pair_sizes[pair],
+                        trunk_opts,
+                        data.info.get("groups"),
+                        args,
+                        run_dir,
+                    )
                     t_run = time.time()
                     row, reused = run_one(data, cfg, run_dir, args.reuse)
                     rows.setdefault((pair, rate), {}).setdefault(key, {})[seed] = row
@@ -483,10 +615,12 @@ def run(args: argparse.Namespace) -> int:
                         trained += 1
                         train_time += time.time() - t_run
                     eta = (train_time / trained) * (total - done) if trained else float("nan")
-                    log.info(f"[rrmtdl {time.time() - t0:.0f}s] {done}/{total} {name} {pair} agreement {rate:g} "
-                          f"{_label(key)} seed {seed}: test mean acc {100 * row['test/mean_accuracy']:.2f}"
-                          f"{' (read back)' if reused else f' ({time.time() - t_run:.0f}s)'}"
-                          f"{f'; ~{eta / 60:.0f} min left' if np.isfinite(eta) else ''}")
+                    log.info(
+                        f"[rrmtdl {time.time() - t0:.0f}s] {done}/{total} {name} {pair} agreement {rate:g} "
+                        f"{_label(key)} seed {seed}: test mean acc {100 * row['test/mean_accuracy']:.2f}"
+                        f"{' (read back)' if reused else f' ({time.time() - t_run:.0f}s)'}"
+                        f"{f'; ~{eta / 60:.0f} min left' if np.isfinite(eta) else ''}"
+                    )
                 del data
         res_ds: dict[str, Any] = {"budget": budget, "pairs": {}, "sweep": {}}
         report += [f"## {name}", ""]
@@ -495,34 +629,56 @@ def run(args: argparse.Namespace) -> int:
             names, c = meta["names"], meta["counts"]
             ntr, nva, nte = meta["sizes"]
             comps = _comparisons(r, COMPARISONS)
-            report += [f"### {pair} (tasks {', '.join(names)}; entangled {meta['pair'][0]} × {meta['pair'][1]})", "",
-                       (f"train {ntr} (cells 11/00/10/01: {c['train']}), agreement "
-                        f"{100 * meta['agreement']['train']:.0f} %; val {nva} training-like; val_reversed "
-                        f"{len(meta['val_reversed'])}; test {nte} (agreement 0 %)."), "",
-                       f"Accuracy (%), mean ± std over seeds. {budget}", "", _table(r, names), "",
-                       f"Paired per-seed differences of the mean test accuracy (percentage points). {budget}", "",
-                       _diff_table(comps), ""]
+            report += [
+                f"### {pair} (tasks {', '.join(names)}; entangled {meta['pair'][0]} × {meta['pair'][1]})",
+                "",
+                (
+                    f"train {ntr} (cells 11/00/10/01: {c['train']}), agreement "
+                    f"{100 * meta['agreement']['train']:.0f} %; val {nva} training-like; val_reversed "
+                    f"{len(meta['val_reversed'])}; test {nte} (agreement 0 %)."
+                ),
+                "",
+                f"Accuracy (%), mean ± std over seeds. {budget}",
+                "",
+                _table(r, names),
+                "",
+                f"Paired per-seed differences of the mean test accuracy (percentage points). {budget}",
+                "",
+                _diff_table(comps),
+                "",
+            ]
             for cmp in comps:
                 verdicts.append((name, pair, cmp, budget))
-            res_ds["pairs"][pair] = {"tasks": names, "counts": c, "agreement_rate": MAIN_RATE,
-                                     "rows": {k: {str(s): v for s, v in by.items()} for k, by in r.items()},
-                                     "paired_differences": comps}
+            res_ds["pairs"][pair] = {
+                "tasks": names,
+                "counts": c,
+                "agreement_rate": MAIN_RATE,
+                "rows": {k: {str(s): v for s, v in by.items()} for k, by in r.items()},
+                "paired_differences": comps,
+            }
         if plan["sweep_pairs"]:
             rates = sorted({float(x) for x in args.rates})
-            sweep = {p: {k: {x: rows[(p, x)][k] for x in rates} for k in plan["sweep_methods"]}
-                     for p in plan["sweep_pairs"]}
+            sweep = {
+                p: {k: {x: rows[(p, x)][k] for x in rates} for k in plan["sweep_methods"]} for p in plan["sweep_pairs"]
+            }
             png = out / f"rrmtdl_{name}_agreement.png"
             _plot(sweep, png, f"RRMTDL vs HPS on {name}: accuracy vs training agreement. {budget}")
-            report += ["### Test accuracy (mean of the tasks) against the training agreement rate", "",
-                       (f"Rows: mean ± std over seeds (%); difference rows: paired per seed (pp) with the "
-                        f"verdict. {budget}"), "",
-                       "| pair | row | " + " | ".join(f"{100 * x:.0f} %" for x in rates) + " |",
-                       "|---|---|" + "---|" * len(rates)]
+            report += [
+                "### Test accuracy (mean of the tasks) against the training agreement rate",
+                "",
+                (f"Rows: mean ± std over seeds (%); difference rows: paired per seed (pp) with the verdict. {budget}"),
+                "",
+                "| pair | row | " + " | ".join(f"{100 * x:.0f} %" for x in rates) + " |",
+                "|---|---|" + "---|" * len(rates),
+            ]
             res_ds["sweep"] = {}
             for pair, by_m in sweep.items():
                 for key, by_rate in by_m.items():
-                    report.append(f"| {pair} | {_label(key)} | " + " | ".join(
-                        _fmt([v["test/mean_accuracy"] for v in by_rate[x].values()]) for x in rates) + " |")
+                    report.append(
+                        f"| {pair} | {_label(key)} | "
+                        + " | ".join(_fmt([v["test/mean_accuracy"] for v in by_rate[x].values()]) for x in rates)
+                        + " |"
+                    )
                 per_rate = {x: _comparisons(rows[(pair, x)], SWEEP_COMPARISONS) for x in rates}
                 for _i, (a, b, _, _) in enumerate(SWEEP_COMPARISONS):
                     if a not in by_m or b not in by_m:
@@ -533,21 +689,33 @@ def run(args: argparse.Namespace) -> int:
                         cells.append(f"{_diff_txt(cmp)}: {cmp['verdict']}")
                     report.append(f"| {pair} | {_label(a)} − {_label(b)} | " + " | ".join(cells) + " |")
                 res_ds["sweep"][pair] = {
-                    "rows": {k: {str(x): {str(s): v for s, v in by_rate[x].items()} for x in rates}
-                             for k, by_rate in by_m.items()},
-                    "paired_differences": {str(x): per_rate[x] for x in rates}}
+                    "rows": {
+                        k: {str(x): {str(s): v for s, v in by_rate[x].items()} for x in rates}
+                        for k, by_rate in by_m.items()
+                    },
+                    "paired_differences": {str(x): per_rate[x] for x in rates},
+                }
             report += ["", f"![agreement sweep]({png.name})", ""]
         results["datasets"][name] = res_ds
     # verdicts, one line per claim and pair, then a count per claim
     budgets = list(dict.fromkeys(b for _, _, _, b in verdicts))
-    report += ["## Verdicts", "", VERDICT_RULE, "", "  \n".join(budgets), "",
-               "| comparison | claim | dataset | pair | mean ± std (pp) | verdict | why | budget |",
-               "|---|---|---|---|---|---|---|---|"]
+    report += [
+        "## Verdicts",
+        "",
+        VERDICT_RULE,
+        "",
+        "  \n".join(budgets),
+        "",
+        "| comparison | claim | dataset | pair | mean ± std (pp) | verdict | why | budget |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     summary: dict[str, dict[str, list[str]]] = {}
     for name, pair, cmp, budget in verdicts:
         label = f"{_label(cmp['a'])} − {_label(cmp['b'])}"
-        report.append(f"| {label} | {cmp['kind']}: {cmp['meaning']} | {name} | {pair} | {_diff_txt(cmp)} | "
-                      f"**{cmp['verdict']}** | {cmp['why']} | {budget.split(':', 1)[0]} |")
+        report.append(
+            f"| {label} | {cmp['kind']}: {cmp['meaning']} | {name} | {pair} | {_diff_txt(cmp)} | "
+            f"**{cmp['verdict']}** | {cmp['why']} | {budget.split(':', 1)[0]} |"
+        )
         summary.setdefault(label, {}).setdefault(cmp["verdict"], []).append(f"{name}/{pair}")
     report.append("")
     for label, by_word in summary.items():
@@ -566,5 +734,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-register_reproduction(Reproduction("rrmtdl", "RRMTDL entangled-label protocol: reversed-correlation test accuracy, "
-                                             "with the λ = 0 and constant-λ controls", add_arguments, run))
+register_reproduction(
+    Reproduction(
+        "rrmtdl",
+        "RRMTDL entangled-label protocol: reversed-correlation test accuracy, with the λ = 0 and constant-λ controls",
+        add_arguments,
+        run,
+    )
+)

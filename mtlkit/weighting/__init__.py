@@ -8,6 +8,7 @@ Example:
     >>> DWA().temperature
     2.0
 """
+
 from mtlkit.weighting._base import EW, StepContext, Weighting
 from mtlkit.weighting.constant import Constant
 from mtlkit.weighting.dbmtl import DBMTLAggregator, LogLoss
@@ -21,18 +22,18 @@ from mtlkit.weighting.rlw import RLW
 from mtlkit.weighting.uw import UW
 
 __all__ = [
-           "DWA",
-           "EW",
-           "FAMO",
-           "GLS",
-           "IMTLL",
-           "MTMLANTDB",
-           "RLW",
-           "UW",
-           "Constant",
-           "DBMTLAggregator",
-           "GradNorm",
-           "LogLoss",
-           "StepContext",
-           "Weighting",
+    "DWA",
+    "EW",
+    "FAMO",
+    "GLS",
+    "IMTLL",
+    "MTMLANTDB",
+    "RLW",
+    "UW",
+    "Constant",
+    "DBMTLAggregator",
+    "GradNorm",
+    "LogLoss",
+    "StepContext",
+    "Weighting",
 ]

@@ -1,4 +1,5 @@
 """Base class of loss-space methods (weightings)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -96,8 +97,10 @@ class Weighting(nn.Module):
             raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
         if self.num_tasks is not None:
             if self.num_tasks != num_tasks:
-                raise ValueError(f"{type(self).__name__} is already set up for T={self.num_tasks} tasks; "
-                                 f"cannot set it up again for T={num_tasks} (build a new weighting)")
+                raise ValueError(
+                    f"{type(self).__name__} is already set up for T={self.num_tasks} tasks; "
+                    f"cannot set it up again for T={num_tasks} (build a new weighting)"
+                )
             return
         self._build(num_tasks)
         self.num_tasks = num_tasks
@@ -113,7 +116,8 @@ class Weighting(nn.Module):
             if self.requires_setup:
                 raise RuntimeError(
                     f"{type(self).__name__} has learnable per-task parameters: call .setup(num_tasks={T}) before "
-                    f"building the optimiser (and add its .parameters() to it), then call it on the losses")
+                    f"building the optimiser (and add its .parameters() to it), then call it on the losses"
+                )
             self.setup(T)
         elif T != self.num_tasks:
             raise ValueError(f"{type(self).__name__} was set up for T={self.num_tasks} tasks but got {T} losses")
@@ -131,8 +135,9 @@ class Weighting(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         T = state.get("num_tasks") if isinstance(state, Mapping) else None
         if T is not None and self.num_tasks is not None and T != self.num_tasks:
-            raise ValueError(f"checkpoint is for T={T} tasks but {type(self).__name__} is set up for "
-                             f"T={self.num_tasks}")
+            raise ValueError(
+                f"checkpoint is for T={T} tasks but {type(self).__name__} is set up for T={self.num_tasks}"
+            )
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         extra = state_dict.get("_extra_state") if isinstance(state_dict, Mapping) else None

@@ -4,6 +4,7 @@ The state lives in the weighting's buffers (not in a ``torch.optim`` object) so 
 ``load_state_dict`` resume a run exactly. :func:`adam_step` reproduces ``torch.optim.Adam`` (L2 ``weight_decay``
 added to the gradient, bias-corrected moments, ``eps`` added after the square root), step for step.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,17 @@ def check_optimizer(name: str, lr: float) -> str:
 
 
 @torch.no_grad()
-def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr: float,
-              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+def adam_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> None:
     """One in-place Adam step of ``param`` along ``grad`` (``step`` is a 0-d counter buffer, incremented here).
 
     Example:
@@ -46,8 +56,8 @@ def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, 
         g = g.add(param, alpha=weight_decay)
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bias1 = 1 - beta1 ** n
-    bias2 = 1 - beta2 ** n
+    bias1 = 1 - beta1**n
+    bias2 = 1 - beta2**n
     denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
     param.addcdiv_(exp_avg, denom, value=-lr / bias1)
 

@@ -8,6 +8,7 @@ Example:
     >>> c = Constant([0.25, 0.75]); c(torch.tensor([2.0, 4.0]))
     tensor([0.5000, 3.0000])
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -20,8 +21,11 @@ from mtlkit.errors import ConfigError
 from mtlkit.weighting._base import StepContext, Weighting
 
 
-@METHODS.register("constant", zoo=False,
-                  zoo_reason="without weights it is EW; its weights are chosen per problem (a grid search, as MTVIB's GS baseline)")
+@METHODS.register(
+    "constant",
+    zoo=False,
+    zoo_reason="without weights it is EW; its weights are chosen per problem (a grid search, as MTVIB's GS baseline)",
+)
 class Constant(Weighting):
     """Constant task weights (one per task); MTVIB's GS baseline once they are grid-searched.
 
@@ -33,10 +37,16 @@ class Constant(Weighting):
         if weights is None:
             return
         w = torch.as_tensor(list(weights), dtype=torch.float32)
-        if w.dim() != 1 or w.numel() == 0 or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) \
-                or float(w.sum()) <= 0:
-            raise ConfigError(f"constant weights must be a non-empty list of finite numbers >= 0, not all 0; got "
-                             f"{list(weights)}")
+        if (
+            w.dim() != 1
+            or w.numel() == 0
+            or not bool(torch.isfinite(w).all())
+            or bool((w < 0).any())
+            or float(w.sum()) <= 0
+        ):
+            raise ConfigError(
+                f"constant weights must be a non-empty list of finite numbers >= 0, not all 0; got {list(weights)}"
+            )
         self.task_weights = w
 
     def _build(self, num_tasks: int) -> None:

@@ -3,6 +3,7 @@
 Lin, Ye, Xu, Shi & Zhang, "Dual-balancing for multi-task learning", arXiv:2308.12029 (2023): loss-scale balancing
 by the log transform (Sec. 3.1, Eq. 2) and gradient-magnitude balancing (Sec. 3.2, Eq. 3-4; Algorithm 1).
 """
+
 from __future__ import annotations
 
 import math
@@ -78,12 +79,14 @@ class DBMTLAggregator(Aggregator):
 
     def aggregate(self, J: Tensor) -> Tensor:
         if self._buffer is not None and self._buffer.shape != J.shape:
-            raise ValueError(f"DB-MTL keeps an EMA of per-task gradients of shape {tuple(self._buffer.shape)} but "
-                             f"got {tuple(J.shape)}: the tasks or shared parameters changed (or level is "
-                             f"'representation', which DB-MTL does not support)")
+            raise ValueError(
+                f"DB-MTL keeps an EMA of per-task gradients of shape {tuple(self._buffer.shape)} but "
+                f"got {tuple(J.shape)}: the tasks or shared parameters changed (or level is "
+                f"'representation', which DB-MTL does not support)"
+            )
         self._step += 1
         buf = self._buffer.to(J) if self._buffer is not None else torch.zeros_like(J)
-        b = self.beta / self._step ** self.beta_sigma
+        b = self.beta / self._step**self.beta_sigma
         buf = J.detach() + b * (buf - J.detach())
         self._buffer = buf
         norms = buf.norm(dim=1)

@@ -2,6 +2,7 @@
 
 Liu, Johns & Davison, "End-to-end multi-task learning with attention", CVPR 2019, Sec. 3.3, Eq. 7.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,12 @@ class DWA(Weighting):
 
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(
-                temperature) or temperature <= 0:
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature)
+            or temperature <= 0
+        ):
             raise ConfigError(f"DWA temperature must be a positive finite number, got {temperature!r}")
         self.temperature = float(temperature)
 

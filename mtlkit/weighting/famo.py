@@ -3,6 +3,7 @@
 Liu, Liang, Chen, Stone & Liu, "FAMO: Fast adaptive multitask optimization", NeurIPS 2023, Algorithm 1 (Eq. 4-7),
 following the official implementation (github.com/Cranial-XIX/FAMO, ``famo.py`` and ``methods/weight_methods.py``).
 """
+
 from __future__ import annotations
 
 import math
@@ -53,9 +54,14 @@ class FAMO(Weighting):
 
     needs_loss_after_step = True
 
-    def __init__(self, lr: float = 0.025, weight_decay: float = 1e-5,
-                 min_losses: Sequence[float] | Tensor | None = None, eps: float = 1e-8,
-                 betas: tuple[float, float] = (0.9, 0.999)) -> None:
+    def __init__(
+        self,
+        lr: float = 0.025,
+        weight_decay: float = 1e-5,
+        min_losses: Sequence[float] | Tensor | None = None,
+        eps: float = 1e-8,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ) -> None:
         super().__init__()
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ConfigError(f"FAMO lr must be a positive finite number, got {lr!r}")
@@ -84,8 +90,9 @@ class FAMO(Weighting):
         z = torch.softmax(self.logits, dim=0).to(device=losses.device, dtype=losses.dtype)
         D = losses - self.min_losses.to(losses) + self.eps
         if bool((D.detach() <= 0).any()):
-            raise ValueError(f"FAMO needs losses above min_losses, got {losses.detach().tolist()} vs "
-                             f"{self.min_losses.tolist()}")
+            raise ValueError(
+                f"FAMO needs losses above min_losses, got {losses.detach().tolist()} vs {self.min_losses.tolist()}"
+            )
         c = (z / D).sum().detach()
         if self._updating():
             self.prev_losses.copy_(losses.detach())
@@ -103,6 +110,7 @@ class FAMO(Weighting):
         delta = torch.log(self.prev_losses - m + self.eps) - torch.log(new_losses.detach().to(m) - m + self.eps)
         z = torch.softmax(self.logits, dim=0)
         grad = z * (delta - (z * delta).sum())  # J_softmax(ξ)ᵀ δ (softmax's Jacobian is symmetric)
-        adam_step(self.logits, grad, self.exp_avg, self.exp_avg_sq, self.step, self.lr, self.betas, 1e-8,
-                  self.weight_decay)
+        adam_step(
+            self.logits, grad, self.exp_avg, self.exp_avg_sq, self.step, self.lr, self.betas, 1e-8, self.weight_decay
+        )
         self.has_prev.fill_(False)

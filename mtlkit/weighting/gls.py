@@ -3,6 +3,7 @@
 Chennupati, Sistu, Yogamani & Rawashdeh, "MultiNet++: Multi-stream feature aggregation and geometric loss strategy
 for multi-task learning", CVPR Workshops 2019, Eq. 1: ``L_GLS = (Π_t L_t)^{1/T}``.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient normalization for adaptive loss balancing in deep
 multitask networks", ICML 2018, Sec. 3.2, Eq. 1-2 and Algorithm 1.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,10 @@ def _last_shared_layer(ctx: StepContext | None) -> list[Tensor]:
         mats = [p for p in ctx.shared_params if p.dim() >= 2 and p.requires_grad]
         if mats:
             return [mats[-1]]
-    raise ValueError("GradNorm needs the shared layer to take gradient norms at: pass "
-                     "StepContext(last_shared_layer=[W]) or StepContext(shared_params=...) to forward")
+    raise ValueError(
+        "GradNorm needs the shared layer to take gradient norms at: pass "
+        "StepContext(last_shared_layer=[W]) or StepContext(shared_params=...) to forward"
+    )
 
 
 @METHODS.register("gradnorm")
@@ -71,8 +74,15 @@ class GradNorm(Weighting):
         (tensor([1.0582, 0.9418]), 2.0)
     """
 
-    def __init__(self, alpha: float = 1.5, lr: float = 0.025, optimizer: str = "adam",
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, min_weight: float = 1e-3) -> None:
+    def __init__(
+        self,
+        alpha: float = 1.5,
+        lr: float = 0.025,
+        optimizer: str = "adam",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        min_weight: float = 1e-3,
+    ) -> None:
         super().__init__()
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
             raise ConfigError(f"alpha (restoring-force exponent) must be a finite number >= 0, got {alpha!r}")
@@ -118,8 +128,10 @@ class GradNorm(Weighting):
     def _first_losses(self, detached: Tensor) -> None:
         if not bool(self.has_initial):
             if bool((detached <= 0).any()):
-                raise ValueError(f"{type(self).__name__} divides by the first step's losses L(0), which must be "
-                                 f"positive; got {detached.tolist()}")
+                raise ValueError(
+                    f"{type(self).__name__} divides by the first step's losses L(0), which must be "
+                    f"positive; got {detached.tolist()}"
+                )
             self.initial_losses.copy_(detached)
             self.has_initial.fill_(True)
 
@@ -131,15 +143,15 @@ class GradNorm(Weighting):
             self._first_losses(detached)
             self.grad_norms.copy_(norms)
             w = self.task_weights
-            G = w * norms                                    # G_t = ||∇ w_t L_t|| = w_t ||∇ L_t||
-            ratio = detached / self.initial_losses            # L̃_t
-            r = ratio / ratio.mean()                          # r_t
-            target = G.mean() * r.pow(self.alpha)             # constant target Ḡ·r_t^α
-            grad = self._penalty().to(w) * torch.sign(G - target) * norms   # ∂L_grad/∂w_t
+            G = w * norms  # G_t = ||∇ w_t L_t|| = w_t ||∇ L_t||
+            ratio = detached / self.initial_losses  # L̃_t
+            r = ratio / ratio.mean()  # r_t
+            target = G.mean() * r.pow(self.alpha)  # constant target Ḡ·r_t^α
+            grad = self._penalty().to(w) * torch.sign(G - target) * norms  # ∂L_grad/∂w_t
             if self.optimizer == "adam":
                 adam_step(w, grad, self.exp_avg, self.exp_avg_sq, self.step, self.lr, self.betas, self.eps)
             else:
                 self.step.add_(1)
                 sgd_step(w, grad, self.lr)
             w.clamp_(min=self.min_weight)
-            w.mul_(w.numel() / w.sum())                       # renormalise: Σ w = T
+            w.mul_(w.numel() / w.sum())  # renormalise: Σ w = T

@@ -3,6 +3,7 @@
 Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards impartial multi-task learning", ICLR 2021, Sec. 3.2 (Eq. 2
 and the scale-invariant loss ``e^{s_t} L_t - s_t``).
 """
+
 from __future__ import annotations
 
 import torch

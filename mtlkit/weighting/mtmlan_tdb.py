@@ -5,6 +5,7 @@ International Conference on Information Reuse and Integration for Data Science (
 10.1109/IRI49571.2020.00042; Sec. III-B-2, Eq. 10-16 and the ten-step procedure that follows them. The sample-level half (focal-style loss, Eq. 8-9) is a loss, not a
 weighting.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -21,8 +22,11 @@ from mtlkit.weighting.gradnorm import GradNorm
 GRAD_AT = ("task_first_layer", "last_shared_layer")
 
 
-@METHODS.register("mtmlan_tdb", zoo=False,
-                  zoo_reason="its default grad_at='task_first_layer' needs a model that exposes each task's first layer (model mtmlan); the zoo trains HPS")
+@METHODS.register(
+    "mtmlan_tdb",
+    zoo=False,
+    zoo_reason="its default grad_at='task_first_layer' needs a model that exposes each task's first layer (model mtmlan); the zoo trains HPS",
+)
 class MTMLANTDB(GradNorm):
     r"""MTMLAN task-level dynamic balancing: GradNorm + N/n_j task-imbalance penalty (Eq. 10-16).
 
@@ -70,9 +74,18 @@ class MTMLANTDB(GradNorm):
         tensor([0.9829, 1.0171])
     """
 
-    def __init__(self, counts: Sequence[int] | Tensor | None = None, num_samples: int | None = None,
-                 alpha: float = 1.0, grad_at: str = "task_first_layer", lr: float = 1e-3, optimizer: str = "sgd",
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, min_weight: float = 1e-3) -> None:
+    def __init__(
+        self,
+        counts: Sequence[int] | Tensor | None = None,
+        num_samples: int | None = None,
+        alpha: float = 1.0,
+        grad_at: str = "task_first_layer",
+        lr: float = 1e-3,
+        optimizer: str = "sgd",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        min_weight: float = 1e-3,
+    ) -> None:
         super().__init__(alpha=alpha, lr=lr, optimizer=optimizer, betas=betas, eps=eps, min_weight=min_weight)
         if grad_at not in GRAD_AT:
             raise ConfigError(f"unknown grad_at {grad_at!r}; valid values are: {', '.join(GRAD_AT)}")
@@ -122,8 +135,10 @@ class MTMLANTDB(GradNorm):
 
     def _penalty(self) -> Tensor:
         if not bool(self.has_counts):
-            raise ValueError("MTMLANTDB needs the per-task instance counts n_j: build it with counts=[...] "
-                             "(from the training data) or call set_counts(counts) before training")
+            raise ValueError(
+                "MTMLANTDB needs the per-task instance counts n_j: build it with counts=[...] "
+                "(from the training data) or call set_counts(counts) before training"
+            )
         return self.penalty
 
     # ---------------------------------------------------------------- gradient norms
@@ -135,7 +150,12 @@ class MTMLANTDB(GradNorm):
             raise ValueError(
                 f"MTMLANTDB(grad_at='task_first_layer') needs StepContext(task_layers=...) with the first-layer "
                 f"weights of each of the T={losses.shape[0]} task-specific networks (got {len(layers)}); or use "
-                f"grad_at='last_shared_layer'")
+                f"grad_at='last_shared_layer'"
+            )
         # Task j's row: ∇_{W_j} L_j, at its own head's first layer only.
-        return torch.stack([per_task_grads(losses[j:j + 1], list(layers[j]), retain_graph=True).norm()
-                            for j in range(losses.shape[0])])
+        return torch.stack(
+            [
+                per_task_grads(losses[j : j + 1], list(layers[j]), retain_graph=True).norm()
+                for j in range(losses.shape[0])
+            ]
+        )

@@ -3,6 +3,7 @@
 Lin, Ye, Xu, Shi & Zhang, "Reasonable effectiveness of random weighting: a litmus test for multi-task learning",
 TMLR 2022 (arXiv:2111.10603), Sec. 3, Eq. 3: ``λ = softmax(λ̃)``, ``λ̃ ~ N(0, I)`` drawn anew at every step.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Kendall, Gal & Cipolla, "Multi-task learning using uncertainty to weigh losses f
 CVPR 2018 (Eq. 5 regression, Eq. 10 classification), and the classification form used by MTVIB (Qian, Chen & Lin,
 "Multi-task variational information bottleneck", Eq. 22-23).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
