@@ -44,3 +44,16 @@ def own_loop() -> Iterator[dict[str, Any]]:
     for p, p0 in zip(model.parameters(), before, strict=True):
         assert p.grad is not None and torch.isfinite(p.grad).all()
         assert not torch.equal(p.detach(), p0)
+
+
+def new_method() -> Iterator[dict[str, Any]]:
+    """README, "Your own method": the snippet registers a method; afterwards it is checked and unregistered again, so
+    that the registry-derived method lists of the other tests stay as they are."""
+    from mtlkit._registry import METHODS
+    from mtlkit.methods import available_methods, method_options
+
+    yield {}
+    try:
+        assert "loss_power" in available_methods() and method_options("loss_power") == {"p": 0.5}
+    finally:
+        METHODS._entries.pop("loss_power", None)  # test-only: the registry offers no public way to forget a name
