@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import step_time  # noqa: E402  (the same model, data and LibMTL glue as the per-process benchmark)
+import step_time  # (the same model, data and LibMTL glue as the per-process benchmark)
 
 
 def main() -> int:
@@ -50,8 +50,8 @@ def main() -> int:
 
     import torch
 
-    from mtlkit.engine.autodiff import backward, stack
     from mtlkit.data import build_dataset
+    from mtlkit.engine.autodiff import backward, stack
     from mtlkit.methods import build_method
     from mtlkit.models import HPS, ConvEncoder, MLPEncoder, head
 
@@ -135,7 +135,7 @@ def main() -> int:
     for k, v in med.items():
         print(f"  {k:8s} {v:9.1f} ms  x{v / med['ew']:6.2f} EW")
     if len(med) == 3:
-        other = [k for k in med if k not in ("ew", "mtlkit")][0]
+        other = next(k for k in med if k not in ("ew", "mtlkit"))
         print(f"  {other} / mtlkit = {med[other] / med['mtlkit']:.2f}")
     return 0
 

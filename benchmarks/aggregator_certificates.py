@@ -39,9 +39,8 @@ import scipy
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import aggregation_asserts as aa  # noqa: E402  (the tests' shared module)
-
-from mtlkit.aggregation import _solvers  # noqa: E402
+import aggregation_asserts as aa  # (the tests' shared module)
+from mtlkit.aggregation import _solvers
 
 QP_METHODS = ("upgrad", "dualproj", "mgda", "mgda_exact", "cagrad")
 NOT_EQUIVARIANT_ABOVE_2 = ("pcgrad", "gradvac", "mamg")
@@ -117,11 +116,11 @@ def measure(name: str, tasks: list[int], seeds: list[int]) -> dict[str, dict[str
         row = {k: (float("nan"), "") for k in ("kkt_lib", "kkt_ind", "ref", "perm", "cos")}
 
         def keep(key: str, value: float, where: str, larger_is_worse: bool = True) -> None:
-            old = row[key][0]
+            old = row[key][0]  # noqa: B023 - keep is called only within this iteration of the loop (this family's row)
             if math.isnan(value):
                 return
             if math.isnan(old) or (value > old if larger_is_worse else value < old):
-                row[key] = (value, where)
+                row[key] = (value, where)  # noqa: B023 - as above
 
         for T in tasks:
             for seed in seeds:

@@ -66,8 +66,9 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 SEED = 0
 MULTI = {"name": "multimnist", "options": {"n_train": 600, "n_test": 200, "val_fraction": 0.1, "seed": SEED}}
@@ -221,7 +222,7 @@ def jsonable(v: Any) -> Any:
         import numpy as np
         import torch
     except ImportError:  # pragma: no cover
-        np = torch = None  # type: ignore
+        np = torch = None  # type: ignore[assignment]
     if isinstance(v, dict):
         return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
@@ -239,11 +240,7 @@ def jsonable(v: Any) -> Any:
 
 def strip_times(v: Any) -> Any:
     if isinstance(v, dict):
-        return {
-            k: strip_times(x)
-            for k, x in v.items()
-            if not (k in TIME_KEYS or k.endswith("_seconds") or k.endswith("_time"))
-        }
+        return {k: strip_times(x) for k, x in v.items() if not (k in TIME_KEYS or k.endswith(("_seconds", "_time")))}
     if isinstance(v, list):
         return [strip_times(x) for x in v]
     return v
@@ -712,16 +709,12 @@ _MISSING = object()
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
-    return (
-        type(a) is type(b)
+    return (type(a) is type(b) and a == b) or (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
         and a == b
-        or (
-            isinstance(a, (int, float))
-            and isinstance(b, (int, float))
-            and not isinstance(a, bool)
-            and not isinstance(b, bool)
-            and a == b
-        )
     )
 
 
@@ -734,7 +727,7 @@ def diff_values(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
         return out
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         out = []
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             out += diff_values(x, y, f"{path}[{i}]")
         return out
     return [] if _same(a, b) else [(path, a, b)]

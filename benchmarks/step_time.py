@@ -58,8 +58,8 @@ def run_one(
 ) -> dict:
     import torch
 
-    from mtlkit.engine.autodiff import backward, stack
     from mtlkit.data import build_dataset
+    from mtlkit.engine.autodiff import backward, stack
     from mtlkit.methods import build_method
     from mtlkit.models import HPS, ConvEncoder, MLPEncoder, head
     from mtlkit.weighting import StepContext
@@ -171,7 +171,7 @@ def _libmtl_weighting(method: str, level: str, model, names: list[str]):
     cls_name, kwargs = LIBMTL_NAMES[method]
     try:
         cls = getattr(importlib.import_module(f"LibMTL.weighting.{cls_name}"), cls_name)
-    except Exception as e:  # noqa: BLE001 - report why LibMTL is unusable here
+    except Exception as e:  # any failure: report why LibMTL is unusable here
         return {"skipped": f"LibMTL not importable: {type(e).__name__}: {e}"}
 
     class Adapter(cls):  # type: ignore[misc, valid-type]
@@ -287,17 +287,17 @@ def main() -> int:
                     for impl in impls:
                         if level == "representation" and not _aggregates(method):
                             continue  # loss-space methods ignore the level
-                        spec = dict(
-                            workload=wl,
-                            T=T,
-                            method=method,
-                            level=level,
-                            impl=impl,
-                            steps=args.steps,
-                            warmup=args.warmup,
-                            batch=args.batch,
-                            threads=args.threads,
-                        )
+                        spec = {
+                            "workload": wl,
+                            "T": T,
+                            "method": method,
+                            "level": level,
+                            "impl": impl,
+                            "steps": args.steps,
+                            "warmup": args.warmup,
+                            "batch": args.batch,
+                            "threads": args.threads,
+                        }
                         one = {**spec, "tune_malloc": True} if args.tune_malloc else spec
                         proc = subprocess.run(
                             [sys.executable, __file__, "--_one", json.dumps(one)], capture_output=True, text=True

@@ -7,4 +7,4 @@ with cli_start_guard():  # Ctrl-C while the `mtlkit` command imports torch: one 
     from mtlkit import aggregation, weighting
     from mtlkit.engine.autodiff import BackwardInfo, backward, per_task_grads, stack
 
-__all__ = ["BackwardInfo", "aggregation", "backward", "per_task_grads", "stack", "weighting", "__version__"]
+__all__ = ["BackwardInfo", "__version__", "aggregation", "backward", "per_task_grads", "stack", "weighting"]

@@ -11,11 +11,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from mtlkit.errors import ConfigError
+
+if TYPE_CHECKING:  # for the annotations only (importing them would load torch)
+    from mtlkit.aggregation._base import Level
+    from mtlkit.engine.autodiff import Mode
+    from mtlkit.methods import ScaleChoice
 
 
 @dataclass
@@ -33,8 +38,8 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = "ew"
-    level: str | None = None
-    scale: str = "native"  # native (the method's own output scale) | sum (mean/convex/affine updates x T)
+    level: Level | None = None
+    scale: ScaleChoice = "native"  # native (the method's own output scale) | sum (mean/convex/affine updates x T)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,7 +57,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     num_threads: int | None = None
-    engine_mode: str = "auto"  # per-task gradients: auto | loop | batched
+    engine_mode: Mode = "auto"  # per-task gradients: auto | loop | batched
     chunk_size: int | None = None
     eval_batch_size: int = 1024
     progress: bool = True
@@ -75,17 +80,17 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         return _build(cls, d, "")
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "RunConfig":
+    def from_yaml(cls, path: str | Path) -> RunConfig:
         return cls.from_dict(_read_yaml(Path(path)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def override(self, assignments: list[str]) -> "RunConfig":
+    def override(self, assignments: list[str]) -> RunConfig:
         """Apply ``section.key=value`` strings (values parsed as YAML); returns a new config."""
         d = self.to_dict()
         for a in assignments:
@@ -98,7 +103,7 @@ class RunConfig:
         config: str | Path | None = None,
         assignments: list[str] | tuple[str, ...] = (),
         dataset_defaults: bool = True,
-    ) -> "RunConfig":
+    ) -> RunConfig:
         """The config of ``mtlkit train``: layers from the lowest to the highest, then :func:`check_run_config`.
 
         1. the dataclass defaults, then ``configs/default.yaml`` (dataset-independent defaults);
@@ -117,7 +122,7 @@ class RunConfig:
             'mlp'
         """
         user: dict[str, Any] = _read_yaml(Path(config)) if config is not None else {}
-        origins = {k: f"in {config}" for k in _leaf_keys(user)}
+        origins = dict.fromkeys(_leaf_keys(user), f"in {config}")
         for a in assignments:
             key = _assign(user, a)
             origins.update({k: f"by --set {a}" for k in _leaf_keys(user) if k == key or k.startswith(key + ".")})
@@ -162,7 +167,7 @@ def _build(cls: type, d: Any, where: str) -> Any:
     kwargs = {}
     for k, v in d.items():
         f = fields[k]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             kwargs[k] = _build(type(default), v, f"{where}{k}.")
         elif k in _FREE:
@@ -370,7 +375,7 @@ level 'representation' cannot apply; use level 'parameter' (the default) or a mo
         method = build_method(
             cfg.method.name,
             level=level,
-            scale=cfg.method.scale,  # type: ignore[arg-type]
+            scale=cfg.method.scale,
             **cfg.method.options,
         )
     except ConfigError as e:

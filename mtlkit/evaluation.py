@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +34,6 @@ from mtlkit.metrics import evaluate_outputs
 from mtlkit.models import MTLModel, build_for
 from mtlkit.robustness import _check_eps, eval_mode, fgsm, fgsm_step, input_gradient, pgd
 from mtlkit.tasks import Task
-
-if TYPE_CHECKING:
-    from mtlkit.aggregation._base import Level
-    from mtlkit.methods import ScaleChoice
 
 ATTACK_NAMES = ("none", "fgsm", "pgd")
 
@@ -134,11 +130,11 @@ def load_run(
     )
     if data is None:
         data = build_dataset(cfg.dataset.name, **cfg.dataset.options)
-    # cfg.method.level and .scale are the config's strings: build_method checks them (ConfigError)
+    # cfg.method.level and .scale are not checked when the config loads: build_method checks them (ConfigError)
     method = build_method(
         cfg.method.name,
-        level=cast("Level | None", cfg.method.level),
-        scale=cast("ScaleChoice", cfg.method.scale),
+        level=cfg.method.level,
+        scale=cfg.method.scale,
         **cfg.method.options,
     )
     model = build_for(cfg.model.name, data, cfg.model.options, single_task=method.single_task).to(dev)

@@ -41,18 +41,18 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 from torch import Tensor, nn
 
 from mtlkit import models, runs
-from mtlkit.engine.autodiff import Level, Mode, backward
 from mtlkit.callbacks import Callback, StepInfo
 from mtlkit.config import RunConfig
 from mtlkit.data import MTLData, Split, build_dataset
 from mtlkit.devices import resolve_device
+from mtlkit.engine.autodiff import backward
 from mtlkit.errors import ConfigError, MTLKitError, NonFiniteLossError, unknown_name
 from mtlkit.evaluation import evaluate, load_selected
 from mtlkit.evaluation import predict as predict  # re-exported: mtlkit.train.predict, where it was defined before
@@ -66,7 +66,6 @@ from mtlkit.weighting import StepContext
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from mtlkit.methods import ScaleChoice
 
 log = logging.getLogger("mtlkit")
 MARKER = runs.MARKER
@@ -163,11 +162,11 @@ class Trainer:
                 f"{tc.checkpoint_minutes}"
             )
         self.device = resolve_device(tc.device)
-        # cfg.method.level and .scale are the config's strings: build_method checks them (ConfigError)
+        # cfg.method.level and .scale are not checked when the config loads: build_method checks them (ConfigError)
         self.method = build_method(
             cfg.method.name,
-            level=cast("Level | None", cfg.method.level),
-            scale=cast("ScaleChoice", cfg.method.scale),
+            level=cfg.method.level,
+            scale=cfg.method.scale,
             **cfg.method.options,
         )
         self.data = data if data is not None else build_dataset(cfg.dataset.name, **cfg.dataset.options)
@@ -424,8 +423,8 @@ class Trainer:
                 self.method.aggregator,
                 representation=z,
                 level=self.method.level,
-                # the config's string: backward checks it (ValueError for an unknown mode)
-                mode=cast(Mode, self.cfg.train.engine_mode),
+                # not checked when the config loads: backward checks it (ValueError for an unknown mode)
+                mode=self.cfg.train.engine_mode,
                 chunk_size=self.cfg.train.chunk_size,
                 task_names=self.train_names,
                 extra=aux,
@@ -569,7 +568,9 @@ class Trainer:
                 }
                 w = self.method.weighting.weights()
                 if w is not None:
-                    row.update({f"weight/{k}": float(v) for k, v in zip(self.train_names, w.detach().cpu())})
+                    row.update(
+                        {f"weight/{k}": float(v) for k, v in zip(self.train_names, w.detach().cpu(), strict=True)}
+                    )
                 self._select(epoch, val, best)
                 history.append(row)
                 for cb in self.callbacks:

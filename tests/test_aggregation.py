@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from mtlkit._registry import METHODS
 from mtlkit.aggregation import (
+    IMTLG,
     MAMG,
     MGDA,
     AlignedMTL,
@@ -17,16 +19,14 @@ from mtlkit.aggregation import (
     DualProj,
     GradDrop,
     GradVac,
-    IMTLG,
     NashMTL,
     PCGrad,
     UPGrad,
 )
+from mtlkit.aggregation._base import Aggregator
 from mtlkit.aggregation._solvers import min_norm_simplex_exact
 from mtlkit.engine.autodiff import backward
 from mtlkit.errors import ConfigError
-from mtlkit._registry import METHODS
-from mtlkit.aggregation._base import Aggregator
 from mtlkit.methods import available_methods, build_method
 
 #: Every method registered as an Aggregator class (one file per method, mtlkit/aggregation/).
@@ -85,9 +85,9 @@ def test_mgda_exact_solver_matches_scipy_for_more_tasks():
         G = (J @ J.T).numpy()
         w = min_norm_simplex_exact(G)
         ref = minimize(
-            lambda x: x @ G @ x,
+            lambda x: x @ G @ x,  # noqa: B023 - minimize calls it in this iteration
             np.full(T, 1 / T),
-            jac=lambda x: 2 * G @ x,
+            jac=lambda x: 2 * G @ x,  # noqa: B023 - likewise
             method="SLSQP",
             bounds=[(0, 1)] * T,
             constraints=({"type": "eq", "fun": lambda x: x.sum() - 1},),
@@ -434,7 +434,7 @@ def test_state_dict_round_trip(name):
     expected = [agg(J) for J in nxt]
     fresh = build_method(name, seed=7) if name != "nash_mtl" else build_method(name, update_weights_every=2)
     fresh.aggregator.load_state_dict(state)
-    assert all(torch.equal(fresh.aggregator(J), e) for J, e in zip(nxt, expected))
+    assert all(torch.equal(fresh.aggregator(J), e) for J, e in zip(nxt, expected, strict=True))
 
 
 def test_random_methods_depend_on_seed():
@@ -530,7 +530,7 @@ def test_training_through_the_engine_reduces_the_loss(name):
 
     def losses():
         z, outs = net(x)
-        return z, torch.stack([((o - y) ** 2).mean() for o, y in zip(outs, ys)])
+        return z, torch.stack([((o - y) ** 2).mean() for o, y in zip(outs, ys, strict=True)])
 
     with torch.no_grad():
         start = float(losses()[1].sum())
@@ -634,7 +634,7 @@ def test_upgrad_is_certified_and_permutation_equivariant_on_rank_deficient_jacob
     from mtlkit.aggregation._solvers import KKT_TOL, dual_cone_kkt_residual
 
     rng = np.random.default_rng(0)
-    for seed in range(5):
+    for _seed in range(5):
         J = torch.tensor(rng.standard_normal((20, 19)) @ rng.standard_normal((19, 100)))  # rank 19
         G = (J @ J.T).numpy()
         A = G / np.trace(G)

@@ -63,8 +63,8 @@ update is set by the 1e-8 ridge and the stopping rule, per its docstring); PCGra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -74,6 +74,7 @@ from hypothesis import strategies as st
 
 import aggregation_asserts as aa
 from mtlkit.aggregation import (
+    IMTLG,
     MAMG,
     MGDA,
     AlignedMTL,
@@ -81,7 +82,6 @@ from mtlkit.aggregation import (
     DualProj,
     GradDrop,
     GradVac,
-    IMTLG,
     NashMTL,
     PCGrad,
     UPGrad,
@@ -171,10 +171,10 @@ def _grid(families=aa.FAMILIES, dtypes=DTYPES, task_counts=aa.TASK_COUNTS):
 def test_expected_structure(name):
     """Every family (the extra ones too), both dtypes: shape (P,), J's dtype, finite; Gramian-based: update = wᵀJ."""
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(aa.ALL_FAMILIES):
+    for _fam, _T, _dtype, label, J in _grid(aa.ALL_FAMILIES):
         try:
             aa.assert_expected_structure(SPECS[name].factory, J)
-        except Exception as e:  # noqa: BLE001 - report every case
+        except Exception as e:  # report every case
             fails.check(False, label, f"{type(e).__name__}: {e}")
     fails.raise_if_any(f"{name}: structure")
 
@@ -207,7 +207,7 @@ def test_permutation_equivariance(name, dtype):
     spec = SPECS[name]
     fails = Failures()
     tasks = (2,) if spec.equivariant == "T=2" else aa.TASK_COUNTS
-    for fam, T, dt, label, J in _grid(dtypes=(dtype,), task_counts=tasks):
+    for fam, _T, dt, label, J in _grid(dtypes=(dtype,), task_counts=tasks):
         if _skipped(spec, "perm", fam, dt):
             continue
         _perm_check(fails, spec, label, J)
@@ -219,7 +219,7 @@ def test_randomised_methods_are_deterministic_under_a_seed(name):
     """Same seed, same J → bitwise the same update (every T); a resumed state gives the same next update."""
     spec = SPECS[name]
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(("random", "conflicting")):
+    for _fam, _T, _dtype, label, J in _grid(("random", "conflicting")):
         a, b = spec.factory()(J), spec.factory()(J)
         fails.check(bool(torch.equal(a, b)), label, "two fresh aggregators with one seed disagree")
         agg = spec.factory()
@@ -252,7 +252,7 @@ def test_scaling(name, dtype):
     for small gradients."""
     spec = SPECS[name]
     fails = Failures()
-    for fam, T, dt, label, J in _grid(SCALE_FAMILIES, dtypes=(dtype,)):
+    for fam, _T, dt, label, J in _grid(SCALE_FAMILIES, dtypes=(dtype,)):
         if _skipped(spec, "scale", fam, dt):
             continue
         tol = aa.update_tol(J, spec.invert_power)
@@ -267,7 +267,7 @@ def test_dual_cone_methods_do_not_vanish_for_small_gradients(name):
     """J with full row rank (random, tiny, conflicting; T ≤ P) is not stationary, so the projections are not all 0:
     the update is not 0 at any scale, and its norm is proportional to the scale."""
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(("random", "conflicting")):
+    for _fam, _T, _dtype, label, J in _grid(("random", "conflicting")):
         for s in (1.0, 1e-6, 1e-12, 1e6):
             d = SPECS[name].factory()(J * s)
             ref = SPECS[name].factory()(J)
@@ -295,7 +295,7 @@ def test_non_conflicting(name, dtype):
     ``⟨g_1' + g_2', g_1⟩ = ||g_1||² - ⟨g_1,g_2⟩²/||g_2||² ≥ 0`` (Cauchy-Schwarz)."""
     spec = SPECS[name]
     fails = Failures()
-    for fam, T, dt, label, J0 in _grid(aa.ALL_FAMILIES, dtypes=(dtype,), task_counts=NON_CONFLICTING[name]):
+    for _fam, _T, _dt, label, J0 in _grid(aa.ALL_FAMILIES, dtypes=(dtype,), task_counts=NON_CONFLICTING[name]):
         for order, J in (("", J0), ("/reversed", J0.flip(0))):
             d, w, D = aa.evaluate(spec.factory, J)
             margin = float(d.to(torch.float64).norm()) ** 2 if name.startswith("mgda") else 0.0
@@ -325,7 +325,7 @@ def test_dual_cone_methods_kkt_certificate(name):
     (BVLS on Jᵀ, a different solver) and UPGrad's update must equal ``Jᵀ Σ_i v_i`` to ``update_tol``; mtlkit's
     residual must certify the reference too (a check of the residual)."""
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(aa.ALL_FAMILIES, dtypes=(torch.float64,)):
+    for _fam, T, _dtype, label, J in _grid(aa.ALL_FAMILIES, dtypes=(torch.float64,)):
         G = aa.gramian64(J)
         d, w, D = aa.evaluate(SPECS[name].factory, J)
         wn = w.numpy()
@@ -358,7 +358,7 @@ def test_mgda_kkt_certificate(name):
     (for T > 2 it is documented as approximate)."""
     fails = Failures()
     tasks = aa.TASK_COUNTS if name == "mgda_exact" else (2,)
-    for fam, T, dtype, label, J in _grid(aa.ALL_FAMILIES, dtypes=(torch.float64,), task_counts=tasks):
+    for _fam, _T, _dtype, label, J in _grid(aa.ALL_FAMILIES, dtypes=(torch.float64,), task_counts=tasks):
         G = aa.gramian64(J)
         d, w, D = aa.evaluate(SPECS[name].factory, J)
         r_lib, r_ind = simplex_kkt_residual(G, w.numpy()), aa.simplex_residual(G, w.numpy())
@@ -377,7 +377,7 @@ def test_mgda_frank_wolfe_is_close_to_the_optimum():
     """Frank-Wolfe (default, T > 2): never below the optimum, and within the docstring's "a few percent" (5 %) of
     the optimal squared norm (relative to the largest squared gradient norm when the optimum is ~0)."""
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(aa.ALL_FAMILIES, dtypes=(torch.float64,), task_counts=(3, 5, 10, 50)):
+    for _fam, _T, _dtype, label, J in _grid(aa.ALL_FAMILIES, dtypes=(torch.float64,), task_counts=(3, 5, 10, 50)):
         d, _, _ = aa.evaluate(SPECS["mgda"].factory, J)
         d_ref = torch.from_numpy(aa.simplex_reference(J)) @ J
         fw, opt = float(d.norm()) ** 2, float(d_ref.norm()) ** 2
@@ -396,7 +396,7 @@ def test_small_T_matches_brute_force_and_slsqp(name):
     """T ≤ 5: the update equals the brute-force solution over all supports (exact), to ``update_tol``; and the
     QP objective is not above SLSQP's (generic solver; it may be less accurate, never better)."""
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(aa.ALL_FAMILIES, dtypes=(torch.float64,), task_counts=SMALL_T):
+    for _fam, T, _dtype, label, J in _grid(aa.ALL_FAMILIES, dtypes=(torch.float64,), task_counts=SMALL_T):
         G = aa.gramian64(J)
         d, w, D = aa.evaluate(SPECS[name].factory, J)
         if name == "mgda_exact":
@@ -423,7 +423,7 @@ CAGRAD_CS = (0.4, 0.9)
 
 
 def _cagrad_cases(task_counts=aa.TASK_COUNTS):
-    for fam, T, dtype, label, J in _grid(aa.ALL_FAMILIES, dtypes=(torch.float64,), task_counts=task_counts):
+    for fam, T, _dtype, label, J in _grid(aa.ALL_FAMILIES, dtypes=(torch.float64,), task_counts=task_counts):
         for c in CAGRAD_CS:
             yield fam, T, f"{label}/c={c}", J, c
 
@@ -439,7 +439,7 @@ def test_cagrad_update_is_in_the_ball():
     """CAGrad's d* lies in the ball ``||d - g_0|| ≤ c||g_0||`` (g_0 the mean gradient), to KKT_TOL relative to the
     radius plus the rounding of d (``C·(P+T)·eps·D``)."""
     fails = Failures()
-    for fam, T, label, J, c in _cagrad_cases():
+    for _fam, _T, label, J, c in _cagrad_cases():
         _, d, D = _cagrad_d_star(J, c)
         r = aa.cagrad_radius(J, c)
         excess = float((d - J.mean(0)).norm()) - r
@@ -457,7 +457,7 @@ def test_cagrad_duality_gap_is_closed():
     value at the simplex point behind CAGrad's weights, or at the min-norm point of the hull): d* is optimal for
     ``max_d min_i ⟨g_i, d⟩ s.t. ||d - g_0|| ≤ c||g_0||``; and never worse than the mean g_0 (which is feasible)."""
     fails = Failures()
-    for fam, T, label, J, c in _cagrad_cases():
+    for _fam, _T, label, J, c in _cagrad_cases():
         w, d, _ = _cagrad_d_star(J, c)
         p = aa.cagrad_primal_value(J, d)
         ub = aa.cagrad_upper_bound(J, c, [aa.cagrad_simplex_point(w)])
@@ -473,7 +473,7 @@ def test_cagrad_matches_a_generic_solver():
     more than 1e-6·scale (SLSQP's constrained answers are accurate to about √ftol), and SLSQP's value is not above
     the weak-duality bound (a check of the reference)."""
     fails = Failures()
-    for fam, T, label, J, c in _cagrad_cases(SMALL_T):
+    for _fam, _T, label, J, c in _cagrad_cases(SMALL_T):
         w = CAGrad(c=c, rescale=0).weights(J @ J.T).numpy()
         d = torch.from_numpy(w) @ J
         p = aa.cagrad_primal_value(J, d)
@@ -509,7 +509,7 @@ def test_cagrad_does_not_hurt_a_task_at_pareto_stationary_points():
 def test_cagrad_documented_relations():
     """rescale 1 and 2 divide d* by 1 + c² and 1 + c; c = 0 gives the mean (docstring)."""
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(("random", "conflicting", "pareto_stationary")):
+    for _fam, _T, _dtype, label, J in _grid(("random", "conflicting", "pareto_stationary")):
         tol = aa.update_tol(J)
         d0 = CAGrad(c=0.5, rescale=0)(J).to(torch.float64)
         D = float(J.to(torch.float64).norm(dim=1).sum())
@@ -537,7 +537,7 @@ def test_duplicated_and_zero_rows_relations():
       full row rank here).
     """
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(("random", "conflicting"), task_counts=(2, 3, 5, 10, 49)):
+    for _fam, T, _dtype, label, J in _grid(("random", "conflicting"), task_counts=(2, 3, 5, 10, 49)):
         i = T // 2
         Jdup = torch.cat([J, J[i : i + 1]])
         Jzero = torch.cat([J, torch.zeros_like(J[:1])])
@@ -562,7 +562,7 @@ def test_without_conflict(name):
     in the dual cone); PCGrad, MAMG and GradVac (targets start at 0) edit nothing and give the sum; GradDrop keeps
     every coordinate (all of one sign: purity 1) and gives the sum."""
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(("non_conflicting",)):
+    for _fam, _T, _dtype, label, J in _grid(("non_conflicting",)):
         d = SPECS[name].factory()(J)
         ref = J.mean(0) if name in ("upgrad", "dualproj") else J.sum(0)
         fails.check(_same(d, ref, J), label, "not the plain mean/sum")
@@ -575,7 +575,7 @@ def test_pairwise_surgery_closed_forms_for_two_tasks():
     PCGrad (targets start at 0, docstring), for every T with the same seed. MAMG at T = 2 (its docstring): both
     rules give the same update, twice MGDA's min-norm point when the pair conflicts."""
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(("random", "conflicting", "pareto_stationary"), task_counts=(2,)):
+    for _fam, _T, _dtype, label, J in _grid(("random", "conflicting", "pareto_stationary"), task_counts=(2,)):
         J64 = J.to(torch.float64)
         g = [J64[0], J64[1]]
         dot = float(g[0] @ g[1])
@@ -590,7 +590,7 @@ def test_pairwise_surgery_closed_forms_for_two_tasks():
         fails.check(_same(MAMG(seed=3, rule="grow")(J), MAMG(seed=3)(J), J), label, "MAMG rules differ at T = 2")
         if dot < 0:
             fails.check(_same(MAMG(seed=3)(J), 2 * MGDA(solver="exact")(J), J), label, "MAMG is not 2·MGDA")
-    for fam, T, dtype, label, J in _grid(("random", "conflicting")):
+    for _fam, _T, _dtype, label, J in _grid(("random", "conflicting")):
         fails.check(_same(GradVac(seed=3)(J), PCGrad(seed=3)(J), J), label, "GradVac's first step is not PCGrad")
     fails.raise_if_any("pairwise surgery")
 
@@ -600,7 +600,7 @@ def test_graddrop_keeps_one_sign_per_coordinate():
     of its column (one sign is kept, Chen et al. 2020 Algorithm 1); a column of one sign is kept whole (purity 0 or 1);
     leak = 1 gives the plain sum."""
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(aa.ALL_FAMILIES):
+    for _fam, T, dtype, label, J in _grid(aa.ALL_FAMILIES):
         d = GradDrop(seed=5)(J).to(torch.float64)
         J64 = J.to(torch.float64)
         pos, neg = J64.clamp(min=0).sum(0), J64.clamp(max=0).sum(0)
@@ -618,7 +618,7 @@ def test_imtlg_equal_projections():
     system has a solution (rows independent apart from duplicates and zero rows). Tolerance: rounding amplified by
     cond(G) = cond(J)² (the method solves with G⁺)."""
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(("random", "conflicting", "duplicated", "zero_row", "tiny", "huge")):
+    for _fam, _T, _dtype, label, J in _grid(("random", "conflicting", "duplicated", "zero_row", "tiny", "huge")):
         d, w, D = aa.evaluate(IMTLG, J)
         J64, d64 = J.to(torch.float64), d.to(torch.float64)
         n = J64.norm(dim=1)
@@ -636,7 +636,7 @@ def test_aligned_mtl_matches_svd_reference():
     rank read off the SVD of J with a cut at 1e-8·σ_max, far from both the structural zeros ~1e-15·σ_max and the
     smallest true singular value of these families): with ``B = σ_min U Σ⁻¹ Uᵀ`` the update is ``Jᵀ B 1``."""
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(aa.ALL_FAMILIES, dtypes=(torch.float64,)):
+    for _fam, T, _dtype, label, J in _grid(aa.ALL_FAMILIES, dtypes=(torch.float64,)):
         d, _, D = aa.evaluate(AlignedMTL, J)
         U, S, Vh = torch.linalg.svd(J, full_matrices=False)
         r = int((S > 1e-8 * S[0]).sum())
@@ -654,7 +654,7 @@ def test_nash_mtl_bargaining_equation():
     adds ``ridge·||α||``), x2, both scale-free; hence ``||update||² = αᵀGα = T`` (resp. ``T·||G||_F``) to
     ``||α||·(that)/T`` relative. Families with nonsingular G only (singular: no solution, see the docstring)."""
     fails = Failures()
-    for fam, T, dtype, label, J in _grid(
+    for _fam, T, _dtype, label, J in _grid(
         ("random", "conflicting", "non_conflicting", "tiny", "huge"), dtypes=(torch.float64,)
     ):
         G = aa.gramian64(J)

@@ -3,18 +3,22 @@ loop (the search callback of model mamo: growth, Q accounting, KKT gradient rout
 ``mtlkit train``), ``mtlkit reproduce mamo``."""
 
 import copy
+import itertools
 import json
 
 import pytest
 import torch
 from torch import nn
 
-from mtlkit.engine.autodiff import backward, per_task_grads
 from mtlkit.callbacks import Callback
 from mtlkit.config import RunConfig
 from mtlkit.data import build_dataset
+from mtlkit.engine.autodiff import backward, per_task_grads
 from mtlkit.errors import ConfigError
 from mtlkit.evaluation import evaluate
+from mtlkit.methods import build_method
+from mtlkit.models.hps import HPS
+from mtlkit.models.mamo import MAMO, build_mamo, split_layers
 from mtlkit.models.mamo_search import (
     ConflictDetector,
     average_indicator,
@@ -24,9 +28,6 @@ from mtlkit.models.mamo_search import (
     proxy_indicator,
     topk_indicator,
 )
-from mtlkit.methods import build_method
-from mtlkit.models.hps import HPS
-from mtlkit.models.mamo import MAMO, build_mamo, split_layers
 from mtlkit.tasks import Task, stack_losses
 from mtlkit.train import RunResult, Trainer
 
@@ -57,10 +58,10 @@ def test_average_indicator_on_hand_made_matrix():
     Q = torch.zeros(4, 4)
     for (i, j), q in {(0, 1): 6, (0, 2): 2, (1, 3): 3, (2, 3): 0}.items():
         Q[i, j] = Q[j, i] = q
-    I = average_indicator(Q)
+    ind = average_indicator(Q)
     expected = torch.zeros(4, 4, dtype=torch.int32)
     expected[0, 1] = expected[1, 0] = 1  # only 6 >= 3.67
-    assert torch.equal(I, expected)
+    assert torch.equal(ind, expected)
     # Lowering the largest count to 4: the average is (4+2+3)/3 = 3 and the count 3 reaches it (>=, Eq. 13).
     Q[0, 1] = Q[1, 0] = 4
     expected[1, 3] = expected[3, 1] = 1
@@ -116,11 +117,11 @@ def test_layer_gradients_match_per_task_grads():
     tasks = [Task(f"t{k}", "multiclass", 2) for k in range(3)]
     z = model.encode(x)
     losses = stack_losses(tasks, model.decode(z), y)
-    direct = [per_task_grads(losses, model.layer_parameters(l)) for l in range(3)]
+    direct = [per_task_grads(losses, model.layer_parameters(layer)) for layer in range(3)]
     info = backward(
         losses, model.shared_parameters(), build_method("mgda").aggregator, representation=z, keep_jacobian=True
     )
-    for a, b in zip(layer_gradients(model, info.jacobian), direct):
+    for a, b in zip(layer_gradients(model, info.jacobian), direct, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -181,7 +182,7 @@ def test_fusion_uses_only_its_tasks_row_and_column():
 
 def test_model_size_grows_by_exactly_the_activated_modules():
     model = _tiny()
-    sizes = [model.module_parameters(l) for l in range(3)]
+    sizes = [model.module_parameters(layer) for layer in range(3)]
     assert sizes == [36, 42, 28]
     n0 = model.num_parameters()
     assert model.grow(1, (0, 2)) == ["l1__t0__t2"]
@@ -233,7 +234,7 @@ def test_a_grown_state_loads_into_a_fresh_model(module):
         model.shared_parameters()
     )
     x = torch.randn(4, 5)
-    assert all(torch.equal(a, b) for a, b in zip(fresh(x).values(), model(x).values()))
+    assert all(torch.equal(a, b) for a, b in zip(fresh(x).values(), model(x).values(), strict=True))
     with pytest.raises(RuntimeError, match="Unexpected key"):  # a module of another kind is not made up
         _tiny(module="gmk" if module != "gmk" else "exclusive").load_state_dict(model.state_dict())
 
@@ -352,8 +353,10 @@ def test_learning_grows_modules_and_records_rounds(tmp_path):
     sizes = [r["parameters"] for r in rounds]
     assert sizes == sorted(sizes) and len(model.active) == sum(len(r["activated"]) for r in rounds) > 0
     assert found["architecture"] == [[layer, list(g)] for layer, g in model.architecture()]
-    for r0, r1 in zip(rounds, rounds[1:]):
-        assert r1["parameters"] - r0["parameters"] == sum(model.module_parameters(l) for l, _ in r1["activated"])
+    for r0, r1 in itertools.pairwise(rounds):
+        assert r1["parameters"] - r0["parameters"] == sum(
+            model.module_parameters(layer) for layer, _ in r1["activated"]
+        )
     assert rounds[0]["Q"] is None and all(r["Q"] is not None for r in rounds[1:])
     assert [r["q_batches"] for r in rounds] == [0, 4, 4]
     # The Q accounting: each round's modules are the indicator of its Q (TopK, k = 1: at most one a round).
@@ -398,7 +401,7 @@ def test_task_modules_refuse_representation_level_and_leave_the_representation_p
     model = t.model
     assert isinstance(model, MAMO)
     r0, r1 = found["rounds"]
-    assert r1["parameters"] - r0["parameters"] == sum(model.module_parameters(l) for l, _ in r1["activated"])
+    assert r1["parameters"] - r0["parameters"] == sum(model.module_parameters(layer) for layer, _ in r1["activated"])
     assert r1["q_batches"] == 4 and r1["activated"] and model.has_task_modules()
     assert not model.representation_is_shared_path()
     with pytest.raises(ConfigError, match="representation-level"):
@@ -488,7 +491,7 @@ def test_conal_branch_reads_no_shared_output_above_its_branch_point(mode):
     # Gradients: the branched task's loss sends nothing to the shared layers above its branch point.
     model.train()
     loss = model(x)["t0"].pow(2).mean()
-    above = [p for l in (1, 2) for p in model.layer_parameters(l)]
+    above = [p for k in (1, 2) for p in model.layer_parameters(k)]
     below = model.layer_parameters(0)
     grads = torch.autograd.grad(loss, above + below, allow_unused=True)
     assert all(g is None or float(g.abs().sum()) == 0 for g in grads[: len(above)])
@@ -521,7 +524,7 @@ def test_conal_birth_keeps_outputs_and_moves_branch_points_down():
     trained = [p.detach().clone() for p in model.gmks["l2__t0"].parameters()]
     # A later conflict of t0 lower down moves its branch point: copies of shared layers 0-1, its layer 2 kept.
     assert grow_unchanged(0, (0, 2)) == ["l0__t0", "l1__t0", "l0__t2", "l1__t2", "l2__t2"]
-    assert all(torch.equal(a, b) for a, b in zip(trained, model.gmks["l2__t0"].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(trained, model.gmks["l2__t0"].parameters(), strict=True))
     assert model.branch_points() == {"t0": 0, "t1": 2, "t2": 0}
     # t0 already owns layer 1 (nothing new); t1 moves down from 2 to 1.
     assert model.grow(1, (0, 1)) == ["l1__t1"]
@@ -548,7 +551,7 @@ def test_conal_parameter_counts_and_roles():
     )
     n_hps = sum(p.numel() for p in hps.parameters())
     assert model.num_parameters() == n_hps  # no fusion logits: an ungrown CoNAL model is HPS
-    sizes = [model.module_parameters(l) for l in range(3)]
+    sizes = [model.module_parameters(layer) for layer in range(3)]
     model.grow(1, (0, 2))
     assert model.num_parameters() == n_hps + 2 * (sizes[1] + sizes[2])  # two branches of layers 1..2
     model.grow(0, (0, 1))

@@ -22,7 +22,6 @@ from mtlkit.data.clips import (
 )
 from mtlkit.data.yeast import parse_yeast_csv
 from mtlkit.errors import ConfigError, DataError
-from mtlkit.nn.losses import focal_bce, sample_level_loss
 from mtlkit.metrics.multilabel import (
     average_precision_per_label,
     hamming_loss,
@@ -33,6 +32,7 @@ from mtlkit.metrics.multilabel import (
 )
 from mtlkit.models import build_model
 from mtlkit.models.mtmlan import SelfAttention, SharedFrameNet
+from mtlkit.nn.losses import focal_bce, sample_level_loss
 
 skm = pytest.importorskip("sklearn.metrics")
 

@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from mtlkit.aggregation import Mean
-from mtlkit.engine.autodiff import backward
 from mtlkit.config import RunConfig
+from mtlkit.engine.autodiff import backward
 from mtlkit.errors import ConfigError
-from mtlkit.nn.losses import gaussian_kl
 from mtlkit.methods import build_method
 from mtlkit.models import SingleTaskModels, build_model
 from mtlkit.models.base import MTLModel, check_auxiliary_loss
 from mtlkit.models.mtvib import MTVIB, GaussianEncoder, build_mtvib, build_stvib, decoder
+from mtlkit.nn.losses import gaussian_kl
 from mtlkit.reproduce.mtvib import ETAS, MODELS, PAPER, report, spec
 from mtlkit.tasks import Task
 from mtlkit.train import Trainer

@@ -17,11 +17,11 @@ from mtlkit.config import RunConfig
 from mtlkit.data import MTLData, Split
 from mtlkit.data.entangled import EntangledSpec, agreement_rate, entangle, sample_cells
 from mtlkit.errors import ConfigError, DataError
-from mtlkit.nn.gradient_reversal import GradientReversal, dann_lambda, grad_reverse
 from mtlkit.metrics import evaluate_outputs, selection_score
 from mtlkit.models.base import MTLModel, register_model
 from mtlkit.models.hps import MLPEncoder
 from mtlkit.models.rrmtdl import RRMTDL, adversarial_name
+from mtlkit.nn.gradient_reversal import GradientReversal, dann_lambda, grad_reverse
 from mtlkit.tasks import Task, stack_losses
 from mtlkit.train import Trainer
 

@@ -377,7 +377,7 @@ def test_zoo_plot_draws_the_tables_numbers(tmp_path):
     # accuracy bars: the seed means in %, in the zoo's method order, with the seed std as error bars
     assert [b.get_height() for b in acc.patches] == pytest.approx([85.0, 91.0, 79.0])
     # Δm bars: the mean of the per-seed Δm (against STL's seed mean, 85 %); EW beats STL (green), MGDA loses (red)
-    widths = {t.get_text(): b.get_width() for t, b in zip(dm.get_yticklabels(), dm.patches)}
+    widths = {t.get_text(): b.get_width() for t, b in zip(dm.get_yticklabels(), dm.patches, strict=True)}
     assert widths == pytest.approx({"stl": 0.0, "ew": -100 * 6 / 85, "mgda": 100 * 6 / 85})
     colors = [b.get_facecolor() for b in dm.patches]
     assert colors[1] == pytest.approx(matplotlib.colors.to_rgba("tab:green"))

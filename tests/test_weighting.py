@@ -10,7 +10,6 @@ from torch import nn
 from mtlkit.errors import ConfigError
 from mtlkit.methods import available_methods, build_method, method_parts
 from mtlkit.weighting import (
-    DBMTLAggregator,
     DWA,
     EW,
     FAMO,
@@ -19,6 +18,7 @@ from mtlkit.weighting import (
     MTMLANTDB,
     RLW,
     UW,
+    DBMTLAggregator,
     GradNorm,
     LogLoss,
     StepContext,
@@ -302,7 +302,7 @@ def test_rlw_positive_sums_and_reproducible():
     L = torch.ones(4, requires_grad=True)
     wa = [a(L).detach() for _ in range(5)]
     wb = [b(L).detach() for _ in range(5)]
-    for x, y in zip(wa, wb):
+    for x, y in zip(wa, wb, strict=True):
         assert torch.equal(x, y)
         assert bool((x > 0).all()) and x.sum().item() == pytest.approx(1.0)
     assert not torch.equal(wa[0], wa[1])  # a fresh draw every step

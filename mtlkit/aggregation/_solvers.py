@@ -22,7 +22,6 @@ from torch import Tensor
 
 from mtlkit.errors import ConfigError
 
-
 #: Bound on the relative KKT residuals (:func:`nnls_kkt_residual`, :func:`dual_cone_kkt_residual`,
 #: :func:`simplex_kkt_residual`) that the QP-based aggregators certify, in float64. Round-off in forming the
 #: residual is about ``T · eps64 ≈ 1e-14`` for the T ≤ 100 these solvers see; 1e-9 leaves five orders of margin

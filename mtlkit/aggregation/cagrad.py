@@ -246,6 +246,13 @@ def _slsqp(A: np.ndarray, b: np.ndarray, sqrt_phi: float, start: np.ndarray) -> 
         nrm = np.sqrt(max(float(x @ Ax), 0.0) + 1e-8)
         return float(x @ b + sqrt_phi * nrm), b + sqrt_phi * Ax / nrm
 
+    # Named functions, not lambdas: mypy cannot infer lambdas inside the constraint dict against scipy's overloads.
+    def sums_to_one(x: np.ndarray) -> float:
+        return 1.0 - x.sum()
+
+    def sums_to_one_jac(x: np.ndarray) -> np.ndarray:
+        return -np.ones_like(x)
+
     T = len(b)
     res = minimize(
         obj,
@@ -253,7 +260,7 @@ def _slsqp(A: np.ndarray, b: np.ndarray, sqrt_phi: float, start: np.ndarray) -> 
         jac=True,
         method="SLSQP",
         bounds=[(0.0, 1.0)] * T,
-        constraints=({"type": "eq", "fun": lambda x: 1.0 - x.sum(), "jac": lambda x: -np.ones_like(x)},),
+        constraints=({"type": "eq", "fun": sums_to_one, "jac": sums_to_one_jac},),
         options={"maxiter": 200, "ftol": 1e-12},
     )
     return project_simplex(res.x)

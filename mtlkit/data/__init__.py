@@ -31,7 +31,7 @@ class Split:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def subset(self, idx: Tensor) -> "Split":
+    def subset(self, idx: Tensor) -> Split:
         return Split(self.x[idx], {k: v[idx] for k, v in self.y.items()})
 
 

@@ -55,10 +55,10 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
-from mtlkit.engine._graph import walk as _walk
 from mtlkit.aggregation._base import Aggregator, Sum
-from mtlkit.errors import ConfigError
+from mtlkit.engine._graph import walk as _walk
 from mtlkit.engine.gramian import EncoderGramian
+from mtlkit.errors import ConfigError
 
 Mode = Literal["auto", "loop", "batched"]
 Level = Literal["parameter", "representation"]
@@ -204,7 +204,9 @@ def _shapes(params: Sequence[Tensor], at_most: int = 4) -> str:
 
 
 def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]
+    )
 
 
 def _accumulate(param: Tensor, grad: Tensor, owned: bool = False) -> None:
@@ -223,7 +225,7 @@ def _accumulate_fresh(params: Sequence[Tensor], grads: Sequence[Tensor | None]) 
     for g in grads:
         if g is not None:
             ptrs[g.data_ptr()] = ptrs.get(g.data_ptr(), 0) + 1
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=True):
         if g is not None:
             _accumulate(p, g, owned=ptrs[g.data_ptr()] == 1)
 
@@ -294,7 +296,7 @@ def _encoder_jacobian(z: Tensor, dz: Tensor, params: list[Tensor], mode: Mode, c
                         if gi is not None
                         else torch.zeros(dz[s : s + step].shape[0], *p.shape, dtype=p.dtype, device=p.device)
                     ).reshape(gi.shape[0] if gi is not None else dz[s : s + step].shape[0], -1)
-                    for gi, p in zip(g, params)
+                    for gi, p in zip(g, params, strict=True)
                 ],
                 dim=1,
             )
@@ -409,7 +411,7 @@ def _head_phase(losses: Tensor, z: Tensor, task_leaves: list[Tensor]) -> tuple[l
     for t in range(T):
         g = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
         dz.append(g[0] if g[0] is not None else torch.zeros_like(z))
-        for acc, gi in zip(task_grads, g[1:]):
+        for acc, gi in zip(task_grads, g[1:], strict=True):
             if gi is not None:
                 acc.add_(gi)
     return dz, list(task_grads)
@@ -547,7 +549,7 @@ def backward(
         for t in range(T):
             g = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
             J[t] = _flat(g[: len(shared)], shared)
-            for acc, gi in zip(task_grads, g[len(shared) :]):
+            for acc, gi in zip(task_grads, g[len(shared) :], strict=True):
                 if gi is not None:
                     acc.add_(gi)
         if reduce is not None:
@@ -585,7 +587,7 @@ def backward(
         held = EncoderGramian(z, stacked, shared, _resolve_mode(mode, z), chunk_size)
         del stacked
         w = agg.weights(held.gramian)
-        for p, combined in zip(shared, held.combine(w)):
+        for p, combined in zip(shared, held.combine(w), strict=True):
             _accumulate(p, combined, owned=True)
         return BackwardInfo(gramian=held.gramian, weights=w)
     J = _encoder_jacobian(z, stacked, shared, mode, chunk_size)

@@ -150,17 +150,17 @@ class EncoderGramian:
             if mode == "loop":
                 g = torch.autograd.grad(
                     z,
-                    inputs,
+                    inputs,  # type: ignore[arg-type]
                     grad_outputs=dz[s],
-                    retain_graph=True,  # type: ignore[arg-type]
+                    retain_graph=True,
                     allow_unused=True,
                 )
                 g = tuple(gi.unsqueeze(0) if gi is not None else None for gi in g)
             else:
                 g = torch.autograd.grad(
                     z,
-                    inputs,
-                    grad_outputs=dz[s : s + step],  # type: ignore[arg-type]
+                    inputs,  # type: ignore[arg-type]
+                    grad_outputs=dz[s : s + step],
                     retain_graph=True,
                     allow_unused=True,
                     is_grads_batched=True,
@@ -169,12 +169,12 @@ class EncoderGramian:
                 if g[k] is not None:
                     self.deltas[k][s : s + step] = g[k]
             offset = 0
-            for gi, p in zip(g[n:], self.explicit):
+            for gi, p in zip(g[n:], self.explicit, strict=True):
                 if gi is not None:
                     self.J_e[s : s + step, offset : offset + p.numel()] = gi.reshape(gi.shape[0], -1)
                 offset += p.numel()
         G = self.J_e @ self.J_e.T
-        for site, D in zip(self.sites, self.deltas):
+        for site, D in zip(self.sites, self.deltas, strict=True):
             x = site.x.to(D.dtype)
             K = x @ x.T  # B x B
             flat = D.reshape(T, -1)
@@ -189,7 +189,7 @@ class EncoderGramian:
         """``wᵀ J`` shaped like each shared parameter (in the order given), for T task weights ``w``."""
         w = w.to(self.J_e.dtype)
         out: dict[int, Tensor] = {}
-        for site, D in zip(self.sites, self.deltas):
+        for site, D in zip(self.sites, self.deltas, strict=True):
             d = torch.tensordot(w, D, dims=1)  # B x out: the combined output gradient
             out[id(site.weight)] = (d.T @ site.x.to(d.dtype)).to(site.weight.dtype)
             if site.bias is not None:

@@ -112,8 +112,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -337,7 +338,7 @@ class MAMO(MTLModel):
             raise ConfigError(f"a {self.module_kind!r} module belongs to {want} different task(s), got {list(group)}")
         if self.module_kind == "conal":
             start = self._start(g) if g in self.groups() else self.num_layers
-            return [self._copy_layer(l, g) for l in range(layer, start)]  # empty when g already owns ``layer``
+            return [self._copy_layer(i, g) for i in range(layer, start)]  # empty when g already owns ``layer``
         if (layer, g) in self.active:
             return []
         if g not in self.groups():
@@ -430,7 +431,7 @@ class MAMO(MTLModel):
     def group_parameters(self) -> dict[tuple[str, ...], list[nn.Parameter]]:
         """Per group (task names), the parameters of its modules (Def. 3.2: used only by those tasks)."""
         out: dict[tuple[str, ...], list[nn.Parameter]] = {}
-        for (layer, g), key in self.active.items():
+        for (_layer, g), key in self.active.items():
             out.setdefault(tuple(self.task_names[t] for t in g), []).extend(
                 p for p in self.gmks[key].parameters() if p.requires_grad
             )
@@ -439,7 +440,7 @@ class MAMO(MTLModel):
     def task_module_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Per task, the parameters of the modules it alone owns (exclusive / CoNAL kinds; empty for GMKs)."""
         out: dict[str, list[nn.Parameter]] = {name: [] for name in self.task_names}
-        for (layer, g), key in self.active.items():
+        for (_layer, g), key in self.active.items():
             if len(g) == 1:
                 out[self.task_names[g[0]]].extend(p for p in self.gmks[key].parameters() if p.requires_grad)
         return out
@@ -496,7 +497,7 @@ class MAMO(MTLModel):
                     continue
                 key = self.active.get((layer, g))
                 if conal:  # a CoNAL branch owns every layer from its branch point up (grow_group keeps it so)
-                    nxt[g] = self.gmks[key](prev if start[g] == layer else streams[g])
+                    nxt[g] = self.gmks[self.active[(layer, g)]](prev if start[g] == layer else streams[g])
                     continue
                 inp = prev if g not in streams else 0.5 * (prev + streams[g])
                 nxt[g] = (self.gmks[key] if key is not None else f)(inp)

@@ -99,8 +99,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from mtlkit.engine.autodiff import per_task_grads, split_flat
 from mtlkit.callbacks import Callback, StepInfo
+from mtlkit.engine.autodiff import per_task_grads, split_flat
 from mtlkit.errors import ConfigError
 from mtlkit.evaluation import evaluate
 from mtlkit.methods import Method, build_method
@@ -250,7 +250,7 @@ def conflicts(indicator: Tensor) -> list[tuple[int, int, int]]:
     """``(layer, i, j)`` with i < j for every indicated entry of an ``[L, T, T]`` indicator."""
     out = []
     for layer in range(indicator.shape[0]):
-        for i, j in zip(*torch.triu_indices(indicator.shape[1], indicator.shape[2], offset=1).tolist()):
+        for i, j in zip(*torch.triu_indices(indicator.shape[1], indicator.shape[2], offset=1).tolist(), strict=True):
             if int(indicator[layer, i, j]):
                 out.append((layer, i, j))
     return out
@@ -332,7 +332,7 @@ class ArchitectureSearch(Callback):
 
     def _run_method(self, trainer: Trainer) -> Method:
         m = trainer.cfg.method
-        return build_method(m.name, level=m.level, **m.options)  # type: ignore[arg-type]
+        return build_method(m.name, level=m.level, **m.options)
 
     # -- set-up and growth --------------------------------------------------------------------------------------
     def check(self, trainer: Trainer) -> None:

@@ -53,11 +53,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlkit.errors import ConfigError
-from mtlkit.nn.losses import gaussian_kl
 from mtlkit.models.base import MTLModel, register_model
 from mtlkit.models.hps import conv_trunk
+from mtlkit.nn.losses import gaussian_kl
 
 Predict = Literal["mean", "sample"]
+MeanActivation = Literal["relu", "linear"]
 
 
 class GaussianEncoder(nn.Module):
@@ -77,7 +78,7 @@ class GaussianEncoder(nn.Module):
         hidden: int = 1024,
         depth: int = 3,
         latent: int = 256,
-        mean_activation: Literal["relu", "linear"] = "relu",
+        mean_activation: MeanActivation = "relu",
         min_std: float = 1e-4,
     ):
         super().__init__()
@@ -226,8 +227,8 @@ def _build(
     channels: int,
     decoder_widths: Sequence[int],
     decoder_bn_relu: bool,
-    mean_activation: str,
-    predict: str,
+    mean_activation: MeanActivation,
+    predict: Predict,
     num_samples: int,
     min_std: float,
 ) -> MTVIB:
@@ -242,9 +243,11 @@ def _build(
         latent=latent,
         mean_activation=mean_activation,
         min_std=min_std,
-    )  # type: ignore[arg-type]
-    heads = {t.name: decoder(latent, t.num_outputs, decoder_widths, decoder_bn_relu) for t in data.tasks}
-    return MTVIB(enc, heads, beta=beta, predict=predict, num_samples=num_samples)  # type: ignore[arg-type]
+    )
+    heads: dict[str, nn.Module] = {
+        t.name: decoder(latent, t.num_outputs, decoder_widths, decoder_bn_relu) for t in data.tasks
+    }
+    return MTVIB(enc, heads, beta=beta, predict=predict, num_samples=num_samples)
 
 
 @register_model("mtvib")
@@ -257,8 +260,8 @@ def build_mtvib(
     channels: int = 64,
     decoder_widths: Sequence[int] = (384, 192),
     decoder_bn_relu: bool = False,
-    mean_activation: str = "relu",
-    predict: str = "mean",
+    mean_activation: MeanActivation = "relu",
+    predict: Predict = "mean",
     num_samples: int = 12,
     min_std: float = 1e-4,
 ) -> MTVIB:
@@ -289,8 +292,8 @@ def build_stvib(
     channels: int = 64,
     decoder_widths: Sequence[int] = (384, 192),
     decoder_bn_relu: bool = True,
-    mean_activation: str = "relu",
-    predict: str = "mean",
+    mean_activation: MeanActivation = "relu",
+    predict: Predict = "mean",
     num_samples: int = 12,
     min_std: float = 1e-4,
 ) -> MTVIB:

@@ -71,8 +71,8 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from mtlkit.errors import ConfigError
-from mtlkit.nn.gradient_reversal import GradientReversal, dann_lambda
 from mtlkit.models.base import MTLModel, register_model
+from mtlkit.nn.gradient_reversal import GradientReversal, dann_lambda
 from mtlkit.tasks import Task
 
 __all__ = ["RRMTDL", "SCHEDULES", "Group", "adversarial_name", "build_rrmtdl"]
@@ -250,7 +250,7 @@ class RRMTDL(MTLModel):
     # -- forward ----------------------------------------------------------------------------------------------
     def decode(self, z: Tensor) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        for g, branch, tproj, aproj in zip(self.groups, self.branches, self.target_proj, self.adv_proj):
+        for g, branch, tproj, aproj in zip(self.groups, self.branches, self.target_proj, self.adv_proj, strict=True):
             h = branch(z)
             zg = tproj(h)
             for n in g.target:

@@ -62,8 +62,9 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -303,7 +304,7 @@ def with_second_metric(data):
         if t.kind == "binary" and "average_precision" not in t.metrics:
             t = dataclasses.replace(t, metrics=tuple(t.metrics) + ("average_precision",), higher_is_better=())
         tasks.append(t)
-        keys += [(f"{t.name}/{m}", bool(h)) for m, h in zip(t.metrics, t.higher_is_better)]
+        keys += [(f"{t.name}/{m}", bool(h)) for m, h in zip(t.metrics, t.higher_is_better, strict=True)]
         if t.kind != "binary" and "loss" not in t.metrics:
             keys.append((f"{t.name}/loss", False))
     data.tasks = tasks
@@ -545,7 +546,7 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 results.setdefault(rid, {})[seed] = _alg1_run(rid, seed, data, args, out, model_opts, epochs)
     hib = [h for _, h in keys]
-    for rid, per_seed in results.items():
+    for _rid, per_seed in results.items():
         for seed, r in per_seed.items():
             stl = results["stl"][seed]["test"]
             ref = [stl[k] for k, _ in keys]
@@ -627,7 +628,7 @@ def claim_verdicts(results: dict[str, dict[int, dict[str, Any]]]) -> list[dict[s
             None,
             "supported" if wins and n100 == len(wins) else f"not supported ({n100}/{len(wins)} seeds at 100 %)",
         )
-        add("MAMO beats STL (Δm > 0)", "Δm(MAMO) per seed", paired(delta["mamo"], {s: 0.0 for s in delta["mamo"]}))
+        add("MAMO beats STL (Δm > 0)", "Δm(MAMO) per seed", paired(delta["mamo"], dict.fromkeys(delta["mamo"], 0.0)))
         for rid, claim in (
             ("hps", "MAMO beats HPS"),
             ("hps_mgda", "MAMO beats HPS+MGDA (the architecture adds to MGDA)"),
@@ -641,7 +642,7 @@ def claim_verdicts(results: dict[str, dict[int, dict[str, Any]]]) -> list[dict[s
         add(
             "HPS shows negative transfer (Δm(HPS) < 0)",
             "−Δm(HPS) per seed",
-            paired({s: 0.0 for s in delta["hps"]}, delta["hps"]),
+            paired(dict.fromkeys(delta["hps"], 0.0), delta["hps"]),
         )
     return out
 
@@ -655,11 +656,11 @@ def _where(architecture: list, module: str) -> str:
     if not architecture:
         return "none"
     if module != "conal":
-        return "; ".join(f"{l}: {'+'.join(g)}" for l, g in architecture)
+        return "; ".join(f"{layer}: {'+'.join(g)}" for layer, g in architecture)
     start: dict[str, int] = {}
-    for l, g in architecture:
-        start[g[0]] = min(l, start.get(g[0], l))
-    return "; ".join(f"{t} from layer {l}" for t, l in start.items())
+    for layer, g in architecture:
+        start[g[0]] = min(layer, start.get(g[0], layer))
+    return "; ".join(f"{t} from layer {layer}" for t, layer in start.items())
 
 
 def _label(rid: str) -> str:

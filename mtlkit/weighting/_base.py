@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -146,7 +147,7 @@ class Weighting(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ interface
-    def forward(self, losses: Tensor, ctx: StepContext | None = None) -> Tensor:  # noqa: D401
+    def forward(self, losses: Tensor, ctx: StepContext | None = None) -> Tensor:
         raise NotImplementedError
 
     def weights(self) -> Tensor | None:

@@ -41,6 +41,9 @@ class DWA(Weighting):
 
     equal_weight_epochs = 2
 
+    history: Tensor
+    epochs_seen: Tensor
+
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
         if (
@@ -67,7 +70,10 @@ class DWA(Weighting):
 
     def forward(self, losses: Tensor, ctx: StepContext | None = None) -> Tensor:
         self._prepare(losses)
-        return self.weights().to(device=losses.device, dtype=losses.dtype) * losses
+        w = self.weights()
+        if w is None:  # _prepare has set the weighting up
+            raise RuntimeError("DWA is not set up")
+        return w.to(device=losses.device, dtype=losses.dtype) * losses
 
     def on_epoch_end(self, mean_losses: Tensor) -> None:
         mean_losses = torch.as_tensor(mean_losses, dtype=torch.float32)

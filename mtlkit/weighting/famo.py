@@ -7,7 +7,7 @@ following the official implementation (github.com/Cranial-XIX/FAMO, ``famo.py`` 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -53,6 +53,14 @@ class FAMO(Weighting):
     """
 
     needs_loss_after_step = True
+
+    logits: Tensor
+    min_losses: Tensor
+    prev_losses: Tensor
+    has_prev: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    step: Tensor
 
     def __init__(
         self,

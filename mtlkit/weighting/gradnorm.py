@@ -7,6 +7,7 @@ multitask networks", ICML 2018, Sec. 3.2, Eq. 1-2 and Algorithm 1.
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 
@@ -73,6 +74,14 @@ class GradNorm(Weighting):
         >>> gn.weights(), round(float(gn.weights().sum()), 6)  # task 1's gradient is larger: its weight drops
         (tensor([1.0582, 0.9418]), 2.0)
     """
+
+    task_weights: Tensor
+    initial_losses: Tensor
+    has_initial: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    step: Tensor
+    grad_norms: Tensor
 
     def __init__(
         self,

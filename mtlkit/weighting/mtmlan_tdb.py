@@ -8,7 +8,7 @@ weighting.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -74,6 +74,9 @@ class MTMLANTDB(GradNorm):
         tensor([0.9829, 1.0171])
     """
 
+    penalty: Tensor
+    has_counts: Tensor
+
     def __init__(
         self,
         counts: Sequence[int] | Tensor | None = None,
@@ -129,7 +132,10 @@ class MTMLANTDB(GradNorm):
             raise ConfigError(f"MTMLANTDB got {self._counts.numel()} counts but T={num_tasks} tasks")
         super()._build(num_tasks)
         known = self._counts is not None
-        pen = (self._num_samples / self._counts).float() if known else torch.ones(num_tasks)
+        if self._counts is not None and self._num_samples is not None:  # set together by _store_counts
+            pen = (self._num_samples / self._counts).float()
+        else:
+            pen = torch.ones(num_tasks)
         self.register_buffer("penalty", pen)
         self.register_buffer("has_counts", torch.tensor(known))
 

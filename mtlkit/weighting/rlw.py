@@ -39,6 +39,9 @@ class RLW(Weighting):
         (True, 1.0)
     """
 
+    rng_state: Tensor
+    last_weights: Tensor
+
     def __init__(self, seed: int | None = None, total: str = "one") -> None:
         super().__init__()
         if total not in TOTALS:

@@ -7,7 +7,7 @@ CVPR 2018 (Eq. 5 regression, Eq. 10 classification), and the classification form
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,8 @@ class UW(Weighting):
     """
 
     requires_setup = True
+
+    _scale: Tensor
 
     def __init__(self, form: str | Sequence[str] = "regression", init_log_var: float = 0.0) -> None:
         super().__init__()
