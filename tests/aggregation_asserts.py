@@ -57,6 +57,8 @@ from mtlkit.aggregation import (
     UPGrad,
 )
 from mtlkit.aggregation._solvers import KKT_TOL, dual_cone_kkt_residual, simplex_kkt_residual  # noqa: F401 (re-export)
+from mtlkit.aggregation.conflict_free import ConFIG
+from mtlkit.aggregation.sdmgrad import SDMGrad
 
 Factory = Callable[[], object]
 
@@ -79,6 +81,8 @@ AGGREGATORS: dict[str, Factory] = {
     "aligned_mtl": AlignedMTL,
     "nash_mtl": lambda: NashMTL(normalize=False),  # the paper's G α = 1/α
     "nash_mtl_normalized": lambda: NashMTL(normalize=True),
+    "sdmgrad": SDMGrad,
+    "conflict_free": ConFIG,
 }
 #: Methods whose update never conflicts with a task (for all T), as their papers claim.
 NON_CONFLICTING = ("upgrad", "dualproj", "mgda_exact")

@@ -755,6 +755,8 @@ def test_sweep_permutation_scaling_non_conflict(family, T, seed, dtype):
 from mtlkit._registry import METHODS  # noqa: E402
 from mtlkit.aggregation._base import SUM_SCALE_FACTOR, Aggregator, Mean, Sum, SumScale, on_sum_scale  # noqa: E402
 from mtlkit.aggregation._random import PairwiseSurgery, SeededAggregator  # noqa: E402
+from mtlkit.aggregation.fairgrad import FairGrad  # noqa: E402
+from mtlkit.aggregation.moco import MoCo  # noqa: E402
 from mtlkit.engine.autodiff import backward  # noqa: E402
 from mtlkit.errors import ConfigError  # noqa: E402
 from mtlkit.methods import Composite  # noqa: E402
@@ -867,8 +869,8 @@ def test_convex_and_affine_declarations_are_tight():
     somewhere (else it should declare "convex"): IMTL-G on conflicting rows (T = 3) and random ones (T = 5)."""
     fails = Failures()
     for cls in _registered_aggregators():
-        if cls.scale not in ("convex", "affine"):
-            continue
+        if cls.scale not in ("convex", "affine") or not cls.gramian_based:
+            continue  # (MoCo: convex, from tracked gradients, not weights of G; tested in tests/test_moco.py)
         negative = False
         for _fam, _T, _dtype, label, J in _grid(aa.FAMILIES, dtypes=(torch.float64,), task_counts=(2, 3, 5)):
             w = cls().weights(J @ J.T)
@@ -902,7 +904,11 @@ def test_every_aggregator_class_declares_a_known_scale():
 def test_every_registered_aggregator_is_in_the_property_suite():
     """A new aggregator file is held to this module's properties: each registered class has a factory in
     ``aggregation_asserts.AGGREGATORS`` (or an explicit reason here)."""
-    elsewhere = {DBMTLAggregator: "stateful EMA of the gradients (DB-MTL); tested in test_weighting.py"}
+    elsewhere = {
+        DBMTLAggregator: "stateful EMA of the gradients (DB-MTL); tested in test_weighting.py",
+        FairGrad: "its update scales as s^((1-α)/(1+α)) with J (no linear scaling to test); tested in test_fairgrad.py",
+        MoCo: "stateful tracking of the gradients (the update follows J only over steps); tested in test_moco.py",
+    }
     covered = {type(factory()) for factory in aa.AGGREGATORS.values()}
     missing = [c.__name__ for c in _registered_aggregators() if c not in covered and c not in elsewhere]
     assert not missing, f"add these to aggregation_asserts.AGGREGATORS: {missing}"

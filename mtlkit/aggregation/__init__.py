@@ -12,14 +12,18 @@ Example:
 from mtlkit.aggregation._base import Aggregator, Mean, Sum, SumScale, on_sum_scale
 from mtlkit.aggregation.aligned_mtl import AlignedMTL
 from mtlkit.aggregation.cagrad import CAGrad
+from mtlkit.aggregation.conflict_free import ConFIG
 from mtlkit.aggregation.dualproj import DualProj
+from mtlkit.aggregation.fairgrad import FairGrad
 from mtlkit.aggregation.graddrop import GradDrop
 from mtlkit.aggregation.gradvac import GradVac
 from mtlkit.aggregation.imtl_g import IMTLG
 from mtlkit.aggregation.mamg import MAMG
 from mtlkit.aggregation.mgda import MGDA
+from mtlkit.aggregation.moco import MoCo
 from mtlkit.aggregation.nash_mtl import NashMTL
 from mtlkit.aggregation.pcgrad import PCGrad
+from mtlkit.aggregation.sdmgrad import SDMGrad
 from mtlkit.aggregation.upgrad import UPGrad
 
 __all__ = [
@@ -29,12 +33,16 @@ __all__ = [
     "Aggregator",
     "AlignedMTL",
     "CAGrad",
+    "ConFIG",
     "DualProj",
+    "FairGrad",
     "GradDrop",
     "GradVac",
     "Mean",
+    "MoCo",
     "NashMTL",
     "PCGrad",
+    "SDMGrad",
     "Sum",
     "SumScale",
     "UPGrad",

@@ -13,12 +13,14 @@ from mtlkit.weighting._base import EW, StepContext, Weighting
 from mtlkit.weighting.constant import Constant
 from mtlkit.weighting.dbmtl import DBMTLAggregator, LogLoss
 from mtlkit.weighting.dwa import DWA
+from mtlkit.weighting.excess_mtl import ExcessMTL
 from mtlkit.weighting.famo import FAMO
 from mtlkit.weighting.gls import GLS
 from mtlkit.weighting.gradnorm import GradNorm
 from mtlkit.weighting.imtl_l import IMTLL
 from mtlkit.weighting.mtmlan_tdb import MTMLANTDB
 from mtlkit.weighting.rlw import RLW
+from mtlkit.weighting.stch import STCH
 from mtlkit.weighting.uw import UW
 
 __all__ = [
@@ -29,9 +31,11 @@ __all__ = [
     "IMTLL",
     "MTMLANTDB",
     "RLW",
+    "STCH",
     "UW",
     "Constant",
     "DBMTLAggregator",
+    "ExcessMTL",
     "GradNorm",
     "LogLoss",
     "StepContext",
