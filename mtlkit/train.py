@@ -173,7 +173,19 @@ class Trainer:
         self.tasks = self.data.tasks
         self.names = task_names(self.tasks)
         self.run_dir = Path(run_dir or cfg.output.dir or default_run_dir(cfg))
-        runs.seed_everything(tc.seed)
+        # Seeded for the model's initialisation; the caller's random state is given back afterwards (constructing
+        # a trainer changes nothing global) and training starts from the state the construction left (fit).
+        caller_rng = runs.rng_state()
+        try:
+            runs.seed_everything(tc.seed)
+            self._build(cfg, callbacks)
+            self._start_rng = runs.rng_state()
+        finally:
+            runs.set_rng_state(caller_rng)
+
+    def _build(self, cfg: RunConfig, callbacks: Sequence[Callback]) -> None:
+        """The model, the method's set-up, the optimizer, the scheduler and the callbacks (seeded by __init__)."""
+        tc = cfg.train
         self.model = build_for(cfg, self.data, self.method).to(self.device)
         # Extra training-only tasks a model may declare (e.g. RRMTDL's adversarial heads): trained, never selected
         # on or reported (Task.auxiliary).
@@ -186,7 +198,7 @@ class Trainer:
                 f"method {cfg.method.name!r} keeps every task weight at 1 for its first {n_equal} epochs: "
                 f"with train.epochs={tc.epochs} it trains exactly as EW",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         groups: list[dict[str, Any]] = [{"params": list(self.model.parameters())}]
         extra = [p for p in self.method.weighting.parameters() if p.requires_grad]
@@ -494,6 +506,7 @@ class Trainer:
             start, in_epoch, carried, best, history = self._resume()
             self._best = best
         else:
+            runs.set_rng_state(self._start_rng)  # the random state the (seeded) construction left
             runs.atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self._train_seconds = carried
         writer = None

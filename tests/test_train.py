@@ -489,3 +489,38 @@ def test_bench_zoo_reuse_resumes_a_stopped_run_and_refuses_another_budget(tmp_pa
     assert main(other + ["--reuse"]) != 0
     err = capsys.readouterr().err
     assert "refusing to resume" in err and "train.lr: 0.05 there, 0.5 requested" in err
+
+
+def test_constructing_a_trainer_changes_no_global_random_state(tmp_path):
+    """The model is initialised from train.seed, but the caller's random state is given back (nothing global changes
+    when a class is constructed); fit starts from the seeded state, so what the caller drew in between does not
+    change the run."""
+    import random
+
+    import numpy as np
+
+    def cfg(d):
+        return RunConfig.from_dict(
+            {
+                "dataset": {"name": "_toy"},
+                "model": {"name": "hps", "options": {"encoder": "mlp", "hidden": [8]}},
+                "method": {"name": "rlw"},
+                "train": {"epochs": 1, "progress": False},
+                "output": {"dir": str(tmp_path / d), "tensorboard": False},
+            }
+        )
+
+    torch.manual_seed(123)
+    random.seed(5)
+    np.random.seed(7)  # noqa: NPY002 - the global state is what is tested
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())  # noqa: NPY002
+    first = Trainer(cfg("a"))
+    after = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())  # noqa: NPY002
+    assert torch.equal(before[0], after[0]) and before[1] == after[1] and (before[2] == after[2]).all()
+    res_a = first.fit()
+    second = Trainer(cfg("b"))
+    torch.rand(1000)  # the caller draws between construction and fit (RLW draws its weights from the global RNG)
+    res_b = second.fit()
+    assert res_a.test == res_b.test
+    for p, q in zip(first.model.parameters(), second.model.parameters(), strict=True):
+        assert torch.equal(p, q)
