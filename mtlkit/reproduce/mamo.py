@@ -61,7 +61,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,8 @@ import numpy as np
 import torch
 
 from mtlkit.reproduce import Reproduction, register_reproduction, train_or_reuse
+
+log = logging.getLogger("mtlkit")
 
 #: The paper's numbers (Tan, Hu & Zhang, ECAI 2024). Δ (Eq. 15, higher is better) and Win in %.
 PAPER: dict[str, Any] = {
@@ -416,16 +418,24 @@ def _budget(args: argparse.Namespace, n_steps: int) -> str:
     )
 
 
-def _trainer_run(rid: str, seed: int, data, args, out: Path, model_opts: dict[str, Any], epochs: int) -> dict:
+def _run_config(
+    args,
+    dataset: str,
+    data_opts: dict[str, Any],
+    model: str,
+    model_opts: dict[str, Any],
+    method: str,
+    epochs: int,
+    seed: int,
+    run_dir: Path,
+) -> Any:
+    """The full config of one row's run (Trainer rows and Alg. 1 rows share everything but the model)."""
     from mtlkit.config import RunConfig
 
-    label, method = TRAINER_ROWS[rid]
-    name, opts = _data_options(args)
-    run_dir = out / "runs" / f"{rid}-s{seed}"
-    cfg = RunConfig.from_dict(
+    return RunConfig.from_dict(
         {
-            "dataset": {"name": name, "options": opts},
-            "model": {"name": "hps", "options": model_opts},
+            "dataset": {"name": dataset, "options": data_opts},
+            "model": {"name": model, "options": model_opts},
             "method": {"name": method},
             "train": {
                 "epochs": epochs,
@@ -439,9 +449,17 @@ def _trainer_run(rid: str, seed: int, data, args, out: Path, model_opts: dict[st
             "output": {"dir": str(run_dir), "tensorboard": False, "overwrite": True},
         }
     )
+
+
+def _trainer_run(rid: str, seed: int, data, args, out: Path, model_opts: dict[str, Any], epochs: int) -> dict:
+
+    label, method = TRAINER_ROWS[rid]
+    name, opts = _data_options(args)
+    run_dir = out / "runs" / f"{rid}-s{seed}"
+    cfg = _run_config(args, name, opts, "hps", model_opts, method, epochs, seed, run_dir)
     done, trained = train_or_reuse(cfg, data, run_dir, args.reuse)
     if trained:
-        print(f"[mamo] seed {seed} {label}: {done['train_seconds']:.0f}s", file=sys.stderr)
+        log.info(f"[mamo] seed {seed} {label}: {done['train_seconds']:.0f}s")
     return {
         "test": done["test"],
         "val": done["val"],
@@ -452,7 +470,6 @@ def _trainer_run(rid: str, seed: int, data, args, out: Path, model_opts: dict[st
 
 def _alg1_run(rid: str, seed: int, data, args, out: Path, model_opts: dict[str, Any], epochs: int) -> dict:
     """One Alg. 1 row: the Trainer on model ``mamo`` (its search callback grows the model), seed ``seed``."""
-    from mtlkit.config import RunConfig
 
     label, module, method = ALG1_ROWS[rid]
     name, opts = _data_options(args)
@@ -469,23 +486,7 @@ def _alg1_run(rid: str, seed: int, data, args, out: Path, model_opts: dict[str, 
         "pretrain_method": "ew" if args.pretrain_method == "ew" else None,
         "restore_optimizer": bool(args.restore_optimizer),
     }
-    cfg = RunConfig.from_dict(
-        {
-            "dataset": {"name": name, "options": opts},
-            "model": {"name": "mamo", "options": {**model_opts, **search}},
-            "method": {"name": method},
-            "train": {
-                "epochs": epochs,
-                "batch_size": args.batch_size,
-                "lr": args.lr,
-                "seed": seed,
-                "progress": False,
-                "device": args.device,
-                "num_threads": args.threads,
-            },
-            "output": {"dir": str(run_dir), "tensorboard": False, "overwrite": True},
-        }
-    )
+    cfg = _run_config(args, name, opts, "mamo", {**model_opts, **search}, method, epochs, seed, run_dir)
     done, trained = train_or_reuse(cfg, data, run_dir, args.reuse)
     search_out = done["mamo"]
     result = {
@@ -500,10 +501,7 @@ def _alg1_run(rid: str, seed: int, data, args, out: Path, model_opts: dict[str, 
         "architecture": search_out["architecture"],
     }
     if trained:
-        print(
-            f"[mamo] seed {seed} {label}: modules {len(result['architecture'])} ({result['seconds']:.0f}s)",
-            file=sys.stderr,
-        )
+        log.info(f"[mamo] seed {seed} {label}: modules {len(result['architecture'])} ({result['seconds']:.0f}s)")
     return result
 
 
@@ -531,7 +529,7 @@ def _run(args: argparse.Namespace) -> int:
     keys = with_second_metric(data)
     n_steps = -(-len(data.train) // args.batch_size)
     budget = _budget(args, n_steps)
-    print(f"[mamo] budget: {budget}", file=sys.stderr)
+    log.info(f"[mamo] budget: {budget}")
     model_opts = {
         "encoder": args.encoder,
         "width": args.width,
@@ -575,7 +573,7 @@ def _run(args: argparse.Namespace) -> int:
     (out / "report.md").write_text(md)
     _plot(results, out / "delta_vs_size.png", budget)
     print(md)
-    print(f"[mamo] wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'delta_vs_size.png'}", file=sys.stderr)
+    log.info(f"[mamo] wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'delta_vs_size.png'}")
     return 0
 
 
