@@ -56,6 +56,13 @@ def add_zoo_arguments(p: argparse.ArgumentParser) -> None:
         help="dataset name (`mtlkit methods` lists them); the table shows each task's first metric",
     )
     p.add_argument(
+        "--model",
+        default=None,
+        help="architecture (`mtlkit methods` lists the models; default: the dataset's own default model); every "
+        "method of the zoo trains on it, STL as one such model per task",
+    )
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the config's, auto)")
+    p.add_argument(
         "--methods",
         nargs="+",
         default=None,
@@ -74,8 +81,19 @@ def add_zoo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per method and seed")
     p.add_argument("--epochs", type=int, default=10, help="training epochs, the same for every method")
-    p.add_argument("--n-train", type=int, default=120_000, help="training+validation images (full: 120000)")
-    p.add_argument("--n-test", type=int, default=10_000, help="test images (full: 10000)")
+    p.add_argument(
+        "--n-train",
+        type=int,
+        default=None,
+        help="training+validation samples, for datasets with an n_train option (default: the dataset's own, "
+        "120000 images for multimnist/multifashion)",
+    )
+    p.add_argument(
+        "--n-test",
+        type=int,
+        default=None,
+        help="test samples, for datasets with an n_test option (default: the dataset's)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's choice)")
     p.add_argument(
         "--jobs",
@@ -161,7 +179,9 @@ def budget_notes(methods: list[str], epochs: int) -> str:
     return "\n\n" + "\n".join(notes) if notes else ""
 
 
-def plot_zoo(numbers: dict[str, Any], keys: list[str], path: Path, title: str) -> Any:
+def plot_zoo(
+    numbers: dict[str, Any], keys: list[str], path: Path, title: str, ylabel: str = "test accuracy (%)"
+) -> Any:
     """The zoo as a PNG: per-task test accuracy (mean ± std over seeds) per method and, beside it, Δm against STL
     (mean ± std over seeds; lower is better), the number the table ranks by. Returns the (closed) matplotlib Figure,
     whose axes hold the drawn bars."""
@@ -185,7 +205,7 @@ def plot_zoo(numbers: dict[str, Any], keys: list[str], path: Path, title: str) -
     lo = min(100 * numbers[m]["summary"][k][0] for m in methods for k in keys)
     ax.set_ylim(max(0, lo - 3), 100)
     ax.set_xticks(np.arange(len(methods)) + width * (len(keys) - 1) / 2, methods, rotation=45, ha="right")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
     # Δm per method: only methods with Δm values (none when STL is missing from the zoo)
@@ -222,6 +242,30 @@ def _dataset(name: str, options: dict[str, Any]) -> Any:
 
 
 _DATA_CACHE: dict[Any, Any] = {}
+
+
+def dataset_options(name: str, n_train: int | None, n_test: int | None) -> dict[str, Any]:
+    """The dataset options of the zoo's ``--n-train`` / ``--n-test``: only those given, and an error (not a silently
+    ignored flag) for a dataset without such an option.
+
+    Example:
+        >>> dataset_options("multimnist", 600, None)
+        {'n_train': 600}
+    """
+    from mtlkit._registry import DATASETS
+    from mtlkit.errors import ConfigError
+
+    given = {k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None}
+    if name not in DATASETS:  # the registry's own error lists the valid names
+        DATASETS.get(name)
+    entry = DATASETS.get(name)
+    for k in given:
+        if k not in entry.options and not entry.open_ended:
+            raise ConfigError(
+                f"dataset {name!r} has no {k} option (--{k.replace('_', '-')}); its options are: "
+                f"{', '.join(entry.options) or 'none'}"
+            )
+    return given
 
 
 def _builtin_dataset(name: str) -> bool:
@@ -261,9 +305,19 @@ def _import_all(modules: list[str]) -> None:
         importlib.import_module(name)
 
 
-def _zoo_files(out: Path, dataset: str) -> list[Path]:
-    """The table files a zoo of ``dataset`` writes into ``out``."""
-    return [out / f"zoo_{dataset}{suffix}" for suffix in (".md", ".json", ".png", "_partial.md")]
+def zoo_stem(dataset: str, model: str | None) -> str:
+    """The name shared by a zoo's table files and run directories: ``dataset`` or ``dataset_model`` (``--model``).
+
+    Example:
+        >>> zoo_stem("census", "mmoe"), zoo_stem("multimnist", None)
+        ('census_mmoe', 'multimnist')
+    """
+    return dataset if model is None else f"{dataset}_{model}"
+
+
+def _zoo_files(out: Path, stem: str) -> list[Path]:
+    """The table files a zoo named ``stem`` (:func:`zoo_stem`) writes into ``out``."""
+    return [out / f"zoo_{stem}{suffix}" for suffix in (".md", ".json", ".png", "_partial.md")]
 
 
 def _other_config(run_dir: Path, cfg: RunConfig) -> str | None:
@@ -293,7 +347,7 @@ def _other_config(run_dir: Path, cfg: RunConfig) -> str | None:
 
 
 def _check_out_dir(
-    out: Path, plan: list[tuple[int, str, Path, RunConfig]], dataset: str, reuse: bool, overwrite: bool
+    out: Path, plan: list[tuple[int, str, Path, RunConfig]], stem: str, reuse: bool, overwrite: bool
 ) -> None:
     """Refuse, before anything is trained, an ``--out`` whose contents this zoo would replace without being asked:
     its runs or table (unless ``--reuse``, which keeps runs of the same config, or ``--overwrite``) and any directory
@@ -312,7 +366,7 @@ def _check_out_dir(
         )
     if reuse or overwrite:
         return
-    tables = [f.name for f in _zoo_files(out, dataset) if f.exists()]
+    tables = [f.name for f in _zoo_files(out, stem) if f.exists()]
     if not present and not tables:
         return
     other = [(d, why) for d, cfg in present for why in [_other_config(d, cfg)] if why]
@@ -366,15 +420,20 @@ def run_zoo(args: argparse.Namespace) -> int:
     chosen = list(args.methods) if args.methods else default_zoo(scale)
     left_out = [] if args.methods else [m for m in default_zoo() if m not in chosen]
     methods = list(dict.fromkeys(["stl"] + chosen))
+    model = getattr(args, "model", None)
+    device = getattr(args, "device", None)
+    stem = zoo_stem(args.dataset, model)
+    data_options = dataset_options(args.dataset, getattr(args, "n_train", None), getattr(args, "n_test", None))
     # Every run's config is built and checked (names, options, model/method/level) before any data is loaded or
     # anything trained: a typo in the last method must not surface after hours of training the first ones.
     plan: list[tuple[int, str, Path, RunConfig]] = []
     for seed in args.seeds:  # seed-major order: an interrupted zoo leaves complete seeds (and a partial table)
         for m in methods:
-            run_dir = out / f"{args.dataset}-{m}-s{seed}"
+            run_dir = out / (f"{args.dataset}-{m}-s{seed}" if model is None else f"{args.dataset}-{model}-{m}-s{seed}")
             cfg = RunConfig.from_dict(
                 {
-                    "dataset": {"name": args.dataset, "options": {"n_train": args.n_train, "n_test": args.n_test}},
+                    "dataset": {"name": args.dataset, "options": dict(data_options)},
+                    **({"model": {"name": model}} if model is not None else {}),
                     "method": {"name": m, "scale": scale},
                     "train": {
                         "epochs": args.epochs,
@@ -384,6 +443,7 @@ def run_zoo(args: argparse.Namespace) -> int:
                         "seed": seed,
                         "num_threads": args.threads,
                         "progress": False,
+                        **({"device": device} if device is not None else {}),
                     },
                     "output": {"dir": str(run_dir), "overwrite": True, "tensorboard": False},
                 }
@@ -391,7 +451,7 @@ def run_zoo(args: argparse.Namespace) -> int:
             cfg = cfg.override(list(args.set))
             check_run_config(cfg)
             plan.append((seed, m, run_dir, cfg))
-    _check_out_dir(out, plan, args.dataset, args.reuse or args.no_train, overwrite)
+    _check_out_dir(out, plan, stem, args.reuse or args.no_train, overwrite)
     done: dict[tuple[int, str], dict[str, float]] = {}
     todo: list[tuple[int, str, dict[str, Any], bool]] = []  # (seed, method, config, resume)
     for seed, m, run_dir, cfg in plan:
@@ -401,11 +461,14 @@ def run_zoo(args: argparse.Namespace) -> int:
         else:
             resume = (args.reuse or args.no_train) and resumable_run(run_dir, cfg)
             todo.append((seed, m, cfg.to_dict(), bool(resume)))
-    data = _dataset(args.dataset, {"n_train": args.n_train, "n_test": args.n_test})
+    data = _dataset(args.dataset, data_options)
     task_metrics = [(f"{t.name}/{t.metrics[0]}", t.higher_is_better[0]) for t in data.tasks]
+    metric_text = " / ".join(dict.fromkeys(t.metrics[0] for t in data.tasks))
+    # the model every multi-task run of the zoo trains (STL's runs: one such model per task)
+    model_name = next((c.model.name for _, m, _, c in plan if m != "stl"), plan[0][3].model.name)
     origin = "real data; " if _builtin_dataset(args.dataset) else ""  # a user's own dataset: no claim made for it
     if overwrite:  # no table of the replaced zoo may survive beside the new runs
-        for f in _zoo_files(out, args.dataset):
+        for f in _zoo_files(out, stem):
             f.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -418,9 +481,9 @@ def run_zoo(args: argparse.Namespace) -> int:
     def header(partial: bool) -> str:
         return (
             f"Method zoo on {args.dataset} ({origin}{len(data.train)} train / {len(data.val)} val / "
-            f"{len(data.test)} test images), HPS encoder, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, "
+            f"{len(data.test)} test samples), model {model_name}, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, "
             f"Adam lr {args.lr}, batch {args.batch_size}, {'partial; ' if partial else ''}seeds {args.seeds}, "
-            f"{scale_text}; test accuracy (%) of the validation-selected epoch, mean ± std; Δm vs STL, lower is "
+            f"{scale_text}; test {metric_text} (x 100) of the validation-selected epoch, mean ± std; Δm vs STL, lower is "
             f"better.\n\n"
         )
 
@@ -450,10 +513,10 @@ def run_zoo(args: argparse.Namespace) -> int:
     def finish(seed: int, m: str, test: dict[str, float]) -> None:
         done[(seed, m)] = test
         print(
-            f"{m} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k.endswith("accuracy")),
+            f"{m} seed {seed}: " + ", ".join(f"{k} {test[k]:.4f}" for k, _ in task_metrics if k in test),
             flush=True,
         )
-        (out / f"zoo_{args.dataset}_partial.md").write_text(page(partial=True, missing=[])[0])
+        (out / f"zoo_{stem}_partial.md").write_text(page(partial=True, missing=[])[0])
 
     missing: list[str] = []
     if args.no_train:
@@ -486,10 +549,16 @@ def run_zoo(args: argparse.Namespace) -> int:
     if not done:
         raise ConfigError(f"no finished run of this zoo in {out}: nothing to tabulate")
     text, numbers = page(partial=bool(missing), missing=missing)
-    (out / f"zoo_{args.dataset}.md").write_text(text)
-    (out / f"zoo_{args.dataset}.json").write_text(json.dumps(numbers, indent=2))
-    plot_zoo(numbers, [k for k, _ in task_metrics], out / f"zoo_{args.dataset}.png", f"{args.dataset} (scale {scale})")
+    (out / f"zoo_{stem}.md").write_text(text)
+    (out / f"zoo_{stem}.json").write_text(json.dumps(numbers, indent=2))
+    plot_zoo(
+        numbers,
+        [k for k, _ in task_metrics],
+        out / f"zoo_{stem}.png",
+        f"{args.dataset}, model {model_name} (scale {scale})",
+        ylabel=f"test {metric_text} (x 100)",
+    )
     if not missing:
-        (out / f"zoo_{args.dataset}_partial.md").unlink(missing_ok=True)
+        (out / f"zoo_{stem}_partial.md").unlink(missing_ok=True)
     print(text)
     return 0

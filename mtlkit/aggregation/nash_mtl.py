@@ -105,7 +105,8 @@ class NashMTL(Aggregator):
         update_weights_every: recompute ``α`` every k calls, reuse the last one in between (``>= 1``).
         max_norm: if ``> 0``, scale the update down to this norm when it is larger.
         normalize: return ``β = √||G||_F · α`` (solves ``(G/||G||_F) β = 1/β``) instead of the paper's ``α``.
-        max_iter, tol: Newton iterations and relative tolerance on the residual (see :func:`solve_nash`).
+        max_iter: Newton iterations at most (see :func:`solve_nash`).
+        tol: relative tolerance on the residual (see :func:`solve_nash`).
 
     Example:
         >>> import torch

@@ -42,6 +42,13 @@ def conv_trunk(input_shape: Sequence[int], channels: int = 64) -> tuple[nn.Seque
     Returns the module and its flattened output width (3136 for 36x36 inputs and 64 channels). Activations and
     convolution weights are channels-last (:class:`ChannelsLast`), which only changes the speed.
     """
+    if len(input_shape) != 3:
+        from mtlkit.errors import ConfigError
+
+        raise ConfigError(
+            f"the conv encoder needs image inputs of shape (channels, height, width); this dataset's inputs have "
+            f"shape {tuple(input_shape)}: use model.options.encoder=mlp"
+        )
     c, h, w = input_shape
     conv = nn.Sequential(
         ChannelsLast(),
