@@ -338,3 +338,58 @@ def test_real_yeast_shapes_and_standardisation():
     assert len(d.train) + len(d.val) + len(d.test) == 2417
     assert d.train.x.mean(0).abs().max() < 1e-4
     assert d.info["train_counts"][-1] < d.info["train_counts"][11]  # Class14 rare, Class12 frequent
+
+
+# --- the reproduction's options (issue 23) --------------------------------------------------------------------------
+
+
+def _repro_args(tmp_path, *extra):
+    import argparse
+
+    from mtlkit.reproduce.mtmlan import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(["--out", str(tmp_path / "out"), *extra])
+
+
+def test_reproduce_mtmlan_bad_options_are_config_errors(tmp_path):
+    from mtlkit.reproduce.mtmlan import run
+
+    with pytest.raises(ConfigError, match="--tdb-lrs"):
+        run(_repro_args(tmp_path, "--tdb-lrs", "0"))
+    with pytest.raises(ConfigError, match="--jobs"):
+        run(_repro_args(tmp_path, "--jobs", "0"))
+    with pytest.raises(ConfigError, match="distinct"):
+        run(_repro_args(tmp_path, "--seeds", "1", "1"))
+    with pytest.raises(ConfigError, match="Table III row"):
+        run(_repro_args(tmp_path, "--rows", "MTMLAN", "Nope"))
+
+
+@pytest.mark.data("yeast")
+def test_reproduce_mtmlan_tunes_on_validation_writes_results_and_reuses(tmp_path, capsys):
+    import json
+
+    from mtlkit.reproduce.mtmlan import run
+
+    common = [
+        "--dataset", "yeast", "--rows", "GradNorm", "MTMLAN", "--seeds", "0", "--epochs", "1",
+        "--tdb-lrs", "0.03", "0.3", "--betas", "2", "--jobs", "1", "--probe-every", "20",
+        "--results", str(tmp_path / "res" / "mtmlan_yeast_test"),
+    ]  # fmt: skip
+    assert run(_repro_args(tmp_path, *common)) == 0
+    rep = json.loads((tmp_path / "res" / "mtmlan_yeast_test.json").read_text())
+    tn = rep["tuning"]
+    assert [g["tdb_lr"] for g in tn["grid"]] == [0.03, 0.3]
+    assert tn["chosen"]["score"] == max(g["score"] for g in tn["grid"])  # chosen on validation only
+    assert rep["chosen"]["tdb_lr"] == tn["chosen"]["tdb_lr"]
+    gn = rep["results"]["GradNorm"][0]
+    assert gn["probe"]["steps_measured"] >= 1 and gn["spec"]["method_options"]["counts"] == [1] * 14
+    md = (tmp_path / "res" / "mtmlan_yeast_test.md").read_text()
+    assert "± 0" not in md and "not testable at this budget (1 seed" in md
+    assert all(r[0]["trained_now"] for r in rep["results"].values())
+    capsys.readouterr()
+    assert run(_repro_args(tmp_path, *common, "--reuse")) == 0  # finished runs are read back, not retrained
+    again = json.loads((tmp_path / "res" / "mtmlan_yeast_test.json").read_text())
+    assert not any(r[0]["trained_now"] for r in again["results"].values())
+    assert again["results"]["MTMLAN"][0]["test"] == rep["results"]["MTMLAN"][0]["test"]

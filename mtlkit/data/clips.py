@@ -1,9 +1,11 @@
 """Multi-label frame-sequence benchmark ("clips") built from Fashion-MNIST (or MNIST) frames.
 
-Stand-in for the disaster-video dataset of MTMLAN (Wang & Chen, "Multi-label multi-task learning with dynamic task
-weight balancing", Sec. IV-A, Table I), which cannot be obtained here (it is not published). Protocol:
+Stand-in for the disaster-video dataset of MTMLAN (Tianyi Wang and Shu-Ching Chen, "Multi-Label Multi-Task Learning
+with Dynamic Task Weight Balancing", IEEE 21st International Conference on Information Reuse and Integration for Data
+Science (IRI 2020), pp. 245-252, 2020, doi 10.1109/IRI49571.2020.00042; Sec. IV-A, Table I), which cannot be
+obtained here (it is not published). Protocol:
 
-* ``n_clips`` clips (paper: 1,540) of ``frames`` frames (paper: 40 sampled frames per video; default here 16).
+* ``n_clips`` clips (paper: 1,540) of ``frames`` frames (paper: 40 sampled frames per video; default 40).
 * 7 concepts = 7 source classes (Fashion-MNIST classes 0-6 by default, named after the paper's concepts); the
   other 3 classes (7, 8, 9) are the "background" items of frames that show no concept.
 * Each concept present in a clip occupies one *contiguous run* of frames (length 2 .. ``max_run``) at a random
@@ -17,8 +19,16 @@ weight balancing", Sec. IV-A, Table I), which cannot be obtained here (it is not
   demonstration-briefing).
 * train/validation/test = 60/20/20 of the clips (the paper's split), by a seeded permutation. Frames of a clip come
   only from the source split of that clip: training clips from source-train images 0..49,999, validation clips
-  from source-train images 50,000..59,999, test clips from the source test set. The optional frame-encoder
-  pre-training (``features="pretrained"``) uses only the images the training clips may draw from.
+  from source-train images 50,000..59,999, test clips from the source test set.
+* Frozen frame features (``features="pretrained"``): a small conv net pre-trained on single-image classification
+  of *another dataset* (``pretrain_source``, default MNIST digits for Fashion-MNIST frames), never on the concepts
+  — the analogue of the paper's ImageNet-pre-trained Inception V3, which never saw the disaster concepts. (Before,
+  the encoder was pre-trained on the ten Fashion-MNIST classes, seven of which *are* the concepts: the features
+  then already separated the concepts, and a label's difficulty followed which clothes look alike instead of its
+  rarity.) The cached feature of a frame is the encoder's last conv block, average-pooled to
+  ``feature_pool`` x ``feature_pool`` (32 channels: 288 values for the default 3): a generic spatial map that the
+  trained shared network of the model (:class:`mtlkit.models.mtmlan.SharedFrameNet`) must still turn into
+  concept evidence. ``pretrain_source == source`` is refused (ConfigError).
 * Deterministic in ``seed``; the clip layout (image indices, labels, splits) is cached as ``.npz`` under
   ``cache_dir()/clips`` with a hash record, and so are the pre-trained frame features.
 
@@ -32,6 +42,8 @@ Example:
     ...                             "test": [3] * 10 + [9] * 30}, check_classes=False)
     >>> layout["labels"].shape, layout["index"].shape
     ((40, 7), (40, 14))
+    >>> always_absent_accuracy([150, 971], 1540)   # Table I: a constant "absent" scores this per concept
+    [0.9026, 0.3695]
 """
 
 from __future__ import annotations
@@ -54,7 +66,7 @@ from mtlkit.tasks import Task
 
 log = logging.getLogger("mtlkit")
 
-#: MTMLAN Table I: number of instances per concept over 1,540 clips (Wang & Chen, Sec. IV-A).
+#: MTMLAN Table I: number of instances per concept over 1,540 clips (Wang & Chen, IRI 2020, Sec. IV-A).
 PAPER_COUNTS: tuple[int, ...] = (150, 338, 971, 273, 371, 311, 811)
 PAPER_CLIPS = 1540
 CONCEPTS: tuple[str, ...] = (
@@ -72,6 +84,48 @@ CONCEPT_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
 BACKGROUND_CLASSES: tuple[int, ...] = (7, 8, 9)
 SPLITS = ("train", "val", "test")
 TRAIN_POOL = 50_000  # source-train images 0..49,999 feed the training clips; the rest the validation clips
+IMAGE_SOURCES = ("fashion", "mnist")
+
+
+def always_absent_accuracy(counts: Sequence[int], n_clips: int, digits: int = 4) -> list[float]:
+    """Per concept, the accuracy of always predicting "absent": ``1 - n_j / n_clips`` (rounded to ``digits``)."""
+    if n_clips <= 0 or any(c < 0 or c > n_clips for c in counts):
+        raise ConfigError(f"counts must lie in [0, n_clips={n_clips}], got {list(counts)}")
+    return [round(1 - c / n_clips, digits) for c in counts]
+
+
+def check_pretrain_source(source: str, pretrain_source: str) -> None:
+    """ConfigError unless ``pretrain_source`` is a known image dataset other than the frames' ``source``."""
+    if pretrain_source not in IMAGE_SOURCES:
+        raise ConfigError(f"clips: unknown pretrain_source {pretrain_source!r}; valid: {', '.join(IMAGE_SOURCES)}")
+    if pretrain_source == source:
+        other = [s for s in IMAGE_SOURCES if s != source]
+        raise ConfigError(
+            f"clips: pretrain_source={pretrain_source!r} is the dataset of the frames: the frame encoder would be "
+            f"trained on the concept classes themselves; pre-train on another dataset ({', '.join(other)})"
+        )
+
+
+def pretraining_images(
+    source: str, pretrain_source: str, samples: int, seed: int, images: dict[str, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The images (and their classes) the frame encoder is pre-trained on: ``samples`` training images of
+    ``pretrain_source``, which must be another dataset than the clips' frames (``source``), so that the features
+    are never trained on the concepts.
+
+    Example:
+        >>> fake = {"x_train": np.zeros((5, 28, 28), np.uint8), "y_train": np.arange(5)}
+        >>> x, y = pretraining_images("fashion", "mnist", 3, 0, images=fake)
+        >>> x.shape, sorted(y.tolist())[:1]
+        ((3, 28, 28), [0])
+    """
+    check_pretrain_source(source, pretrain_source)
+    if samples < 1:
+        raise ConfigError(f"clips: pretrain_samples must be >= 1, got {samples}")
+    imgs = images if images is not None else load_images(pretrain_source)
+    gen = torch.Generator().manual_seed(seed)
+    take = torch.randperm(len(imgs["y_train"]), generator=gen)[:samples].numpy()
+    return imgs["x_train"][take], np.asarray(imgs["y_train"])[take]
 
 
 @dataclass(frozen=True)
@@ -202,32 +256,36 @@ def load_layout(spec: ClipSpec, images: dict[str, np.ndarray] | None = None) -> 
 
 
 def _pretrained_features(
-    spec: ClipSpec, frames: dict[str, np.ndarray], images: dict[str, np.ndarray], epochs: int, samples: int, width: int
+    spec: ClipSpec,
+    frames: dict[str, np.ndarray],
+    pretrain_source: str,
+    epochs: int,
+    samples: int,
+    width: int,
+    pool: int,
 ) -> tuple[dict[str, np.ndarray], Path]:
-    """Per-frame features of a frame encoder pre-trained on single-frame classification (cached)."""
-    from mtlkit.models.mtmlan import pretrain_frame_encoder
+    """Per-frame features of a frame encoder pre-trained on ``pretrain_source`` (another dataset; cached)."""
+    from mtlkit.models.mtmlan import frame_features, pretrain_frame_encoder
 
-    key = hashlib.sha256(f"{spec.key()}-{epochs}-{samples}-{width}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{spec.key()}-{pretrain_source}-{epochs}-{samples}-{width}-{pool}-v2".encode()).hexdigest()[
+        :16
+    ]
     root = cache_dir() / "clips"
     feat_path, enc_path = root / f"features-{key}.npz", root / f"encoder-{key}.pt"
     if feat_path.is_file() and enc_path.is_file():
         return load_npz(feat_path, "delete it to recompute the pre-trained frame features"), enc_path
-    x_pool, y_pool = _pools(images)
-    gen = torch.Generator().manual_seed(spec.seed)
-    take = torch.randperm(len(y_pool["train"]), generator=gen)[:samples].numpy()
+    x, y = pretraining_images(spec.source, pretrain_source, samples, spec.seed)
     log.info(
-        f"mtlkit: pre-training the frame encoder on {len(take)} {spec.source} training images ({epochs} epochs) ..."
+        f"mtlkit: pre-training the frame encoder on {len(x)} {pretrain_source} training images ({epochs} epochs; "
+        f"classes {sorted(set(y.tolist()))} of {pretrain_source}, not the {spec.source} concepts) ..."
     )
-    enc = pretrain_frame_encoder(
-        x_pool["train"][take], y_pool["train"][take], epochs=epochs, width=width, seed=spec.seed
-    )
-    enc.eval()
+    enc = pretrain_frame_encoder(x, y, epochs=epochs, width=width, seed=spec.seed)
     out = {}
     with torch.no_grad():
         for name, fr in frames.items():
             N, F = fr.shape[:2]
             flat = torch.from_numpy(fr.reshape(N * F, 1, 28, 28)).float().div_(255.0)
-            feats = torch.cat([enc(flat[s : s + 4096]) for s in range(0, len(flat), 4096)])
+            feats = torch.cat([frame_features(enc, flat[s : s + 4096], pool) for s in range(0, len(flat), 4096)])
             out[name] = feats.reshape(N, F, -1).numpy().astype(np.float32)
     enc_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(enc.state_dict(), enc_path)
@@ -269,7 +327,7 @@ def label_tasks(names: Sequence[str], loss: str = "bce", beta: float = 2.0, thre
 @register_dataset("clips")
 def build_clips(
     n_clips: int = PAPER_CLIPS,
-    frames: int = 16,
+    frames: int = 40,
     source: str = "fashion",
     seed: int = 0,
     cooccur: float = 4.0,
@@ -278,6 +336,8 @@ def build_clips(
     pretrain_epochs: int = 2,
     pretrain_samples: int = 20_000,
     feature_width: int = 64,
+    pretrain_source: str = "mnist",
+    feature_pool: int = 3,
     loss: str = "bce",
     beta: float = 2.0,
     threshold: float = 0.5,
@@ -285,14 +345,20 @@ def build_clips(
     """The clips benchmark (see the module docstring).
 
     ``features``: ``"pixels"`` (x is (N, frames, 1, 28, 28) in [0, 1]) or ``"pretrained"`` (x is (N, frames,
-    feature_width): a frame encoder pre-trained on single-frame classification of the training pool, frozen, its
+    32·feature_pool²): the pooled last conv block of a frame encoder pre-trained for ``pretrain_epochs`` on
+    ``pretrain_samples`` training images of ``pretrain_source`` (another dataset than ``source``), frozen, its
     features cached — the analogue of the paper's frozen ImageNet Inception V3).
+    ``info["base_rates"]`` holds each concept's fraction of positive clips per split.
     """
     if features not in ("pixels", "pretrained"):
         raise ConfigError(f"clips: unknown features {features!r}; valid: pixels, pretrained")
+    if not 1 <= int(feature_pool) <= 7:
+        raise ConfigError(f"clips: feature_pool must be in 1..7 (the conv map is 7x7), got {feature_pool}")
     spec = ClipSpec(n_clips=n_clips, frames=frames, cooccur=float(cooccur), max_run=max_run, source=source, seed=seed)
     spec.check()
     tasks = label_tasks(CONCEPTS, loss, beta, threshold)
+    if features == "pretrained":  # checked before any image is loaded
+        check_pretrain_source(source, pretrain_source)
     images = load_images(source)
     layout = load_layout(spec, images)
     x_pool, _ = _pools(images)
@@ -307,10 +373,11 @@ def build_clips(
     }
     if features == "pretrained":
         feats, enc_path = _pretrained_features(
-            spec, frames_by_split, images, pretrain_epochs, pretrain_samples, feature_width
+            spec, frames_by_split, pretrain_source, pretrain_epochs, pretrain_samples, feature_width, feature_pool
         )
         xs = {k: torch.from_numpy(v) for k, v in feats.items()}
         info["frame_encoder_state"] = str(enc_path)
+        info["pretrain_source"] = pretrain_source
     else:
         xs = {k: torch.from_numpy(v).float().div_(255.0).unsqueeze(2) for k, v in frames_by_split.items()}
 
@@ -318,19 +385,26 @@ def build_clips(
         lab = torch.from_numpy(layout["labels"][layout["split"] == s].astype(np.int64))
         return Split(xs[name], {c: lab[:, j].clone() for j, c in enumerate(CONCEPTS)})
 
-    train = split(0, "train")
+    train, val, test = split(0, "train"), split(1, "val"), split(2, "test")
     info["train_counts"] = [int(train.y[c].sum()) for c in CONCEPTS]
     info["n_train"] = len(train)
-    return MTLData("clips", tasks, train, split(1, "val"), split(2, "test"), info=info)
+    info["base_rates"] = {
+        name: [float(sp.y[c].float().mean()) for c in CONCEPTS]
+        for name, sp in (("train", train), ("val", val), ("test", test))
+    }
+    return MTLData("clips", tasks, train, val, test, info=info)
 
 
 __all__ = [
     "CONCEPTS",
     "PAPER_COUNTS",
     "ClipSpec",
+    "always_absent_accuracy",
     "assign_labels",
     "build_clips",
+    "check_pretrain_source",
     "label_tasks",
     "load_layout",
     "make_layout",
+    "pretraining_images",
 ]

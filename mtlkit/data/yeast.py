@@ -5,8 +5,9 @@ downloaded with ``pip download --no-deps`` (with the platform/ABI flags needed t
 any machine), its pinned sha256 is verified before anything is read, and the member is read straight out of the
 zip (river is never installed). The parsed arrays are cached as ``.npz`` with a hash record.
 
-Protocol (MTMLAN, Wang & Chen, Sec. IV-B, applied to yeast): a seeded random 60/20/20 train/validation/test split;
-features standardised with the training split's mean and standard deviation. The tasks are those of
+Protocol (MTMLAN: Tianyi Wang and Shu-Ching Chen, "Multi-Label Multi-Task Learning with Dynamic Task Weight
+Balancing", IEEE IRI 2020, pp. 245-252, doi 10.1109/IRI49571.2020.00042; Sec. IV-B, applied to yeast): a seeded
+random 60/20/20 train/validation/test split; features standardised with the training split's mean and standard deviation. The tasks are those of
 :func:`mtlkit.data.clips.label_tasks` (``loss="bce"`` or ``"sample_level"``, decision ``threshold``).
 
 Example:

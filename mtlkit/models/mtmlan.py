@@ -1,15 +1,21 @@
 """MTMLAN: multi-label multi-task attention network, and the CMLC multi-label baseline.
 
-Wang & Chen, "Multi-label multi-task learning with dynamic task weight balancing" (MTMLAN), Sec. III-A and Fig. 1
-(architecture), Eq. 1-6; CMLC is baseline 1) of Sec. IV-C.
+Tianyi Wang and Shu-Ching Chen, "Multi-Label Multi-Task Learning with Dynamic Task Weight Balancing", IEEE 21st
+International Conference on Information Reuse and Integration for Data Science (IRI 2020), pp. 245-252, 2020,
+doi 10.1109/IRI49571.2020.00042: Sec. III-A and Fig. 1 (architecture), Eq. 1-6; CMLC is baseline 1) of Sec. IV-C.
 
 * Shared network: the paper uses an ImageNet-pretrained Inception V3 truncated after its last average pooling,
   applied to every frame. Here: :class:`FrameEncoder`, a small conv net on 28x28 frames (Conv16-BN-ReLU-Pool,
   Conv32-BN-ReLU-Pool, FC to ``width``), applied frame by frame. It can be pre-trained on single-frame
-  classification of the source training pool (:func:`pretrain_frame_encoder`, the analogue of ImageNet
-  pre-training). When the dataset already holds cached frozen per-frame features (``clips`` with
-  ``features="pretrained"``), the shared network is one trainable per-frame FC + ReLU on them, so that the shared
-  network still has a last layer for GradNorm (the paper's W) and the tasks still share learnt parameters.
+  classification of *another* dataset's images (:func:`pretrain_frame_encoder`; ``clips`` pre-trains on MNIST
+  digits when its frames are Fashion-MNIST items, the analogue of ImageNet pre-training, which never saw the
+  disaster concepts). When the dataset holds cached frozen per-frame features of such an encoder (``clips`` with
+  ``features="pretrained"``), the shared network is a trained per-frame MLP on them (``frame_hidden`` layers of
+  FC + BatchNorm + ReLU, then FC + ReLU to ``width``: the paper's shared network also ends in a batch-normalised
+  FC layer), applied to every frame below the task networks. It is trained by every row, and its last FC is the
+  "last layer of the shared network" (W of Eq. 10/11 in GradNorm's reading). The task weights act on the shared
+  parameters only: under Adam a slowly varying weight on task j barely changes task j's own head updates (Adam
+  divides by the running gradient scale), so the shared network must be substantial for the weightings to matter.
 * Task-specific network (one per label): two bidirectional GRU layers over the frame features (Eq. 2-4, H = the
   concatenated forward/backward states), self-attention (Eq. 5-6) ``M = softmax(W_s2 tanh(W_s1 H))``,
   ``A = M H``, then a final FC layer to one logit.
@@ -112,6 +118,22 @@ def pretrain_frame_encoder(
     return enc.eval()
 
 
+def frame_features(encoder: FrameEncoder, x: Tensor, pool: int = 3) -> Tensor:
+    """The frozen per-frame feature of a pre-trained :class:`FrameEncoder`: its last conv block (before the FC),
+    average-pooled to ``pool`` x ``pool`` and flattened (``channels[1]·pool²`` values per frame).
+
+    Example:
+        >>> import torch
+        >>> tuple(frame_features(FrameEncoder(8), torch.zeros(2, 1, 28, 28), pool=3).shape)
+        (2, 288)
+    """
+    encoder.eval()
+    with torch.no_grad():
+        for layer in list(encoder)[:8]:  # conv, BN, ReLU, pool, conv, BN, ReLU, pool: (n, c2, 7, 7)
+            x = layer(x)
+        return nn.functional.adaptive_avg_pool2d(x, pool).flatten(1)
+
+
 class SharedFrameNet(nn.Module):
     """Shared network applied to every frame: (B, F, 1, 28, 28) -> (B, F, width), or (B, F, d) features -> width.
 
@@ -120,10 +142,16 @@ class SharedFrameNet(nn.Module):
         width: output features per frame.
         pretrained_state: path of a pre-trained :class:`FrameEncoder` state dict (pixels only).
         freeze: keep the pre-trained conv layers fixed (pixels only; the frame encoder then runs without grad).
+        frame_hidden: widths of the FC + BatchNorm + ReLU layers before the last FC (cached features only).
     """
 
     def __init__(
-        self, input_shape: Sequence[int], width: int = 64, pretrained_state: str | None = None, freeze: bool = False
+        self,
+        input_shape: Sequence[int],
+        width: int = 64,
+        pretrained_state: str | None = None,
+        freeze: bool = False,
+        frame_hidden: Sequence[int] = (256,),
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in input_shape)
@@ -146,7 +174,15 @@ class SharedFrameNet(nn.Module):
                     "SharedFrameNet: the input is already (frozen) frame features; pretrained/freeze "
                     "apply to pixel inputs only"
                 )
-            self.frame = nn.Sequential(nn.Linear(shape[1], width), nn.ReLU())
+            hidden = [int(h) for h in frame_hidden]
+            if any(h < 1 for h in hidden) or width < 1:
+                raise ConfigError(f"SharedFrameNet: widths must be >= 1, got frame_hidden={hidden}, width={width}")
+            layers: list[nn.Module] = []
+            d = shape[1]
+            for h in hidden:
+                layers += [nn.Linear(d, h), nn.BatchNorm1d(h), nn.ReLU()]
+                d = h
+            self.frame = nn.Sequential(*layers, nn.Linear(d, width), nn.ReLU())
         else:
             raise ConfigError(f"SharedFrameNet: a clip must be (F, 1, 28, 28) or (F, d), got {shape}")
         self.frozen = freeze
@@ -291,7 +327,9 @@ def _check_binary(data) -> list[str]:
     return [t.name for t in data.tasks]
 
 
-def _shared(data, width: int, pretrained: bool, freeze: bool, mlp_hidden: Sequence[int]) -> nn.Module:
+def _shared(
+    data, width: int, pretrained: bool, freeze: bool, mlp_hidden: Sequence[int], frame_hidden: Sequence[int]
+) -> nn.Module:
     shape = tuple(data.input_shape)
     if len(shape) == 1:
         if pretrained or freeze:
@@ -306,7 +344,7 @@ def _shared(data, width: int, pretrained: bool, freeze: bool, mlp_hidden: Sequen
                 "dataset with features='pretrained' once (it caches one) or train one with "
                 "pretrain_frame_encoder"
             )
-    return SharedFrameNet(shape, width, state, freeze)
+    return SharedFrameNet(shape, width, state, freeze, frame_hidden)
 
 
 @register_model("mtmlan")
@@ -320,10 +358,11 @@ def build_mtmlan(
     freeze: bool = False,
     mlp_hidden: Sequence[int] = (256,),
     head_hidden: int = 64,
+    frame_hidden: Sequence[int] = (256,),
 ) -> MTMLAN:
     """MTMLAN for a multi-label dataset stored as one binary task per label (frames or tabular)."""
     return MTMLAN(
-        _shared(data, width, pretrained, freeze, mlp_hidden),
+        _shared(data, width, pretrained, freeze, mlp_hidden, frame_hidden),
         _check_binary(data),
         hidden,
         attention_dim,
@@ -341,9 +380,12 @@ def build_cmlc(
     freeze: bool = False,
     mlp_hidden: Sequence[int] = (256,),
     head_hidden: int = 64,
+    frame_hidden: Sequence[int] = (256,),
 ) -> CMLC:
     """CMLC baseline (MTMLAN Sec. IV-C, 1)) for the same data."""
-    return CMLC(_shared(data, width, pretrained, freeze, mlp_hidden), _check_binary(data), hidden, head_hidden)
+    return CMLC(
+        _shared(data, width, pretrained, freeze, mlp_hidden, frame_hidden), _check_binary(data), hidden, head_hidden
+    )
 
 
 __all__ = [
@@ -356,5 +398,6 @@ __all__ = [
     "TaskNet",
     "build_cmlc",
     "build_mtmlan",
+    "frame_features",
     "pretrain_frame_encoder",
 ]

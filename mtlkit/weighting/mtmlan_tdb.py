@@ -1,8 +1,9 @@
 """MTMLAN's task-level dynamic balancing (TDB): GradNorm with an inverse task-frequency penalty.
 
-T. Wang & S.-C. Chen, "Multi-Label Multi-Task Learning with Dynamic Task Weight Balancing" (MTMLAN), IEEE 21st
-International Conference on Information Reuse and Integration for Data Science (IRI 2020), pp. 245-252, doi
-10.1109/IRI49571.2020.00042; Sec. III-B-2, Eq. 10-16 and the ten-step procedure that follows them. The sample-level half (focal-style loss, Eq. 8-9) is a loss, not a
+Tianyi Wang and Shu-Ching Chen, "Multi-Label Multi-Task Learning with Dynamic Task Weight Balancing", IEEE 21st
+International Conference on Information Reuse and Integration for Data Science (IRI 2020), pp. 245-252, 2020,
+doi 10.1109/IRI49571.2020.00042; Sec. III-B-2, Eq. 10-16 and the ten-step procedure that follows them. The
+sample-level half (focal-style loss, Eq. 8-9) is a loss (:func:`mtlkit.nn.losses.sample_level_loss`), not a
 weighting.
 """
 
@@ -14,7 +15,6 @@ import torch
 from torch import Tensor
 
 from mtlkit._registry import METHODS
-from mtlkit.engine.autodiff import per_task_grads
 from mtlkit.errors import ConfigError
 from mtlkit.weighting._base import StepContext
 from mtlkit.weighting.gradnorm import GradNorm
@@ -158,10 +158,19 @@ class MTMLANTDB(GradNorm):
                 f"weights of each of the T={losses.shape[0]} task-specific networks (got {len(layers)}); or use "
                 f"grad_at='last_shared_layer'"
             )
-        # Task j's row: ∇_{W_j} L_j, at its own head's first layer only.
-        return torch.stack(
-            [
-                per_task_grads(losses[j : j + 1], list(layers[j]), retain_graph=True).norm()
-                for j in range(losses.shape[0])
-            ]
-        )
+        flat = [p for ls in layers for p in ls]
+        if len({id(p) for p in flat}) != len(flat):
+            raise ValueError("MTMLANTDB(grad_at='task_first_layer'): the tasks' first layers must be distinct tensors")
+        # W_j belongs to task j's own network, so it reaches L_j only: ∂(Σ_k L_k)/∂W_j = ∂L_j/∂W_j. One backward
+        # of the sum gives every task's row at once; T separate backwards from the stacked losses would each
+        # traverse the whole graph (every head), several times slower for recurrent heads.
+        grads = torch.autograd.grad(losses.sum(), flat, retain_graph=True, allow_unused=True)
+        norms, k = [], 0
+        for ls in layers:
+            sq = losses.new_zeros(())
+            for g in grads[k : k + len(ls)]:
+                if g is not None:
+                    sq = sq + g.detach().pow(2).sum().to(sq)
+            norms.append(sq.sqrt())
+            k += len(ls)
+        return torch.stack(norms)
