@@ -268,6 +268,27 @@ def dataset_options(name: str, n_train: int | None, n_test: int | None) -> dict[
     return given
 
 
+def zoo_model(dataset: str, model: str | None) -> dict[str, Any]:
+    """The zoo's model section: ``model`` (else the dataset's default model) with the options the dataset brings
+    for it in ``configs/datasets.yaml``, as ``mtlkit train --dataset`` would use them (the zoo's own flags set the
+    budget and sizes, not that file). ``{}``: the code's defaults (a dataset without an entry, no ``--model``).
+
+    Example:
+        >>> zoo_model("census", "hps")
+        {'name': 'hps', 'options': {'encoder': 'mlp', 'hidden': [512, 64], 'head_hidden': 32}}
+        >>> zoo_model("_no_entry", None)
+        {}
+    """
+    from mtlkit.config import dataset_defaults_for
+
+    defaults = dataset_defaults_for(dataset)
+    name = model or (defaults.get("model") or {}).get("name")
+    if name is None:
+        return {}
+    options = (defaults.get("models") or {}).get(name) or {}
+    return {"name": name, "options": dict(options)} if options else {"name": name}
+
+
 def _builtin_dataset(name: str) -> bool:
     """Whether ``name`` is one of mtlkit's own datasets (all built from real data), not one registered by a user."""
     from mtlkit._registry import DATASETS
@@ -424,6 +445,7 @@ def run_zoo(args: argparse.Namespace) -> int:
     device = getattr(args, "device", None)
     stem = zoo_stem(args.dataset, model)
     data_options = dataset_options(args.dataset, getattr(args, "n_train", None), getattr(args, "n_test", None))
+    model_section = zoo_model(args.dataset, model)
     # Every run's config is built and checked (names, options, model/method/level) before any data is loaded or
     # anything trained: a typo in the last method must not surface after hours of training the first ones.
     plan: list[tuple[int, str, Path, RunConfig]] = []
@@ -433,7 +455,7 @@ def run_zoo(args: argparse.Namespace) -> int:
             cfg = RunConfig.from_dict(
                 {
                     "dataset": {"name": args.dataset, "options": dict(data_options)},
-                    **({"model": {"name": model}} if model is not None else {}),
+                    **({"model": model_section} if model_section else {}),
                     "method": {"name": m, "scale": scale},
                     "train": {
                         "epochs": args.epochs,

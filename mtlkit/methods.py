@@ -29,7 +29,7 @@ import inspect
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from mtlkit._registry import METHODS, REQUIRED, Entry, Option, signature_options
 from mtlkit.aggregation._base import SCALE_MEANING, Aggregator, Level, Mean, Sum, on_sum_scale, scale_of
@@ -37,6 +37,9 @@ from mtlkit.errors import ConfigError
 from mtlkit.weighting._base import EW, Weighting
 from mtlkit.weighting.dbmtl import DBMTLAggregator, LogLoss
 from mtlkit.weighting.uw import UW
+
+if TYPE_CHECKING:  # annotations only
+    from mtlkit.callbacks import Callback
 
 #: ``build_method``'s ``scale``: the method's own scale, or every update put on the sum scale (x T where it can be).
 ScaleChoice = Literal["native", "sum"]
@@ -68,6 +71,10 @@ class Method:
     level: Level = "parameter"
     name: str = "ew"
     single_task: bool = False
+
+    def callbacks(self) -> list[Callback]:
+        """The callbacks the weighting and the aggregator bring (the trainer adds them to the run)."""
+        return [*self.weighting.callbacks(), *self.aggregator.callbacks()]
 
     def state_dict(self) -> dict[str, Any]:
         """The weighting's and the aggregator's state (for checkpoints)."""

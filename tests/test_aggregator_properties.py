@@ -757,6 +757,7 @@ from mtlkit.aggregation._base import SUM_SCALE_FACTOR, Aggregator, Mean, Sum, Su
 from mtlkit.aggregation._random import PairwiseSurgery, SeededAggregator  # noqa: E402
 from mtlkit.aggregation.fairgrad import FairGrad  # noqa: E402
 from mtlkit.aggregation.moco import MoCo  # noqa: E402
+from mtlkit.aggregation.modo import MoDo  # noqa: E402
 from mtlkit.engine.autodiff import backward  # noqa: E402
 from mtlkit.errors import ConfigError  # noqa: E402
 from mtlkit.methods import Composite  # noqa: E402
@@ -908,6 +909,8 @@ def test_every_registered_aggregator_is_in_the_property_suite():
         DBMTLAggregator: "stateful EMA of the gradients (DB-MTL); tested in test_weighting.py",
         FairGrad: "its update scales as s^((1-α)/(1+α)) with J (no linear scaling to test); tested in test_fairgrad.py",
         MoCo: "stateful tracking of the gradients (the update follows J only over steps); tested in test_moco.py",
+        MoDo: "stateful projected step on λ (γ·J₁J₂ᵀ grows with ||J||²: no linear scaling to test); tested in "
+        "test_modo.py",
     }
     covered = {type(factory()) for factory in aa.AGGREGATORS.values()}
     missing = [c.__name__ for c in _registered_aggregators() if c not in covered and c not in elsewhere]

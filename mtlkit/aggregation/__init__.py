@@ -21,6 +21,7 @@ from mtlkit.aggregation.imtl_g import IMTLG
 from mtlkit.aggregation.mamg import MAMG
 from mtlkit.aggregation.mgda import MGDA
 from mtlkit.aggregation.moco import MoCo
+from mtlkit.aggregation.modo import MoDo, MoDoSampler
 from mtlkit.aggregation.nash_mtl import NashMTL
 from mtlkit.aggregation.pcgrad import PCGrad
 from mtlkit.aggregation.sdmgrad import SDMGrad
@@ -40,6 +41,8 @@ __all__ = [
     "GradVac",
     "Mean",
     "MoCo",
+    "MoDo",
+    "MoDoSampler",
     "NashMTL",
     "PCGrad",
     "SDMGrad",

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 from abc import ABC
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from mtlkit.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: the loop imports the callbacks, methods do not need to
+    from mtlkit.callbacks import Callback
 
 #: Where an aggregator works: on the gradients of the shared parameters or of the shared representation.
 Level = Literal["parameter", "representation"]
@@ -116,6 +119,11 @@ class Aggregator(ABC):
         """Return the P-dimensional update from the T x P matrix of per-task gradients."""
         raise NotImplementedError(f"{type(self).__name__} must implement aggregate()")
 
+    def callbacks(self) -> list[Callback]:
+        """Callbacks the method needs in the run (added by the trainer, like a model's; default: none). MoDo's
+        sampler of independent batches is one."""
+        return []
+
     # State for checkpoints (stateless by default).
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -205,6 +213,9 @@ class SumScale(Aggregator):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state)
+
+    def callbacks(self) -> list[Callback]:
+        return self.inner.callbacks()
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for attributes the wrapper lacks; "inner" itself missing (e.g. during copy) must not recurse.

@@ -10,6 +10,7 @@ Example:
 """
 
 from mtlkit.weighting._base import EW, StepContext, Weighting
+from mtlkit.weighting.auto_lambda import AutoLambda, AutoLambdaMeta
 from mtlkit.weighting.constant import Constant
 from mtlkit.weighting.dbmtl import DBMTLAggregator, LogLoss
 from mtlkit.weighting.dwa import DWA
@@ -33,6 +34,8 @@ __all__ = [
     "RLW",
     "STCH",
     "UW",
+    "AutoLambda",
+    "AutoLambdaMeta",
     "Constant",
     "DBMTLAggregator",
     "ExcessMTL",

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # annotations only
+    from mtlkit.callbacks import Callback
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Weighting(nn.Module):
       * ``on_epoch_end(mean_losses)``: mean training loss per task of the epoch just finished (DWA).
       * ``needs_task_counts``: if True, the loop calls ``set_counts(n, num_samples=N)`` with the number of training
         instances of each task (e.g. positives per label) and the training-set size, before training (MTMLAN TDB).
+      * ``callbacks()``: :class:`mtlkit.callbacks.Callback` s the method needs in the run (Auto-Lambda's
+        look-ahead on meta batches); the trainer adds them like a model's.
       * ``equal_weight_epochs``: the number of first epochs in which every weight is 1 by the method's definition
         (DWA: 2). The loop warns when the whole run is that short: the method would train exactly as EW.
 
@@ -105,6 +110,10 @@ class Weighting(nn.Module):
             return
         self._build(num_tasks)
         self.num_tasks = num_tasks
+
+    def callbacks(self) -> list[Callback]:
+        """Callbacks this weighting needs in the run (default: none)."""
+        return []
 
     def _build(self, num_tasks: int) -> None:
         """Subclass hook: register the parameters/buffers for ``num_tasks`` tasks (called once by ``setup``)."""
