@@ -166,22 +166,90 @@ def test_table_1_architecture_on_36x36():
     assert m.encoder.out_features == 256
 
 
-def test_prediction_modes():
+def _eval_model(**kw):
     torch.manual_seed(0)
     x = torch.rand(6, 1, 12, 12)
-    m = build_mtvib(_Data(), **TINY)
+    m = build_mtvib(_Data(), **TINY, **kw)
     m.train()
     m(x)  # BN statistics
-    m.eval()
+    return m.eval(), x
+
+
+def test_prediction_mean_is_deterministic_and_decodes_mu():
+    m, x = _eval_model()
     a, b = m(x), m(x)
-    assert all(torch.equal(a[k], b[k]) for k in a)  # predict="mean": deterministic
-    m.predict, m.num_samples = "sample", 5
-    s1, s2 = m(x), m(x)
-    assert not torch.allclose(s1["a"], s2["a"])
-    assert torch.allclose(s1["a"].exp().sum(-1), torch.ones(6), atol=1e-4)  # log of an averaged distribution
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    mu, _ = m.distribution(x)
+    assert torch.equal(a["a"], m.decode(mu)["a"])
     m.train()
     t1, t2 = m(x), m(x)
-    assert not torch.allclose(t1["a"], t2["a"])  # training samples z
+    assert not torch.allclose(t1["a"], t2["a"])  # training samples z whatever predict says
+
+
+def test_prediction_sample_decodes_one_sample_drawn_from_the_generator():
+    m, x = _eval_model(predict="sample")
+    mu, std = m.distribution(x)
+    m.generator = torch.Generator().manual_seed(7)
+    s1 = m(x)
+    eps = torch.randn(std.shape, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(s1["a"], m.decode(mu + std * eps)["a"], atol=1e-6)  # one sample: its logits
+    m.generator = torch.Generator().manual_seed(7)
+    assert torch.equal(m(x)["a"], s1["a"])  # same generator state: same prediction
+    m.generator = torch.Generator().manual_seed(8)
+    assert not torch.allclose(m(x)["a"], s1["a"])  # another generator: another sample
+    assert not torch.allclose(s1["a"].exp().sum(-1), torch.ones(6), atol=1e-3)  # logits, not log-probabilities
+
+
+def test_prediction_average_is_the_mean_softmax_and_its_spread_shrinks_with_k():
+    m, x = _eval_model(predict="average", num_samples=5)
+    mu, std = m.distribution(x)
+    m.generator = torch.Generator().manual_seed(3)
+    avg = m(x)["a"]
+    g = torch.Generator().manual_seed(3)
+    probs = []
+    for _ in range(5):
+        eps = torch.randn(std.shape, generator=g)
+        probs.append(m.decode(mu + std * eps)["a"].softmax(-1))
+    assert torch.allclose(avg.exp(), torch.stack(probs).mean(0), atol=1e-5)  # log(mean_k softmax f(z_k))
+    assert torch.allclose(avg.exp().sum(-1), torch.ones(6), atol=1e-5)
+    with torch.no_grad():  # make σ large enough that the samples disagree
+        m.encoder.scale[1].bias.fill_(3.0)
+
+    def spread(k: int) -> float:  # std over 24 generators of the averaged probabilities
+        m.num_samples = k
+        outs = []
+        for seed in range(24):
+            m.generator = torch.Generator().manual_seed(100 + seed)
+            outs.append(m(x)["a"].exp())
+        return float(torch.stack(outs).detach().std(0).mean())
+
+    s1, s64 = spread(1), spread(64)
+    assert s1 > 0 and s64 < s1 / 4  # Monte Carlo error ~ 1/√K: towards the expectation E_z[p(y|z)] (1/8 expected)
+
+
+def test_literal_decoder_collapses_to_one_linear_map_and_bn_relu_does_not():
+    torch.manual_seed(0)
+    lit = decoder(4, 3, (8, 6), bn_relu_middle=False).eval()
+    bn = decoder(4, 3, (8, 6), bn_relu_middle=True).eval()
+    with torch.no_grad():
+        bn[4].running_mean.uniform_(-1, 1)  # a non-trivial BN so that the ReLU cuts somewhere
+
+    def tail(d):  # everything after the first hidden layer's ReLU
+        return d[3:]
+
+    h1, h2 = torch.randn(5, 8), torch.randn(5, 8)
+    f = tail(lit)
+    with torch.no_grad():
+        l1, l2 = lit[3], lit[4]
+        assert isinstance(l1, torch.nn.Linear) and isinstance(l2, torch.nn.Linear)
+        w = l2.weight @ l1.weight  # FC 384x192 then FC 192xC = one C x 384 matrix
+        b = l2.weight @ l1.bias + l2.bias
+        assert torch.allclose(f(h1), h1 @ w.T + b, atol=1e-5)
+        assert torch.allclose(f(0.3 * h1 + 0.7 * h2), 0.3 * f(h1) + 0.7 * f(h2), atol=1e-5)  # affine
+        g = tail(bn)
+        assert not torch.allclose(g(0.3 * h1 + 0.7 * h2), 0.3 * g(h1) + 0.7 * g(h2), atol=1e-3)
+    assert spec("MTVIB-BN")["model"]["options"] == {"decoder_bn_relu": True}
+    assert spec("MTVIB")["model"]["options"] == {}
 
 
 def test_auxiliary_loss_is_beta_kl_of_the_last_training_pass_and_consumed():
@@ -228,7 +296,7 @@ def test_hook_sums_over_stl_members_and_engine_adds_it_outside_aggregation():
 def test_bad_options_are_named():
     with pytest.raises(ConfigError, match="not multiclass"):
         build_mtvib(_Data(kinds=("multiclass", "binary")), **TINY)
-    with pytest.raises(ConfigError, match="predict"):
+    with pytest.raises(ConfigError, match="predict must be one of mean, sample, average"):
         build_mtvib(_Data(), **TINY, predict="median")
     with pytest.raises(ConfigError, match="beta"):
         build_mtvib(_Data(), **TINY, beta=-1.0)
@@ -319,21 +387,88 @@ def test_rebuild_writes_table_and_plots_from_results(tmp_path):
 def test_fgsm_curve_is_cached_per_run_and_reused_only_for_the_same_sweep(tmp_path, monkeypatch):
     import argparse
 
-    import mtlkit.evaluation as ev
+    import mtlkit.robustness as rb
     from mtlkit.data import build_dataset
     from mtlkit.reproduce.mtvib import _curve
 
     data = build_dataset("_toy")
     net = build_mtvib(data, **TINY)
     calls = []
-    real = ev.robustness_curve
-    monkeypatch.setattr(ev, "robustness_curve", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
-    args = argparse.Namespace(reuse=True, attack_batch=64)
-    first = _curve(net, data, [0.0, 0.1], args, tmp_path)
-    assert _curve(net, data, [0.0, 0.1], args, tmp_path) == first and calls == [[0.0, 0.1]]  # read back
-    _curve(net, data, [0.0, 0.2], args, tmp_path)  # another sweep: computed again
-    _curve(net, data, [0.0, 0.2], argparse.Namespace(reuse=False, attack_batch=64), tmp_path)  # no --reuse: again
-    assert calls == [[0.0, 0.1], [0.0, 0.2], [0.0, 0.2]]
+    real = rb.fgsm_sweep
+
+    def spy(*a, **k):
+        calls.append((a[3], a[4], a[5]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(rb, "fgsm_sweep", spy)
+
+    def args(**kw):
+        base = {"reuse": True, "attack_batch": 64, "eta_reading": "pixel", "attack_loss": "auto", "no_clip": False}
+        base.update(predict="mean", num_samples=4, device="cpu")
+        return argparse.Namespace(**{**base, **kw})
+
+    first = _curve(net, data, [0.0, 0.1], args(), tmp_path, "MTVIB", 0)
+    assert _curve(net, data, [0.0, 0.1], args(), tmp_path, "MTVIB", 0) == first  # read back
+    assert calls == [([0.0, 0.1], 1.0, "sum")]
+    _curve(net, data, [0.0, 0.2], args(), tmp_path, "MTVIB", 0)  # another sweep: computed again
+    _curve(net, data, [0.0, 0.2], args(reuse=False), tmp_path, "MTVIB", 0)  # no --reuse: again
+    _curve(net, data, [0.0, 0.2], args(predict="sample"), tmp_path, "MTVIB", 0)  # another prediction mode
+    assert net.predict == "sample" and net.generator is not None  # set on the model for its attack
+    _curve(net, data, [0.0, 0.2], args(), tmp_path, "STL", 0)  # STL: attacked per task (auto)
+    _curve(net, data, [0.0, 0.2], args(), tmp_path, "MTVIB", 0, "pixel255")  # another reading: its own file
+    assert calls[1:] == [([0.0, 0.2], 1.0, "sum")] * 3 + [([0.0, 0.2], 1.0, "per-task"), ([0.0, 0.2], 1 / 255, "sum")]
+    assert (tmp_path / "fgsm_pixel.json").is_file() and (tmp_path / "fgsm_pixel255.json").is_file()
+
+
+def _curve_of(a, hi=None):
+    hi = a / 2 if hi is None else hi
+    return {
+        "0.0": {"left/accuracy": a, "right/accuracy": a, "joint_accuracy": a * a},
+        "0.3": {"left/accuracy": hi, "right/accuracy": hi, "joint_accuracy": hi * hi},
+    }
+
+
+def test_paired_differences_are_per_seed_and_verdicts_follow_the_stated_rules():
+    from mtlkit.reproduce.mtvib import paired, verdicts
+
+    names = ["left", "right"]
+    # MTVIB decays less than UWL on every seed, and by a different amount each time
+    mt = [_curve_of(0.9, 0.6), _curve_of(0.8, 0.6), _curve_of(0.85, 0.5)]
+    uw = [_curve_of(0.9, 0.5), _curve_of(0.81, 0.4), _curve_of(0.86, 0.45)]
+    curves = {"MTVIB": mt, "UWL": uw, "GS": [_curve_of(0.9, 0.7)] * 3}
+    budget = {"epochs": 3, "n_train": 6000, "seeds": [0, 1, 2]}
+    d = paired(curves, budget, "MTVIB", "UWL", 0.3, names, decay=True)
+    assert d == pytest.approx({0: 10.0, 1: 21.0, 2: 6.0})
+    assert paired(curves, budget, "MTVIB", "UWL", 0.0, names) == pytest.approx({0: 0.0, 1: -1.0, 2: -1.0})
+    # pairing is by seed, not by position: a merged table with other seeds per model
+    merged = {"seeds": {"MTVIB": [0, 1, 2], "UWL": [2, 0]}}
+    m2 = {"MTVIB": mt, "UWL": [uw[2], uw[0]]}
+    assert paired(m2, merged, "MTVIB", "UWL", 0.3, names, decay=True) == pytest.approx({0: 10.0, 2: 6.0})
+    v = "\n".join(verdicts("multimnist", curves, [0.0, 0.3], names, budget))
+    assert "decays more slowly than UWL** (paper at η = 0.3: +19.6 points): reproduced" in v
+    assert "decays more slowly than GS** (paper at η = 0.3: +1.7 points): not reproduced" in v
+    assert "Clean accuracy 94.9 / 93.7 %**: not testable at this budget" in v
+    assert "on par with UWL** (paper: differences roughly 0.5 %): reproduced" in v
+    full = {**budget, "epochs": 200, "n_train": 120000, "n_test": 10000, "lr": 1e-4, "batch_size": 200}
+    assert "94.9 / 93.7 %**: not reproduced" in "\n".join(verdicts("multimnist", curves, [0.0, 0.3], names, full))
+    one = {k: v[:1] for k, v in curves.items()}
+    v1 = "\n".join(verdicts("multimnist", one, [0.0, 0.3], names, {"seeds": [0]}))
+    assert v1.count("not testable with 1 paired seed(s); no ordering claimed") == 4 and "reproduced" not in v1
+    md = report("multimnist", one, [0.0, 0.3], names, {"seeds": [0]}, {}, 1.0)
+    assert "±" not in md.split("mean ± std")[-1]  # one seed: no spread printed anywhere after the header
+
+
+def test_readings_section_ranks_readings_by_distance_to_the_paper_stl():
+    paper_l = PAPER["multimnist"]["STL"]["left"]
+    paper_r = PAPER["multimnist"]["STL"]["right"]
+    near = {str(e): {"left/accuracy": paper_l[e] / 100, "right/accuracy": paper_r[e] / 100} for e in (0.0, 0.3)}
+    far = {str(e): {"left/accuracy": 0.1, "right/accuracy": 0.1} for e in (0.0, 0.3)}
+    for c in (near, far):
+        for v in c.values():
+            v["joint_accuracy"] = 0.0
+    extra = {"readings": {"STL": {"pixel": [far], "std": [near]}}}
+    md = report("multimnist", {"STL": [near]}, [0.0, 0.3], ["left", "right"], {"seeds": [0]}, extra, 1.0)
+    assert "RMSE to the paper's STL over η > 0 (points): pixel 63.6, std 0.0; closest: **std**." in md
 
 
 def test_merge_puts_models_from_several_runs_side_by_side_and_refuses_conflicts(tmp_path):
@@ -342,11 +477,7 @@ def test_merge_puts_models_from_several_runs_side_by_side_and_refuses_conflicts(
     from mtlkit.errors import ConfigError
     from mtlkit.reproduce.mtvib import merge
 
-    def curve(a):
-        return {
-            "0.0": {"left/accuracy": a, "right/accuracy": a, "joint_accuracy": a * a},
-            "0.3": {"left/accuracy": a / 2, "right/accuracy": a / 2, "joint_accuracy": a * a / 4},
-        }
+    curve = _curve_of
 
     def write(name, curves, seeds, epochs=1):
         d = tmp_path / name

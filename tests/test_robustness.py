@@ -179,3 +179,95 @@ def test_fgsm_curve_equals_one_attack_per_eta(target):
     )
     with pytest.raises(ValueError, match="eps"):
         robustness_curve(model, TASKS, split, [0.1, -0.1], "fgsm")
+
+
+# ------------------------------------------------------------------- η readings and the attack loss (fgsm_sweep)
+@pytest.mark.parametrize("reading", ["pixel", "std", "pixel255"])
+def test_eta_units_pixel_step_is_eta_times_the_readings_scale_then_clipped(reading):
+    from mtlkit.robustness import PIXEL_STD, eta_scale, fgsm_directions, perturb
+
+    model = _model().eval()
+    x, y = _batch(lo=0.0, hi=1.0)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 0.0, 1.0  # pixels on the range's ends
+    scale = eta_scale(reading, PIXEL_STD["mnist"])
+    assert scale == {"pixel": 1.0, "std": 0.3081, "pixel255": 1 / 255}[reading]
+    with torch.enable_grad():
+        d = fgsm_directions(model, TASKS, x, y)["*"]
+    eta = 0.3
+    adv = perturb(x, d, eta, scale)
+    unclipped = perturb(x, d, eta, scale, clip=None)
+    assert torch.allclose((unclipped - x).abs(), torch.full_like(x, eta * scale), atol=1e-6)  # |Δ| = η·scale
+    assert float((adv - x).abs().max()) == pytest.approx(eta * scale, abs=1e-6)
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    assert torch.equal(adv, unclipped.clamp(0, 1))  # clipping to the valid range, after the step
+    # the same as plain FGSM at eps = η·scale
+    assert torch.allclose(adv, fgsm(model, TASKS, x, y, eps=eta * scale), atol=1e-6)
+    with pytest.raises(ConfigError, match="unknown η reading"):
+        eta_scale("percent")
+    with pytest.raises(ConfigError, match="std"):
+        eta_scale("std")
+
+
+def test_sweep_with_scale_equals_fgsm_at_the_scaled_eps_and_the_curve_for_scale_one():
+    from mtlkit.robustness import fgsm_sweep
+
+    x, y = _batch(n=40, lo=0.0, hi=1.0)
+    model = _model()
+    model.train()
+    model(x)
+    split = Split(x, y)
+    etas = [0.0, 0.1, 0.3]
+    ours = fgsm_sweep(model, TASKS, split, etas, scale=0.5, batch_size=16)
+    for e in etas:
+        assert ours[str(e)] == robust_metrics(model, TASKS, split, "fgsm", e * 0.5, batch_size=16)
+    assert fgsm_sweep(model, TASKS, split, etas, batch_size=16) == robustness_curve(
+        model, TASKS, split, etas, "fgsm", batch_size=16
+    )
+    with pytest.raises(ConfigError, match="attack loss"):
+        fgsm_sweep(model, TASKS, split, etas, loss="max")
+    with pytest.raises(ConfigError, match="scale > 0"):
+        fgsm_sweep(model, TASKS, split, etas, scale=0.0)
+
+
+def test_per_task_attack_uses_each_tasks_own_loss_and_agrees_with_sum_for_one_task():
+    from mtlkit.models import MTLModel, SingleTaskModels
+    from mtlkit.robustness import fgsm_directions, fgsm_sweep
+
+    x, y = _batch(n=48, lo=0.0, hi=1.0)
+    split = Split(x, y)
+    etas = [0.0, 0.1, 0.4]
+    shared = _model()
+    shared.train()
+    shared(x)
+    shared.eval()
+    with torch.enable_grad():
+        dirs = fgsm_directions(shared, TASKS, x, y, "per-task")
+        dsum = fgsm_directions(shared, TASKS, x, y, "sum")["*"]
+    assert torch.equal(dirs["a"], _summed_ce_grad(shared, x, y, tasks=("a",)).sign())
+    assert not torch.equal(dirs["a"], dsum)  # a shared encoder: the summed gradient differs from a's own
+    per = fgsm_sweep(shared, TASKS, split, etas, loss="per-task", batch_size=16)
+    summed = fgsm_sweep(shared, TASKS, split, etas, loss="sum", batch_size=16)
+    assert per["0.0"] == summed["0.0"]  # no attack: nothing to differ
+    assert per != summed
+    # task a measured on the input attacked along a's own loss = FGSM targeted at a
+    for e in etas:
+        assert per[str(e)]["a/accuracy"] == robust_metrics(shared, TASKS, split, "fgsm", e, "a", 16)["a/accuracy"]
+    # one task: per-task and sum are the same attack
+    one = [TASKS[0]]
+    single = Split(x, {"a": y["a"]})
+    assert fgsm_sweep(shared, one, single, etas, loss="per-task", batch_size=16) == fgsm_sweep(
+        shared, one, single, etas, loss="sum", batch_size=16
+    )
+    # independent models (STL): per-task = each member attacked alone on its own loss
+    members: dict[str, MTLModel] = {}
+    for k, t in enumerate("ab"):
+        torch.manual_seed(10 + k)
+        enc = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.Tanh())
+        members[t] = HPS(enc, {t: nn.Linear(12, 3)})
+    stl = SingleTaskModels(members).eval()
+    stl_per = fgsm_sweep(stl, TASKS, split, etas, loss="per-task", batch_size=16)
+    for t in "ab":
+        alone = fgsm_sweep(members[t], [Task(t, "multiclass", 3)], Split(x, {t: y[t]}), etas, batch_size=16)
+        for e in etas:
+            assert stl_per[str(e)][f"{t}/accuracy"] == alone[str(e)][f"{t}/accuracy"]
+    assert fgsm_sweep(stl, TASKS, split, etas, loss="sum", batch_size=16) != stl_per  # the sum mixes the two

@@ -60,7 +60,7 @@ def register_dataset(name: str, **meta: Any) -> Callable[[Callable[..., MTLData]
     Example:
         >>> from mtlkit._registry import DATASETS
         >>> DATASETS.get("multimnist").module, list(DATASETS.get("multimnist").options)
-        ('mtlkit.data', ['n_train', 'n_test', 'val_fraction', 'seed'])
+        ('mtlkit.data', ['n_train', 'n_test', 'val_fraction', 'seed', 'shift'])
     """
     return DATASETS.register(name, **meta)
 
@@ -81,8 +81,10 @@ def images_to_tensor(x: np.ndarray) -> Tensor:
 
 
 def _multi_builder(variant: str) -> Callable[..., MTLData]:
-    def builder(n_train: int = 120_000, n_test: int = 10_000, val_fraction: float = 0.1, seed: int = 0) -> MTLData:
-        arrays = build(MultiSpec(variant, n_train, n_test, val_fraction, seed))
+    def builder(
+        n_train: int = 120_000, n_test: int = 10_000, val_fraction: float = 0.1, seed: int = 0, shift: int = 0
+    ) -> MTLData:
+        arrays = build(MultiSpec(variant, n_train, n_test, val_fraction, seed, shift))
         tasks = [Task("left", "multiclass", 10), Task("right", "multiclass", 10)]
 
         def split(s: str) -> Split:

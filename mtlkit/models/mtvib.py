@@ -1,6 +1,7 @@
 """MTVIB and STVIB: a stochastic (variational information bottleneck) shared representation.
 
-Qian, Chen & Lin, "Multi-task variational information bottleneck" (MTVIB). Implemented:
+Qian, Chen, Zhang, Wen & Gechter, "Multi-task variational information bottleneck", arXiv preprint arXiv:2007.00339
+(2020; v4 2021), doi:10.48550/arXiv.2007.00339 (MTVIB). Implemented:
 
 * the encoder ``p_φ(z|x) = N(μ_z(x), diag σ_z(x)²)`` of Table I(c)/(d) for 36x36 inputs: Conv64 3x3 + BN + ReLU,
   MaxPool 2, Conv64 3x3 + BN + ReLU, MaxPool 2, FC 3136x1024 + BN + ReLU, FC 1024x1024 + BN + ReLU (x2), then two
@@ -12,22 +13,34 @@ Qian, Chen & Lin, "Multi-task variational information bottleneck" (MTVIB). Imple
   (``beta``, 1e-3 in the paper), through the generic auxiliary-loss hook (:meth:`MTVIB.auxiliary_loss`): the
   trainer adds ``β·KL`` of the latest forward pass to the backward, outside any task weighting or gradient
   aggregation. The uncertainty-weighted task part of Eq. 23 is the method ``mtvib`` (= :class:`mtlkit.weighting.UW`
-  with the classification form, Eq. 22); ``mtlkit train --model mtvib --method mtvib`` is the paper's MTVIB and
-  ``--model stvib --method stl`` its STVIB (one VIB per task, loss CE + β·KL, Eq. 4).
+  with the classification form); ``mtlkit train --model mtvib --method mtvib`` is the paper's MTVIB and
+  ``--model stvib --method stl`` its STVIB (one VIB per task, loss CE + β·KL, Eq. 4). Eq. 22 as printed has a sign
+  error (``log p ≈ (1/σ²)·log softmax + log σ`` makes the loss ``CE/σ² − log σ``, unbounded below as σ → ∞); we
+  follow Eq. 23 and Kendall, Gal & Cipolla (CVPR 2018, Eq. 10): ``CE/σ² + log σ``.
 
 Choices where the paper is ambiguous (and why):
 
 * Table I lists "FC 1024x256 + BN + ReLU" for both μ and σ. μ keeps BN + ReLU by default (``mean_activation=
   "relu"``, literal Table I; ``"linear"`` is the usual VIB). σ uses BN then **softplus** instead of ReLU
   (plus ``min_std``): a ReLU gives σ = 0 on half of its inputs, where ``log σ`` in the KL is infinite.
-* Table I(d) draws the MTVIB decoders' middle layer without BN + ReLU (unlike (b) and (c)); we follow the table
-  (``decoder_bn_relu=False`` for ``mtvib``, ``True`` for ``stvib``), both selectable.
-* Prediction (Sec. V: "we first sample the latent variable z ... whose outputs are our model's predictions"):
-  ``predict="mean"`` (**default**) decodes ``z = μ`` in eval mode: deterministic, so repeated evaluations and
-  gradient attacks (FGSM) see one well-defined function. ``predict="sample"`` decodes ``num_samples`` = K samples
-  and returns ``log(mean_k softmax(f(z_k)))`` (the average predictive distribution, as in Alemi et al.'s VIB), still
-  valid as logits for the cross-entropy and argmax. In training mode one sample is drawn per example (Eq. 23's
-  Monte Carlo estimate with one sample).
+* Table I(d) draws the MTVIB decoders' middle layer "FC 384x192" without BN + ReLU (unlike (b) and (c)). Read
+  literally, FC 384x192 followed by FC 192xC is one linear map of rank <= C (two layers with nothing between them
+  collapse into one), so the literal MTVIB decoder is a one-hidden-layer MLP while STVIB's has two hidden layers. Both
+  readings are the option ``decoder_bn_relu``: ``False`` (literal, default for ``mtvib``) or ``True`` (BN + ReLU as
+  in (b)/(c), default for ``stvib``); ``mtlkit reproduce mtvib --models MTVIB MTVIB-BN`` trains both side by side.
+* Prediction (Sec. IV, end: "we first sample the latent variable z ... whose outputs are our model's predictions"),
+  option ``predict`` in eval mode:
+
+  - ``"mean"`` (**default of the model**): decode ``z = μ``; deterministic, so model selection on validation and
+    repeated evaluations see one well-defined function;
+  - ``"sample"``: decode one sample ``z = μ + σ ⊙ ε`` (the paper's literal prediction), logits of that sample;
+  - ``"average"``: decode ``num_samples`` = K samples and return ``log(mean_k softmax(f(z_k)))``, the Monte Carlo
+    estimate of the predictive distribution ``E_z[p(y|z)]`` (Alemi et al., "Deep Variational Information
+    Bottleneck", ICLR 2017, use K = 12); still valid logits for the cross-entropy and argmax.
+
+  The noise is drawn from ``generator`` (a :class:`torch.Generator` on the model's device) when it is set, else from
+  torch's global generator. In training mode one sample is drawn per example (Eq. 23's Monte Carlo estimate with
+  one sample), whatever ``predict`` says. ``mtlkit reproduce mtvib --predict`` sets the mode used under attack.
 * The KL is averaged over the batch (the 1/N of Eq. 23) and summed over the 256 latent dimensions.
 
 Example:
@@ -57,7 +70,8 @@ from mtlkit.models.base import MTLModel, register_model
 from mtlkit.models.hps import conv_trunk
 from mtlkit.nn.losses import gaussian_kl
 
-Predict = Literal["mean", "sample"]
+Predict = Literal["mean", "sample", "average"]
+PREDICT_MODES: tuple[str, ...] = ("mean", "sample", "average")
 MeanActivation = Literal["relu", "linear"]
 
 
@@ -126,8 +140,8 @@ class MTVIB(MTLModel):
     """Stochastic encoder + one decoder per task (MTVIB Table I(d); with one task, STVIB Table I(c)).
 
     ``encode(x)`` returns the representation the heads read: a reparameterised sample (Eq. 9) in training mode, μ
-    (``predict="mean"``) or one sample (``predict="sample"``) in eval mode; it stores ``β·KL`` of that pass for
-    :meth:`auxiliary_loss` (training mode only). ``forward`` in eval mode with ``predict="sample"`` averages the
+    (``predict="mean"``) or one sample (``"sample"``, ``"average"``) in eval mode; it stores ``β·KL`` of that pass
+    for :meth:`auxiliary_loss` (training mode only). ``forward`` in eval mode with ``predict="average"`` averages the
     predictive distributions of ``num_samples`` samples (see the module docstring).
 
     Example:
@@ -151,8 +165,8 @@ class MTVIB(MTLModel):
         super().__init__()
         if beta < 0:
             raise ConfigError(f"beta must be >= 0, got {beta}")
-        if predict not in ("mean", "sample"):
-            raise ConfigError(f"predict must be 'mean' or 'sample', got {predict!r}")
+        if predict not in PREDICT_MODES:
+            raise ConfigError(f"predict must be one of {', '.join(PREDICT_MODES)}, got {predict!r}")
         if num_samples < 1:
             raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
         self.encoder = encoder
@@ -160,6 +174,7 @@ class MTVIB(MTLModel):
         self.beta = float(beta)
         self.predict = predict
         self.num_samples = int(num_samples)
+        self.generator: torch.Generator | None = None  # source of ε when set (see the module docstring)
         self._aux: Tensor | None = None
         self.last_kl: Tensor | None = None  # detached KL of the latest forward (for logging)
 
@@ -180,6 +195,11 @@ class MTVIB(MTLModel):
             eps = torch.randn_like(std)
         return mu + std * eps
 
+    def _noise(self, std: Tensor) -> Tensor:
+        if self.generator is None:
+            return torch.randn_like(std)
+        return torch.randn(std.shape, generator=self.generator, device=std.device, dtype=std.dtype)
+
     def _record(self, mu: Tensor, std: Tensor) -> None:
         kl = gaussian_kl(mu, std)
         self.last_kl = kl.detach()
@@ -189,21 +209,21 @@ class MTVIB(MTLModel):
     def encode(self, x: Tensor) -> Tensor:
         mu, std = self.distribution(x)
         self._record(mu, std)
-        if self.training or self.predict == "sample":
-            return self.reparameterize(mu, std)
+        if self.training or self.predict != "mean":
+            return self.reparameterize(mu, std, self._noise(std))
         return mu
 
     def decode(self, z: Tensor) -> dict[str, Tensor]:
         return {name: h(z) for name, h in self.heads.items()}
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        if self.training or self.predict == "mean" or self.num_samples == 1:
+        if self.training or self.predict != "average":
             return self.decode(self.encode(x))
         mu, std = self.distribution(x)
         self._record(mu, std)
         probs: dict[str, Tensor] = {}
         for _ in range(self.num_samples):
-            for k, v in self.decode(self.reparameterize(mu, std)).items():
+            for k, v in self.decode(self.reparameterize(mu, std, self._noise(std))).items():
                 p = v.softmax(dim=-1)
                 probs[k] = probs[k] + p if k in probs else p
         return {k: torch.log(p / self.num_samples + 1e-12) for k, p in probs.items()}

@@ -92,7 +92,8 @@ def sample_level_loss(beta: float = 2.0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# VIB KL term (MTVIB, Qian, Chen & Lin, "Multi-task variational information bottleneck", Eq. 8 and Eq. 10)
+# VIB KL term (MTVIB: Qian, Chen, Zhang, Wen & Gechter, "Multi-task variational information bottleneck",
+# arXiv:2007.00339, 2020, doi:10.48550/arXiv.2007.00339; Eq. 8 and Eq. 10)
 # ---------------------------------------------------------------------------------------------------------------
 
 _KL_REDUCTIONS = ("mean", "sum", "none")

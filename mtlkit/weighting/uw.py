@@ -1,8 +1,9 @@
 """Uncertainty weighting (UW): homoscedastic task uncertainty as learnable loss weights.
 
 Kendall, Gal & Cipolla, "Multi-task learning using uncertainty to weigh losses for scene geometry and semantics",
-CVPR 2018 (Eq. 5 regression, Eq. 10 classification), and the classification form used by MTVIB (Qian, Chen & Lin,
-"Multi-task variational information bottleneck", Eq. 22-23).
+CVPR 2018, doi:10.1109/CVPR.2018.00781 (Eq. 5 regression, Eq. 10 classification), and the classification form used
+by MTVIB (Qian, Chen, Zhang, Wen & Gechter, "Multi-task variational information bottleneck", arXiv:2007.00339, 2020,
+doi:10.48550/arXiv.2007.00339, Eq. 22-23).
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ class UW(Weighting):
 
     * ``"regression"`` (Kendall et al. 2018, Eq. 5; Gaussian likelihood):
       ``L_t / (2σ_t²) + log σ_t = ½·exp(-s_t)·L_t + ½·s_t``;
-    * ``"classification"`` (Kendall et al. Eq. 10 and MTVIB Eq. 22-23, the tempered-softmax approximation):
-      ``(1/σ_t²)·CE_t + log σ_t = exp(-s_t)·CE_t + ½·s_t``.
+    * ``"classification"`` (Kendall et al. Eq. 10 and MTVIB Eq. 23, the tempered-softmax approximation):
+      ``(1/σ_t²)·CE_t + log σ_t = exp(-s_t)·CE_t + ½·s_t``. MTVIB's Eq. 22 as printed has a sign error: its
+      ``log p(y|z; σ) ≈ (1/σ²)·log softmax + log σ`` would make the negative log-likelihood ``CE/σ² − log σ``,
+      unbounded below as σ → ∞ (the loss could always be lowered by letting σ grow). We follow MTVIB's own Eq. 23
+      and Kendall et al. (``+ log σ``: ``−log p ≈ CE/σ² + log σ``, from the approximation of their Eq. 10).
 
     Choices:
       * We learn ``s = log σ²`` rather than σ (as Kendall et al. suggest in Sec. 3.2): it is unconstrained, the
