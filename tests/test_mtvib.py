@@ -466,9 +466,24 @@ def test_readings_section_ranks_readings_by_distance_to_the_paper_stl():
     for c in (near, far):
         for v in c.values():
             v["joint_accuracy"] = 0.0
-    extra = {"readings": {"STL": {"pixel": [far], "std": [near]}}}
+    # ten points below the paper at every η: the same attack effect on a weaker model
+    lower = {
+        str(e): {
+            "left/accuracy": (paper_l[e] - 10) / 100,
+            "right/accuracy": (paper_r[e] - 10) / 100,
+            "joint_accuracy": 0,
+        }
+        for e in (0.0, 0.3)
+    }
+    extra = {"readings": {"STL": {"pixel": [far], "std": [near], "pixel255": [lower]}}}
     md = report("multimnist", {"STL": [near]}, [0.0, 0.3], ["left", "right"], {"seeds": [0]}, extra, 1.0)
-    assert "RMSE to the paper's STL over η > 0 (points): pixel 63.6, std 0.0; closest: **std**." in md
+    assert (
+        "RMSE to the paper's STL accuracy over η > 0 (points): pixel 63.6, std 0.0, pixel255 10.0; closest: std." in md
+    )
+    # far loses nothing where the paper's STL loses 17.7 / 23.6 points: rms 20.9; lower loses what the paper's does
+    assert (
+        "(clean − attacked, ours vs the paper's) over η > 0: pixel 20.9, std 0.0, pixel255 0.0; closest: **std**" in md
+    )
 
 
 def test_merge_puts_models_from_several_runs_side_by_side_and_refuses_conflicts(tmp_path):

@@ -796,24 +796,38 @@ def _readings_section(dataset: str, readings: dict[str, list], etas: list[float]
         "|---|---|" + "---|" * len(rs),
     ]
     err: dict[str, list[float]] = {r: [] for r in rs}
+    drop_err: dict[str, list[float]] = {r: [] for r in rs}
     for i, t in enumerate(names):
+        paper_t = PAPER[dataset]["STL"].get(t, {})
         for eta in etas:
-            p = PAPER[dataset]["STL"].get(t, {}).get(round(eta, 2))
+            p = paper_t.get(round(eta, 2))
             cells = []
             for r in rs:
                 mu = float(np.mean([100.0 * c[str(eta)][f"{t}/accuracy"] for c in readings[r]]))
                 cells.append(f"{mu:.1f}" + (f" ({p:.1f})" if p is not None else ""))
                 if p is not None and eta > 0:
                     err[r].append(mu - p)
+                    clean = float(np.mean([100.0 * c[str(etas[0])][f"{t}/accuracy"] for c in readings[r]]))
+                    if etas[0] == 0 and 0.0 in paper_t:  # points lost from each one's own clean accuracy
+                        drop_err[r].append((clean - mu) - (paper_t[0.0] - p))
             lines.append(f"| {i + 1} ({t}) | {eta:.2f} | " + " | ".join(cells) + " |")
     rmse = {r: float(np.sqrt(np.mean(np.square(e)))) for r, e in err.items() if e}
+    drop_rmse = {r: float(np.sqrt(np.mean(np.square(e)))) for r, e in drop_err.items() if e}
     if rmse:
-        best = min(rmse, key=lambda r: rmse[r])
         lines += [
             "",
-            "RMSE to the paper's STL over η > 0 (points): "
+            "RMSE to the paper's STL accuracy over η > 0 (points): "
             + ", ".join(f"{r} {v:.1f}" for r, v in rmse.items())
-            + f"; closest: **{best}**.",
+            + f"; closest: {min(rmse, key=lambda r: rmse[r])}.",
+        ]
+    if drop_rmse:
+        # The accuracy RMSE mixes the attack's effect with the gap in clean accuracy (ours is lower at a CPU
+        # budget); the points lost from each model's own clean accuracy compare the attacks alone.
+        lines += [
+            "",
+            "RMSE of the points lost (clean − attacked, ours vs the paper's) over η > 0: "
+            + ", ".join(f"{r} {v:.1f}" for r, v in drop_rmse.items())
+            + f"; closest: **{min(drop_rmse, key=lambda r: drop_rmse[r])}**.",
         ]
     return lines
 
