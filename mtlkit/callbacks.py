@@ -24,7 +24,13 @@ epochs from 1):
 ``check`` (when the trainer is built) → ``on_train_start`` → per epoch: ``on_epoch_start`` → per batch: ``wants_jacobian`` → ``on_losses`` (the losses
 still carry their graph) → the engine's backward → ``on_backward`` (with the engine's :class:`BackwardInfo`) → the
 optimizer step → ``on_batch_end`` → after validation and model selection: ``on_epoch_end`` (before the epoch's
-checkpoint is written, so what it changed is in that checkpoint) → ``on_train_end``.
+checkpoint is written, so what it changed is in that checkpoint) → ``on_train_end``. After every checkpoint
+(at epoch ends and inside long epochs) and the files derived from it were written: ``on_checkpoint``. When
+``fit`` returns or raises, whatever happened: ``on_exit`` (release files and writers).
+
+*Observers* (:attr:`Callback.observer`, e.g. the built-in :class:`mtlkit.monitor.Monitor`) only read: they never
+change the model, the optimizer, the method or the random state. A run may be resumed with an observer added or
+removed (the check that a resumed run has the same callbacks as its checkpoint ignores them).
 
 Example:
     >>> class CountSteps(Callback):
@@ -39,7 +45,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
@@ -80,6 +86,8 @@ class Callback:
 
     #: Name under which the callback's state is saved in checkpoints and its results in results.json.
     name: str = ""
+    #: True for a callback that only reads (see the module docstring): a resume may add or drop it.
+    observer: ClassVar[bool] = False
 
     def key(self) -> str:
         return self.name or type(self).__name__
@@ -115,6 +123,12 @@ class Callback:
 
     def on_train_end(self, trainer: Trainer) -> None:
         """After the last epoch, before the selected model is evaluated on test."""
+
+    def on_checkpoint(self, trainer: Trainer) -> None:
+        """After ``checkpoint.pt`` and the files derived from it were written (e.g. flush a log up to it)."""
+
+    def on_exit(self, trainer: Trainer) -> None:
+        """When :meth:`~mtlkit.train.Trainer.fit` returns or raises (also on Ctrl-C): release files, writers."""
 
     def results(self) -> dict[str, Any]:
         """Extra entries for results.json (under the callback's :meth:`key`); JSON-serialisable."""

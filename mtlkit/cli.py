@@ -1,4 +1,4 @@
-"""The ``mtlkit`` command line: train, eval, data, methods, reproduce, bench.
+"""The ``mtlkit`` command line: train, eval, data, methods, reproduce, bench, report, sweep.
 
 Example:
     >>> build_parser().parse_args(["train", "--method", "mgda"]).method
@@ -130,6 +130,30 @@ def build_parser() -> argparse.ArgumentParser:
     from mtlkit.bench import add_zoo_arguments
 
     add_zoo_arguments(z)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="tune a method's options and learning rate on validation (Optuna), then test the best with 3 seeds",
+        description="Search a method's options and the learning rate on the validation split (TPE, median "
+        "pruning, SQLite study in --out: the same command resumes), then train the best configuration with "
+        "each --seeds and report test. Writes best.yaml (for `mtlkit train --config`), trials.csv and "
+        "Optuna's plots. Needs optuna (pip install -e '.[sweep]').",
+    )
+    from mtlkit.sweep import add_sweep_arguments
+
+    add_sweep_arguments(sw)
+
+    rp = sub.add_parser(
+        "report",
+        help="one self-contained HTML page of runs: curves, task weights, gradient conflicts, Pareto scatter",
+        description="Write one HTML page (plots embedded, no web access needed to view it) of the run "
+        "directories: loss and metric curves, and from each run's monitor.jsonl the task-weight trajectories, "
+        "the conflict heatmap and the per-task gradient norms; for several runs a Pareto scatter of the "
+        "per-task test metrics. Runs still training are read as they stand.",
+    )
+    rp.add_argument("runs", nargs="+", metavar="RUN", help="run directories (mtlkit train --run-dir)")
+    rp.add_argument("--out", default="report.html", help="the HTML file to write (default: report.html)")
+    rp.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier mtlkit report")
     return p
 
 
@@ -338,6 +362,15 @@ def _run_command(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 130
+    if args.command == "sweep":
+        from mtlkit.sweep import cli_sweep
+
+        return cli_sweep(args)
+    if args.command == "report":
+        from mtlkit.report import write_report
+
+        write_report(args.runs, args.out, overwrite=args.overwrite)  # logs where it wrote
+        return 0
     handlers = {"train": _train, "eval": _eval, "data": _data, "methods": _methods}
     return handlers[args.command](args)
 

@@ -62,6 +62,10 @@ class TrainConfig:
     eval_batch_size: int = 1024
     progress: bool = True
     checkpoint_minutes: float = 10.0  # also save checkpoint.pt inside an epoch at most this often (0: epoch ends only)
+    # mtlkit.monitor: log losses, weights, gradient norms and conflicts at the first step and every log_every-th step
+    # (0: off) to monitor.jsonl and TensorBoard
+    log_every: int = 10
+    monitor_gradients: bool = False  # loss-space methods and EW: T extra backward passes per logged step for them
 
 
 @dataclass
@@ -358,6 +362,8 @@ level 'representation' cannot apply; use level 'parameter' (the default) or a mo
             f"train.checkpoint_minutes must be a finite number >= 0 (0: only at epoch ends), got "
             f"{tc.checkpoint_minutes}"
         )
+    if tc.log_every < 0:
+        raise ConfigError(f"train.log_every must be >= 0 (0: no monitoring), got {tc.log_every}")
     if tc.engine_mode not in ("auto", "loop", "batched"):
         raise unknown_name("train.engine_mode", tc.engine_mode, ["auto", "loop", "batched"])
     _check_options(DATASETS, cfg.dataset.name, cfg.dataset.options, origins, "dataset")

@@ -583,6 +583,8 @@ REUSE_IGNORED = {
     "train.device",
     "train.eval_batch_size",
     "train.checkpoint_minutes",
+    "train.log_every",  # monitoring (mtlkit.monitor) only observes
+    "train.monitor_gradients",
 }
 
 

@@ -5,7 +5,8 @@ needs_per_task_grads``), the level of aggregation, losses after the step (``weig
 epoch-level hooks, one model per task (``single_task``).
 
 Run directory layout: ``config.yaml`` (resolved config), ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch),
-``tb/`` (TensorBoard), ``checkpoint.pt`` (model, optimizer, scheduler, method state, RNG states, history, the selected
+``monitor.jsonl`` (one row every ``train.log_every`` steps: losses, weights, gradient norms and cosines;
+:mod:`mtlkit.monitor`), ``tb/`` (TensorBoard; ``tb/monitor``: the monitor's per-step events), ``checkpoint.pt`` (model, optimizer, scheduler, method state, RNG states, history, the selected
 model; written at every epoch end and, inside a long epoch, every ``train.checkpoint_minutes``; ``--resume``
 continues from it, inside the epoch where it was written, and reaches the same weights bit for bit as a run that was
 never stopped), ``best.pt`` (model selected on the validation split), ``results.json`` (test metrics of the selected
@@ -60,6 +61,7 @@ from mtlkit.methods import Method, build_method
 from mtlkit.metrics import selection_score
 from mtlkit.models import MTLModel
 from mtlkit.models.base import check_auxiliary_loss
+from mtlkit.monitor import Monitor
 from mtlkit.tasks import Task, stack_losses, task_names
 from mtlkit.weighting import StepContext
 
@@ -69,6 +71,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mtlkit")
 MARKER = runs.MARKER
+#: Config keys that change what is logged, never what is learned: a resume may change them.
+MONITOR_KEYS = {"train.log_every", "train.monitor_gradients"}
 CHECKPOINT_FORMAT = 2  # 2: history rows number epochs from 1 and the checkpoint holds the selected model
 
 
@@ -206,8 +210,17 @@ class Trainer:
             groups.append({"params": extra, "weight_decay": 0.0})
         self.optimizer = _optimizer(cfg, groups)
         self.scheduler = _scheduler(cfg, self.optimizer)
-        # The config's callbacks first, then the model's own (e.g. MAMO's architecture search).
-        self.callbacks: list[Callback] = [*callbacks, *self.model.callbacks()]
+        # The config's callbacks first, then the model's own (e.g. MAMO's architecture search), then the method's
+        # (MoDo's sampler; one the caller passed already is not added twice), then the monitor (an observer: it
+        # reads what the others left).
+        monitor = (
+            [Monitor(tc.log_every, gradients=tc.monitor_gradients, tensorboard=cfg.output.tensorboard)]
+            if tc.log_every
+            else []
+        )
+        given = {cb.key() for cb in callbacks}
+        own = [cb for cb in self.method.callbacks() if cb.key() not in given]
+        self.callbacks: list[Callback] = [*callbacks, *self.model.callbacks(), *own, *monitor]
         keys = [cb.key() for cb in self.callbacks]
         if len(set(keys)) != len(keys):
             raise ConfigError(f"two callbacks of this run have the same name ({keys}); give each its own `name`")
@@ -215,6 +228,8 @@ class Trainer:
         for cb in self.callbacks:  # configuration errors now, before a run directory is touched
             cb.check(self)
         self._steps_per_epoch = -(-len(self.data.train) // tc.batch_size)
+        #: Optimizer steps already trained when :meth:`fit` started (0, or where a resume continues from).
+        self.start_step = 0
         self._committed: str | None = None  # what checkpoint.pt holds, for messages ("the end of epoch 2")
         self._best_state: Any = None  # the selected model (per task for one-model-per-task methods)
         self._unfinished_results = False  # a finished run resumed to train further: its results.json goes
@@ -317,6 +332,7 @@ class Trainer:
             "history": history,
             "config": self.cfg.to_dict(),
             "callbacks": {cb.key(): cb.state_dict() for cb in self.callbacks},
+            "observers": [cb.key() for cb in self.callbacks if cb.observer],
         }
 
     def _check_finite_parameters(self, where: str) -> None:
@@ -354,6 +370,8 @@ class Trainer:
         )
         self._train_seconds = seconds  # what results.json reports: the training time the checkpoint holds
         self._derive(best, history)
+        for cb in self.callbacks:
+            cb.on_checkpoint(self)
 
     def _derive(self, best: dict[str, Any], history: list[dict[str, float]]) -> None:
         """best.pt, config.yaml and the metrics logs as the last checkpoint says (each written only if it
@@ -476,8 +494,12 @@ class Trainer:
         except (NonFiniteLossError, runs.RunDirError) as e:
             raise _with_context(e, self._state_sentence(e)) from e
         finally:
-            torch.set_num_threads(threads)
-            lock.release()
+            try:
+                for cb in self.callbacks:
+                    cb.on_exit(self)
+            finally:
+                torch.set_num_threads(threads)
+                lock.release()
 
     def _state_sentence(self, e: Exception) -> str:
         if self._committed is None:
@@ -517,6 +539,7 @@ class Trainer:
             writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start + 1 if resume else None)
         n = len(self.data.train)
         steps_per_epoch = self._steps_per_epoch = (n + tc.batch_size - 1) // tc.batch_size
+        self.start_step = start * steps_per_epoch + (int(in_epoch["batch"]) if in_epoch is not None else 0)
         for cb in self.callbacks:
             cb.on_train_start(self)
         t0 = last_save = time.time()
@@ -621,13 +644,17 @@ class Trainer:
         start = ck["epoch"] + 1
         _refuse_shorter_budget(self.run_dir, tc.epochs, start, in_epoch is not None)
         saved = ck.get("callbacks", {})
-        if sorted(saved) != sorted(cb.key() for cb in self.callbacks):
+        # Observers (e.g. the monitor) only read: a resume may add or drop them.
+        saved_observers = set(ck.get("observers", ()))
+        kept = sorted(k for k in saved if k not in saved_observers)
+        here = sorted(cb.key() for cb in self.callbacks if not cb.observer)
+        if kept != here:
             raise ConfigError(
-                f"cannot resume {self.run_dir}: it was trained with the callbacks {sorted(saved)}, "
-                f"this run has {sorted(cb.key() for cb in self.callbacks)}"
+                f"cannot resume {self.run_dir}: it was trained with the callbacks {kept}, this run has {here}"
             )
         for cb in self.callbacks:  # before the model and the optimizer: a callback may re-grow what it grew
-            cb.load_state_dict(saved[cb.key()], self)
+            if cb.key() in saved:
+                cb.load_state_dict(saved[cb.key()], self)
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -802,7 +829,7 @@ def _with_context(e: MTLKitError, extra: str) -> MTLKitError:
 
 def _resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Config keys that differ between a checkpoint and a resume request, ignoring those allowed to change."""
-    return runs.config_differences(old, new, allowed=runs.REUSE_IGNORED | {"train.epochs"})
+    return runs.config_differences(old, new, allowed=runs.REUSE_IGNORED | {"train.epochs"} | MONITOR_KEYS)
 
 
 def _auxiliary_tasks(model: MTLModel) -> list[Task]:

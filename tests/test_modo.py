@@ -180,3 +180,24 @@ def test_sampler_refuses_other_methods_and_the_representation_level(tmp_path):
     with pytest.raises(ConfigError, match="parameter level only"):
         Trainer(_cfg(tmp_path, level="representation"), callbacks=[MoDoSampler()])
     assert [type(c) for c in MoDo().callbacks()] == [MoDoSampler]
+
+
+def test_the_trainer_adds_the_methods_own_callbacks(tmp_path):
+    """A run of modo / auto_lambda gets the method's callback without being passed it (mtlkit train, the zoo)."""
+    from mtlkit.config import RunConfig
+    from mtlkit.weighting.auto_lambda import AutoLambdaMeta
+
+    for method, cls in (("modo", MoDoSampler), ("auto_lambda", AutoLambdaMeta)):
+        cfg = RunConfig.from_dict(
+            {
+                "dataset": {"name": "_toy", "options": {"n_train": 64, "n_test": 16}},
+                "model": {"name": "hps", "options": {"encoder": "mlp", "hidden": [8], "head_hidden": 4}},
+                "method": {"name": method},
+                "train": {"epochs": 1, "batch_size": 16, "progress": False, "log_every": 0},
+                "output": {"dir": str(tmp_path / method), "tensorboard": False},
+            }
+        )
+        assert [type(cb) for cb in Trainer(cfg).callbacks] == [cls]
+        assert [type(cb) for cb in Trainer(cfg.override(["output.overwrite=true"]), callbacks=[cls()]).callbacks] == [
+            cls
+        ]

@@ -26,13 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mtlkit")
 
-_REASON = (
-    "needs the MoDoSampler callback (two extra independent batches per step), which a run only gets when it is "
-    "passed to Trainer(callbacks=[MoDoSampler()]): `mtlkit train` and the zoo cannot attach a method's callback yet"
-)
 
-
-@METHODS.register("modo", zoo=False, zoo_reason=_REASON)
+@METHODS.register("modo")
 class MoDo(Aggregator):
     r"""MoDo (Chen et al. 2023): λ ← Π_Δ(λ − γ(J₁J₂ᵀ + ρI)λ) from two independent samples, update J₃ᵀλ (stateful).
 
@@ -152,7 +147,7 @@ class MoDo(Aggregator):
         return to_weights(lam, G)
 
     def callbacks(self) -> list[Callback]:
-        """The callback that draws MoDo's independent samples (for a loop that lets methods bring callbacks)."""
+        """The callback that draws MoDo's independent samples (the trainer adds it to every run of this method)."""
         return [MoDoSampler()]
 
     def state_dict(self) -> dict[str, Any]:

@@ -384,6 +384,7 @@ def load_images(name: str, fetch: bool = True) -> dict[str, np.ndarray]:
 TABULAR_SOURCES: dict[str, tuple[str, str]] = {
     "yeast": ("mtlkit.data.yeast", "load_yeast"),
     "census": ("mtlkit.data.entangled", "load_census"),
+    "qm9": ("mtlkit.data.qm9", "load_qm9"),  # the parsed table; the graphs (RDKit) are built with the dataset
 }
 
 

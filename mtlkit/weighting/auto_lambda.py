@@ -29,11 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("mtlkit")
 
 _SPLITS = ("train", "val")
-_REASON = (
-    "needs the AutoLambdaMeta callback (model, optimizer and data for the look-ahead step), which a run only gets "
-    "when it is passed to Trainer(callbacks=[AutoLambdaMeta()]): `mtlkit train` and the zoo cannot attach a "
-    "method's callback yet (without it the weights stay at their initial value)"
-)
 
 
 @dataclass
@@ -71,7 +66,7 @@ def _primary_names(primary: Sequence[str] | str | None) -> tuple[str, ...] | Non
     return tuple(names)
 
 
-@METHODS.register("auto_lambda", zoo=False, zoo_reason=_REASON)
+@METHODS.register("auto_lambda")
 class AutoLambda(Weighting):
     r"""Auto-Lambda (Liu et al. 2022): weights λ stepped (Adam) along −α ⟨∇_θ L_i(θ), ∇_{θ'} L_val(θ')⟩.
 
@@ -304,7 +299,7 @@ class AutoLambda(Weighting):
             self.lam.addcdiv_(self.exp_avg, denom, value=-self.lr / bc1)
 
     def callbacks(self) -> list[Callback]:
-        """The callback that binds this weighting to the run (for a loop that lets methods bring callbacks)."""
+        """The callback that binds this weighting to the run (the trainer adds it to every run of this method)."""
         return [AutoLambdaMeta()]
 
 
