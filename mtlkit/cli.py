@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="fetch and inspect the cached datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="fetch, verify and cache a source dataset")
-    f.add_argument("names", nargs="*", help="mnist, fashion, yeast, census (default: mnist and fashion)")
+    f.add_argument("names", nargs="*", help="mnist, fashion, yeast, census, qm9 (default: mnist and fashion)")
     f.add_argument("--force", action="store_true", help="rebuild the cached arrays")
     dsub.add_parser("list", help="list cached files")
 
