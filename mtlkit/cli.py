@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="signed-gradient steps of PGD, >= 1 (--attack pgd only; default 10)",
     )
     e.add_argument("--overwrite", action="store_true", help="replace an existing results file of the same evaluation")
+    e.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N (where the model is evaluated)")
 
     d = sub.add_parser("data", help="fetch and inspect the cached datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -300,7 +301,13 @@ def _eval(args: argparse.Namespace) -> int:
             f"{path} exists (an earlier mtlkit eval of this split and attack); pass --overwrite to replace it"
         )
     out = evaluate_run(
-        run, split=args.split, attack=args.attack, eps=eps, target_task=args.target_task, pgd_steps=args.pgd_steps or 10
+        run,
+        split=args.split,
+        attack=args.attack,
+        eps=eps,
+        target_task=args.target_task,
+        pgd_steps=args.pgd_steps or 10,
+        device=args.device,
     )
     text = json.dumps(out, indent=2)
     atomic_write_text(path, text + "\n")  # written whole, then renamed: never a half-written results file

@@ -258,6 +258,7 @@ def evaluate_run(
     if split not in splits:
         raise ConfigError(f"unknown split {split!r}; valid splits are: {', '.join(splits)}")
     check_attack_args(attack, eps, pgd_steps)
+    device = str(resolve_device(device))  # "auto" -> the device itself, for the attack's tensors too
     _cfg, data, model = load_run(run_dir, device)
     if target_task is not None and target_task not in {t.name for t in data.tasks}:
         raise ConfigError(

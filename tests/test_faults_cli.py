@@ -236,6 +236,7 @@ def test_eval_bad_values_are_refused_at_argument_check(run_dir, work, args, phra
         (["--eps", "0.1"], "--eps does not apply to --attack none"),
         (["--attack", "fgsm", "--pgd-steps", "3"], "--pgd-steps does not apply to --attack fgsm"),
         (["--target-task", "left"], "--target-task does not apply to --attack none"),
+        (["--device", "nodevice"], "'nodevice' is not a device"),
     ],
 )
 def test_eval_argument_checks_in_process(run_dir, capsys, args, phrase):
