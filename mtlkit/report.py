@@ -134,6 +134,15 @@ def _tasks_from_metrics(rows: list[dict[str, Any]]) -> list[str]:
     return names
 
 
+def _legend(ax: Any, lines: int) -> None:
+    """A legend inside the axes for up to 10 lines, beside them (small, outside the plot) for up to 40: every line
+    stays named without hiding the curves; more than 40 get none (the runs table names them)."""
+    if lines <= 10:
+        ax.legend(fontsize=7)
+    elif lines <= 40:
+        ax.legend(fontsize=5, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1 if lines <= 20 else 2)
+
+
 def axis_range(metric: str, values: Sequence[float]) -> tuple[float, float]:
     """The y-range a metric is drawn on: [0, 1] for metrics on the unit interval (also any metric whose values all
     lie there and that is higher-is-better), else from min(0, lowest) to 5 % above the highest.
@@ -408,8 +417,7 @@ def _epoch_curves(data: list[RunData]) -> str:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if lines <= 10:
-            ax.legend(fontsize=7)
+        _legend(ax, lines)
     for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     fig.tight_layout()
@@ -502,8 +510,7 @@ def _monitor_section(d: RunData) -> str:
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if T <= 10:
-            ax.legend(fontsize=7)
+        _legend(ax, T)
     for ax in flat[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
