@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    t.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="bf16: the training forward pass under autocast (train.precision; weights and aggregation stay fp32)",
+    )
     t.add_argument("--level", choices=["parameter", "representation"], help="where aggregators work")
     t.add_argument(
         "--set",
@@ -191,6 +196,7 @@ def _train(args: argparse.Namespace) -> int:
         ("lr", "train.lr"),
         ("batch_size", "train.batch_size"),
         ("device", "train.device"),
+        ("precision", "train.precision"),
         ("level", "method.level"),
     ):
         v = getattr(args, flag)

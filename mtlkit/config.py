@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
@@ -21,6 +21,10 @@ if TYPE_CHECKING:  # for the annotations only (importing them would load torch)
     from mtlkit.aggregation._base import Level
     from mtlkit.engine.autodiff import Mode
     from mtlkit.methods import ScaleChoice
+
+#: ``train.precision`` values (mtlkit.train: autocast of the training forward pass).
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 @dataclass
@@ -55,6 +59,9 @@ class TrainConfig:
     step_size: int = 10
     gamma: float = 0.5
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # fp32 | bf16: the training forward pass and losses under torch.autocast (weights, gradients, the engine's
+    # aggregation and the optimizer stay float32; validation and test run in float32)
+    precision: Precision = "fp32"
     seed: int = 0
     num_threads: int | None = None
     engine_mode: Mode = "auto"  # per-task gradients: auto | loop | batched
@@ -319,6 +326,24 @@ def _check_options(registry: Any, name: str, options: dict[str, Any], origins: d
         raise ConfigError(f"{e} (set {' and '.join(where)})") from None
 
 
+def check_precision(precision: str) -> None:
+    """ConfigError unless ``precision`` is a ``train.precision`` the loop supports (fp16 says why it is not).
+
+    Example:
+        >>> check_precision("bf16")
+    """
+    from mtlkit.errors import unknown_name
+
+    if precision not in PRECISIONS:
+        if str(precision) == "fp16":
+            raise ConfigError(
+                "train.precision fp16 is not supported yet: float16 needs a loss scale, and the per-task gradients "
+                "would have to be unscaled before aggregation (Nash-MTL, MGDA and others are not invariant to the "
+                "scale); use train.precision=bf16 (same range as float32, no scaler needed)"
+            )
+        raise unknown_name("train.precision", precision, list(PRECISIONS))
+
+
 def check_run_config(cfg: RunConfig, origins: dict[str, str] | None = None) -> None:
     """Check a run config before any data is loaded or anything trained: every name is registered, every option is
     one its dataset/model/method takes, the numbers are in range and the model, method and level go together.
@@ -362,6 +387,7 @@ level 'representation' cannot apply; use level 'parameter' (the default) or a mo
             f"train.checkpoint_minutes must be a finite number >= 0 (0: only at epoch ends), got "
             f"{tc.checkpoint_minutes}"
         )
+    check_precision(tc.precision)
     if tc.log_every < 0:
         raise ConfigError(f"train.log_every must be >= 0 (0: no monitoring), got {tc.log_every}")
     if tc.engine_mode not in ("auto", "loop", "batched"):

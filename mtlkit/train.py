@@ -22,7 +22,7 @@ replaced atomically; ``checkpoint.pt`` is the commit point of an epoch: it is wr
 moment, even by a failed write, resumes with each epoch logged once and a ``config.yaml`` that matches its weights.
 
 Example:
-    >>> from mtlkit.config import RunConfig
+    >>> from mtlkit.config import RunConfig, check_precision
     >>> cfg = RunConfig.from_dict({"train": {"epochs": 1}})
     >>> Trainer  # doctest: +ELLIPSIS
     <class 'mtlkit.train.Trainer'>
@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -50,7 +51,7 @@ from torch import Tensor, nn
 
 from mtlkit import models, runs
 from mtlkit.callbacks import Callback, StepInfo
-from mtlkit.config import RunConfig
+from mtlkit.config import RunConfig, check_precision
 from mtlkit.data import MTLData, Split, build_dataset
 from mtlkit.devices import resolve_device
 from mtlkit.engine.autodiff import backward
@@ -165,6 +166,7 @@ class Trainer:
                 f"train.checkpoint_minutes must be a finite number >= 0 (0: only at epoch ends), got "
                 f"{tc.checkpoint_minutes}"
             )
+        check_precision(tc.precision)
         self.device = resolve_device(tc.device)
         # cfg.method.level and .scale are not checked when the config loads: build_method checks them (ConfigError)
         self.method = build_method(
@@ -412,12 +414,14 @@ class Trainer:
             info = StepInfo(
                 ctx.epoch, ctx.step - ctx.epoch * self._steps_per_epoch, ctx.step, self._steps_per_epoch, torch.empty(0)
             )
-        if self._use_rep:
-            z = self.model.encode(x)
-            out = self.model.decode(z)
-        else:
-            z, out = None, self.model(x)
-        losses = stack_losses(self.train_tasks, out, ys)
+        with self._autocast():
+            if self._use_rep:
+                # float32 z: the engine's Gramian w.r.t. z (and the aggregation) stay in float32 under bf16
+                z = self.model.encode(x).float()
+                out = self.model.decode(z)
+            else:
+                z, out = None, self.model(x)
+            losses = stack_losses(self.train_tasks, out, ys).float()
         finite = torch.isfinite(losses.detach())
         if not bool(finite.all()):
             bad = [self.train_names[i] for i in (~finite).nonzero().flatten().tolist()]
@@ -471,9 +475,16 @@ class Trainer:
             cb.on_backward(self, info)
         self.optimizer.step()
         if self.method.weighting.needs_loss_after_step:
-            with torch.no_grad():
-                self.method.weighting.after_step(stack_losses(self.train_tasks, self.model(x), ys))
+            with torch.no_grad(), self._autocast():
+                self.method.weighting.after_step(stack_losses(self.train_tasks, self.model(x), ys).float())
         return losses.detach()
+
+    def _autocast(self) -> Any:
+        """The training forward pass's precision (``train.precision``): bf16 autocast on this run's device, or
+        nothing. Parameters, gradients, the aggregation and the optimizer stay float32."""
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def fit(self, resume: bool = False) -> RunResult:
         """Train (or continue with ``resume``), select on validation, evaluate the selection on test.
