@@ -456,6 +456,12 @@ def test_paired_differences_are_per_seed_and_verdicts_follow_the_stated_rules():
     assert v1.count("not testable with 1 paired seed(s); no ordering claimed") == 4 and "reproduced" not in v1
     md = report("multimnist", one, [0.0, 0.3], names, {"seeds": [0]}, {}, 1.0)
     assert "±" not in md.split("mean ± std")[-1]  # one seed: no spread printed anywhere after the header
+    # an attack that removes almost nothing (1.5 and 0.5 points) leaves no decay to compare, even if one model's
+    # curve is flatter on every seed
+    weak = {"MTVIB": [_curve_of(0.9, 0.895)] * 3, "UWL": [_curve_of(0.9, 0.885)] * 3}
+    vw = "\n".join(verdicts("multimnist", weak, [0.0, 0.3], names, budget))
+    assert "decays more slowly than UWL** (paper at η = 0.3: +19.6 points): not testable under this η reading" in vw
+    assert "removes only 0.5 (MTVIB) and 1.5 (UWL) points" in vw
 
 
 def test_readings_section_ranks_readings_by_distance_to_the_paper_stl():

@@ -707,6 +707,25 @@ def _is_full(budget: dict[str, Any]) -> bool:
     return all(budget.get(k) == v for k, v in FULL.items() if k != "n_test") and budget.get("n_test", 0) >= 10_000
 
 
+#: Points of task-mean accuracy an attack must remove (from the clean accuracy, at the largest η) from at least one of
+#: the two models compared before "decays more slowly" can be judged: about twice the seed-to-seed spread of the
+#: clean accuracy at the CPU budget (~1 point).
+MIN_DECAY = 2.0
+
+
+def _points_lost(runs: list[dict[str, dict[str, float]]], eta: float, names: list[str]) -> float:
+    """Mean over seeds and tasks of the accuracy points lost from η = 0 to ``eta``.
+
+    Example:
+        >>> _points_lost([{"0.0": {"a/accuracy": 0.9}, "0.3": {"a/accuracy": 0.8}}], 0.3, ["a"])
+        10.0
+    """
+    return round(
+        float(np.mean([100 * (c["0.0"][f"{n}/accuracy"] - c[str(eta)][f"{n}/accuracy"]) for c in runs for n in names])),
+        6,
+    )
+
+
 def verdicts(
     dataset: str,
     curves: dict[str, list[dict[str, dict[str, float]]]],
@@ -720,7 +739,8 @@ def verdicts(
     baselines without attack ("roughly 0.5 %"); (3, 4) under FGSM its accuracy decays more slowly than UWL's and GS's.
     Rules: absolute accuracies are testable only at the paper's budget (then: within 1 point, twice the paper's
     model-to-model spread); orderings need >= 3 paired seeds: "on par" = |mean paired difference| <= 1 point; "decays
-    more slowly" = the paired decay difference is > 0 on every seed at the largest η.
+    more slowly" = the paired decay difference is > 0 on every seed at the largest η, judged only where the attack
+    removes at least :data:`MIN_DECAY` points from one of the two models (else there is no decay to compare).
 
     Example:
         >>> c = {"0.0": {"left/accuracy": 0.9, "right/accuracy": 0.9}}
@@ -769,8 +789,16 @@ def verdicts(
                 _paper_mean(dataset, other, hi) - _paper_mean(dataset, other, 0.0)
             )
             head = f"- **Under FGSM, MTVIB decays more slowly than {other}** (paper at η = {hi:g}: {pd:+.1f} points): "
+            lost = {m: _points_lost(curves[m], hi, names) for m in ("MTVIB", other)}
             if len(vals) < 3:
                 lines.append(head + f"not testable with {len(vals)} paired seed(s); no ordering claimed.")
+            elif max(lost.values()) < MIN_DECAY:
+                lines.append(
+                    head + f"not testable under this η reading: the attack removes only {lost['MTVIB']:.1f} "
+                    f"(MTVIB) and {lost[other]:.1f} ({other}) points at η = {hi:g}, less than {MIN_DECAY:g}, so "
+                    "there is no decay to compare (decay difference "
+                    f"{float(np.mean(vals)):+.1f} ± {float(np.std(vals)):.1f} points)."
+                )
             else:
                 ok = all(v > 0 for v in vals)
                 per = ", ".join(f"{v:+.1f}" for v in vals)
