@@ -258,6 +258,8 @@ class Monitor(Callback):
         self._writer: Any = None
         self._jacobian: Tensor | None = None
         self._epoch_sums: dict[str, list[float]] = {}  # key -> [sum, count]: the epoch means of metrics rows
+        self._names: list[str] = []
+        self._started = False  # set by start(): steps taken outside Trainer.fit are not logged
 
     # -- callback events -------------------------------------------------------------------------------------------
     def check(self, trainer: Trainer) -> None:
@@ -272,12 +274,14 @@ class Monitor(Callback):
         to the rows of those steps."""
         self._dir = Path(run_dir)
         self._names = list(task_names)
+        self._started = True
         self._start = int(start_step)
         self._cut_back(self._dir / MONITOR_FILE, self._start)
 
     def due(self, step: StepInfo) -> bool:
-        """Whether ``step`` is logged: the first step and every ``every``-th after it."""
-        return step.step % self.every == 0
+        """Whether ``step`` is logged: the first step and every ``every``-th after it, once :meth:`start` has said
+        where (a step taken outside :meth:`mtlkit.train.Trainer.fit` writes nothing)."""
+        return self._started and step.step % self.every == 0
 
     def on_losses(self, trainer: Trainer, step: StepInfo) -> None:
         self._jacobian = None

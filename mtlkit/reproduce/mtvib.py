@@ -40,8 +40,8 @@ Choices (the paper is silent or ambiguous; each is an option):
   120,000 include a validation split: we hold out ``val_fraction`` (10 %) of them for model selection and GS.
 * **Budget**: the paper trains 120,000 images, 200 epochs, Adam lr 1e-4, batch 200 (Sec. VI-B): ``--full`` (with
   ``--device cuda`` on an accelerator; the estimated time is logged from the first measured steps of each model).
-  The default is the largest budget that fits about 20-25 min on a 2-core CPU at the paper's learning rate and batch
-  size (:data:`CPU_DEFAULT`, measured as described there), 3 seeds; the budget is printed with every table.
+  The default is the largest budget that fits a session (about 30 min) on a 2-core CPU at the paper's learning rate
+  and batch size (:data:`CPU_DEFAULT`, measured as described there), 3 seeds; the budget is printed with every table.
 * **Verdicts** (:func:`verdicts`): differences are paired by seed (MTVIB − UWL and MTVIB − GS, same seed); a
   robustness claim is "reproduced" when MTVIB's decay is smaller than the baseline's on *every* seed (≥ 3 seeds),
   else "not reproduced"; absolute clean accuracies are "not testable" below the paper's budget.
@@ -139,14 +139,13 @@ PAPER: dict[str, dict[str, dict[str, dict[float, float]]]] = {
 FULL = {"n_train": 120_000, "n_test": 10_000, "epochs": 200, "lr": 1e-4, "batch_size": 200}
 
 #: The CPU default: the paper's learning rate and batch size, 3 seeds, and the largest (n_train, epochs) for which
-#: the whole default run (5 models x 3 seeds, GS grid, FGSM sweeps) takes about 20-25 min on 2 threads, alone on
-#: the machine. Measured with 1 thread on a 2,000-image subset (1,800 train, batch 200, one epoch incl. validation
-#: and test): HPS 8.0-11.3 s, MTVIB 11.9 s, STL 13.1 s, STVIB 17.1 s, i.e. ~115 s per 1,000 training images and
-#: epoch for the 17 default runs (GS 5, the others 3 each), ~70 s with 2 threads; 5,400 x 3 epochs -> ~19 min of
-#: training. One FGSM sweep (7 η) of STL per task on 2,000 test images took 63-79 s on a loaded machine, hence
-#: 1,000 test images. The measurement ran on a shared machine (load 4-9 on 2 cores): an estimate, not a guarantee;
-#: the table prints the wall time it took.
-CPU_DEFAULT = {"n_train": 6000, "n_test": 1000, "epochs": 3, "lr": 1e-4, "batch_size": 200}
+#: the whole default run fits a session on 2 threads, alone on the machine. Measured (committed tables,
+#: benchmarks/results/mtvib_*_small_cpu.md): 8 epochs of 5,400 training images at 0.3-0.8 s per step; MultiMNIST with
+#: six models (the five default ones and MTVIB-BN, 20 runs with the GS grid, FGSM sweeps under three readings) took
+#: 38.8 min, MultiFashion with STL, GS, UWL, MTVIB 19.6 min; the five default models take about 30 min. 3 epochs (the
+#: first choice) left HPS at 66 % on shifted MultiMNIST at lr 1e-4: too short to say anything about robustness.
+#: 1,000 test images: one FGSM sweep (7 η) of STL per task took 10-20 s on them.
+CPU_DEFAULT = {"n_train": 6000, "n_test": 1000, "epochs": 8, "lr": 1e-4, "batch_size": 200}
 
 #: MultiMNIST shift used by the reproduction (see :mod:`mtlkit.data.multimnist`).
 SHIFT = 4
