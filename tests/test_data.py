@@ -177,8 +177,8 @@ def test_deb_fetch_failure_says_what_was_tried(tmp_cache, monkeypatch):
 
 
 def test_fetch_knows_every_source_dataset():
-    assert sources.source_names() == ["fashion", "mnist", "census", "yeast"]
-    with pytest.raises(ConfigError, match="census, fashion, mnist, yeast"):
+    assert sources.source_names() == ["fashion", "mnist", "census", "qm9", "yeast"]
+    with pytest.raises(ConfigError, match="census, fashion, mnist, qm9, yeast"):
         sources.fetch("cifar")
 
 
