@@ -256,9 +256,7 @@ def dataset_options(name: str, n_train: int | None, n_test: int | None) -> dict[
     from mtlkit.errors import ConfigError
 
     given = {k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None}
-    if name not in DATASETS:  # the registry's own error lists the valid names
-        DATASETS.get(name)
-    entry = DATASETS.get(name)
+    entry = DATASETS.get(name)  # an unknown name: the registry's own error, listing the valid names
     for k in given:
         if k not in entry.options and not entry.open_ended:
             raise ConfigError(
