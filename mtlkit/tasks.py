@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -27,8 +28,8 @@ def _default_loss(kind: str) -> LossFn:
     if kind == "multiclass":
         return F.cross_entropy
     if kind in ("binary", "multilabel"):
-        return lambda out, y: F.binary_cross_entropy_with_logits(out.reshape(y.shape), y.float())
-    return lambda out, y: F.mse_loss(out.reshape(y.shape), y.float())
+        return lambda out, y: F.binary_cross_entropy_with_logits(out.reshape(y.shape), y.to(out.dtype))
+    return lambda out, y: F.mse_loss(out.reshape(y.shape), y.to(out.dtype))
 
 
 def _default_metrics(kind: str) -> tuple[str, ...]:
@@ -132,3 +133,71 @@ def stack_losses(tasks: list[Task], outputs: dict[str, Tensor], targets: dict[st
     from mtlkit.engine.autodiff import stack
 
     return stack([t.compute_loss(outputs[t.name], targets[t.target_key]) for t in tasks])
+
+
+def masked_losses(
+    tasks: list[Task],
+    outputs: dict[str, Tensor],
+    targets: dict[str, Tensor],
+    masks: dict[str, Tensor] | None,
+) -> tuple[Tensor, Tensor]:
+    """Per-task losses over each task's labelled samples only, and how many there are in this batch.
+
+    ``masks`` maps a target key (:attr:`Task.target_key`, so that an auxiliary head trained on another task's labels
+    uses that task's mask) to a bool (B,) tensor, True where the sample is labelled; a key left out, or
+    ``masks=None``, means every sample is labelled. Task t's loss is ``task.compute_loss(out[m], y[m])``: the
+    task's own loss (its reduction, e.g. the mean, over the labelled rows only; a custom ``Task.loss`` sees only
+    those rows). With every row labelled it is exactly :func:`stack_losses`' value (the same call on the whole
+    batch). A task with no labelled row gets a loss of exactly 0 that is still part of the graph (the sum of an
+    empty slice of its output: no NaN even if the output holds inf), so that stacking and per-task backward
+    passes work and give it an all-zero gradient row; the engine leaves such tasks out of the aggregation.
+
+    Returns:
+        ``(losses, counts)``: the (T,) loss vector in task order (built with :func:`mtlkit.engine.autodiff.stack`,
+        like :func:`stack_losses`) and the (T,) int64 number of labelled samples per task in this batch (on the
+        CPU: it decides which tasks take part in the step).
+
+    Raises:
+        ValueError: a mask that is not a bool tensor with one entry per sample of its targets.
+
+    Example:
+        >>> a, b = Task("a", "regression"), Task("b", "regression")
+        >>> out = {"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([2.0, 2.0])}
+        >>> y = {"a": torch.zeros(2), "b": torch.zeros(2)}
+        >>> masked_losses([a, b], out, y, {"a": torch.tensor([False, True]), "b": torch.tensor([False, False])})
+        (tensor([9., 0.]), tensor([1, 0]))
+    """
+    from mtlkit.engine.autodiff import stack
+
+    if masks is None:
+        counts = torch.tensor([int(targets[t.target_key].shape[0]) for t in tasks], dtype=torch.int64)
+        return stack_losses(tasks, outputs, targets), counts
+    given: list[Tensor | None] = []
+    for t in tasks:
+        y, m = targets[t.target_key], masks.get(t.target_key)
+        if m is not None and (
+            not isinstance(m, Tensor) or m.dtype != torch.bool or tuple(m.shape) != (int(y.shape[0]),)
+        ):
+            shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+            raise ValueError(
+                f"task {t.name!r}: the label mask of {t.target_key!r} must be a bool tensor of shape "
+                f"({int(y.shape[0])},), got {shape}"
+            )
+        given.append(m)
+    sums = [m.sum() for m in given if m is not None]
+    labelled = iter(torch.stack(sums).tolist() if sums else [])  # one device sync for every task
+    n = [
+        int(targets[t.target_key].shape[0]) if m is None else int(next(labelled))
+        for t, m in zip(tasks, given, strict=True)
+    ]
+    counts = torch.tensor(n, dtype=torch.int64)
+    losses = []
+    for t, k, m in zip(tasks, n, given, strict=True):
+        out, y = outputs[t.name], targets[t.target_key]
+        if m is None or k == int(y.shape[0]):
+            losses.append(t.compute_loss(out, y))  # every row labelled: stack_losses' value exactly
+        elif k == 0:
+            losses.append(out.reshape(-1)[:0].sum())  # exactly 0, in the graph, zero gradient
+        else:
+            losses.append(t.compute_loss(out[m], y[m]))
+    return stack(losses), counts

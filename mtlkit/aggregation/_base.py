@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from abc import ABC
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -50,6 +52,26 @@ def _check_finite(per_row: Tensor) -> None:
         raise FloatingPointError(f"per-task gradients of tasks {bad} contain NaN or inf (or overflow)")
 
 
+def check_present(present: Tensor | Sequence[bool], T: int | None = None) -> Tensor:
+    """``present`` as a bool (T,) CPU tensor, checked: one dimension, at least one True, and ``T`` entries when given.
+
+    Example:
+        >>> check_present([True, False])
+        tensor([ True, False])
+    """
+    p = present if isinstance(present, Tensor) else torch.as_tensor(present)
+    if p.dtype != torch.bool or p.dim() != 1 or p.numel() == 0:
+        raise ValueError(f"present must be a 1-D bool tensor with one entry per task, got {p.dtype} {tuple(p.shape)}")
+    if not bool(p.any()):
+        raise ValueError("present names no task: a step needs at least one task with a labelled sample")
+    if T is not None and p.numel() != T:
+        raise ValueError(f"present has {p.numel()} entries but the aggregator's state is for {T} tasks")
+    return p.detach().to("cpu")
+
+
+_A = TypeVar("_A", bound="Aggregator")
+
+
 class Aggregator(ABC):
     """Turns the T x P matrix ``J`` of per-task gradients (row t = gradient of task t's loss) into one update.
 
@@ -67,6 +89,11 @@ class Aggregator(ABC):
     :class:`SumScale`) or ``"fixed_norm"`` (Nash-MTL: the norm does not follow the gradients). Stateful aggregators
     keep their state in ``state_dict``/``load_state_dict`` so that checkpoints resume exactly. A default level other
     than ``"parameter"`` is the class attribute :attr:`default_level` (GradDrop: ``"representation"``).
+
+    Batches where some tasks have no labelled sample: :meth:`restricted` gives the aggregator of the present tasks'
+    rows (an absent task's zero row would drag min-norm methods such as MGDA to a zero update). An aggregator that
+    keeps per-task state overrides ``_restricted`` so that such a step reads and updates only the present tasks'
+    part of it.
 
     Example:
         >>> import torch
@@ -123,6 +150,46 @@ class Aggregator(ABC):
         """Callbacks the method needs in the run (added by the trainer, like a model's; default: none). MoDo's
         sampler of independent batches is one."""
         return []
+
+    def restricted(self, present: Tensor | Sequence[bool]) -> Aggregator:
+        """The aggregator of the sub-matrix of the *present* tasks' rows, for a step where the others have no label.
+
+        ``present`` is a bool (T,) mask with at least one True. The returned aggregator takes ``J[present]`` (or
+        the Gramian ``G[present][:, present]``) and has this one's flags (``gramian_based``, ...); its update is
+        this method applied to the present tasks alone (weights: one per present task). With every task present
+        it is ``self``. A method without per-task state (``state_dict()`` empty, or only the random generator of a
+        :class:`~mtlkit.aggregation._random.SeededAggregator`, which then draws over the present tasks) returns
+        ``self``; a stateful one returns an object that reads the present tasks' part of the state and writes its
+        update back, leaving the absent tasks' part as it was (each class's docstring says how).
+
+        Use: ``sub = agg.restricted(present); update = sub(J[present])``, or
+        ``w = zeros(T); w[present] = sub.weights(G[present][:, present])``.
+
+        Raises:
+            ValueError: ``present`` is not a 1-D bool mask with a True, or does not match the state's T.
+            ConfigError: the method keeps per-task state and defines no restriction (``_restricted``).
+
+        Example:
+            >>> import torch
+            >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+            >>> Mean().restricted(torch.tensor([True, False, True]))(J[[0, 2]])
+            tensor([2.0000, 1.5000])
+        """
+        p = check_present(present)
+        if bool(p.all()):
+            return self
+        return self._restricted(p)
+
+    def _restricted(self, present: Tensor) -> Aggregator:
+        """:meth:`restricted` for a checked mask with some task absent; override in aggregators with per-task state."""
+        extra = sorted(set(self.state_dict()) - {"generator"})
+        if extra:
+            raise ConfigError(
+                f"{type(self).__name__} keeps per-task state ({', '.join(extra)}) but does not define how a batch in "
+                f"which some tasks have no labelled sample updates it (it overrides no `_restricted`): use it with "
+                f"fully labelled data, or give it a `_restricted` (see Aggregator.restricted)"
+            )
+        return self
 
     # State for checkpoints (stateless by default).
     def state_dict(self) -> dict[str, Any]:
@@ -217,6 +284,10 @@ class SumScale(Aggregator):
     def callbacks(self) -> list[Callback]:
         return self.inner.callbacks()
 
+    def _restricted(self, present: Tensor) -> Aggregator:
+        # The inner aggregator restricted, still multiplied by the number of rows it is given (T' present tasks).
+        return type(self)(self.inner.restricted(present))
+
     def __getattr__(self, name: str) -> Any:
         # Only reached for attributes the wrapper lacks; "inner" itself missing (e.g. during copy) must not recurse.
         if name == "inner" or name.startswith("__"):
@@ -227,12 +298,17 @@ class SumScale(Aggregator):
         return f"{type(self).__name__}({self.inner!r})"
 
 
-@functools.cache
-def _sum_scale_class(cls: type[Aggregator]) -> type[SumScale]:
-    flags = {
+def _flags(cls: type[Aggregator]) -> dict[str, Any]:
+    """The class attributes the engine reads, for a wrapper that must be treated like ``cls``."""
+    return {
         k: getattr(cls, k)
         for k in ("gramian_based", "needs_per_task_grads", "permutation_equivariant", "default_level")
     }
+
+
+@functools.cache
+def _sum_scale_class(cls: type[Aggregator]) -> type[SumScale]:
+    flags = _flags(cls)
     return type(
         f"{cls.__name__}OnSumScale",
         (SumScale,),
@@ -280,3 +356,78 @@ def on_sum_scale(aggregator: Aggregator, name: str | None = None) -> Aggregator:
     if factor == "1":
         return aggregator
     return _sum_scale_class(type(aggregator))(aggregator)
+
+
+class Restricted(Aggregator):
+    """What :meth:`Aggregator.restricted` returns for a stateful method: runs ``sub`` (a copy of the method that holds
+    the present tasks' part of the state) on the present tasks' rows, then hands its updated state back.
+
+    Built by :func:`restricted_view`, as a subclass made for the wrapped class that copies its flags (like
+    :class:`SumScale`), so that the engine treats it as the method itself. Attributes it lacks are the sub-method's
+    (``view.task_weights`` is the present tasks' λ). Its ``state_dict`` is the full method's (the state lives there).
+
+    Example:
+        >>> import torch
+        >>> from mtlkit.aggregation import MoCo
+        >>> full = MoCo(beta=1.0, gamma=0.0)
+        >>> view = full.restricted(torch.tensor([True, False]))
+        >>> view(torch.tensor([[1.0, 2.0]])), full.state_dict()["y"][0]
+        (tensor([1., 2.]), tensor([1., 2.]))
+    """
+
+    scale = "sum"  # replaced by the wrapped class's in restricted_view (the class attribute must exist)
+
+    def __init__(self, full: Aggregator, present: Tensor, sub: Aggregator, write_back: Callable[[], None]) -> None:
+        self.full, self.present, self.sub = full, present, sub
+        self._write_back = write_back
+
+    def weights_from_gramian(self, G: Tensor) -> Tensor:
+        w = self.sub.weights_from_gramian(G)
+        self._write_back()
+        return w
+
+    def aggregate(self, J: Tensor) -> Tensor:
+        update = self.sub.aggregate(J)
+        self._write_back()
+        return update
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.full.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise ValueError("load the state into the full aggregator, not into its restriction to some tasks")
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "sub" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.sub, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.sub!r}, present={self.present.tolist()})"
+
+
+@functools.cache
+def _restricted_class(cls: type[Aggregator]) -> type[Restricted]:
+    return type(
+        f"{cls.__name__}Restricted",
+        (Restricted,),
+        {
+            **_flags(cls),
+            "scale": getattr(cls, "scale", None),
+            "__module__": __name__,
+            "__qualname__": f"{cls.__name__}Restricted",
+            "__doc__": f"{cls.__name__} on some of its tasks (see Restricted).",
+        },
+    )
+
+
+def restricted_view(full: _A, present: Tensor, load: Callable[[_A], None], store: Callable[[_A], None]) -> Restricted:
+    """The restriction of a stateful aggregator ``full`` to the ``present`` tasks (for ``_restricted``).
+
+    ``load(sub)`` puts the present tasks' part of ``full``'s state into ``sub`` (a shallow copy of ``full``: same
+    options, same random generator); after each call of the returned aggregator, ``store(sub)`` writes ``sub``'s
+    updated state back into ``full``.
+    """
+    sub = copy.copy(full)
+    load(sub)
+    return _restricted_class(type(full))(full, present, sub, lambda: store(sub))

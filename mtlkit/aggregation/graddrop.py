@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from mtlkit._registry import METHODS
+from mtlkit.aggregation._base import Aggregator
 from mtlkit.aggregation._random import SeededAggregator
 from mtlkit.errors import ConfigError
 
@@ -35,6 +37,10 @@ class GradDrop(SeededAggregator):
     Since ``P`` and the masks are symmetric in the tasks, permuting the rows with the same generator state permutes
     nothing in the output: the method is permutation-equivariant given the seed.
 
+    Batches where some tasks have no labelled sample (:meth:`~mtlkit.aggregation.Aggregator.restricted`): the
+    purity and masks are those of the present tasks' rows; per-task leaks are the present tasks' ones; ``U`` is
+    drawn from the same generator (the only state).
+
     Args:
         leak: one number in [0, 1] for all tasks, or one per task.
         seed: seed of the generator of ``U``.
@@ -58,6 +64,16 @@ class GradDrop(SeededAggregator):
             raise ConfigError(f"leak must be a number or a list of numbers in [0, 1], got {leak!r}")
         self.leak = leak
         self._leak = lk
+
+    def _restricted(self, present: Tensor) -> Aggregator:
+        if self._leak.dim() == 0:
+            return self
+        if self._leak.numel() != present.numel():
+            raise ValueError(f"GradDrop has {self._leak.numel()} leak values but present has {present.numel()}")
+        sub = copy.copy(self)  # shares the generator: its draws advance this one's
+        sub._leak = self._leak[present]
+        sub.leak = sub._leak.tolist()
+        return sub
 
     def aggregate(self, J: Tensor) -> Tensor:
         T = J.shape[0]

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from mtlkit._registry import METHODS
+from mtlkit.aggregation._base import Restricted, restricted_view
 from mtlkit.aggregation._random import PairwiseSurgery, row_products
 from mtlkit.errors import ConfigError
 
@@ -41,6 +42,11 @@ class GradVac(PairwiseSurgery):
     State (``state_dict``): the T x T targets (created at the first call; a later call with another T raises) and the
     generator of the random order. Output depends on the task order (``permutation_equivariant`` False).
     Computed on the Gramian (see ``PairwiseSurgery``); ``modified_gradients(J)`` returns the ``g_i'``.
+
+    Batches where some tasks have no labelled sample (:meth:`~mtlkit.aggregation.Aggregator.restricted`): the
+    surgery runs among the present tasks (random order over them, from the same generator) with their pairs'
+    targets, and only the targets of pairs of present tasks are updated (EMA of the cosines observed); a pair with
+    an absent task keeps its target.
 
     Args:
         beta: EMA rate in (0, 1].
@@ -89,6 +95,25 @@ class GradVac(PairwiseSurgery):
         C[i, j[i]] += coef / (nj[i] * np.sqrt(np.maximum(1 - target[i] ** 2, 1e-12)))
         live_rows = np.flatnonzero(live)
         targets[live_rows, j[live_rows]] = (1 - self.beta) * target[live_rows] + self.beta * phi[live_rows]  # Eq. (3)
+
+    def _restricted(self, present: Tensor) -> Restricted:
+        T = int(present.numel())
+        if self._targets is None:
+            self._targets = torch.zeros(T, T, dtype=torch.float64)
+        elif self._targets.shape[0] != T:
+            raise ValueError(f"GradVac was used with {self._targets.shape[0]} tasks but present has {T} entries")
+        idx = present.nonzero().flatten()
+        pairs = (idx[:, None], idx[None, :])
+        targets = self._targets
+
+        def load(sub: GradVac) -> None:
+            sub._targets = targets[pairs].clone()  # the generator is shared: the draws advance this one's
+
+        def store(sub: GradVac) -> None:
+            assert sub._targets is not None
+            targets[pairs] = sub._targets
+
+        return restricted_view(self, present, load, store)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mtlkit._registry import METHODS
-from mtlkit.aggregation._base import Aggregator
+from mtlkit.aggregation._base import Aggregator, Restricted, restricted_view
 from mtlkit.aggregation._solvers import check_nonneg, project_simplex
 from mtlkit.errors import ConfigError
 
@@ -64,6 +64,15 @@ class MoCo(Aggregator):
     of the shared parameters do and the representation's (whose columns belong to the batch's samples, different
     ones at every step) do not; a change of the number of tasks or of columns raises. The state (``y``, ``lam``,
     ``step``) is in ``state_dict``; Y has the size of J (T x P), kept in J's dtype and on its device.
+
+    Batches where some tasks have no labelled sample (:meth:`~mtlkit.aggregation.Aggregator.restricted`): the step
+    runs on the present tasks alone. Their rows of Y are tracked towards their gradients; the absent tasks' rows
+    stay as they were (no decay towards a gradient that was not observed). λ: the present tasks' entries,
+    renormalised to sum to 1 (uniform if they are all 0), take the projected step on the present tasks' simplex
+    and are written back scaled by the mass they had, so λ stays on the full simplex with the absent tasks'
+    weights unchanged. ``step`` counts calls (full or not), so ``β_k`` and ``γ_k`` follow the step, not the task.
+    With ``init="grad"``, the row of a task that has not been present yet is NaN in Y (not yet initialised) and
+    starts at that task's gradient when it first is; with ``init="zero"`` it starts at 0 like every row.
 
     Args:
         beta, beta_sigma: tracking step ``β_k = beta / k^beta_sigma`` (``0 < beta ≤ 1``; ``beta = 1`` with
@@ -127,6 +136,10 @@ class MoCo(Aggregator):
             y = J.clone() if self.init == "grad" else torch.zeros_like(J)
         else:
             y = self._y.to(device=J.device, dtype=J.dtype)
+        fresh = torch.isnan(y[:, 0])  # rows of tasks never present yet (see "Batches where ..." above)
+        if bool(fresh.any()):
+            y = y.clone()
+            y[fresh] = J[fresh] if self.init == "grad" else 0.0
         y = y - (self.beta / k**self.beta_sigma) * (y - J)
         lam = np.full(T, 1.0 / T) if self._lam is None else self._lam
         M = (y @ y.T).to("cpu", torch.float64).numpy()
@@ -135,6 +148,32 @@ class MoCo(Aggregator):
         lam = project_simplex(lam - gamma_k * (M @ lam)) if gamma_k > 0 else lam
         self._y, self._lam, self._step = y, lam, k
         return torch.as_tensor(lam, dtype=J.dtype, device=J.device) @ y
+
+    def _restricted(self, present: Tensor) -> Restricted:
+        T = int(present.numel())
+        if self._y is not None and self._y.shape[0] != T:
+            raise ValueError(f"MoCo tracks {self._y.shape[0]} tasks but present has {T} entries")
+        idx = present.nonzero().flatten()
+        lam = np.full(T, 1.0 / T) if self._lam is None else self._lam
+        mass = float(lam[idx.numpy()].sum())
+
+        def load(sub: MoCo) -> None:
+            sub._y = None if self._y is None else self._y[idx.to(self._y.device)].clone()
+            part = lam[idx.numpy()]
+            sub._lam = part / mass if mass > 0 else np.full(len(idx), 1.0 / len(idx))
+
+        def store(sub: MoCo) -> None:
+            assert sub._y is not None and sub._lam is not None
+            if self._y is None:  # first call: the absent rows are not initialised yet (NaN) or 0 (init="zero")
+                fill = float("nan") if self.init == "grad" else 0.0
+                self._y = torch.full((T, sub._y.shape[1]), fill, dtype=sub._y.dtype, device=sub._y.device)
+            self._y = self._y.to(device=sub._y.device, dtype=sub._y.dtype)
+            self._y[idx.to(self._y.device)] = sub._y
+            full = lam.copy()
+            full[idx.numpy()] = sub._lam * mass
+            self._lam, self._step = full, sub._step
+
+        return restricted_view(self, present, load, store)
 
     def state_dict(self) -> dict[str, Any]:
         return {

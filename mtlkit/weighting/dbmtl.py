@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlkit.aggregation._base import Aggregator
+from mtlkit.aggregation._base import Aggregator, Restricted, restricted_view
 from mtlkit.errors import ConfigError
 from mtlkit.weighting._base import StepContext, Weighting
 
@@ -93,6 +93,26 @@ class DBMTLAggregator(Aggregator):
         scales = norms.max() / (norms + self.eps)
         self.last_scales = scales
         return (scales.unsqueeze(1) * buf).sum(dim=0)
+
+    def _restricted(self, present: Tensor) -> Restricted:
+        """A batch with absent tasks (partial labels): only the present tasks' EMA gradients are updated and
+        rescaled; an absent task's ĝ stays as it was (0 before its first labelled batch)."""
+        T = int(present.numel())
+        if self._buffer is not None and self._buffer.shape[0] != T:
+            raise ValueError(f"DB-MTL keeps {self._buffer.shape[0]} tasks' gradients but present has {T} entries")
+        idx = present.nonzero().flatten()
+
+        def load(sub: DBMTLAggregator) -> None:
+            sub._buffer = None if self._buffer is None else self._buffer[idx.to(self._buffer.device)].clone()
+
+        def store(sub: DBMTLAggregator) -> None:
+            assert sub._buffer is not None
+            if self._buffer is None:  # ĝ = 0 before a task's first step, as at the start
+                self._buffer = torch.zeros(T, sub._buffer.shape[1], dtype=sub._buffer.dtype, device=sub._buffer.device)
+            self._buffer[idx.to(self._buffer.device)] = sub._buffer
+            self._step, self.last_scales = sub._step, sub.last_scales
+
+        return restricted_view(self, present, load, store)
 
     def state_dict(self) -> dict[str, Any]:
         return {"grad_buffer": None if self._buffer is None else self._buffer.clone(), "step": self._step}
