@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from mtlkit import runs
 from mtlkit.config import RunConfig
 from mtlkit.data import MTLData, Split, build_dataset
+from mtlkit.data.loading import DatasetSplit, iter_inputs
 from mtlkit.devices import resolve_device
 from mtlkit.errors import ConfigError
 from mtlkit.methods import build_method
@@ -39,12 +40,13 @@ ATTACK_NAMES = ("none", "fgsm", "pgd")
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: Split, batch_size: int, device: torch.device) -> dict[str, Tensor]:
-    """Head outputs for a whole split, in eval mode, on the CPU."""
+def predict(model: nn.Module, split: Split | DatasetSplit, batch_size: int, device: torch.device) -> dict[str, Tensor]:
+    """Head outputs (float32) for a whole split, in order, in eval mode, on the CPU: a :class:`~mtlkit.data.Split`
+    or a :class:`~mtlkit.data.loading.DatasetSplit` (a user's dataset, read through :func:`iter_inputs`)."""
     model.eval()
     outs: dict[str, list[Tensor]] = {}
-    for s in range(0, len(split), batch_size):
-        o = model(split.x[s : s + batch_size].to(device))
+    for x in iter_inputs(split, batch_size, device):
+        o = model(x)
         for k, v in o.items():
             outs.setdefault(k, []).append(v.float().cpu())
     return {k: torch.cat(v) for k, v in outs.items()}
