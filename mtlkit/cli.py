@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--level", choices=["parameter", "representation"], help="where aggregators work")
     t.add_argument(
+        "--nproc",
+        type=int,
+        help="data parallel: train in N local processes (torch.distributed.run; gloo on CPU, nccl on CUDA), with "
+        "the same result as one process on the same global batch; several machines: torchrun --nnodes ... -m "
+        "mtlkit train ...",
+    )
+    t.add_argument(
         "--set",
         action="append",
         default=[],
@@ -181,6 +188,16 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.resume and not args.run_dir:
         raise MTLKitError("--resume needs --run-dir (the run to continue)")
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise MTLKitError(f"--nproc must be >= 1, got {args.nproc}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise MTLKitError("--nproc inside a torchrun launch: pass one of them (torchrun already started the ranks)")
+        if args.nproc > 1:
+            from mtlkit.distributed import launch_local
+
+            return launch_local(args.nproc, _without_nproc(args.argv))
+    rank = int(os.environ.get("RANK", "0"))
     if args.resume and args.overwrite:
         raise MTLKitError(
             "--resume and --overwrite contradict each other: --resume continues the run in --run-dir, "
@@ -214,14 +231,18 @@ def _train(args: argparse.Namespace) -> int:
     cfg = RunConfig.resolve(
         Path(args.run_dir) / "config.yaml" if resuming else args.config, sets, dataset_defaults=not resuming
     )
-    check_run_dir(cfg, resume=args.resume)  # run-directory errors before the (maybe long) dataset build
+    if rank == 0:  # rank 0 owns the run directory (the others would find it locked)
+        check_run_dir(cfg, resume=args.resume)  # run-directory errors before the (maybe long) dataset build
     trainer = Trainer(cfg)
-    print(
-        f"mtlkit: {cfg.dataset.name} ({len(trainer.data.train)} train / {len(trainer.data.val)} val / "
-        f"{len(trainer.data.test)} test), model {cfg.model.name}, method {cfg.method.name}, device {trainer.device}, "
-        f"run dir {trainer.run_dir}",
-        file=sys.stderr,
-    )
+    if trainer.dp.active and rank == 0:
+        print(f"mtlkit: data parallel, {trainer.dp.world_size} processes", file=sys.stderr)
+    if rank == 0:
+        print(
+            f"mtlkit: {cfg.dataset.name} ({len(trainer.data.train)} train / {len(trainer.data.val)} val / "
+            f"{len(trainer.data.test)} test), model {cfg.model.name}, method {cfg.method.name}, device {trainer.device}, "
+            f"run dir {trainer.run_dir}",
+            file=sys.stderr,
+        )
     try:
         res = trainer.fit(resume=args.resume)
     except KeyboardInterrupt:  # Ctrl-C: say what was kept and how to go on, instead of a traceback
@@ -247,6 +268,8 @@ def _train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 130
+    if rank != 0:  # rank 0 reports for every rank
+        return 0
     per_task = " per task" if isinstance(res.best_epoch, dict) else ""
     print(
         f"\nTest results ({cfg.dataset.name}, {cfg.method.name}, seed {cfg.train.seed}, {cfg.train.epochs} epochs; "
@@ -388,6 +411,19 @@ def _run_command(args: argparse.Namespace) -> int:
     return handlers[args.command](args)
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--nproc N`` (or ``--nproc=N``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def _tune_allocator() -> None:
     """The CLI owns its process: keep freed CPU memory for reuse (mtlkit.malloc) unless MTLKIT_MALLOC_TUNING=0."""
     setting = os.environ.get("MTLKIT_MALLOC_TUNING", "1")
@@ -414,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        args.argv = list(argv)  # `train --nproc N` relaunches the same command in N processes
         debug = debug or args.debug
         if args.cache_dir:
             os.environ["MTLKIT_CACHE_DIR"] = args.cache_dir

@@ -73,6 +73,11 @@ class TrainConfig:
     # (0: off) to monitor.jsonl and TensorBoard
     log_every: int = 10
     monitor_gradients: bool = False  # loss-space methods and EW: T extra backward passes per logged step for them
+    # data parallel (mtlkit.distributed): BatchNorm statistics of the global batch (CUDA only; SyncBatchNorm)
+    sync_batchnorm: bool = False
+    # training batches (mtlkit.data.loading): auto | memory (index in-memory tensors) | dataloader (torch DataLoader)
+    loader: str = "auto"
+    num_workers: int = 0  # DataLoader worker processes (loader dataloader/auto)
 
 
 @dataclass

@@ -318,6 +318,33 @@ def _options_text(options: Mapping[str, Option]) -> str:
     return ", ".join(k if o.required else f"{k}={o.default!r}" for k, o in options.items())
 
 
+def data_parallel_route(weighting: Any, aggregator: Any, level: str) -> str:
+    """How a method stays exact under data parallelism (:mod:`mtlkit.distributed`), from what it declares.
+
+    Example:
+        >>> from mtlkit.aggregation import MGDA
+        >>> print(data_parallel_route(None, MGDA, "representation"))  # doctest: +NORMALIZE_WHITESPACE
+        the loss values (2T numbers), then the T x T Gramian of the gradients w.r.t. z (exact: each rank holds its
+        own samples' rows), then every gradient
+    """
+    first = "the loss values (2T numbers)"
+    if weighting is not None and getattr(weighting, "reads_gradients", False):
+        first += " and the gradients the weighting reads (all-reduced through StepContext.reduce)"
+    if aggregator is None or not aggregator.needs_per_task_grads:
+        return f"{first}, then the summed gradients (plain DDP)"
+    if level == "representation":
+        if aggregator.gramian_based:
+            return (
+                f"{first}, then the T x T Gramian of the gradients w.r.t. z (exact: each rank holds its own "
+                f"samples' rows), then every gradient"
+            )
+        return f"{first}, then the per-task gradients w.r.t. z all-gathered along the samples, then every gradient"
+    return (
+        f"{first}, then the T x K matrix of per-task gradients of the shared parameters (all-reduced before "
+        f"aggregation: every rank aggregates the same matrix), then the task heads' gradients"
+    )
+
+
 def describe_method(name: str, detail: bool = False) -> str:
     """One line on method ``name``: options with defaults, level (for gradient-space methods) and output scale, then
     its summary; with ``detail``, also the default level, the scale explained and the full documentation of its
@@ -359,6 +386,7 @@ mean-gradient scale (c = 0 gives the mean).'
             else " (one backward of the summed weighted losses; the weighting sets their weights)"
         ),
     ]
+    parts.append(f"data parallel: {data_parallel_route(weighting, aggregator, level)}")
     for role, cls in (("weighting", weighting), ("aggregator", aggregator)):
         if cls is not None:
             parts += ["", f"{role}: {cls.__module__}.{cls.__name__}", "", inspect.getdoc(cls) or "(no documentation)"]

@@ -260,6 +260,7 @@ class Monitor(Callback):
         self._epoch_sums: dict[str, list[float]] = {}  # key -> [sum, count]: the epoch means of metrics rows
         self._names: list[str] = []
         self._started = False  # set by start(): steps taken outside Trainer.fit are not logged
+        self._writes = True  # False on data-parallel ranks other than 0: they compute (collectives) but write nothing
 
     # -- callback events -------------------------------------------------------------------------------------------
     def check(self, trainer: Trainer) -> None:
@@ -267,6 +268,7 @@ class Monitor(Callback):
             raise ConfigError(f"the monitor logs every N >= 1 steps (train.log_every; 0: off), got {self.every!r}")
 
     def on_train_start(self, trainer: Trainer) -> None:
+        self._writes = trainer.dp.is_main
         self.start(trainer.run_dir, trainer.train_names, trainer.start_step)
 
     def start(self, run_dir: str | Path, task_names: Sequence[str], start_step: int = 0) -> None:
@@ -276,7 +278,8 @@ class Monitor(Callback):
         self._names = list(task_names)
         self._started = True
         self._start = int(start_step)
-        self._cut_back(self._dir / MONITOR_FILE, self._start)
+        if self._writes:
+            self._cut_back(self._dir / MONITOR_FILE, self._start)
 
     def due(self, step: StepInfo) -> bool:
         """Whether ``step`` is logged: the first step and every ``every``-th after it, once :meth:`start` has said
@@ -290,7 +293,8 @@ class Monitor(Callback):
 
             shared = [p for p in trainer.model.shared_parameters() if p.requires_grad]
             if shared:  # T autograd.grad calls on the retained graph: .grad is not touched
-                self._jacobian = per_task_grads(step.losses, shared, retain_graph=True)
+                # data parallel: every rank computes its rows, the mean is the global batch's (trainer.reduce)
+                self._jacobian = trainer.reduce(per_task_grads(step.losses, shared, retain_graph=True))
 
     def on_backward(self, trainer: Trainer, step: StepInfo) -> None:
         if not self.due(step):
@@ -382,6 +386,8 @@ class Monitor(Callback):
             if stats.update_cos is not None:
                 row["update_cos"] = _clean(stats.update_cos.tolist())
                 row["update_norm"] = stats.update_norm
+        if not self._writes:
+            return row
         if self._file is None:
             self._file = open(self._dir / MONITOR_FILE, "a", encoding="utf-8")  # held open across steps
         self._file.write(json.dumps(row, allow_nan=False) + "\n")

@@ -53,8 +53,10 @@ from mtlkit import models, runs
 from mtlkit.callbacks import Callback, StepInfo
 from mtlkit.config import RunConfig, check_precision
 from mtlkit.data import MTLData, Split, build_dataset
+from mtlkit.data.loading import make_batch_source
 from mtlkit.devices import resolve_device
-from mtlkit.engine.autodiff import backward
+from mtlkit.distributed import DataParallel, average_buffers_, global_losses, global_value
+from mtlkit.engine.autodiff import BackwardInfo, backward
 from mtlkit.errors import ConfigError, MTLKitError, NonFiniteLossError, unknown_name
 from mtlkit.evaluation import evaluate, load_selected
 from mtlkit.evaluation import predict as predict  # re-exported: mtlkit.train.predict, where it was defined before
@@ -63,7 +65,7 @@ from mtlkit.metrics import selection_score
 from mtlkit.models import MTLModel
 from mtlkit.models.base import check_auxiliary_loss
 from mtlkit.monitor import Monitor
-from mtlkit.tasks import Task, stack_losses, task_names
+from mtlkit.tasks import Task, masked_losses, task_names
 from mtlkit.weighting import StepContext
 
 if TYPE_CHECKING:
@@ -78,11 +80,17 @@ CHECKPOINT_FORMAT = 2  # 2: history rows number epochs from 1 and the checkpoint
 
 
 def task_instance_counts(tasks: list[Task], split: Split) -> list[int]:
-    """Training instances per task: positives for binary tasks (MTMLAN's n_j), all samples otherwise."""
+    """Training instances per task: positives for binary tasks (MTMLAN's n_j), all samples otherwise; only the
+    labelled ones where the split has a label mask."""
     out = []
+    masks = getattr(split, "mask", None) or {}
     for t in tasks:
         y = split.y.get(t.name)
-        out.append(int((y > 0.5).sum()) if t.kind == "binary" and y is not None else len(split))
+        m = masks.get(t.target_key)
+        if t.kind == "binary" and y is not None:
+            out.append(int((y[m] if m is not None else y).gt(0.5).sum()))
+        else:
+            out.append(int(m.sum()) if m is not None else len(split))
     return out
 
 
@@ -148,6 +156,9 @@ class Trainer:
         cfg: the run configuration.
         data: an already built dataset (else built from ``cfg.dataset``).
         run_dir: where to write (default ``runs/<dataset>-<method>-s<seed>``).
+        callbacks: extra :class:`~mtlkit.callbacks.Callback` s (before the model's and the method's own).
+        parallel: this process's data-parallel ranks (:mod:`mtlkit.distributed`); default: those torchrun started
+            (``DataParallel.from_env``), or one process.
     """
 
     def __init__(
@@ -156,6 +167,7 @@ class Trainer:
         data: MTLData | None = None,
         run_dir: str | Path | None = None,
         callbacks: Sequence[Callback] = (),
+        parallel: DataParallel | None = None,
     ):
         self.cfg = cfg
         tc = cfg.train
@@ -167,7 +179,10 @@ class Trainer:
                 f"{tc.checkpoint_minutes}"
             )
         check_precision(tc.precision)
+        self.dp = parallel if parallel is not None else DataParallel.from_env(tc.device)
         self.device = resolve_device(tc.device)
+        if self.dp.active and self.device.type == "cuda":  # one GPU per rank
+            self.device = torch.device("cuda", self.dp.local_rank)
         # cfg.method.level and .scale are not checked when the config loads: build_method checks them (ConfigError)
         self.method = build_method(
             cfg.method.name,
@@ -192,7 +207,15 @@ class Trainer:
     def _build(self, cfg: RunConfig, callbacks: Sequence[Callback]) -> None:
         """The model, the method's set-up, the optimizer, the scheduler and the callbacks (seeded by __init__)."""
         tc = cfg.train
-        self.model = build_for(cfg, self.data, self.method).to(self.device)
+        self.model = build_for(cfg, self.data, self.method)
+        if tc.sync_batchnorm:
+            if self.device.type != "cuda":
+                raise ConfigError(
+                    "train.sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU kernel); on CPU, plain "
+                    "BatchNorm normalises each rank's share of the batch with its own statistics"
+                )
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model = self.model.to(self.device)
         # Extra training-only tasks a model may declare (e.g. RRMTDL's adversarial heads): trained, never selected
         # on or reported (Task.auxiliary).
         self.train_tasks = self.tasks + _auxiliary_tasks(self.model)
@@ -230,13 +253,28 @@ class Trainer:
         for cb in self.callbacks:  # configuration errors now, before a run directory is touched
             cb.check(self)
         self._steps_per_epoch = -(-len(self.data.train) // tc.batch_size)
+        if self.dp.active:
+            last = len(self.data.train) - (self._steps_per_epoch - 1) * tc.batch_size
+            if tc.batch_size < self.dp.world_size or last < self.dp.world_size:
+                raise ConfigError(
+                    f"with {self.dp.world_size} processes every global batch needs >= {self.dp.world_size} samples, "
+                    f"but train.batch_size={tc.batch_size} on {len(self.data.train)} training samples leaves a last "
+                    f"batch of {last}: choose another batch size"
+                )
         #: Optimizer steps already trained when :meth:`fit` started (0, or where a resume continues from).
         self.start_step = 0
         self._committed: str | None = None  # what checkpoint.pt holds, for messages ("the end of epoch 2")
         self._best_state: Any = None  # the selected model (per task for one-model-per-task methods)
         self._unfinished_results = False  # a finished run resumed to train further: its results.json goes
+        self._last_losses: Tensor | None = None  # partial labels: each task's last loss where it had labels
 
     # -- services for callbacks (mtlkit.callbacks) ---------------------------------------------------------------
+    def reduce(self, t: Tensor) -> Tensor:
+        """The global batch's value of a gradient computed from this step's losses on this rank's share: the
+        all-reduce mean over data-parallel ranks (:mod:`mtlkit.distributed`); ``t`` itself in one process. Every
+        rank must call it at the same point (a collective)."""
+        return self.dp.mean(t) if self.dp.active else t
+
     def model_changed(self) -> None:
         """Read again what the loop derives from the model (shared parameters, the layers methods measure, whether
         the engine may use the representation); call after changing the model's structure."""
@@ -334,6 +372,7 @@ class Trainer:
             "history": history,
             "config": self.cfg.to_dict(),
             "callbacks": {cb.key(): cb.state_dict() for cb in self.callbacks},
+            "last_losses": self._last_losses,
             "observers": [cb.key() for cb in self.callbacks if cb.observer],
         }
 
@@ -364,9 +403,10 @@ class Trainer:
         """Write checkpoint.pt (the commit point), then the files derived from it."""
         self._check_finite_parameters(where)
         done = {"epoch": epoch + 1, "batch": in_epoch["batch"] if in_epoch else None}
-        runs.save_checkpoint(
-            self._checkpoint(epoch, best, history, seconds, in_epoch), self.run_dir / "checkpoint.pt", meta=done
-        )
+        if self.dp.is_main:  # every rank holds the same state: rank 0 writes it
+            runs.save_checkpoint(
+                self._checkpoint(epoch, best, history, seconds, in_epoch), self.run_dir / "checkpoint.pt", meta=done
+            )
         self._committed = (
             f"batch {in_epoch['batch']} of epoch {epoch + 2}" if in_epoch else f"the end of epoch {epoch + 1}"
         )
@@ -377,7 +417,9 @@ class Trainer:
 
     def _derive(self, best: dict[str, Any], history: list[dict[str, float]]) -> None:
         """best.pt, config.yaml and the metrics logs as the last checkpoint says (each written only if it
-        changes); a finished run's results.json goes once the run trains past it."""
+        changes); a finished run's results.json goes once the run trains past it. Rank 0 only."""
+        if not self.dp.is_main:
+            return
         if self._unfinished_results:
             (self.run_dir / "results.json").unlink(missing_ok=True)
             self._unfinished_results = False
@@ -409,7 +451,14 @@ class Trainer:
         b = ctx.step - ctx.epoch * self._steps_per_epoch
         return f"at epoch {ctx.epoch + 1}, step {b + 1} of {self._steps_per_epoch}"
 
-    def _step(self, x: Tensor, ys: dict[str, Tensor], ctx: StepContext, info: StepInfo | None = None) -> Tensor:
+    def _step(
+        self,
+        x: Tensor,
+        ys: dict[str, Tensor],
+        ctx: StepContext,
+        info: StepInfo | None = None,
+        masks: dict[str, Tensor] | None = None,
+    ) -> Tensor:
         if info is None:
             info = StepInfo(
                 ctx.epoch, ctx.step - ctx.epoch * self._steps_per_epoch, ctx.step, self._steps_per_epoch, torch.empty(0)
@@ -417,11 +466,23 @@ class Trainer:
         with self._autocast():
             if self._use_rep:
                 # float32 z: the engine's Gramian w.r.t. z (and the aggregation) stay in float32 under bf16
-                z = self.model.encode(x).float()
+                z = _at_least_fp32(self.model.encode(x))
                 out = self.model.decode(z)
             else:
                 z, out = None, self.model(x)
-            losses = stack_losses(self.train_tasks, out, ys).float()
+            losses, counts = masked_losses(self.train_tasks, out, ys, masks)
+            losses = _at_least_fp32(losses)
+        if self.dp.active:
+            # the global batch's loss values, this rank's share of their gradient (mtlkit.distributed)
+            losses, counts = global_losses(self.dp, losses, counts)
+        present: Tensor | None = None
+        if masks is not None and not bool((counts > 0).all()):
+            present = counts > 0
+            ctx.present = present
+            losses = self._fill_absent(losses, present)
+            if not bool(present.any()):  # no task has a label in this batch: nothing to learn from it
+                self._remember_losses(losses, counts)
+                return losses.detach()
         finite = torch.isfinite(losses.detach())
         if not bool(finite.all()):
             bad = [self.train_names[i] for i in (~finite).nonzero().flatten().tolist()]
@@ -430,6 +491,8 @@ class Trainer:
                 f"{', '.join(bad)} (losses {losses.detach().tolist()}); {self._lr_hint()}"
             )
         weighted = self.method.weighting(losses, ctx)
+        if present is not None:  # weighted zero: an absent task sends no gradient to the model nor to the method
+            weighted = weighted * present.to(device=weighted.device, dtype=weighted.dtype)
         finite = torch.isfinite(weighted.detach())
         if not bool(finite.all()):
             bad = (
@@ -451,33 +514,78 @@ class Trainer:
         try:
             aux = check_auxiliary_loss(self.model)  # non-task losses of the model's modules (e.g. MTVIB's β·KL), if any
             self.optimizer.zero_grad(set_to_none=True)
-            info.info = backward(
-                weighted,
-                self._shared,
-                self.method.aggregator,
-                representation=z,
-                level=self.method.level,
-                # not checked when the config loads: backward checks it (ValueError for an unknown mode)
-                mode=self.cfg.train.engine_mode,
-                chunk_size=self.cfg.train.chunk_size,
-                task_names=self.train_names,
-                extra=aux,
-                keep_jacobian=keep,
-            )
+            # A model without shared parameters (e.g. one-task models of STL on PLE/MMoE) under a plain sum: one
+            # backward (the engine's shared_params must not be empty)
+            no_shared = not self._shared and not self.method.aggregator.needs_per_task_grads
+            if no_shared:
+                (weighted.sum() if aux is None else weighted.sum() + aux.reshape(())).backward()
+                info.info = BackwardInfo()
+            else:
+                info.info = backward(
+                    weighted,
+                    self._shared,
+                    self.method.aggregator,
+                    representation=z,
+                    level=self.method.level,
+                    # not checked when the config loads: backward checks it (ValueError for an unknown mode)
+                    mode=self.cfg.train.engine_mode,
+                    chunk_size=self.cfg.train.chunk_size,
+                    task_names=self.train_names,
+                    extra=aux,
+                    keep_jacobian=keep,
+                    reduce=self.dp if self.dp.active else None,
+                    present=present,
+                )
         except NonFiniteLossError:
             raise
         except FloatingPointError as e:  # a task gradient (or the model's own loss) overflowed; the message names it
             raise NonFiniteLossError(
                 f"training diverged {self._where(ctx)} (method {self.method.name}): {e}; {self._lr_hint()}"
             ) from e
+        if self.dp.active:
+            self._reduce_gradients(aux is not None)
         info.losses = losses.detach()
         for cb in self.callbacks:
             cb.on_backward(self, info)
         self.optimizer.step()
         if self.method.weighting.needs_loss_after_step:
             with torch.no_grad(), self._autocast():
-                self.method.weighting.after_step(stack_losses(self.train_tasks, self.model(x), ys).float())
+                new, new_counts = masked_losses(self.train_tasks, self.model(x), ys, masks)
+            new = global_value(self.dp, _at_least_fp32(new), new_counts)
+            if present is not None:
+                new = torch.where(present.to(new.device), new, losses.detach())
+            self.method.weighting.after_step(new)
+        if masks is not None:
+            self._remember_losses(losses, counts)
         return losses.detach()
+
+    def _remember_losses(self, losses: Tensor, counts: Tensor) -> None:
+        """Each task's last loss on a batch where it had labels (what :meth:`_fill_absent` gives absent tasks)."""
+        has = (counts > 0).to(losses.device)
+        prev = self._last_losses if self._last_losses is not None else losses.detach()
+        self._last_losses = torch.where(has, losses.detach(), prev)
+
+    def _fill_absent(self, losses: Tensor, present: Tensor) -> Tensor:
+        """The loss vector the method sees when some tasks have no labelled sample in the batch: an absent task's
+        entry is its last seen loss (a constant: no gradient), so that every method's statistics (loss ratios,
+        histories, first losses) stay finite; its weighted loss is then multiplied by 0. Before a task was ever
+        seen, its last loss is the mean of this batch's present ones."""
+        keep = present.to(losses.device)
+        first = losses.detach()[keep].mean() if bool(keep.any()) else torch.ones((), dtype=losses.dtype)
+        last = self._last_losses
+        if last is None:
+            last = torch.full_like(losses.detach(), float(first))
+        return torch.where(keep, losses, last.to(losses.device))
+
+    def _reduce_gradients(self, has_extra: bool) -> None:
+        """All-reduce (mean) the gradients that are still this rank's own after the engine: task heads, weighting
+        parameters, and the shared ones unless the engine already wrote the global update there (parameter level
+        with per-task gradients, no extra loss: J was all-reduced before aggregation)."""
+        m = self.method
+        done = m.aggregator.needs_per_task_grads and m.level == "parameter" and not has_extra
+        skip = {id(p) for p in self._shared} if done else set()
+        params = [*self.model.parameters(), *m.weighting.parameters()]
+        self.dp.mean_grads_([p for p in params if p.requires_grad and id(p) not in skip])
 
     def _autocast(self) -> Any:
         """The training forward pass's precision (``train.precision``): bf16 autocast on this run's device, or
@@ -491,15 +599,14 @@ class Trainer:
 
         The run directory stays locked (:mod:`mtlkit.runs`) until this returns or raises.
         """
-        lock = prepare_run_dir(self.run_dir, self.cfg.output.overwrite, resume)
-        if lock.stale:
-            log.warning(
-                f"mtlkit: note: {self.run_dir} was last locked by {runs._describe_holder(lock.stale)}, "
-                f"which stopped without releasing it; taking over"
-            )
+        lock = self._open_run_dir(resume)
         threads = torch.get_num_threads()
         if self.cfg.train.num_threads:  # for this run only: the caller's setting is restored afterwards
             torch.set_num_threads(self.cfg.train.num_threads)
+        quiet = not self.dp.is_main and log.getEffectiveLevel() < logging.WARNING
+        level = log.level
+        if quiet:  # rank 0 speaks for all ranks
+            log.setLevel(logging.WARNING)
         try:
             return self._fit(resume)
         except (NonFiniteLossError, runs.RunDirError) as e:
@@ -510,7 +617,31 @@ class Trainer:
                     cb.on_exit(self)
             finally:
                 torch.set_num_threads(threads)
-                lock.release()
+                if quiet:
+                    log.setLevel(level)
+                if lock is not None:
+                    lock.release()
+
+    def _open_run_dir(self, resume: bool) -> runs.RunLock | None:
+        """Rank 0 creates and locks the run directory (the lock's record names the ranks); the other ranks wait
+        for it and share its outcome (the same error on every rank)."""
+        lock, error = None, None
+        if self.dp.is_main:
+            try:
+                lock = prepare_run_dir(self.run_dir, self.cfg.output.overwrite, resume)
+            except runs.RunDirError as e:
+                error = e
+        outcome = self.dp.broadcast_object(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if outcome is not None:
+            raise runs.RunDirError(f"rank 0 could not open the run directory: {outcome}")
+        if lock is not None and lock.stale:
+            log.warning(
+                f"mtlkit: note: {self.run_dir} was last locked by {runs._describe_holder(lock.stale)}, "
+                f"which stopped without releasing it; taking over"
+            )
+        return lock
 
     def _state_sentence(self, e: Exception) -> str:
         if self._committed is None:
@@ -533,6 +664,7 @@ class Trainer:
         start, in_epoch, carried = 0, None, 0.0
         self._committed = None
         self._best_state = None
+        self._last_losses = None
         self._best = best
         self._unfinished_results = False
         if resume:
@@ -540,16 +672,28 @@ class Trainer:
             self._best = best
         else:
             runs.set_rng_state(self._start_rng)  # the random state the (seeded) construction left
-            runs.atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            if self.dp.is_main:
+                runs.atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self._train_seconds = carried
         writer = None
-        if cfg.output.tensorboard:
+        if cfg.output.tensorboard and self.dp.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: TensorBoard drops what a stopped run logged after its checkpoint (steps are epochs from 1)
             writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=start + 1 if resume else None)
-        n = len(self.data.train)
-        steps_per_epoch = self._steps_per_epoch = (n + tc.batch_size - 1) // tc.batch_size
+        # The training batches: this rank's share of each global batch, drawn in a seeded order per epoch (a
+        # resume redraws the same), from the in-memory tensors or a DataLoader (mtlkit.data.loading).
+        source = make_batch_source(
+            self.data.train,
+            tc.batch_size,
+            tc.seed,
+            self.device,
+            self.dp.rank,
+            self.dp.world_size,
+            loader=tc.loader,
+            num_workers=tc.num_workers,
+        )
+        steps_per_epoch = self._steps_per_epoch = source.num_batches
         self.start_step = start * steps_per_epoch + (int(in_epoch["batch"]) if in_epoch is not None else 0)
         for cb in self.callbacks:
             cb.on_train_start(self)
@@ -560,8 +704,6 @@ class Trainer:
             for epoch in range(start, tc.epochs):
                 trained = True
                 self.model.train()
-                gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch)
-                perm = torch.randperm(n, generator=gen)  # a function of (seed, epoch): a resume redraws the same order
                 first, loss_sum, e0 = 0, torch.zeros(len(self.train_tasks)), time.time()
                 if in_epoch is not None:  # resuming inside this epoch
                     first, loss_sum = int(in_epoch["batch"]), in_epoch["loss_sum"].clone()
@@ -569,11 +711,10 @@ class Trainer:
                     in_epoch = None
                 for cb in self.callbacks:
                     cb.on_epoch_start(self, epoch)
-                bar = _Progress(f"epoch {epoch + 1}/{tc.epochs}", first, steps_per_epoch, tc.progress)
-                for b in bar:
-                    idx = perm[b * tc.batch_size : (b + 1) * tc.batch_size]
-                    x = self.data.train.x[idx].to(self.device)
-                    ys = {k: v[idx].to(self.device) for k, v in self.data.train.y.items()}
+                bar = _Progress(
+                    f"epoch {epoch + 1}/{tc.epochs}", first, steps_per_epoch, tc.progress and self.dp.is_main
+                )
+                for b, (_, x, ys, masks) in zip(bar, source.batches(epoch, first), strict=True):
                     step = epoch * steps_per_epoch + b
                     self.model.on_train_progress(step / (tc.epochs * steps_per_epoch))
                     ctx = StepContext(
@@ -583,9 +724,10 @@ class Trainer:
                         last_shared_layer=self._last_layer,
                         task_names=self.train_names,
                         task_layers=self._task_layers,
+                        reduce=self.reduce,
                     )
                     info = StepInfo(epoch, b, step, steps_per_epoch, torch.empty(0))
-                    losses = self._step(x, ys, ctx, info).cpu()
+                    losses = self._step(x, ys, ctx, info, masks).cpu()
                     for cb in self.callbacks:
                         cb.on_batch_end(self, info)
                     loss_sum += losses
@@ -605,6 +747,7 @@ class Trainer:
                 mean_losses = loss_sum / steps_per_epoch
                 self.scheduler.step()
                 self.method.weighting.on_epoch_end(mean_losses.to(self.device))
+                average_buffers_(self.dp, [self.model])  # BatchNorm's running statistics: the same on every rank
                 val = evaluate(self.model, self.data.val, self.tasks, tc.eval_batch_size, self.device)
                 row = {
                     "epoch": epoch + 1,
@@ -642,7 +785,16 @@ class Trainer:
         """Load checkpoint.pt (verified) into the trainer; nothing is written here."""
         cfg, tc = self.cfg, self.cfg.train
         path = self.run_dir / "checkpoint.pt"
-        ck = runs.load_checkpoint(path, map_location=self.device, hint="delete that run to retrain it")
+        # Rank 0 reads it and sends it to the others (who need no shared file system).
+        where = self.device if not self.dp.active else "cpu"
+        ck = (
+            runs.load_checkpoint(path, map_location=where, hint="delete that run to retrain it")
+            if self.dp.is_main
+            else None
+        )
+        if self.dp.active:
+            ck = _to_device(self.dp.broadcast_object(ck), self.device)
+        assert isinstance(ck, dict)
         diff = _resume_differences(ck["config"], cfg.to_dict())
         if diff:
             raise ConfigError(
@@ -670,6 +822,7 @@ class Trainer:
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self.method.load_state_dict(ck["method"])
+        self._last_losses = ck.get("last_losses")
         runs.set_rng_state(ck["rng"])
         best, history = ck["best"], ck["history"]
         if ck.get("format", 1) < 2:  # older checkpoints numbered their history rows from 0
@@ -728,7 +881,9 @@ class Trainer:
             extra = cb.results()
             if extra:
                 result[cb.key()] = extra
-        runs.write_if_changed(self.run_dir / "results.json", json.dumps(result, indent=2))
+        if self.dp.is_main:
+            runs.write_if_changed(self.run_dir / "results.json", json.dumps(result, indent=2))
+        self.dp.barrier()  # the run's files are complete when fit returns on any rank
         return RunResult(self.run_dir, test, val, best_epoch, history, seconds)
 
     def _tensorboard(self, row: dict[str, float], writer) -> None:
@@ -805,6 +960,22 @@ def resume_command(run_dir: Path, cfg: RunConfig) -> str:
     except (OSError, yaml.YAMLError, AttributeError):
         saved = None
     return cmd if saved == cfg.train.epochs else f"{cmd} --epochs {cfg.train.epochs}"
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """``t`` in float32 if autocast made it bf16/fp16; float32 and float64 tensors as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` (a checkpoint: nested dicts, lists, tuples) with every tensor moved to ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
 
 
 def _cpu_copy(state: dict[str, Any]) -> dict[str, Any]:

@@ -31,8 +31,16 @@ gradients themselves.
 matrix of gradients w.r.t. z instead of the T x P matrix w.r.t. the shared parameters, and the combined vector is
 back-propagated through the encoder once: cost ≈ one backward of the summed loss whatever T.
 
-Data-parallel training: pass ``reduce`` (e.g. an all-reduce-mean over processes) and it is applied to the per-task
-gradient matrix before aggregation, so that every process aggregates the same matrix and applies the same update.
+Data-parallel training (:mod:`mtlkit.distributed`): pass ``reduce=`` a :class:`~mtlkit.distributed.DataParallel`.
+At parameter level the T x K matrix J is all-reduced (mean) before aggregation, so that every process aggregates the
+same matrix and writes the same update to the shared parameters; at representation level a Gramian-based method
+all-reduces only the T x T Gramian of its rows (exact: each rank holds its own samples' rows), others all-gather J.
+Task-specific gradients (and the encoder's at representation level) stay local: the caller all-reduces them
+(:meth:`~mtlkit.distributed.DataParallel.mean_grads_`). A plain callable ``reduce`` is applied to J at parameter
+level (the older interface).
+
+Samples with only some task labels: ``present`` (bool, T) names the tasks with a labelled sample in the batch; the
+others' rows are left out of the aggregation (:meth:`mtlkit.aggregation.Aggregator.restricted`) and get weight 0.
 
 Example:
     >>> import torch
@@ -56,6 +64,7 @@ from torch import Tensor
 from torch.autograd.graph import Node
 
 from mtlkit.aggregation._base import Aggregator, Sum
+from mtlkit.distributed import DataParallel
 from mtlkit.engine._graph import walk as _walk
 from mtlkit.engine.gramian import EncoderGramian
 from mtlkit.errors import ConfigError
@@ -449,10 +458,11 @@ def backward(
     level: Level = "parameter",
     mode: Mode = "auto",
     chunk_size: int | None = None,
-    reduce: Callable[[Tensor], Tensor] | None = None,
+    reduce: Callable[[Tensor], Tensor] | DataParallel | None = None,
     task_names: Sequence[str] | None = None,
     extra: Tensor | None = None,
     keep_jacobian: bool = False,
+    present: Tensor | None = None,
 ) -> BackwardInfo:
     """Back-propagate per-task ``losses`` (shape (T,)) and write the aggregated update into ``.grad``.
 
@@ -470,7 +480,8 @@ def backward(
         level: ``"parameter"`` (aggregate gradients of the shared parameters) or ``"representation"`` (of z).
         mode: ``"loop"``, ``"batched"`` or ``"auto"`` (see the module docstring).
         chunk_size: tasks per vectorised backward in batched mode (bounds memory).
-        reduce: applied to the per-task gradient matrix before aggregation (data-parallel all-reduce).
+        reduce: data parallelism: a :class:`~mtlkit.distributed.DataParallel` (see the module docstring), or a
+            callable applied to the per-task gradient matrix at parameter level before aggregation.
         task_names: used in error messages.
         extra: an optional scalar loss that is not a task (a regulariser such as MTVIB's β·KL): its gradient is
             added to every parameter it reaches, outside the aggregation.
@@ -478,6 +489,8 @@ def backward(
             gradients, e.g. MAMO's conflict detector). Otherwise, with a ``representation`` and no ``reduce``, such
             methods get ``G = J Jᵀ`` without holding J: from :func:`mtlkit.engine.gramian.encoder_gramian` at parameter
             level, from the per-task ``∂L_t/∂z`` at representation level.
+        present: bool (T,): the tasks that have a labelled sample in this batch (None: all). The others are left
+            out of the aggregation; their gradient rows (zero) are not seen by the aggregator.
 
     Returns:
         :class:`BackwardInfo` with the per-task gradient matrix and the update (None for a plain sum).
@@ -513,7 +526,23 @@ def backward(
             raise ValueError("extra must be a scalar tensor (a loss that is not a task)")
         if not bool(torch.isfinite(extra.detach()).all()):
             raise FloatingPointError(f"non-finite extra (auxiliary) loss: {float(extra.detach())}")
-    if not agg.needs_per_task_grads and reduce is None:
+    dp = reduce if isinstance(reduce, DataParallel) and reduce.active else None
+    rows: Callable[[Tensor], Tensor] | None = dp.mean if dp is not None else None
+    if reduce is not None and not isinstance(reduce, DataParallel):
+        if level == "representation":
+            raise ValueError(
+                "a callable reduce only applies at parameter level (the rows at representation level are each "
+                "process's own samples): pass a mtlkit.distributed.DataParallel"
+            )
+        rows = reduce
+    if present is not None:
+        present = present.to(device="cpu", dtype=torch.bool).reshape(-1)
+        if present.numel() != losses.shape[0]:
+            raise ValueError(f"present has {present.numel()} entries for {losses.shape[0]} losses")
+        if bool(present.all()):
+            present = None
+    if not agg.needs_per_task_grads and (rows is None or dp is not None):
+        # A plain sum: one backward (under data parallelism the caller all-reduces the gradients, as DDP does).
         (losses.sum() if extra is None else losses.sum() + extra.reshape(())).backward()
         return BackwardInfo()
 
@@ -552,9 +581,9 @@ def backward(
             for acc, gi in zip(task_grads, g[len(shared) :], strict=True):
                 if gi is not None:
                     acc.add_(gi)
-        if reduce is not None:
-            J = reduce(J)
-        update = agg(J)
+        if rows is not None:
+            J = rows(J)
+        update = _aggregate(agg, J, present)
         _write_flat(update, shared)
         _accumulate_fresh(task_leaves, task_grads)
         return BackwardInfo(jacobian=J, update=update)
@@ -562,22 +591,33 @@ def backward(
     # With a representation: heads first (each task through its own head only), then the encoder.
     dzs, head_grads = _head_phase(losses, z, task_leaves)
     _accumulate_fresh(task_leaves, head_grads)
-    without_J = agg.gramian_based and reduce is None and not keep_jacobian
+    without_J = agg.gramian_based and rows is None and not keep_jacobian
     if level == "representation":
-        if without_J:
-            # G from the per-task rows and the update Σ_t w_t ∂L_t/∂z, never stacking the rows into J
+        R = dp.world_size if dp is not None else 1
+        if agg.gramian_based and not keep_jacobian:
+            # G from the per-task rows and the update Σ_t w_t ∂L_t/∂z, never stacking the rows into J. Under data
+            # parallelism each rank's rows are its own samples' and the global J is [J_1 .. J_R] / R
+            # (mtlkit.distributed.global_losses), so G = Σ_r J_r J_rᵀ / R² exactly: one T x T all-reduce.
             G = _gramian_of_rows(dzs)
-            w = agg.weights(G).to(G.dtype)
+            if dp is not None:
+                G = dp.sum(G).div_(R * R)
+            w = _weights(agg, G, present).to(G.dtype)
+            # R·(this rank's slice of the global update): the caller's mean over ranks makes it the sum
             update = _combine_rows(w, dzs).reshape(-1)
             del dzs  # freed before the encoder's backward
             info = BackwardInfo(update=update, gramian=G, weights=w)
         else:
             J = torch.stack(dzs).reshape(T, -1)
             del dzs  # J holds them now
-            if reduce is not None:
-                J = reduce(J)
-            update = agg(J)
-            info = BackwardInfo(jacobian=J, update=update)
+            if dp is not None:
+                J, mine = dp.gather(J, dim=1)
+                J = J.div_(R)
+                update_all = _aggregate(agg, J, present)
+                update = update_all[mine] * R
+                info = BackwardInfo(jacobian=J, update=update_all)
+            else:
+                update = _aggregate(agg, J, present)
+                info = BackwardInfo(jacobian=J, update=update)
         _accumulate_fresh(shared, torch.autograd.grad(z, shared, grad_outputs=update.view_as(z), allow_unused=True))
         return info
     stacked = torch.stack(dzs)
@@ -586,16 +626,38 @@ def backward(
         # G and the update wᵀJ without ever holding J (mtlkit.engine.gramian).
         held = EncoderGramian(z, stacked, shared, _resolve_mode(mode, z), chunk_size)
         del stacked
-        w = agg.weights(held.gramian)
+        w = _weights(agg, held.gramian, present)
         for p, combined in zip(shared, held.combine(w), strict=True):
             _accumulate(p, combined, owned=True)
         return BackwardInfo(gramian=held.gramian, weights=w)
     J = _encoder_jacobian(z, stacked, shared, mode, chunk_size)
-    if reduce is not None:
-        J = reduce(J)
-    update = agg(J)
+    if rows is not None:
+        J = rows(J)
+    update = _aggregate(agg, J, present)
     _write_flat(update, shared)
     return BackwardInfo(jacobian=J, update=update)
+
+
+def _aggregate(agg: Aggregator, J: Tensor, present: Tensor | None) -> Tensor:
+    """``agg(J)``, or with some tasks absent (``present``), the aggregation of the present tasks' rows alone."""
+    if present is None:
+        return agg(J)
+    if not bool(present.any()):
+        return torch.zeros(J.shape[1], dtype=J.dtype, device=J.device)
+    keep = present.to(J.device)
+    return agg.restricted(present)(J[keep])
+
+
+def _weights(agg: Aggregator, G: Tensor, present: Tensor | None) -> Tensor:
+    """``agg.weights(G)``, or with some tasks absent, the present tasks' weights from their sub-Gramian (0 for the
+    others)."""
+    if present is None:
+        return agg.weights(G)
+    w = torch.zeros(G.shape[0], dtype=G.dtype, device=G.device)
+    if bool(present.any()):
+        keep = present.to(G.device)
+        w[keep] = agg.restricted(present).weights(G[keep][:, keep]).to(G.dtype)
+    return w
 
 
 def split_flat(vector: Tensor, params: Sequence[Tensor]) -> list[Tensor]:

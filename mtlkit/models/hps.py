@@ -92,11 +92,11 @@ class MLPEncoder(nn.Sequential):
         self.out_features = d
 
 
-def head(in_features: int, out_features: int, hidden: int = 192) -> nn.Sequential:
-    """MTVIB Table I(b) task head: FC in x 192 + BN + ReLU, FC 192 x out."""
-    return nn.Sequential(
-        nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_features)
-    )
+def head(in_features: int, out_features: int, hidden: int = 192, batch_norm: bool = True) -> nn.Sequential:
+    """MTVIB Table I(b) task head: FC in x 192 + BN + ReLU, FC 192 x out (``batch_norm=False``: without the BN,
+    e.g. for data-parallel runs that must equal one process exactly)."""
+    norm: list[nn.Module] = [nn.BatchNorm1d(hidden)] if batch_norm else []
+    return nn.Sequential(nn.Linear(in_features, hidden), *norm, nn.ReLU(), nn.Linear(hidden, out_features))
 
 
 class HPS(MTLModel):
@@ -134,8 +134,12 @@ def build_hps(
     hidden: Sequence[int] = (1024, 1024, 1024),
     head_hidden: int = 192,
     extra_tasks: int = 0,
+    head_batch_norm: bool = True,
 ) -> HPS:
-    """HPS for ``data``'s tasks. ``extra_tasks`` adds copies of the tasks' heads (for T-scaling benchmarks only)."""
+    """HPS for ``data``'s tasks. ``extra_tasks`` adds copies of the tasks' heads (for T-scaling benchmarks only);
+    ``head_batch_norm=False`` drops the heads' BatchNorm (with ``encoder=mlp``: a model without BatchNorm)."""
     enc = _encoder(encoder, data.input_shape, width, hidden)
-    heads: dict[str, nn.Module] = {t.name: head(_out(enc), t.num_outputs, head_hidden) for t in data.tasks}
+    heads: dict[str, nn.Module] = {
+        t.name: head(_out(enc), t.num_outputs, head_hidden, head_batch_norm) for t in data.tasks
+    }
     return HPS(enc, heads)

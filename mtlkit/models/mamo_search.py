@@ -428,7 +428,7 @@ class ArchitectureSearch(Callback):
         model = self._model
         assert model is not None and self.detector is not None
         params = [p for layer in range(model.num_layers) for p in model.layer_parameters(layer)]
-        J = per_task_grads(step.losses, params, retain_graph=True)
+        J = trainer.reduce(per_task_grads(step.losses, params, retain_graph=True))  # global batch's (data parallel)
         sizes = [sum(p.numel() for p in model.layer_parameters(layer)) for layer in range(model.num_layers)]
         self.detector.update(list(torch.split(J, sizes, dim=1)))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -11,6 +11,10 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:  # annotations only
     from mtlkit.callbacks import Callback
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
 
 
 @dataclass
@@ -27,6 +31,11 @@ class StepContext:
         task_names: names of the tasks, in loss order.
         task_layers: for each task (in loss order), the weight tensor(s) of the *first layer of its task-specific
             network*; MTMLAN's task-level dynamic balancing measures gradient norms there by default.
+        reduce: applied to any gradient a weighting computes from the losses it is given (e.g. GradNorm's per-task
+            gradients at the last shared layer) before using it: the identity in one process, the all-reduce mean
+            over ranks under data parallelism (:mod:`mtlkit.distributed`), which makes it the global batch's.
+        present: partial labels: bool (T,), the tasks with a labelled sample in this batch (None: all). An absent
+            task's loss entry is its last seen loss (a constant) and its weighted loss is multiplied by 0 by the loop.
     """
 
     step: int = 0
@@ -35,6 +44,8 @@ class StepContext:
     last_shared_layer: Sequence[Tensor] = field(default_factory=tuple)
     task_names: Sequence[str] = field(default_factory=tuple)
     task_layers: Sequence[Sequence[Tensor]] = field(default_factory=tuple)
+    reduce: Callable[[Tensor], Tensor] = field(default=_identity)
+    present: Tensor | None = None
 
 
 def _check_losses(losses: Tensor) -> None:
@@ -87,6 +98,9 @@ class Weighting(nn.Module):
     requires_setup: ClassVar[bool] = False
     #: Epochs at the start during which the method's weights are all 1 by definition (it is EW then).
     equal_weight_epochs: ClassVar[int] = 0
+    #: True for weightings that compute gradients of the losses (GradNorm, ExcessMTL, ...): under data parallelism
+    #: they pass them through ``StepContext.reduce`` (mtlkit.distributed), and `mtlkit methods NAME` says so.
+    reads_gradients: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()

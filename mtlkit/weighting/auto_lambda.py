@@ -9,7 +9,7 @@ the optimizer, the data), see the class docstring.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -133,6 +133,8 @@ class AutoLambda(Weighting):
         (tensor([0.5000, 1.5000]), tensor([0.5000, 0.5000]))
     """
 
+    reads_gradients = True  # data parallel: its gradients go through StepContext.reduce
+
     requires_setup = False
     lam: Tensor  # buffers (created by setup): the weights, Adam's moments and its step count
     exp_avg: Tensor
@@ -220,7 +222,7 @@ class AutoLambda(Weighting):
         self._prepare(losses)
         if self._updating(losses):
             if self._bound is not None:
-                self._meta_step(losses, 0 if ctx is None else ctx.step)
+                self._meta_step(losses, 0 if ctx is None else ctx.step, None if ctx is None else ctx.reduce)
             elif not self._warned:
                 log.warning(
                     "mtlkit: Auto-Lambda is not bound to a run (no AutoLambdaMeta callback): its weights stay at "
@@ -232,7 +234,7 @@ class AutoLambda(Weighting):
     def weights(self) -> Tensor | None:
         return None if self.num_tasks is None else self.lam.detach().clone()
 
-    def meta_gradient(self, losses: Tensor, step: int = 0) -> Tensor:
+    def meta_gradient(self, losses: Tensor, step: int = 0, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """``∇_λ L_val(θ')`` for the training ``losses`` (with their graph) at the bound model's current θ: the
         look-ahead θ' (see the class docstring), a meta batch drawn for ``step``, and the exact mixed term.
 
@@ -254,7 +256,8 @@ class AutoLambda(Weighting):
         with torch.no_grad():
             for (name, p), g in zip(named, grads, strict=True):
                 group = _group_of(b.optimizer, p)
-                d = torch.zeros_like(p) if g is None else g.detach().clone()
+                # data parallel (reduce): the look-ahead steps along the global batch's gradient
+                d = torch.zeros_like(p) if g is None else (g.detach().clone() if reduce is None else reduce(g.detach()))
                 d.add_(p, alpha=float(group.get("weight_decay", 0.0)))
                 if "momentum" in group:  # SGD: θ' is the parameters its next step gives
                     buf = b.optimizer.state.get(p, {}).get("momentum_buffer")
@@ -281,11 +284,13 @@ class AutoLambda(Weighting):
         if inner is None or not inner.requires_grad:  # the meta objective reaches no task's parameters
             return torch.zeros_like(self.lam)
         (mixed,) = torch.autograd.grad(inner, u)
+        if reduce is not None:  # linear in this rank's training gradients: their mean is the global batch's term
+            mixed = reduce(mixed)
         return (-mixed).to(self.lam.dtype)
 
-    def _meta_step(self, losses: Tensor, step: int) -> None:
+    def _meta_step(self, losses: Tensor, step: int, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
         """One Adam step of λ along :meth:`meta_gradient` (PyTorch's Adam, bias-corrected, no weight decay)."""
-        grad = self.meta_gradient(losses, step).detach()
+        grad = self.meta_gradient(losses, step, reduce).detach()
         if not bool(torch.isfinite(grad).all()):
             raise FloatingPointError(f"Auto-Lambda's meta-gradient is not finite: {grad.tolist()}")
         b1, b2 = self.betas

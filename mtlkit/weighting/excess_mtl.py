@@ -98,6 +98,8 @@ class ExcessMTL(Weighting):
         tensor([0.5110, 1.4890])
     """
 
+    reads_gradients = True  # data parallel: its gradients go through StepContext.reduce
+
     log_weights: Tensor
     baseline: Tensor
     steps: Tensor
@@ -150,6 +152,8 @@ class ExcessMTL(Weighting):
         params = _gradient_params(ctx, self.grad_at)
         with torch.enable_grad():
             J = per_task_grads(losses, params, retain_graph=True).detach()
+            if ctx is not None:
+                J = ctx.reduce(J)  # data parallel: the global batch's gradients
         with torch.no_grad():
             if self.grad_sq_sum.numel() == 0:
                 self.grad_sq_sum = J.new_zeros(J.shape, dtype=self.log_weights.dtype)
@@ -159,8 +163,12 @@ class ExcessMTL(Weighting):
                     f"values, but this step's shared parameters have {J.shape[1]}: they must not change size"
                 )
             sq = J.to(self.grad_sq_sum).square()
-            self.grad_sq_sum.add_(sq)
+            self.grad_sq_sum.add_(sq)  # an absent task's row is 0 (partial labels): its sum stays
             risk = (sq / torch.sqrt(self.grad_sq_sum + self.eps)).sum(dim=1)  # e_i ≈ g_iᵀ H_i⁻¹ g_i
+            present = None if ctx is None else ctx.present
+            if present is not None and int(self.steps) >= self.baseline_steps:
+                # a task without labels in this batch keeps its last estimate (and so its weight's drift)
+                risk = torch.where(present.to(risk.device), risk, self.excess_risks.to(risk))
             self.excess_risks.copy_(risk)
             n = int(self.steps)
             self.steps.add_(1)
@@ -182,7 +190,8 @@ class ExcessMTL(Weighting):
             raise ValueError(
                 f"ExcessMTL normalises each task's excess risk by its first estimate, which is 0 or not finite "
                 f"for task(s) {who} ({self.baseline.tolist()}): their losses give no gradient to the shared "
-                f"parameters (grad_at={self.grad_at!r})"
+                f"parameters (grad_at={self.grad_at!r}), or (partial labels) they had no labelled sample in the "
+                f"first {self.baseline_steps} batch(es)"
             )
 
     def extra_repr(self) -> str:

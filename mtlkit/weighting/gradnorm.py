@@ -75,6 +75,8 @@ class GradNorm(Weighting):
         (tensor([1.0582, 0.9418]), 2.0)
     """
 
+    reads_gradients = True  # data parallel: its gradients go through StepContext.reduce
+
     task_weights: Tensor
     initial_losses: Tensor
     has_initial: Tensor
@@ -121,7 +123,8 @@ class GradNorm(Weighting):
 
     def _unweighted_grad_norms(self, losses: Tensor, ctx: StepContext | None) -> Tensor:
         """``||∇_W L_t||`` for every task t, at the shared layer W."""
-        return per_task_grads(losses, _last_shared_layer(ctx), retain_graph=True).norm(dim=1)
+        J = per_task_grads(losses, _last_shared_layer(ctx), retain_graph=True)
+        return (J if ctx is None else ctx.reduce(J.detach())).norm(dim=1)  # the global batch's (data parallel)
 
     def weights(self) -> Tensor | None:
         return None if self.num_tasks is None else self.task_weights.clone()

@@ -165,6 +165,8 @@ class MTMLANTDB(GradNorm):
         # of the sum gives every task's row at once; T separate backwards from the stacked losses would each
         # traverse the whole graph (every head), several times slower for recurrent heads.
         grads = torch.autograd.grad(losses.sum(), flat, retain_graph=True, allow_unused=True)
+        if ctx is not None:  # data parallel: the global batch's gradients (the identity in one process)
+            grads = tuple(None if g is None else ctx.reduce(g.detach()) for g in grads)
         norms, k = [], 0
         for ls in layers:
             sq = losses.new_zeros(())
