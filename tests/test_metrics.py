@@ -52,3 +52,19 @@ def test_evaluate_outputs_and_selection():
     assert selection_score(tasks, res) == pytest.approx((0.5 - 0.25) / 2)
     with pytest.raises(ValueError, match="unknown metric"):
         evaluate_outputs([Task("a", "multiclass", 3, metrics=("iou",))], out, tgt)
+
+
+def test_a_task_reading_another_key_is_scored_on_that_key():
+    """Task.target: a task may predict another key's labels (two heads on one label): its metric and the joint
+    accuracy read those labels, not a key named after the task."""
+    import torch
+
+    from mtlkit.metrics import evaluate_outputs
+    from mtlkit.tasks import Task
+
+    y = torch.tensor([0, 1, 1, 0])
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 0]), 2).float()  # 3 of 4 right
+    tasks = [Task("t0", "multiclass", 2, target="y"), Task("t1", "multiclass", 2, target="y")]
+    res = evaluate_outputs(tasks, {"t0": logits, "t1": logits}, {"y": y})
+    assert res["t0/accuracy"] == res["t1/accuracy"] == 0.75
+    assert res["joint_accuracy"] == 0.75

@@ -148,11 +148,12 @@ def evaluate_outputs(tasks, outputs: dict[str, Tensor], targets: dict[str, Tenso
         for m in t.metrics:
             if m not in METRICS:
                 raise ValueError(f"task {t.name!r}: unknown metric {m!r}; known metrics: {', '.join(METRICS.names())}")
-            res[f"{t.name}/{m}"] = METRICS[m](outputs[t.name], targets[t.name], t)
+            res[f"{t.name}/{m}"] = METRICS[m](outputs[t.name], targets[t.target_key], t)
         if t.kind != "regression":
-            preds[t.name] = t.predict(outputs[t.name]).reshape(targets[t.name].shape)
+            preds[t.name] = t.predict(outputs[t.name]).reshape(targets[t.target_key].shape)
     if len(preds) == len(tasks) and len(tasks) > 1:
-        res["joint_accuracy"] = joint_accuracy(preds, {k: targets[k] for k in preds})
+        keys = {t.name: t.target_key for t in tasks}  # a task may read another key's targets (Task.target)
+        res["joint_accuracy"] = joint_accuracy(preds, {k: targets[keys[k]] for k in preds})
     return res
 
 
