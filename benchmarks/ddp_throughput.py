@@ -8,8 +8,9 @@ Run it alone on the machine (timings):
 * Throughput: ``mtlkit train`` on the default job (MultiMNIST, HPS conv encoder; EW and MGDA), ``--n-train`` images,
   one epoch, in 1 process with ``train.num_threads=2`` and with ``--nproc 2`` (one thread each); samples/s from the
   run's training time (results.json ``train_seconds``, which excludes start-up and evaluation).
-* Volume: 2 processes (torchrun, gloo) train a few steps of the default model with ``extra_tasks`` copies of the
-  heads (T = 2, 10, 40) for MGDA at parameter and at representation level and EW; a callback reads
+* Volume: 2 processes (torchrun, gloo) train a few steps of the default model with T heads (T = 2, 10, 40: task t
+  predicts the left digit for even t, the right one for odd t) for MGDA at parameter and at representation level
+  and EW; a callback reads
   :attr:`mtlkit.distributed.DataParallel.traffic` after each step (numbers all-reduced / all-gathered per step and
   rank), beside the analytic count: parameter level ``T·K_shared + K_task`` (J, then the heads), representation level
   ``T² + K`` (the Gramian, then every gradient), EW ``K`` (plain DDP).
@@ -18,6 +19,7 @@ Run it alone on the machine (timings):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -62,11 +64,12 @@ def _volume_worker(out: Path) -> None:
     from mtlkit.config import RunConfig
     from mtlkit.data import build_dataset
     from mtlkit.distributed import DataParallel
+    from mtlkit.tasks import Task
     from mtlkit.train import Trainer
 
     torch.set_num_threads(1)
     dp = DataParallel.from_env("cpu")
-    data = build_dataset("multimnist", n_train=600, n_test=100)
+    base = build_dataset("multimnist", n_train=600, n_test=100)
 
     class Meter(Callback):
         name = "traffic_meter"
@@ -82,11 +85,14 @@ def _volume_worker(out: Path) -> None:
 
     rows = []
     for T in (2, 10, 40):
+        # T tasks on the MultiMNIST images: task t predicts the left digit for even t, the right one for odd t
+        data = copy.copy(base)
+        data.tasks = [Task(f"t{t}", "multiclass", 10, target="left" if t % 2 == 0 else "right") for t in range(T)]
         for method, level in (("ew", None), ("mgda", "parameter"), ("mgda", "representation")):
             cfg = RunConfig.from_dict(
                 {
                     "dataset": {"name": "multimnist"},
-                    "model": {"name": "hps", "options": {"encoder": "conv", "extra_tasks": T - 2}},
+                    "model": {"name": "hps", "options": {"encoder": "conv"}},
                     "method": {"name": method, "level": level},
                     "train": {"epochs": 1, "batch_size": 128, "log_every": 0, "progress": False},
                     "output": {"tensorboard": False},
@@ -130,6 +136,7 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=6000, help="MultiMNIST images (train + validation) per run")
     p.add_argument("--methods", nargs="+", default=["ew", "mgda"])
     p.add_argument("--volume-worker", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--volume-only", action="store_true", help="only the all-reduce volume (no timings)")
     args = p.parse_args()
     if args.volume_worker:
         _volume_worker(args.volume_worker)
@@ -137,8 +144,10 @@ def main() -> None:
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     speed = []
+    if args.volume_only and out.with_suffix(".json").exists():
+        speed = json.loads(out.with_suffix(".json").read_text())["throughput"]  # the timings measured before
     with tempfile.TemporaryDirectory() as d:
-        for m in args.methods:
+        for m in [] if args.volume_only else args.methods:
             for nproc in (1, 2):
                 row = _train(args, m, nproc, Path(d) / f"{m}-{nproc}")
                 print(json.dumps(row), flush=True)
@@ -172,7 +181,7 @@ def main() -> None:
         "",
         "Numbers sent per step and rank (float32), 2 processes, measured by DataParallel.traffic on the second step "
         "of a run, beside the analytic count (parameter level: T·K_shared + K_heads; representation level: "
-        "T² + K; EW: K, plain DDP). T > 2: the default model with extra copies of its heads (`extra_tasks`).",
+        "T² + K; EW: K, plain DDP). T tasks: task t predicts the left digit for even t, the right one for odd t (T heads on the default model).",
         "",
         "| T | method | level | all-reduce | all-gather | analytic | K_shared | K |",
         "|---|---|---|---|---|---|---|---|",
