@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     t.add_argument(
         "--precision",
-        choices=["fp32", "bf16"],
-        help="bf16: the training forward pass under autocast (train.precision; weights and aggregation stay fp32)",
+        choices=["fp32", "bf16", "fp16"],
+        help="bf16, fp16: the training forward pass under autocast (train.precision; weights and aggregation stay "
+        "fp32); fp16 adds a gradient scaler and is meant for CUDA (on CPU: for testing)",
     )
     t.add_argument("--level", choices=["parameter", "representation"], help="where aggregators work")
     t.add_argument(

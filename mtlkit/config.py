@@ -22,9 +22,9 @@ if TYPE_CHECKING:  # for the annotations only (importing them would load torch)
     from mtlkit.engine.autodiff import Mode
     from mtlkit.methods import ScaleChoice
 
-#: ``train.precision`` values (mtlkit.train: autocast of the training forward pass).
-Precision = Literal["fp32", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+#: ``train.precision`` values (mtlkit.train: autocast of the training forward pass; fp16 with a loss scaler).
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -59,8 +59,9 @@ class TrainConfig:
     step_size: int = 10
     gamma: float = 0.5
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # fp32 | bf16: the training forward pass and losses under torch.autocast (weights, gradients, the engine's
-    # aggregation and the optimizer stay float32; validation and test run in float32)
+    # fp32 | bf16 | fp16: the training forward pass and losses under torch.autocast (weights, gradients, the
+    # engine's aggregation and the optimizer stay float32; validation and test run in float32). fp16 adds a
+    # torch.amp.GradScaler (meant for CUDA; on CPU for testing): per-task gradients are unscaled before aggregation
     precision: Precision = "fp32"
     seed: int = 0
     num_threads: int | None = None
@@ -332,20 +333,14 @@ def _check_options(registry: Any, name: str, options: dict[str, Any], origins: d
 
 
 def check_precision(precision: str) -> None:
-    """ConfigError unless ``precision`` is a ``train.precision`` the loop supports (fp16 says why it is not).
+    """ConfigError unless ``precision`` is a ``train.precision`` the loop supports (:data:`PRECISIONS`).
 
     Example:
-        >>> check_precision("bf16")
+        >>> check_precision("fp16")
     """
     from mtlkit.errors import unknown_name
 
     if precision not in PRECISIONS:
-        if str(precision) == "fp16":
-            raise ConfigError(
-                "train.precision fp16 is not supported yet: float16 needs a loss scale, and the per-task gradients "
-                "would have to be unscaled before aggregation (Nash-MTL, MGDA and others are not invariant to the "
-                "scale); use train.precision=bf16 (same range as float32, no scaler needed)"
-            )
         raise unknown_name("train.precision", precision, list(PRECISIONS))
 
 

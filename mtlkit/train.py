@@ -4,9 +4,16 @@ A method declares what it needs (:class:`~mtlkit.methods.Method`): per-task grad
 needs_per_task_grads``), the level of aggregation, losses after the step (``weighting.needs_loss_after_step``),
 epoch-level hooks, one model per task (``single_task``).
 
+Precision (``train.precision``): ``bf16`` and ``fp16`` run the training forward pass and the losses under
+``torch.autocast``; ``fp16`` adds a ``torch.amp.GradScaler`` (:attr:`Trainer.scaler`): the weighted losses are
+multiplied by its scale S *after* the weighting (loss-space methods see the unscaled losses), the engine divides the
+per-task gradients by S before the aggregator sees them (``backward(..., loss_scale=S)``), ``scaler.unscale_``
+divides every gradient before the callbacks' ``on_backward`` and the step, and a step whose gradients overflowed is
+skipped (S lowered) instead of raising; a non-finite *loss* is still an error.
+
 Run directory layout: ``config.yaml`` (resolved config), ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch),
 ``monitor.jsonl`` (one row every ``train.log_every`` steps: losses, weights, gradient norms and cosines;
-:mod:`mtlkit.monitor`), ``tb/`` (TensorBoard; ``tb/monitor``: the monitor's per-step events), ``checkpoint.pt`` (model, optimizer, scheduler, method state, RNG states, history, the selected
+:mod:`mtlkit.monitor`), ``tb/`` (TensorBoard; ``tb/monitor``: the monitor's per-step events), ``checkpoint.pt`` (model, optimizer, scheduler, method state, fp16's loss scaler, RNG states, history, the selected
 model; written at every epoch end and, inside a long epoch, every ``train.checkpoint_minutes``; ``--resume``
 continues from it, inside the epoch where it was written, and reaches the same weights bit for bit as a run that was
 never stopped), ``best.pt`` (model selected on the validation split), ``results.json`` (test metrics of the selected
@@ -159,6 +166,10 @@ class Trainer:
         callbacks: extra :class:`~mtlkit.callbacks.Callback` s (before the model's and the method's own).
         parallel: this process's data-parallel ranks (:mod:`mtlkit.distributed`); default: those torchrun started
             (``DataParallel.from_env``), or one process.
+
+    Attributes:
+        scaler: the ``torch.amp.GradScaler`` of ``train.precision=fp16`` (disabled otherwise); its state is in the
+            checkpoint. Replace it before :meth:`fit` to use other scaler settings (a resume restores the saved ones).
     """
 
     def __init__(
@@ -235,6 +246,9 @@ class Trainer:
             groups.append({"params": extra, "weight_decay": 0.0})
         self.optimizer = _optimizer(cfg, groups)
         self.scheduler = _scheduler(cfg, self.optimizer)
+        # fp16's loss scale (disabled, a no-op, for other precisions). Meant for CUDA; torch's CPU scaler makes it
+        # testable on CPU.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
         # The config's callbacks first, then the model's own (e.g. MAMO's architecture search), then the method's
         # (MoDo's sampler; one the caller passed already is not added twice), then the monitor (an observer: it
         # reads what the others left).
@@ -373,6 +387,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "callbacks": {cb.key(): cb.state_dict() for cb in self.callbacks},
             "last_losses": self._last_losses,
+            "scaler": self.scaler.state_dict(),  # {} unless fp16
             "observers": [cb.key() for cb in self.callbacks if cb.observer],
         }
 
@@ -511,8 +526,16 @@ class Trainer:
             cb.on_losses(self, info)
         wants = [cb.wants_jacobian(self, info) for cb in self.callbacks]  # every callback is asked: no short-circuit
         keep = any(wants)
+        scaler = self.scaler
+        scale: float | None = None
         try:
             aux = check_auxiliary_loss(self.model)  # non-task losses of the model's modules (e.g. MTVIB's β·KL), if any
+            if scaler.is_enabled():
+                # fp16: the loss scale S multiplies the weighted losses (after the weighting, which saw the unscaled
+                # ones); the engine unscales the per-task gradients before aggregating them (loss_scale)
+                weighted = scaler.scale(weighted)
+                aux = None if aux is None else scaler.scale(aux)
+                scale = scaler.get_scale()
             self.optimizer.zero_grad(set_to_none=True)
             # A model without shared parameters (e.g. one-task models of STL on PLE/MMoE) under a plain sum: one
             # backward (the engine's shared_params must not be empty)
@@ -535,6 +558,7 @@ class Trainer:
                     keep_jacobian=keep,
                     reduce=self.dp if self.dp.active else None,
                     present=present,
+                    loss_scale=scale,
                 )
         except NonFiniteLossError:
             raise
@@ -545,10 +569,19 @@ class Trainer:
         if self.dp.active:
             self._reduce_gradients(aux is not None)
         info.losses = losses.detach()
-        for cb in self.callbacks:
-            cb.on_backward(self, info)
-        self.optimizer.step()
-        if self.method.weighting.needs_loss_after_step:
+        skipped = False
+        if scale is not None:
+            scaler.unscale_(self.optimizer)  # every gradient divided by S (and checked for inf/NaN) before it is read
+        if not info.info.overflow:  # a step the engine found overflowing is skipped: nothing for the callbacks
+            for cb in self.callbacks:
+                cb.on_backward(self, info)
+        if scale is None:
+            self.optimizer.step()
+        else:
+            scaler.step(self.optimizer)  # skipped if a gradient is inf/NaN (from scaling: the loss was finite)
+            scaler.update()  # lowers S after a skipped step
+            skipped = scaler.get_scale() < scale
+        if self.method.weighting.needs_loss_after_step and not skipped:  # a skipped step changed nothing to measure
             with torch.no_grad(), self._autocast():
                 new, new_counts = masked_losses(self.train_tasks, self.model(x), ys, masks)
             new = global_value(self.dp, _at_least_fp32(new), new_counts)
@@ -588,10 +621,11 @@ class Trainer:
         self.dp.mean_grads_([p for p in params if p.requires_grad and id(p) not in skip])
 
     def _autocast(self) -> Any:
-        """The training forward pass's precision (``train.precision``): bf16 autocast on this run's device, or
-        nothing. Parameters, gradients, the aggregation and the optimizer stay float32."""
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        """The training forward pass's precision (``train.precision``): bf16 or fp16 autocast on this run's device,
+        or nothing. Parameters, gradients, the aggregation and the optimizer stay float32."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision)
+        if dtype is not None:
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
         return contextlib.nullcontext()
 
     def fit(self, resume: bool = False) -> RunResult:
@@ -822,6 +856,8 @@ class Trainer:
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self.method.load_state_dict(ck["method"])
+        if ck.get("scaler"):  # fp16 (the precision cannot change on resume); older checkpoints have none
+            self.scaler.load_state_dict(ck["scaler"])
         self._last_losses = ck.get("last_losses")
         runs.set_rng_state(ck["rng"])
         best, history = ck["best"], ck["history"]

@@ -42,6 +42,14 @@ level (the older interface).
 Samples with only some task labels: ``present`` (bool, T) names the tasks with a labelled sample in the batch; the
 others' rows are left out of the aggregation (:meth:`mtlkit.aggregation.Aggregator.restricted`) and get weight 0.
 
+Loss scaling (float16 mixed precision, ``torch.amp.GradScaler``): pass the losses multiplied by S and
+``loss_scale=S``. The per-task gradients then come out multiplied by S; the engine divides J by S (the Gramian by S²)
+*before* the aggregator sees it, since Nash-MTL and others are not invariant to the scale of their input, and writes S
+times the update into ``.grad``, so that every gradient (task heads included) stays in scaled units and the scaler's
+``unscale_`` divides them all alike. A non-finite per-task gradient is then an overflow from scaling, not an error:
+the aggregation is skipped (a stateful method's state is left as it was), the shared parameters' ``.grad`` are set to
+inf so that ``scaler.step`` skips the step, and ``BackwardInfo.overflow`` is True.
+
 Example:
     >>> import torch
     >>> from mtlkit.aggregation import Sum
@@ -84,12 +92,18 @@ class BackwardInfo:
         gramian: the T x T Gramian, when the engine formed it without J (Gramian-based method without ``reduce`` or
             ``keep_jacobian``: at parameter level with a representation, and at representation level).
         weights: the task weights w chosen from that Gramian (update = wᵀ J).
+        overflow: with a ``loss_scale``, True when a per-task gradient was NaN or inf: the aggregation was skipped
+            and the shared parameters' ``.grad`` hold inf (the other fields are None).
+
+    With a ``loss_scale`` S, ``jacobian``, ``update`` and ``gramian`` are unscaled (what the aggregator saw and
+    returned); ``.grad`` holds S times the update.
     """
 
     jacobian: Tensor | None = None
     update: Tensor | None = None
     gramian: Tensor | None = None
     weights: Tensor | None = None
+    overflow: bool = False
 
 
 class _TaskStack(torch.autograd.Function):
@@ -450,6 +464,29 @@ def _combine_rows(w: Tensor, rows: Sequence[Tensor]) -> Tensor:
     return out
 
 
+def _overflowed(per_row: Tensor, shared: Sequence[Tensor]) -> bool:
+    """With a loss scale: whether a task's gradient row is non-finite, given one number per row that is non-finite
+    exactly then (row sums of J, the Gramian's diagonal). If so, every shared parameter's ``.grad`` becomes inf, so
+    that the scaler skips the step; the caller skips the aggregation."""
+    if bool(torch.isfinite(per_row).all()):
+        return False
+    for p in shared:
+        if p.grad is None:
+            p.grad = torch.full_like(p, float("inf"))
+        else:
+            p.grad.fill_(float("inf"))
+    return True
+
+
+def _check_loss_scale(loss_scale: float | None) -> float | None:
+    if loss_scale is None:
+        return None
+    s = float(loss_scale)
+    if not (s > 0 and s != float("inf")):  # also refuses NaN
+        raise ValueError(f"loss_scale must be a finite number > 0 (the scaler's S), got {loss_scale!r}")
+    return s
+
+
 def backward(
     losses: Tensor,
     shared_params: Iterable[Tensor],
@@ -463,6 +500,7 @@ def backward(
     extra: Tensor | None = None,
     keep_jacobian: bool = False,
     present: Tensor | None = None,
+    loss_scale: float | None = None,
 ) -> BackwardInfo:
     """Back-propagate per-task ``losses`` (shape (T,)) and write the aggregated update into ``.grad``.
 
@@ -491,12 +529,16 @@ def backward(
             level, from the per-task ``∂L_t/∂z`` at representation level.
         present: bool (T,): the tasks that have a labelled sample in this batch (None: all). The others are left
             out of the aggregation; their gradient rows (zero) are not seen by the aggregator.
+        loss_scale: S when ``losses`` (and ``extra``) were multiplied by a loss scale S (float16 with a
+            ``torch.amp.GradScaler``; see the module docstring): the aggregator sees the per-task gradients divided
+            by S, ``.grad`` gets S times its update, and a non-finite per-task gradient skips the aggregation
+            (``BackwardInfo.overflow``) instead of raising.
 
     Returns:
         :class:`BackwardInfo` with the per-task gradient matrix and the update (None for a plain sum).
 
     Raises:
-        FloatingPointError: a loss is NaN/inf (names the task).
+        FloatingPointError: a loss is NaN/inf (names the task); without ``loss_scale``, also a task's gradient.
         ValueError: bad shapes, representation level without a representation, unknown mode/level.
         mtlkit.errors.ConfigError: (a ValueError) ``representation`` is not what the heads read: detached, a leaf,
             not an input of the losses' graph (e.g. the encoder was called twice), not computed from
@@ -506,6 +548,7 @@ def backward(
     ``optimizer.zero_grad()``).
     """
     check_losses(losses, task_names)
+    scale = _check_loss_scale(loss_scale)
     shared = [p for p in shared_params if p.requires_grad]
     if not shared:
         raise ValueError(
@@ -583,8 +626,13 @@ def backward(
                     acc.add_(gi)
         if rows is not None:
             J = rows(J)
+        if scale is not None:
+            if _overflowed(J.sum(dim=1), shared):
+                _accumulate_fresh(task_leaves, task_grads)
+                return BackwardInfo(overflow=True)
+            J = J.div_(scale)
         update = _aggregate(agg, J, present)
-        _write_flat(update, shared)
+        _write_flat(update if scale is None else update * scale, shared)
         _accumulate_fresh(task_leaves, task_grads)
         return BackwardInfo(jacobian=J, update=update)
 
@@ -601,23 +649,32 @@ def backward(
             G = _gramian_of_rows(dzs)
             if dp is not None:
                 G = dp.sum(G).div_(R * R)
+            if scale is not None:
+                if _overflowed(G.diagonal(), shared):
+                    return BackwardInfo(overflow=True)
+                G = G.div_(scale * scale)
             w = _weights(agg, G, present).to(G.dtype)
-            # R·(this rank's slice of the global update): the caller's mean over ranks makes it the sum
+            # R·(this rank's slice of the global update): the caller's mean over ranks makes it the sum. With a
+            # loss scale the rows are scaled: this is S times the update.
             update = _combine_rows(w, dzs).reshape(-1)
             del dzs  # freed before the encoder's backward
-            info = BackwardInfo(update=update, gramian=G, weights=w)
+            info = BackwardInfo(update=update if scale is None else update / scale, gramian=G, weights=w)
         else:
             J = torch.stack(dzs).reshape(T, -1)
             del dzs  # J holds them now
+            mine: slice | None = None
             if dp is not None:
                 J, mine = dp.gather(J, dim=1)
                 J = J.div_(R)
-                update_all = _aggregate(agg, J, present)
-                update = update_all[mine] * R
-                info = BackwardInfo(jacobian=J, update=update_all)
-            else:
-                update = _aggregate(agg, J, present)
-                info = BackwardInfo(jacobian=J, update=update)
+            if scale is not None:
+                if _overflowed(J.sum(dim=1), shared):
+                    return BackwardInfo(overflow=True)
+                J = J.div_(scale)
+            update_all = _aggregate(agg, J, present)
+            info = BackwardInfo(jacobian=J, update=update_all)
+            update = update_all if mine is None else update_all[mine] * R
+            if scale is not None:
+                update = update * scale
         _accumulate_fresh(shared, torch.autograd.grad(z, shared, grad_outputs=update.view_as(z), allow_unused=True))
         return info
     stacked = torch.stack(dzs)
@@ -626,15 +683,25 @@ def backward(
         # G and the update wᵀJ without ever holding J (mtlkit.engine.gramian).
         held = EncoderGramian(z, stacked, shared, _resolve_mode(mode, z), chunk_size)
         del stacked
-        w = _weights(agg, held.gramian, present)
+        G = held.gramian
+        if scale is not None:
+            if _overflowed(G.diagonal(), shared):
+                return BackwardInfo(overflow=True)
+            G = G / (scale * scale)
+        w = _weights(agg, G, present)
+        # combine works on the (scaled) per-task pieces: with a loss scale, S times the update
         for p, combined in zip(shared, held.combine(w), strict=True):
             _accumulate(p, combined, owned=True)
-        return BackwardInfo(gramian=held.gramian, weights=w)
+        return BackwardInfo(gramian=G, weights=w)
     J = _encoder_jacobian(z, stacked, shared, mode, chunk_size)
     if rows is not None:
         J = rows(J)
+    if scale is not None:
+        if _overflowed(J.sum(dim=1), shared):
+            return BackwardInfo(overflow=True)
+        J = J.div_(scale)
     update = _aggregate(agg, J, present)
-    _write_flat(update, shared)
+    _write_flat(update if scale is None else update * scale, shared)
     return BackwardInfo(jacobian=J, update=update)
 
 
