@@ -1,7 +1,13 @@
-"""``mtlkit bench zoo``: train a list of methods (and STL) with the same budget and seeds, tabulate per-task test
-accuracy (mean ± std over seeds) and Δm against STL, and write the table as markdown, JSON and a PNG.
+"""``mtlkit bench zoo``: train a list of methods (and STL) with the same budget and seeds, tabulate each task's test
+metric (mean ± std over seeds) and Δm against STL, and write the table as markdown, JSON and a PNG.
 
 Δm is printed in the lower-is-better convention (Nash-MTL): negative means better than STL.
+
+Scaling: metrics that are fractions in [0, 1] (accuracy, AUC, ...: :func:`metric_scale`) are shown x 100, in %;
+every other metric (errors such as MAE) as it is, in its own units, which the table's column headers name when the
+dataset declares them (``MTLData.info["metric_units"]``). A dataset may also declare published single-task values
+(``MTLData.info["reference_stl"]``, see :func:`reference_stl`; QM9 does): the table then shows that metric, a row of
+the published values and a second Δm column against them, beside Δm against the zoo's own STL runs.
 
 Example:
     >>> runs = {"ew": [{"left/accuracy": 0.9}, {"left/accuracy": 0.8}]}
@@ -14,13 +20,184 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mtlkit.config import RunConfig
+from mtlkit.errors import ConfigError
 from mtlkit.metrics import delta_m
+
+#: Metrics that are fractions in [0, 1], shown x 100 (in %) by the zoo's table and PNG. A metric registered with
+#: ``register_metric(name, fn, higher_is_better=..., fraction=True)`` is one too (``fraction=False`` opts out);
+#: every other metric (MAE, MSE, ...) is shown as it is, in its own units.
+FRACTION_METRICS = frozenset(
+    {"accuracy", "auc", "average_precision", "label_accuracy", "joint_accuracy", "micro_f1", "map"}
+)
+
+
+def metric_scale(metric: str) -> float:
+    """The factor the zoo's table and PNG apply to ``metric`` (a metric name or a ``task/metric`` key): 100 for a
+    fraction in [0, 1] (:data:`FRACTION_METRICS`, or registered with ``fraction=True``), 1 for anything else
+    (error metrics keep their units).
+
+    Example:
+        >>> metric_scale("left/accuracy"), metric_scale("auc"), metric_scale("U0/mae_units")
+        (100.0, 100.0, 1.0)
+    """
+    from mtlkit._registry import METRICS
+
+    name = metric.rsplit("/", 1)[-1]
+    flag = METRICS.get(name).meta.get("fraction") if name in METRICS else None
+    return 100.0 if (name in FRACTION_METRICS if flag is None else bool(flag)) else 1.0
+
+
+@dataclass(frozen=True)
+class ReferenceSTL:
+    """Published single-task values of one metric per task, the baseline of a second Δm (:func:`reference_stl`)."""
+
+    metric: str
+    values: dict[str, float]
+    source: str = ""
+
+
+def reference_stl(info: Mapping[str, Any] | None, tasks: list[Any]) -> ReferenceSTL | None:
+    """The dataset's published STL values (``info["reference_stl"]``: ``{"metric": name, "values": {task: value},
+    "source": text}``, the values in that metric's units), checked against ``tasks``; None when it declares none.
+
+    Raises:
+        ConfigError: the declaration names a metric some task does not compute, misses a task, or has a value that
+            is not a finite non-zero number (Δm divides by it).
+
+    Example:
+        >>> from mtlkit.tasks import Task
+        >>> ref = reference_stl({"reference_stl": {"metric": "mae", "values": {"a": 0.5}}}, [Task("a", "regression")])
+        >>> ref.metric, ref.values
+        ('mae', {'a': 0.5})
+    """
+    decl = (info or {}).get("reference_stl")
+    if decl is None:
+        return None
+    if (
+        not isinstance(decl, Mapping)
+        or not isinstance(decl.get("metric"), str)
+        or not isinstance(decl.get("values"), Mapping)
+    ):
+        raise ConfigError(
+            "dataset info['reference_stl'] must be {'metric': name, 'values': {task: value}, 'source': text}, "
+            f"got {decl!r}"
+        )
+    metric, values = decl["metric"], decl["values"]
+    names = [t.name for t in tasks if not getattr(t, "auxiliary", False)]
+    lacking = [t.name for t in tasks if not getattr(t, "auxiliary", False) and metric not in t.metrics]
+    if lacking:
+        raise ConfigError(
+            f"dataset info['reference_stl'] is in metric {metric!r}, which task(s) {', '.join(lacking)} do not "
+            f"compute (their metrics: {', '.join(dict.fromkeys(m for t in tasks for m in t.metrics))})"
+        )
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise ConfigError(f"dataset info['reference_stl'] has no value for task(s) {', '.join(missing)}")
+    out: dict[str, float] = {}
+    for n in names:
+        v = values[n]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v == 0:
+            raise ConfigError(f"dataset info['reference_stl'] value of task {n!r} must be a finite non-zero number")
+        out[n] = float(v)
+    return ReferenceSTL(metric, out, str(decl.get("source", "")))
+
+
+def reference_delta_m(info: Mapping[str, Any] | None, tasks: list[Any], metrics: Mapping[str, float]) -> float | None:
+    """Δm (%, lower is better) of ``metrics`` (``task/metric`` values, e.g. a validation row of
+    :func:`mtlkit.evaluation.evaluate`) against the dataset's published STL values (:func:`reference_stl`); None when
+    the dataset declares none. The papers' QM9 protocol selects the epoch and steps ReduceLROnPlateau on this number
+    (computed on the validation split).
+
+    Example:
+        >>> from mtlkit.tasks import Task
+        >>> info = {"reference_stl": {"metric": "mae", "values": {"a": 0.5, "b": 2.0}}}
+        >>> ts = [Task("a", "regression"), Task("b", "regression")]
+        >>> round(reference_delta_m(info, ts, {"a/mae": 0.6, "b/mae": 1.0}), 6)  # (+20 % - 50 %) / 2
+        -15.0
+    """
+    ref = reference_stl(info, tasks)
+    if ref is None:
+        return None
+    keys = table_metrics(tasks, ref)
+    return delta_m(
+        [metrics[k] for k, _ in keys], [ref.values[k.rsplit("/", 1)[0]] for k, _ in keys], [h for _, h in keys]
+    )
+
+
+def table_metrics(tasks: list[Any], reference: ReferenceSTL | None = None) -> list[tuple[str, bool]]:
+    """``(task/metric key, higher is better)`` of the zoo's columns: each task's first metric, or the reference's
+    metric when the dataset declares published STL values (the table and both Δm are then on that metric).
+
+    Example:
+        >>> from mtlkit.tasks import Task
+        >>> table_metrics([Task("a", "multiclass", 3), Task("b", "regression")])
+        [('a/accuracy', True), ('b/mae', False)]
+    """
+    if reference is None:
+        return [(f"{t.name}/{t.metrics[0]}", t.higher_is_better[0]) for t in tasks]
+    return [
+        (f"{t.name}/{reference.metric}", t.higher_is_better[t.metrics.index(reference.metric)])
+        for t in tasks
+        if not getattr(t, "auxiliary", False)
+    ]
+
+
+def _digits(value: float) -> int:
+    """Decimals that show ``value`` to 4 significant digits (at least 2, at most 6)."""
+    if value == 0 or not math.isfinite(value):
+        return 2
+    return min(6, max(2, 3 - math.floor(math.log10(abs(value)))))
+
+
+def format_value(mean: float, std: float | None, metric: str) -> str:
+    """A table cell: a fraction metric x 100 with 2 decimals, any other metric in its units to 4 significant digits
+    of the mean (at least 2 decimals; the std with as many); no ``±`` when ``std`` is None.
+
+    Example:
+        >>> format_value(0.85, 0.05, "accuracy"), format_value(60.5763, 1.234, "mae_units")
+        ('85.00 ± 5.00', '60.58 ± 1.23')
+        >>> format_value(0.06712, None, "mae")
+        '0.06712'
+    """
+    k = metric_scale(metric)
+    d = 2 if k != 1.0 else _digits(mean)
+    return f"{k * mean:.{d}f}" + ("" if std is None else f" ± {k * std:.{d}f}")
+
+
+def metric_caption(task_metrics: list[tuple[str, bool]], units: Mapping[str, Mapping[str, str]] | None = None) -> str:
+    """What the table's numbers are, for its header: ``accuracy (x 100)`` for fraction metrics, ``mae_units (in
+    each task's units, not scaled)`` for others (units named in the column headers when known).
+
+    Example:
+        >>> metric_caption([("a/accuracy", True), ("b/accuracy", True)])
+        'accuracy (x 100, in %)'
+        >>> print(metric_caption([("a/mae_units", False)], {"mae_units": {"a": "meV"}}))
+        mae_units (in each task's own units, given in the column headers; not scaled)
+    """
+    parts = []
+    for metric in dict.fromkeys(k.rsplit("/", 1)[-1] for k, _ in task_metrics):
+        if metric_scale(metric) != 1.0:
+            parts.append(f"{metric} (x 100, in %)")
+        elif units and metric in units:
+            parts.append(f"{metric} (in each task's own units, given in the column headers; not scaled)")
+        else:
+            parts.append(f"{metric} (as computed, not scaled)")
+    return " / ".join(parts)
+
+
+def _column(key: str, units: Mapping[str, Mapping[str, str]] | None) -> str:
+    task, metric = key.rsplit("/", 1)
+    unit = (units or {}).get(metric, {}).get(task)
+    return f"{key} [{unit}]" if unit else key
 
 
 def default_zoo(scale: str = "native") -> list[str]:
@@ -136,26 +313,61 @@ def summarize(results: dict[str, list[dict[str, float]]], keys: list[str]) -> di
 
 
 def zoo_table(
-    results: dict[str, list[dict[str, float]]], task_metrics: list[tuple[str, bool]], baseline: str = "stl"
+    results: dict[str, list[dict[str, float]]],
+    task_metrics: list[tuple[str, bool]],
+    baseline: str = "stl",
+    reference: ReferenceSTL | None = None,
+    units: Mapping[str, Mapping[str, str]] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Markdown table (accuracies in %) and the numbers behind it; Δm per seed against the mean STL row."""
+    """Markdown table and the numbers behind it; Δm per seed against the mean STL row.
+
+    Fraction metrics are shown x 100, others in their units (:func:`format_value`; ``units``: ``{metric: {task:
+    unit}}`` for the column headers). With ``reference`` (published STL values in the table's metric), a row of
+    those values and a column of Δm against them (``numbers[method]["delta_m_reference"]``, per seed) are added.
+    """
     keys = [k for k, _ in task_metrics]
+    hib = [h for _, h in task_metrics]
     summary = summarize(results, keys)
-    lines = ["| method | seeds | " + " | ".join(keys) + " | Δm % (↓) |", "|---|---|" + "---|" * (len(keys) + 1)]
+    ref_vals = None if reference is None else [reference.values[k.rsplit("/", 1)[0]] for k in keys]
+    ref_col = [] if reference is None else ["Δm % vs ref. STL (↓)"]
+    lines = [
+        "| method | seeds | "
+        + " | ".join(_column(k, units) for k in keys)
+        + " | "
+        + " | ".join(["Δm % (↓)", *ref_col])
+        + " |",
+        "|---|---|" + "---|" * (len(keys) + 1 + len(ref_col)),
+    ]
     base = [summary[baseline][k][0] for k in keys] if baseline in summary else None
+
+    def dm_cell(dms: list[float], spread: bool) -> str:
+        if not dms:
+            return "n/a"
+        mean = round(float(np.mean(dms)), 2) + 0.0  # + 0.0 makes -0.0 plain 0.0: STL's row reads +0.00, not -0.00
+        return f"{mean:+.2f}" + (f" ± {np.std(dms):.2f}" if spread else "")
+
     numbers: dict[str, Any] = {}
     for m, rs in results.items():
         # A standard deviation needs two seeds: one seed shows the value alone (a partial table can mix both).
         spread = len(rs) > 1
-        cells = [f"{100 * summary[m][k][0]:.2f}" + (f" ± {100 * summary[m][k][1]:.2f}" if spread else "") for k in keys]
-        if base is not None:
-            dms = [delta_m([r[k] for k in keys], base, [h for _, h in task_metrics]) for r in rs]
-            mean = round(float(np.mean(dms)), 2) + 0.0  # + 0.0 makes -0.0 plain 0.0: STL's row reads +0.00, not -0.00
-            dm = f"{mean:+.2f}" + (f" ± {np.std(dms):.2f}" if spread else "")
-        else:
-            dms, dm = [], "n/a"
+        cells = [format_value(*summary[m][k], k) if spread else format_value(summary[m][k][0], None, k) for k in keys]
+        dms = [delta_m([r[k] for k in keys], base, hib) for r in rs] if base is not None else []
         numbers[m] = {"summary": summary[m], "delta_m": dms, "seeds": len(rs)}
-        lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + f" | {dm} |")
+        extra = []
+        if ref_vals is not None:
+            ref_dms = [delta_m([r[k] for k in keys], ref_vals, hib) for r in rs]
+            numbers[m]["delta_m_reference"] = ref_dms
+            extra = [dm_cell(ref_dms, spread)]
+        lines.append(
+            f"| {m} | {len(rs)} | " + " | ".join(cells) + " | " + " | ".join([dm_cell(dms, spread), *extra]) + " |"
+        )
+    if reference is not None and ref_vals is not None:
+        own = dm_cell([delta_m(ref_vals, base, hib)], False) if base is not None else "n/a"
+        lines.append(
+            "| STL (published) | – | "
+            + " | ".join(format_value(v, None, k) for v, k in zip(ref_vals, keys, strict=True))
+            + f" | {own} | +0.00 |"
+        )
     return "\n".join(lines), numbers
 
 
@@ -179,52 +391,94 @@ def budget_notes(methods: list[str], epochs: int) -> str:
     return "\n\n" + "\n".join(notes) if notes else ""
 
 
+def _delta_m_panel(axd: Any, series: list[tuple[str, list[float]]], xlabel: str) -> None:
+    """Horizontal Δm bars (mean ± std over seeds), green where better than the baseline, red where worse."""
+    y = np.arange(len(series))
+    axd.barh(
+        y,
+        [np.mean(d) for _, d in series],
+        xerr=[np.std(d) for _, d in series],
+        capsize=2,
+        color=["tab:green" if np.mean(d) < 0 else "tab:red" for _, d in series],
+    )
+    axd.set_yticks(y, [m for m, _ in series])
+    axd.invert_yaxis()
+    axd.axvline(0, color="black", linewidth=0.8)
+    axd.set_xlabel(xlabel)
+
+
 def plot_zoo(
     numbers: dict[str, Any], keys: list[str], path: Path, title: str, ylabel: str = "test accuracy (%)"
 ) -> Any:
-    """The zoo as a PNG: per-task test accuracy (mean ± std over seeds) per method and, beside it, Δm against STL
+    """The zoo as a PNG: per-task test metric (mean ± std over seeds) per method and, beside it, Δm against STL
     (mean ± std over seeds; lower is better), the number the table ranks by. Returns the (closed) matplotlib Figure,
-    whose axes hold the drawn bars."""
+    whose axes hold the drawn bars.
+
+    Fraction metrics (accuracy, AUC) are drawn x 100 on one axis. Metrics in their own units (MAE of targets in D,
+    meV, ...) cannot share an axis: each task's bar is then its mean relative to the zoo's STL mean for that task
+    (in % of STL; the raw values when the zoo has no STL row). Where the table has Δm against published STL values
+    (``delta_m_reference``), a third panel draws them: on their own axis, since under a reduced budget they can be
+    orders of magnitude larger than Δm against the zoo's own STL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = list(numbers)
-    fig, (ax, axd) = plt.subplots(
+    dm = [(m, numbers[m]["delta_m"]) for m in methods if numbers[m]["delta_m"]]
+    ref = [(m, numbers[m]["delta_m_reference"]) for m in methods if numbers[m].get("delta_m_reference")]
+    fig, axes = plt.subplots(
         1,
-        2,
-        figsize=(max(8, 0.7 * len(methods) * len(keys) + 0.35 * len(methods) + 2), 4),
-        gridspec_kw={"width_ratios": [len(keys), 1]},
+        3 if ref else 2,
+        figsize=(max(8, 0.7 * len(methods) * len(keys) + 0.35 * len(methods) + 2 + (2 if ref else 0)), 4),
+        gridspec_kw={"width_ratios": [len(keys), 1, 1] if ref else [len(keys), 1]},
     )
+    ax, axd = axes[0], axes[1]
     width = 0.8 / len(keys)
+    fractions = all(metric_scale(k) != 1.0 for k in keys)
+    heights: dict[tuple[str, str], tuple[float, float]] = {}
+    base = numbers["stl"]["summary"] if "stl" in numbers and not fractions else None
+    for m in methods:
+        for k in keys:
+            mean, std = numbers[m]["summary"][k]
+            if fractions:
+                heights[(m, k)] = (100 * mean, 100 * std)
+            else:  # every task on its own scale: relative to the zoo's STL mean of that task, when it ran
+                b = base[k][0] if base is not None else 0.0
+                heights[(m, k)] = (100 * mean / b, 100 * std / abs(b)) if b else (mean, std)
+    if base is not None:
+        ylabel = f"{ylabel}, % of STL's"
+        ax.axhline(100, color="black", linewidth=0.8)
+    colors = plt.get_cmap("tab20" if len(keys) > 10 else "tab10").colors  # type: ignore[attr-defined]
     for i, k in enumerate(keys):
-        means = [100 * numbers[m]["summary"][k][0] for m in methods]
-        stds = [100 * numbers[m]["summary"][k][1] for m in methods]
-        ax.bar(np.arange(len(methods)) + i * width, means, width, yerr=stds, label=k, capsize=2)
-    lo = min(100 * numbers[m]["summary"][k][0] for m in methods for k in keys)
-    ax.set_ylim(max(0, lo - 3), 100)
+        means = [heights[(m, k)][0] for m in methods]
+        stds = [heights[(m, k)][1] for m in methods]
+        ax.bar(
+            np.arange(len(methods)) + i * width,
+            means,
+            width,
+            yerr=stds,
+            label=k,
+            capsize=2,
+            color=colors[i % len(colors)],
+        )
+    lo = min(h for h, _ in heights.values())
+    if fractions:
+        ax.set_ylim(max(0, lo - 3), 100)
+    elif base is not None:  # zoom on the spread around STL's 100 %
+        hi = max(h + e for h, e in heights.values())
+        ax.set_ylim(max(0, lo - 5), hi + 5)
     ax.set_xticks(np.arange(len(methods)) + width * (len(keys) - 1) / 2, methods, rotation=45, ha="right")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize="small" if len(keys) > 4 else None, ncol=1 + len(keys) // 6)
     # Δm per method: only methods with Δm values (none when STL is missing from the zoo)
-    dm = [(m, numbers[m]["delta_m"]) for m in methods if numbers[m]["delta_m"]]
     if dm:
-        y = np.arange(len(dm))
-        axd.barh(
-            y,
-            [np.mean(d) for _, d in dm],
-            xerr=[np.std(d) for _, d in dm],
-            capsize=2,
-            color=["tab:green" if np.mean(d) < 0 else "tab:red" for _, d in dm],
-        )
-        axd.set_yticks(y, [m for m, _ in dm])
-        axd.invert_yaxis()
-        axd.axvline(0, color="black", linewidth=0.8)
-        axd.set_xlabel("Δm vs STL (%), lower is better")
+        _delta_m_panel(axd, dm, "Δm vs STL (%, ↓)")
     else:
         axd.set_axis_off()
+    if ref:
+        _delta_m_panel(axes[2], ref, "Δm vs published (%, ↓)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -235,7 +489,8 @@ def _dataset(name: str, options: dict[str, Any]) -> Any:
     """``build_dataset(name, **options)``, built once per process (the zoo's runs share it)."""
     from mtlkit.data import build_dataset
 
-    key = (name, tuple(sorted(options.items())))
+    # json, not a tuple of items: a list-valued option (qm9's targets) is unhashable
+    key = (name, json.dumps(options, sort_keys=True, default=repr))
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = build_dataset(name, **options)
     return _DATA_CACHE[key]
@@ -481,9 +736,18 @@ def run_zoo(args: argparse.Namespace) -> int:
         else:
             resume = (args.reuse or args.no_train) and resumable_run(run_dir, cfg)
             todo.append((seed, m, cfg.to_dict(), bool(resume)))
-    data = _dataset(args.dataset, data_options)
-    task_metrics = [(f"{t.name}/{t.metrics[0]}", t.higher_is_better[0]) for t in data.tasks]
-    metric_text = " / ".join(dict.fromkeys(t.metrics[0] for t in data.tasks))
+    # the runs' own dataset options (the flags' and any --set dataset.options.*): the table describes what they train on
+    data = _dataset(args.dataset, plan[0][3].dataset.options)
+    reference = reference_stl(data.info, data.tasks)
+    task_metrics = table_metrics(data.tasks, reference)
+    units = data.info.get("metric_units") if isinstance(data.info.get("metric_units"), Mapping) else None
+    metric_text = metric_caption(task_metrics, units)
+    ref_text = (
+        f" Δm vs ref. STL: against the published single-task values of the same metric and units"
+        f"{' (' + reference.source + ')' if reference.source else ''}; row STL (published)."
+        if reference is not None
+        else ""
+    )
     # the model every multi-task run of the zoo trains (STL's runs: one such model per task)
     model_name = next((c.model.name for _, m, _, c in plan if m != "stl"), plan[0][3].model.name)
     origin = "real data; " if _builtin_dataset(args.dataset) else ""  # a user's own dataset: no claim made for it
@@ -503,8 +767,8 @@ def run_zoo(args: argparse.Namespace) -> int:
             f"Method zoo on {args.dataset} ({origin}{len(data.train)} train / {len(data.val)} val / "
             f"{len(data.test)} test samples), model {model_name}, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, "
             f"Adam lr {args.lr}, batch {args.batch_size}, {'partial; ' if partial else ''}seeds {args.seeds}, "
-            f"{scale_text}; test {metric_text} (x 100) of the validation-selected epoch, mean ± std; Δm vs STL, lower is "
-            f"better.\n\n"
+            f"{scale_text}; test {metric_text} of the validation-selected epoch, mean ± std; Δm vs STL (the zoo's own "
+            f"STL runs), lower is better.{ref_text}\n\n"
         )
 
     def results() -> dict[str, list[dict[str, float]]]:
@@ -518,7 +782,7 @@ def run_zoo(args: argparse.Namespace) -> int:
 
     def page(partial: bool, missing: list[str]) -> tuple[str, dict[str, Any]]:
         """The table's markdown page (header, table, footnotes, missing runs) and the numbers behind it."""
-        table, numbers = zoo_table(results(), task_metrics)
+        table, numbers = zoo_table(results(), task_metrics, reference=reference, units=units)
         table += budget_notes(methods, args.epochs)
         if left_out:
             table += (
@@ -576,7 +840,8 @@ def run_zoo(args: argparse.Namespace) -> int:
         [k for k, _ in task_metrics],
         out / f"zoo_{stem}.png",
         f"{args.dataset}, model {model_name} (scale {scale})",
-        ylabel=f"test {metric_text} (x 100)",
+        ylabel=f"test {' / '.join(dict.fromkeys(k.rsplit('/', 1)[-1] for k, _ in task_metrics))}"
+        + (" (%)" if all(metric_scale(k) != 1.0 for k, _ in task_metrics) else ""),
     )
     if not missing:
         (out / f"zoo_{stem}_partial.md").unlink(missing_ok=True)

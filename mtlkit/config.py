@@ -55,9 +55,16 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
-    scheduler: str = "none"  # none | step | cosine
+    scheduler: str = "none"  # none | step | cosine | plateau
     step_size: int = 10
     gamma: float = 0.5
+    # plateau: ReduceLROnPlateau after each epoch's validation (the QM9 papers': factor 0.7, patience 5, min_lr 1e-5)
+    plateau_factor: float = 0.7
+    plateau_patience: int = 5
+    min_lr: float = 1e-5
+    # what plateau watches (lower is better): score (minus the selection score) | delta_m_reference (validation Δm
+    # against the dataset's published STL values, MTLData.info["reference_stl"]: the papers' signal on QM9)
+    plateau_metric: str = "score"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # fp32 | bf16 | fp16: the training forward pass and losses under torch.autocast (weights, gradients, the
     # engine's aggregation and the optimizer stay float32; validation and test run in float32). fp16 adds a

@@ -126,10 +126,28 @@ def _scheduler(cfg: RunConfig, opt: torch.optim.Optimizer):
         "none": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0),
         "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma),
         "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, tc.epochs)),
+        # stepped with a validation value after each epoch (Trainer._step_scheduler); a scalar min_lr also covers
+        # parameter groups added later (Trainer.add_parameters)
+        "plateau": lambda: torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=tc.plateau_factor, patience=tc.plateau_patience, min_lr=tc.min_lr
+        ),
     }
     if tc.scheduler not in makers:
         raise unknown_name("scheduler", tc.scheduler, list(makers))
+    if tc.scheduler == "plateau":
+        if not 0.0 < tc.plateau_factor < 1.0:
+            raise ConfigError(f"train.plateau_factor must be in (0, 1), got {tc.plateau_factor}")
+        if isinstance(tc.plateau_patience, bool) or not isinstance(tc.plateau_patience, int) or tc.plateau_patience < 0:
+            raise ConfigError(f"train.plateau_patience must be an integer >= 0, got {tc.plateau_patience!r}")
+        if not 0.0 <= tc.min_lr <= tc.lr:
+            raise ConfigError(f"train.min_lr must be in [0, train.lr = {tc.lr}], got {tc.min_lr}")
+        if tc.plateau_metric not in PLATEAU_METRICS:
+            raise unknown_name("plateau metric", tc.plateau_metric, list(PLATEAU_METRICS))
     return makers[tc.scheduler]()
+
+
+#: What ``train.scheduler: plateau`` watches (``train.plateau_metric``), lower is better.
+PLATEAU_METRICS = ("score", "delta_m_reference")
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -322,7 +340,8 @@ class Trainer:
         }
         self.optimizer.add_param_group(group)
         sched = self.scheduler
-        sched.base_lrs.append(group["initial_lr"])
+        if hasattr(sched, "base_lrs"):  # ReduceLROnPlateau has none (its scalar min_lr covers the new group)
+            sched.base_lrs.append(group["initial_lr"])
         if hasattr(sched, "lr_lambdas"):
             sched.lr_lambdas.append(sched.lr_lambdas[0])
         sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
@@ -779,10 +798,10 @@ class Trainer:
                         last_save = time.time()
                 bar.close()
                 mean_losses = loss_sum / steps_per_epoch
-                self.scheduler.step()
                 self.method.weighting.on_epoch_end(mean_losses.to(self.device))
                 average_buffers_(self.dp, [self.model])  # BatchNorm's running statistics: the same on every rank
                 val = evaluate(self.model, self.data.val, self.tasks, tc.eval_batch_size, self.device)
+                self._step_scheduler(val)  # before the row: its "lr" is the next epoch's, as before
                 row = {
                     "epoch": epoch + 1,
                     "seconds": time.time() - e0,
@@ -872,6 +891,25 @@ class Trainer:
         self._committed = f"batch {in_epoch['batch']} of epoch {start + 1}" if in_epoch else f"the end of epoch {start}"
         self._unfinished_results = tc.epochs > start or in_epoch is not None
         return start, in_epoch, carried, best, history
+
+    def _step_scheduler(self, val: dict[str, float]) -> None:
+        """One epoch of the learning-rate schedule; ReduceLROnPlateau is given this epoch's validation value
+        (``train.plateau_metric``, lower is better: the same on every rank, each evaluates the whole split)."""
+        if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step()
+            return
+        if self.cfg.train.plateau_metric == "delta_m_reference":
+            from mtlkit.bench import reference_delta_m
+
+            value = reference_delta_m(self.data.info, self.tasks, val)
+            if value is None:
+                raise ConfigError(
+                    f"train.plateau_metric=delta_m_reference, but dataset {self.data.name!r} declares no "
+                    f"published STL values (MTLData.info['reference_stl']); use plateau_metric=score"
+                )
+        else:
+            value = -selection_score(self.tasks, val)
+        self.scheduler.step(value)
 
     def _select(self, epoch: int, val: dict[str, float], best: dict[str, Any]) -> None:
         """Keep the model with the best validation score (per selection group, e.g. per task for STL), in memory;

@@ -57,7 +57,8 @@ shuffle), with ``n_val`` and ``n_test`` defaulting to the papers' fraction of it
 standardised with the training split's mean and (n−1) standard deviation (``Task.extra``). Our choice, as the issue
 asks: Nash-MTL's code computes them on ``train_dataset.data.y``, which in PyG is the storage of the whole data set.
 
-Published numbers to compare with: :data:`STL_MAE` and :data:`PUBLISHED_DELTA_M`.
+Published numbers to compare with: :data:`STL_MAE` (also ``MTLData.info["reference_stl"]``, from which ``mtlkit bench
+zoo --dataset qm9`` adds a Δm against them beside the Δm against its own STL runs) and :data:`PUBLISHED_DELTA_M`.
 
 Example:
     >>> [t.name for t in TARGETS]
@@ -154,9 +155,12 @@ TARGETS: tuple[Target, ...] = (
 )
 TARGET_NAMES = tuple(t.name for t in TARGETS)
 
-#: Single-task MAE of the papers' baseline, in :attr:`Target.report_unit` (Nash-MTL's code,
-#: experiments/quantum_chemistry/utils.py ``BASE``, the Δm reference; also the STL row of Navon et al., "Multi-Task
-#: Learning as a Bargaining Game", ICML 2022, PMLR 162, QM9 table). Verified against the code; the table not.
+#: Single-task MAE of the papers' baseline, in :attr:`Target.report_unit` (meV for the seven energies): the Δm
+#: reference of Nash-MTL's code, experiments/quantum_chemistry/utils.py ``BASE`` (AvivNavon/nash-mtl, commit
+#: fecac5c1), whose ``delta_fn`` divides by it after ``evaluate`` multiplied the eV MAEs of targets 2, 3, 5-9 (ε_HOMO,
+#: ε_LUMO, ZPVE, U0, U, H, G) by 1000: the same units as our ``mae_units``. FAMO's code (Cranial-XIX/FAMO) has the
+#: same array. Checked against that code; the STL row of the papers' tables could not be read
+#: (docs/guide/molecules.md).
 STL_MAE: dict[str, float] = {
     "mu": 0.0671,
     "alpha": 0.1814,
@@ -170,10 +174,11 @@ STL_MAE: dict[str, float] = {
     "G": 66.223,
     "cv": 0.07212,
 }
-#: Published test Δm (%, lower is better, against :data:`STL_MAE`) of the QM9 tables: Navon et al., "Multi-Task
-#: Learning as a Bargaining Game", ICML 2022, PMLR 162 (every row but FAMO) and Liu, Feng, Stone, Liu, "FAMO: Fast
-#: Adaptive Multitask Optimization", NeurIPS 2023 (FAMO; it copies the other rows). UNVERIFIED: the numbers are those
-#: of the issue; the tables' text could not be checked from this repository's sources.
+#: Published test Δm (%, lower is better, against :data:`STL_MAE`) of the QM9 tables as the issue quotes them: Navon
+#: et al., "Multi-Task Learning as a Bargaining Game", ICML 2022, PMLR 162 (every row but FAMO) and Liu, Feng, Stone,
+#: Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023 (Table 2, the QM9 table; FAMO's row). UNVERIFIED:
+#: none of these numbers could be read from the papers (only their opening pages were reachable); see
+#: docs/guide/molecules.md, "Published numbers", for what was and was not checked.
 PUBLISHED_DELTA_M: dict[str, float] = {
     "ls": 177.6,
     "uw": 108.0,
@@ -185,6 +190,11 @@ PUBLISHED_DELTA_M: dict[str, float] = {
     "famo": 58.5,
 }
 PUBLISHED_DELTA_M_VERIFIED = False
+#: Where :data:`STL_MAE` comes from: the ``source`` of ``MTLData.info["reference_stl"]`` (the zoo's caption).
+STL_MAE_SOURCE = (
+    "Nash-MTL's STL MAEs (Navon et al., ICML 2022; their code's Δm baseline), trained on the full 110k-molecule split "
+    "for 300 epochs"
+)
 
 
 def _mae_units(output: Tensor, target: Tensor, task: Any) -> float:
@@ -804,7 +814,13 @@ def build_qm9(
         "edge_features": list(EDGE_FEATURES),
         "units": {t.name: t.unit for t in specs},
         "report_units": {t.name: t.report_unit for t in specs},
-        "stl_mae": {t.name: STL_MAE[t.name] for t in specs},
+        # The zoo's second Δm (mtlkit.bench.reference_stl): the papers' STL MAEs, in the units of mae_units.
+        "reference_stl": {
+            "metric": "mae_units",
+            "values": {t.name: STL_MAE[t.name] for t in specs},
+            "source": STL_MAE_SOURCE,
+        },
+        "metric_units": {"mae_units": {t.name: t.report_unit for t in specs}},
         "rows": {name: kept_rows[s] for name, s in parts.items()},
     }
     return MTLData("qm9", tasks, split(parts["train"]), split(parts["val"]), split(parts["test"]), info=info)
@@ -818,6 +834,7 @@ __all__ = [
     "PUBLISHED_DELTA_M",
     "QM9_WHEEL",
     "STL_MAE",
+    "STL_MAE_SOURCE",
     "TARGETS",
     "GraphBatch",
     "GraphInputs",
