@@ -1064,6 +1064,7 @@ def add_sweep_arguments(p: Any) -> None:
     p.add_argument("--epochs", type=int, help="epochs of every trial and final run (default: the dataset's)")
     p.add_argument("--jobs", type=int, default=1, help="trials trained at once, each in its own worker process")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    p.add_argument("--device", help="device of every trial and final run: auto, cpu, cuda, cuda:N (train.device)")
     p.add_argument("--out", help="sweep directory (default runs/sweeps/<dataset>-<method>)")
     p.add_argument("--space", help="YAML search space that overrides the derived one (see docs/guide/sweeps.md)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the final runs (default 1 2 3)")
@@ -1097,7 +1098,7 @@ def cli_sweep(args: Any) -> int:
         method=args.method,
         dataset=args.dataset,
         config=args.config,
-        sets=list(args.set),
+        sets=list(args.set) + ([f"train.device={args.device}"] if getattr(args, "device", None) else []),
         trials=args.trials,
         epochs=args.epochs,
         jobs=args.jobs,
