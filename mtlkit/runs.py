@@ -298,7 +298,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _describe_holder(rec: dict[str, Any]) -> str:
-    return f"pid {rec.get('pid')} on {rec.get('host')} since {rec.get('since')} ({rec.get('command', '?')})"
+    ranks = f", rank 0 of {rec['ranks']} data-parallel processes" if rec.get("ranks") else ""
+    return f"pid {rec.get('pid')} on {rec.get('host')}{ranks} since {rec.get('since')} ({rec.get('command', '?')})"
 
 
 class RunLock:
@@ -319,7 +320,16 @@ class RunLock:
     def _record(self) -> dict[str, Any]:
         since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv and sys.argv[0] else "python"
-        return {"pid": os.getpid(), "host": socket.gethostname(), "since": since, "command": command[:300]}
+        rec: dict[str, Any] = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": since,
+            "command": command[:300],
+        }
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world > 1:  # data parallel (torchrun): rank 0 holds the lock for every rank of the run
+            rec["ranks"] = world
+        return rec
 
     def _read(self, fd: int) -> dict[str, Any] | None:
         try:

@@ -167,3 +167,23 @@ def test_launch_refuses_bad_process_counts(tmp_path: Path) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_the_run_lock_of_a_data_parallel_run_names_its_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 holds the run directory's lock for all ranks; the holder record (what a refused second run is told)
+    says so."""
+    import json
+
+    from mtlkit import runs
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    lock = runs.open_run_dir(tmp_path / "run", overwrite=False, resume=False)
+    assert lock is not None
+    try:
+        rec = json.loads((tmp_path / "run" / runs.LOCK).read_text())
+        assert rec["ranks"] == 4
+        assert "rank 0 of 4 data-parallel processes" in runs._describe_holder(rec)
+    finally:
+        lock.release()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert "rank" not in runs._describe_holder({"pid": 1, "host": "h", "since": "s", "command": "c"})
