@@ -130,6 +130,7 @@ class DataParallel:
         (one collective instead of one per tensor); parameters without a gradient on every rank keep none."""
         if not self.active:
             return
+        params = list(params)  # iterated more than once below
         with_grad = [p for p in params if p.grad is not None]
         # A parameter may have a gradient on some ranks only (a task without samples there): agree on the set.
         flags = torch.tensor([p.grad is not None for p in params], dtype=torch.float64)
