@@ -217,25 +217,25 @@ def global_losses(dp: DataParallel, losses: Tensor, counts: Tensor) -> tuple[Ten
     if not dp.active:
         return losses, counts
     n = counts.to(device=losses.device, dtype=losses.dtype)
-    stats = dp.sum(torch.cat([n * losses.detach(), n]))
-    T = losses.shape[0]
-    total, N = stats[:T], stats[T:]
-    has = N > 0
-    value = torch.where(has, total / N.clamp(min=1), torch.zeros_like(total))
-    c = torch.where(has, dp.world_size * n / N.clamp(min=1), torch.zeros_like(n))
+    value, N = _global_mean(dp, losses, n)
+    c = torch.where(N > 0, dp.world_size * n / N.clamp(min=1), torch.zeros_like(n))
     scaled = c * losses
     return scaled - scaled.detach() + value, N.round().to(torch.int64)
+
+
+def _global_mean(dp: DataParallel, losses: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Σ_r n_r L_r / N, N)`` over ranks (one all-reduce of 2T numbers; 0 where ``N_t = 0``)."""
+    T = losses.shape[0]
+    stats = dp.sum(torch.cat([n * losses.detach(), n]))
+    total, N = stats[:T], stats[T:]
+    return torch.where(N > 0, total / N.clamp(min=1), torch.zeros_like(total)), N
 
 
 def global_value(dp: DataParallel, losses: Tensor, counts: Tensor) -> Tensor:
     """The value of :func:`global_losses` alone (no gradient): e.g. the losses after the step (FAMO)."""
     if not dp.active:
         return losses
-    n = counts.to(device=losses.device, dtype=losses.dtype)
-    stats = dp.sum(torch.cat([n * losses.detach(), n]))
-    T = losses.shape[0]
-    N = stats[T:]
-    return torch.where(N > 0, stats[:T] / N.clamp(min=1), torch.zeros_like(N))
+    return _global_mean(dp, losses, counts.to(device=losses.device, dtype=losses.dtype))[0]
 
 
 def average_buffers_(dp: DataParallel, modules: Sequence[torch.nn.Module]) -> None:

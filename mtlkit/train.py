@@ -60,7 +60,7 @@ from mtlkit import models, runs
 from mtlkit.callbacks import Callback, StepInfo
 from mtlkit.config import RunConfig, check_precision
 from mtlkit.data import MTLData, Split, build_dataset
-from mtlkit.data.loading import make_batch_source
+from mtlkit.data.loading import GlobalBatchSampler, make_batch_source
 from mtlkit.devices import resolve_device
 from mtlkit.distributed import DataParallel, average_buffers_, global_losses, global_value
 from mtlkit.engine.autodiff import BackwardInfo, backward
@@ -284,15 +284,11 @@ class Trainer:
         self.model_changed()
         for cb in self.callbacks:  # configuration errors now, before a run directory is touched
             cb.check(self)
-        self._steps_per_epoch = -(-len(self.data.train) // tc.batch_size)
-        if self.dp.active:
-            last = len(self.data.train) - (self._steps_per_epoch - 1) * tc.batch_size
-            if tc.batch_size < self.dp.world_size or last < self.dp.world_size:
-                raise ConfigError(
-                    f"with {self.dp.world_size} processes every global batch needs >= {self.dp.world_size} samples, "
-                    f"but train.batch_size={tc.batch_size} on {len(self.data.train)} training samples leaves a last "
-                    f"batch of {last}: choose another batch size"
-                )
+        # The sampler's own checks (under data parallelism every rank needs a sample of every global batch), here so
+        # that they come before a run directory is touched; fit draws the batches from the same sampler's rule.
+        self._steps_per_epoch = GlobalBatchSampler(
+            len(self.data.train), tc.batch_size, tc.seed, self.dp.rank, self.dp.world_size
+        ).num_batches
         #: Optimizer steps already trained when :meth:`fit` started (0, or where a resume continues from).
         self.start_step = 0
         self._committed: str | None = None  # what checkpoint.pt holds, for messages ("the end of epoch 2")
