@@ -1,4 +1,4 @@
-"""MMoE, CGC/PLE, cross-stitch and MTAN: their equations, what they share, and that every one trains with a
+"""MMoE, CGC/PLE, cross-stitch, MTAN and DSelect-k: their equations, what they share, and that every one trains with a
 parameter-level and a representation-level method (or refuses the latter with a ConfigError)."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ TABULAR = {
     "cgc": {"task_experts": 2, "shared_experts": 2, "expert_hidden": [8], "tower_hidden": 4},
     "ple": {"num_levels": 3, "task_experts": 1, "shared_experts": 2, "expert_hidden": [8], "tower_hidden": 4},
     "cross_stitch": {"hidden": [8, 6], "head_hidden": 4},
+    "dselect_k": {"num_experts": 3, "k": 2, "expert_hidden": [8], "tower_hidden": 4},
 }
 IMAGE = {
     "mmoe": {"num_experts": 2, "channels": 4, "width": 8},
@@ -29,6 +30,7 @@ IMAGE = {
     "ple": {"num_levels": 2, "task_experts": 1, "shared_experts": 1, "channels": 4, "width": 8},
     "cross_stitch": {"channels": 4, "width": 8, "head_hidden": 6},
     "mtan": {"channels": 4, "width": 8, "head_hidden": 6},
+    "dselect_k": {"num_experts": 3, "k": 2, "gate": "static", "channels": 4, "width": 8},
 }
 #: models whose representation_is_shared_path is False (a representation-level method must be refused)
 NO_REPRESENTATION = {"mtan", "ple"}
@@ -130,7 +132,7 @@ def test_ple_last_level_task_experts_are_private_lower_levels_reach_every_task_t
     assert any(reached(losses[0], list(m.task_experts[0]["t1"].parameters())))
 
 
-@pytest.mark.parametrize("name", ["mmoe", "cgc", "ple", "cross_stitch"])
+@pytest.mark.parametrize("name", ["mmoe", "cgc", "ple", "cross_stitch", "dselect_k"])
 def test_shared_parameters_are_exactly_those_reached_by_more_than_one_task(name):
     torch.manual_seed(0)
     data = tabular_data(tasks=3)
@@ -146,7 +148,7 @@ def test_shared_parameters_are_exactly_those_reached_by_more_than_one_task(name)
 def test_image_models_share_exactly_what_reaches_every_task():
     torch.manual_seed(0)
     data = image_data()
-    for name in ("mtan", "ple", "cross_stitch"):
+    for name in ("mtan", "ple", "cross_stitch", "dselect_k"):
         m: Any = build_model(name, data, **IMAGE[name])
         losses = task_losses(m, data)
         params = list(m.parameters())
@@ -262,3 +264,7 @@ def test_bad_architecture_options_are_config_errors():
         build_model("cgc", data, num_levels=2)
     with pytest.raises(ConfigError, match="alpha_lr_scale"):
         build_model("cross_stitch", data, alpha_lr_scale=0.0)
+    with pytest.raises(ConfigError, match="dselect_k: k "):
+        build_model("dselect_k", data, k=0)
+    with pytest.raises(ConfigError, match="unknown gate"):
+        build_model("dselect_k", data, gate="softmax")
