@@ -371,6 +371,87 @@ def zoo_table(
     return "\n".join(lines), numbers
 
 
+@dataclass(frozen=True)
+class PairedDifference:
+    """Δm of a method minus Δm of a baseline, paired by seed (the same seed's runs), in percentage points."""
+
+    method: str
+    baseline: str
+    seeds: tuple[int, ...]
+    differences: tuple[float, ...]
+    mean: float
+    half_width: float  # of the two-sided confidence interval of the mean (Student t, n - 1 degrees of freedom)
+    p_value: float  # of the two-sided paired t-test (``scipy.stats.ttest_rel``) of "no difference"
+
+    @property
+    def separated(self) -> bool:
+        """True when the confidence interval excludes 0: the method differs from the baseline beyond seed noise."""
+        return abs(self.mean) > self.half_width
+
+
+def paired_differences(
+    delta_m_by_seed: Mapping[str, Mapping[int, float]], baseline: str, confidence: float = 0.95
+) -> list[PairedDifference]:
+    """Per-seed Δm differences of every other method against ``baseline``, with a t confidence interval.
+
+    Pairing removes what the seeds share (data order, initial weights of the shared layers), which an unpaired
+    comparison of two mean ± std would count as noise. Only the seeds both runs have are paired; a method with fewer
+    than two common seeds gets no row (an interval needs a spread). The interval is ``mean ± t_{n-1} · s / √n``
+    (``s``: the sample std of the differences); with 3 seeds ``t₂ = 4.30`` at 95 %, so "separated" is a strict test.
+
+    Example:
+        >>> d = {"stl": {0: 0.0, 1: 0.2, 2: -0.2}, "ew": {0: 2.0, 1: 2.3, 2: 1.8}}
+        >>> [(r.method, round(r.mean, 3), r.separated) for r in paired_differences(d, "stl")]
+        [('ew', 2.033, True)]
+    """
+    from scipy import stats
+
+    if not 0.0 < confidence < 1.0:
+        raise ConfigError(f"confidence must be in (0, 1), got {confidence}")
+    if baseline not in delta_m_by_seed:
+        raise ConfigError(f"baseline {baseline!r} has no runs; methods: {', '.join(delta_m_by_seed)}")
+    base = delta_m_by_seed[baseline]
+    rows = []
+    for m, dms in delta_m_by_seed.items():
+        seeds = tuple(sorted(set(dms) & set(base)))
+        if m == baseline or len(seeds) < 2:
+            continue
+        diffs = np.array([dms[s] - base[s] for s in seeds], dtype=float)
+        sem = float(diffs.std(ddof=1)) / math.sqrt(len(diffs))
+        t = float(stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1))
+        mean = float(diffs.mean())
+        # identical differences on every seed (sem 0): a certain difference, or none at all
+        p = float(2 * stats.t.sf(abs(mean) / sem, len(diffs) - 1)) if sem > 0 else float(mean == 0.0)
+        rows.append(PairedDifference(m, baseline, seeds, tuple(diffs.tolist()), mean, t * sem, p))
+    return rows
+
+
+def separation_table(delta_m_by_seed: Mapping[str, Mapping[int, float]], baselines: tuple[str, ...]) -> str:
+    """Markdown: for each method, its paired Δm difference against each baseline (mean ± 95 % CI half-width, in
+    percentage points; ``*`` where the interval excludes 0), or ``""`` when no baseline has runs to pair with."""
+    present = [b for b in baselines if b in delta_m_by_seed]
+    by = {b: {r.method: r for r in paired_differences(delta_m_by_seed, b)} for b in present}
+    if not any(by.values()):
+        return ""
+    lines = [
+        "| method | " + " | ".join(f"Δm − Δm({b}), points" for b in present) + " |",
+        "|---|" + "---|" * len(present),
+    ]
+    for m in delta_m_by_seed:
+        cells = []
+        for b in present:
+            r = by[b].get(m)
+            cells.append("–" if r is None else f"{r.mean:+.2f} ± {r.half_width:.2f}{' *' if r.separated else ''}")
+        if any(c != "–" for c in cells):
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    n = sorted({len(r.seeds) for rows in by.values() for r in rows.values()})
+    return (
+        "Paired per-seed differences of Δm (same seed, method minus baseline; mean ± half-width of the 95 % "
+        f"Student-t interval over {'/'.join(map(str, n))} seeds; * = the interval excludes 0, i.e. separated beyond "
+        "seed noise):\n\n" + "\n".join(lines)
+    )
+
+
 def budget_notes(methods: list[str], epochs: int) -> str:
     """Footnotes for methods that the budget reduces to EW (weights fixed at 1 for their first epochs), or ``""``.
 
@@ -783,6 +864,16 @@ def run_zoo(args: argparse.Namespace) -> int:
     def page(partial: bool, missing: list[str]) -> tuple[str, dict[str, Any]]:
         """The table's markdown page (header, table, footnotes, missing runs) and the numbers behind it."""
         table, numbers = zoo_table(results(), task_metrics, reference=reference, units=units)
+        by_seed = {
+            m: {seed: numbers[m]["delta_m"][i] for i, seed in enumerate(s for s in args.seeds if (s, m) in done)}
+            for m in numbers
+            if numbers[m]["delta_m"]
+        }
+        for m, dms in by_seed.items():
+            numbers[m]["delta_m_by_seed"] = {str(s): v for s, v in dms.items()}
+        separation = separation_table(by_seed, ("stl", "ew"))
+        if separation:
+            table += "\n\n" + separation
         table += budget_notes(methods, args.epochs)
         if left_out:
             table += (
