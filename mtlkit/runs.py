@@ -89,6 +89,42 @@ _NEEDS = {
 }
 
 
+def code_provenance() -> dict[str, Any]:
+    """Which code trained a run (``results.json``'s ``code``): mtlkit's version and, when the package lies in a git
+    checkout, its commit and whether tracked files differ from that commit (``dirty``); both None otherwise (an
+    installed wheel, or no ``git`` on the PATH). Recorded so that a table built from runs can say which code made
+    each of them, including runs started from a working tree that was being edited.
+
+    Example:
+        >>> sorted(code_provenance())
+        ['dirty', 'git_commit', 'version']
+    """
+    import subprocess
+
+    from mtlkit._version import __version__
+
+    here = Path(__file__).resolve().parent
+    commit: str | None = None
+    dirty: bool | None = None
+    git = shutil.which("git")
+    if git is not None:
+        try:
+            head = subprocess.run(
+                [git, "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+            )
+            status = subprocess.run(
+                [git, "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            )
+            commit, dirty = head.stdout.strip() or None, bool(status.stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            commit, dirty = None, None  # not a checkout (e.g. site-packages): the version alone says what ran
+    return {"version": __version__, "git_commit": commit, "dirty": dirty}
+
+
 def describe_os_error(e: OSError, action: str = "write") -> str:
     """One line: ``cannot <action> <path>: <strerror> [ERRNO]; <what is needed>``."""
     code = errno.errorcode.get(e.errno or 0, "")

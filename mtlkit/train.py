@@ -946,6 +946,7 @@ class Trainer:
             "n_val": len(self.data.val),
             "n_test": len(self.data.test),
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            "code": runs.code_provenance(),
         }
         for cb in self.callbacks:
             extra = cb.results()

@@ -32,6 +32,12 @@ def test_fit_writes_run_and_is_deterministic(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]  # epochs are numbered from 1 wherever a user reads them
     assert json.loads((tmp_path / "run" / "results.json").read_text())["test"] == r1.test
+    # results.json says which code trained the run
+    from mtlkit import __version__
+    from mtlkit.runs import code_provenance
+
+    code = json.loads((tmp_path / "run" / "results.json").read_text())["code"]
+    assert code == code_provenance() and code["version"] == __version__
     r2 = Trainer(cfg.override(["output.overwrite=true"])).fit()
     assert r1.test == r2.test
 
@@ -524,3 +530,24 @@ def test_constructing_a_trainer_changes_no_global_random_state(tmp_path):
     assert res_a.test == res_b.test
     for p, q in zip(first.model.parameters(), second.model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_code_provenance_is_the_checkout_commit_or_none(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import mtlkit
+    from mtlkit import runs
+
+    pkg = Path(mtlkit.__file__).resolve().parent
+    git = shutil.which("git")
+    head = subprocess.run([git, "-C", str(pkg), "rev-parse", "HEAD"], capture_output=True, text=True) if git else None
+    code = runs.code_provenance()
+    if head is not None and head.returncode == 0:
+        assert code["git_commit"] == head.stdout.strip() and isinstance(code["dirty"], bool)
+    else:
+        assert code["git_commit"] is None and code["dirty"] is None
+    # without git on the PATH (or outside a checkout) both are None, not an error
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert runs.code_provenance() == {"version": mtlkit.__version__, "git_commit": None, "dirty": None}
