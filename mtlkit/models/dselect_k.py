@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from mtlkit.errors import ConfigError
 from mtlkit.models.base import register_model
-from mtlkit.models.mmoe import MMoE, expert_network, input_kind, tower
+from mtlkit.models.mmoe import MMoE, experts, input_kind, tower
 
 __all__ = ["GATES", "DSelectK", "DSelectKGate", "build_dselect_k", "selector", "selector_entropy", "smooth_step"]
 
@@ -273,9 +273,6 @@ def build_dselect_k(
     gates = {
         t.name: DSelectKGate(num_experts, k, gamma, None if gate == "static" else d_in) for t in data.tasks
     }  # checks k and gamma before any expert is built
-    experts, d = [], 0
-    for _ in range(num_experts):
-        net, d = expert_network(data.input_shape, kind, expert_hidden, channels, width)
-        experts.append(net)
+    nets, d = experts(num_experts, data.input_shape, kind, expert_hidden, channels, width)
     towers: dict[str, nn.Module] = {t.name: tower(d, tower_hidden, t.num_outputs) for t in data.tasks}
-    return DSelectK(experts, gates, towers, entropy_weight=entropy_weight)
+    return DSelectK(nets, gates, towers, entropy_weight=entropy_weight)

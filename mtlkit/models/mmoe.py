@@ -44,7 +44,7 @@ from mtlkit.errors import ConfigError
 from mtlkit.models.base import MTLModel, register_model
 from mtlkit.models.hps import ConvEncoder
 
-__all__ = ["MMoE", "build_mmoe", "expert_network", "input_kind", "tower"]
+__all__ = ["MMoE", "build_mmoe", "expert_network", "experts", "input_kind", "tower"]
 
 
 def input_kind(input_shape: Sequence[int], expert: str = "auto") -> str:
@@ -90,6 +90,22 @@ def expert_network(
         enc = ConvEncoder(input_shape, channels=channels, width=width)
         return enc, width
     return _mlp(int(torch.tensor(tuple(input_shape)).prod()), hidden)
+
+
+def experts(
+    n: int, input_shape: Sequence[int], kind: str, hidden: Sequence[int] = (64,), channels: int = 64, width: int = 384
+) -> tuple[list[nn.Module], int]:
+    """``n`` independent experts (:func:`expert_network`, each with its own weights) and their output width.
+
+    Example:
+        >>> nets, d = experts(3, (6,), "mlp", hidden=(4,)); len(nets), d, nets[0] is nets[1]
+        (3, 4, False)
+    """
+    nets, d = [], 0
+    for _ in range(n):
+        net, d = expert_network(input_shape, kind, hidden, channels, width)
+        nets.append(net)
+    return nets, d
 
 
 def tower(d_in: int, hidden: int, out: int) -> nn.Sequential:
@@ -160,11 +176,8 @@ def build_mmoe(
     if num_experts < 1:
         raise ConfigError(f"mmoe: num_experts must be >= 1, got {num_experts}")
     kind = input_kind(data.input_shape, expert)
-    experts, d = [], 0
-    for _ in range(num_experts):
-        net, d = expert_network(data.input_shape, kind, expert_hidden, channels, width)
-        experts.append(net)
+    nets, d = experts(num_experts, data.input_shape, kind, expert_hidden, channels, width)
     d_in = int(torch.tensor(tuple(data.input_shape)).prod())
     gates: dict[str, nn.Module] = {t.name: _gate(d_in, num_experts) for t in data.tasks}
     towers: dict[str, nn.Module] = {t.name: tower(d, tower_hidden, t.num_outputs) for t in data.tasks}
-    return MMoE(experts, gates, towers)
+    return MMoE(nets, gates, towers)
