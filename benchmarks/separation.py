@@ -32,11 +32,11 @@ SOURCES: list[tuple[str, str, str | None, str, str]] = [
     ("census (2 tasks, HPS)", "census_architectures.json", "hps", "delta_m", "40k rows, 3 epochs"),
     ("census (2 tasks, MMoE)", "census_architectures.json", "mmoe", "delta_m", "40k rows, 3 epochs"),
     ("census (2 tasks, PLE)", "census_architectures.json", "ple", "delta_m", "40k rows, 3 epochs"),
-    ("census tuned (2 tasks, HPS)", "tuned_census.json", None, "tuned", "10 trials/method, 3 test seeds"),
-    ("census untuned (2 tasks, HPS)", "tuned_census.json", None, "untuned", "the tuned table's untuned zoo"),
+    ("census tuned (2 tasks, MMoE)", "tuned_census.json", None, "tuned", "10 trials/method, 3 test seeds"),
+    ("census untuned (2 tasks, MMoE)", "tuned_census.json", None, "untuned", "the MMoE zoo's runs, 3 epochs"),
     ("yeast tuned (14 tasks, MLP)", "tuned_yeast.json", None, "tuned", "10 trials/method, 3 test seeds"),
     ("yeast untuned (14 tasks, MLP)", "tuned_yeast.json", None, "untuned", "6 epochs, batch 64, lr 1e-3"),
-    ("QM9 (11 targets, MPNN hidden 32)", "zoo_qm9.json", None, "delta_m", "2,000 molecules, 3 epochs"),
+    ("QM9 (11 targets, MPNN hidden 32)", "zoo_qm9.json", None, "delta_m", "2,000 molecules, 2 epochs"),
 ]
 
 
