@@ -434,7 +434,8 @@ def test_bench_zoo_jobs_gives_the_same_table_as_one_process(tmp_path, capsys):
     assert main(argv + ["--out", str(tmp_path / "one")]) == 0
     assert main(argv + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
     one, two = ((tmp_path / d / "zoo__toy.md").read_text() for d in ("one", "two"))
-    rows = [line.split("|")[3:5] for line in one.splitlines() if line.startswith("| ")][1:]
+    metrics_table = one.split("\n\nPaired per-seed")[0]  # the first table; the paired one follows it
+    rows = [line.split("|")[3:5] for line in metrics_table.splitlines() if line.startswith("| ")][1:]
     assert len({tuple(r) for r in rows}) == 3  # the methods learned different things: the comparison can fail
     assert one == two
     capsys.readouterr()
